@@ -1,0 +1,127 @@
+//! The CLI verbs other than `serve`'s long-running part: each returns a one-line error for
+//! `main` to print.
+
+use std::io::Read as _;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{AppError, Application, ServeConfig};
+use crate::config::{Cli, Command, ConfigError};
+use crate::db::{self, DbError};
+use crate::init::{self, InitError, ServiceIdentities};
+
+/// Every way a command can fail; `main` maps it to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// sysexits: 64 usage/config, 69 unavailable service, 70 internal.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) => 64,
+            CliError::Init(InitError::OtherOperator { .. } | InitError::BadName | InitError::NotInitialised) => 64,
+            CliError::App(AppError::NatsUrl { .. } | AppError::Key(_) | AppError::Init(_)) => 64,
+            CliError::Db(DbError::Unreachable { .. }) | CliError::App(AppError::Db(DbError::Unreachable { .. })) => 69,
+            _ => 70,
+        }
+    }
+}
+
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> {
+    let common = &cli.common;
+    match cli.command {
+        Command::GenerateKey => {
+            println!("{}", crate::keys::generate_key());
+            Ok(())
+        }
+        Command::HashPassword(args) => {
+            let mut pw = String::new();
+            std::io::stdin().read_to_string(&mut pw).map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
+            let pw = pw.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() {
+                return Err(CliError::Other("no password on standard input".into()));
+            }
+            if !(4..=31).contains(&args.cost) {
+                return Err(ConfigError::Invalid("--cost must be between 4 and 31".into()).into());
+            }
+            let hash = bcrypt::hash(pw, args.cost).map_err(|e| CliError::Other(e.to_string()))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = db::connect(common.database_url()?, 2).await?;
+            db::migrate(&pool).await?;
+            eprintln!("schema `nats` is up to date");
+            Ok(())
+        }
+        Command::Init(args) => {
+            let cipher = common.cipher()?;
+            let pool = db::connect(common.database_url()?, 2).await?;
+            db::migrate(&pool).await?;
+            let report = init::init(&pool, &cipher, &args.operator_name).await?;
+            init::write_fragment(&report.identities, &args.fragment.resolver_dir, &args.fragment.out)?;
+            eprintln!(
+                "{} operator {:?} ({}); nats-server config fragment written to {}",
+                if report.created { "created" } else { "already initialised:" },
+                report.identities.operator_name(),
+                report.identities.public_key(db::identities::IdentityKind::Operator),
+                args.fragment.out.display()
+            );
+            Ok(())
+        }
+        Command::ExportConfig(args) => {
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let identities = ServiceIdentities::load(&pool).await?;
+            init::write_fragment(&identities, &args.fragment.resolver_dir, &args.fragment.out)?;
+            Ok(())
+        }
+        Command::Status => {
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let identities = ServiceIdentities::load(&pool).await?;
+            println!(
+                "operator {:?} {}",
+                identities.operator_name(),
+                identities.public_key(db::identities::IdentityKind::Operator)
+            );
+            let rows: Vec<(String, bool, Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<String>)> = sqlx::query_as(
+                "SELECT name, active, public_key, synced_at, sync_error FROM nats.accounts ORDER BY name",
+            )
+            .fetch_all(&pool)
+            .await
+            .map_err(DbError::from)?;
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.sync_outbox")
+                .fetch_one(&pool)
+                .await
+                .map_err(DbError::from)?;
+            println!("{} accounts, {} pending sync rows", rows.len(), pending);
+            for (name, active, pk, synced, err) in rows {
+                println!(
+                    "{name}\t{}\t{}\t{}\t{}",
+                    if active { "active" } else { "inactive" },
+                    pk.unwrap_or_else(|| "(no key yet)".into()),
+                    synced.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never synced".into()),
+                    err.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Serve(args) => {
+            args.validate()?;
+            let config = ServeConfig { database_url: common.database_url()?.to_owned(), cipher: common.cipher()?, args };
+            let app = Application::build(config).await?;
+            app.run_until_stopped(shutdown).await?;
+            Ok(())
+        }
+    }
+}

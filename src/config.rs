@@ -1,0 +1,227 @@
+//! Command line and environment configuration.
+//!
+//! Every flag is also an environment variable so the service can be configured the same way in
+//! a terminal, a systemd unit and a container. Parsing problems become one clear line and exit
+//! code 64 (EX_USAGE) in `main`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::keys::{self, SeedCipher};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nats-pg-auth",
+    version,
+    about = "Postgres as the single source of truth for NATS identities (auth callout + account JWT sync)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// Postgres connection string.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// At-rest key for seeds: 32 random bytes, base64 (see `nats-pg-auth generate-key`).
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_ENCRYPTION_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub encryption_key: Option<String>,
+
+    /// File holding the at-rest key (base64), as an alternative to --encryption-key.
+    #[arg(long, env = "NATS_PG_AUTH_ENCRYPTION_KEY_FILE", global = true)]
+    pub encryption_key_file: Option<PathBuf>,
+
+    /// Log format: `plain` or `json`. The level comes from RUST_LOG (default info).
+    #[arg(long, env = "NATS_PG_AUTH_LOG_FORMAT", global = true, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the `nats` schema.
+    Migrate,
+    /// Create the operator, SYS, AUTH, service user and sentinel (idempotent) and write the
+    /// nats-server configuration fragment.
+    Init(InitArgs),
+    /// Write the nats-server configuration fragment of an initialised database.
+    ExportConfig(ExportConfigArgs),
+    /// Run the auth callout and the account sync.
+    Serve(ServeArgs),
+    /// Print a bcrypt hash of a password read from standard input (for `nats.users.password_hash`).
+    HashPassword(HashPasswordArgs),
+    /// Print a fresh random at-rest encryption key (base64 of 32 bytes).
+    GenerateKey,
+    /// Show the operator and the sync state of every account.
+    Status,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct InitArgs {
+    /// Name of the operator (kept in the operator JWT).
+    #[arg(long, env = "NATS_PG_AUTH_OPERATOR_NAME")]
+    pub operator_name: String,
+    #[command(flatten)]
+    pub fragment: FragmentArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ExportConfigArgs {
+    #[command(flatten)]
+    pub fragment: FragmentArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct FragmentArgs {
+    /// Directory where nats-server's full resolver keeps account JWTs.
+    #[arg(long, env = "NATS_PG_AUTH_RESOLVER_DIR")]
+    pub resolver_dir: PathBuf,
+    /// Where to write the nats-server configuration fragment (`-` for standard output).
+    #[arg(long, env = "NATS_PG_AUTH_CONFIG_OUT")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost.
+    #[arg(long, default_value_t = 10)]
+    pub cost: u32,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// nats-server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Lifetime of minted user JWTs when neither user, role nor account sets one.
+    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
+    /// Upper bound for any user JWT lifetime, whatever the rows say.
+    #[arg(long, env = "NATS_PG_AUTH_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// Publish permission given when a user and its role have no permissions at all.
+    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_PUBLISH", default_value = ">", value_delimiter = ',')]
+    pub default_publish: Vec<String>,
+
+    /// Subscribe permission given when a user and its role have no permissions at all.
+    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_SUBSCRIBE", default_value = ">", value_delimiter = ',')]
+    pub default_subscribe: Vec<String>,
+
+    /// Maximum Postgres connections of this replica.
+    #[arg(long, env = "NATS_PG_AUTH_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+
+    /// Callouts handled at once; more wait (up to the server's auth timeout) and are then denied.
+    /// Kept below the pool size so the sync always finds a connection.
+    #[arg(long, env = "NATS_PG_AUTH_CALLOUT_CONCURRENCY", default_value_t = 12)]
+    pub callout_concurrency: usize,
+
+    /// Threads for password hashing (bcrypt/argon2), separate from the async runtime.
+    #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 2)]
+    pub hash_threads: usize,
+
+    /// Run the account sync (leader elected by a Postgres advisory lock). Turn off for
+    /// callout-only replicas.
+    #[arg(long, env = "NATS_PG_AUTH_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sync: bool,
+
+    /// How often the sync leader compares the server's account list with the database.
+    #[arg(long, env = "NATS_PG_AUTH_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+}
+
+/// Parses `90s`, `5m`, `1h30m`, `2days` (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s, 5m or 1h: {e}"))
+}
+
+/// Errors in configuration: always the user's to fix, reported as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no database given: set DATABASE_URL or pass --database-url postgres://user@host/db")]
+    MissingDatabaseUrl,
+    #[error("both --encryption-key and --encryption-key-file are set; use one")]
+    TwoKeys,
+    #[error("cannot read the encryption key file {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid encryption key: {0}")]
+    Key(#[from] keys::KeyError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl CommonArgs {
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(ConfigError::MissingDatabaseUrl)
+    }
+
+    /// Builds the seed cipher from the key flag or file; no key means seeds are stored plain.
+    pub fn cipher(&self) -> Result<SeedCipher, ConfigError> {
+        let encoded = match (&self.encryption_key, &self.encryption_key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoKeys),
+            (Some(k), None) => Some(k.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let key = match encoded.filter(|k| !k.is_empty()) {
+            Some(k) => Some(keys::parse_key(&k)?),
+            None => None,
+        };
+        Ok(SeedCipher::new(key))
+    }
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
+            return Err(ConfigError::Invalid("--default-ttl and --max-ttl must be positive".into()));
+        }
+        if self.callout_concurrency == 0 || self.db_pool_size < 2 || self.hash_threads == 0 {
+            return Err(ConfigError::Invalid(
+                "--callout-concurrency and --hash-threads must be at least 1 and --db-pool-size at least 2"
+                    .into(),
+            ));
+        }
+        if self.callout_concurrency as u32 >= self.db_pool_size {
+            return Err(ConfigError::Invalid(format!(
+                "--callout-concurrency ({}) must be below --db-pool-size ({}) so the sync and change listener always get a connection",
+                self.callout_concurrency, self.db_pool_size
+            )));
+        }
+        Ok(())
+    }
+}

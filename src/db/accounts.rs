@@ -1,0 +1,142 @@
+//! `nats.accounts` and `nats.account_keys` as the sync sees them.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AccountRow {
+    pub id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    pub active: bool,
+    pub max_connections: i64,
+    pub max_leafnodes: i64,
+    pub max_subscriptions: i64,
+    pub max_data: i64,
+    pub max_payload: i64,
+    pub max_imports: i64,
+    pub max_exports: i64,
+    pub allow_wildcard_exports: bool,
+    pub max_jetstream_memory_storage: i64,
+    pub max_jetstream_disk_storage: i64,
+    pub max_jetstream_streams: i64,
+    pub max_jetstream_consumers: i64,
+    pub public_key: Option<String>,
+    pub jwt: Option<String>,
+    pub updated_at: DateTime<Utc>,
+    /// Database time when the row was read; recorded as `synced_at` after a good push.
+    pub read_at: DateTime<Utc>,
+}
+
+/// A key of an account. `seed` as stored (maybe encrypted).
+#[derive(Clone, sqlx::FromRow)]
+pub struct AccountKeyRow {
+    pub id: i64,
+    pub kind: String,
+    pub public_key: String,
+    pub seed: String,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for AccountKeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountKeyRow")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("public_key", &self.public_key)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
+
+pub async fn load(pool: &PgPool, id: i64) -> Result<Option<AccountRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, description, active, max_connections, max_leafnodes, max_subscriptions, \
+                max_data, max_payload, max_imports, max_exports, allow_wildcard_exports, \
+                max_jetstream_memory_storage, max_jetstream_disk_storage, max_jetstream_streams, \
+                max_jetstream_consumers, public_key, jwt, updated_at, clock_timestamp() AS read_at \
+         FROM nats.accounts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn all_ids(pool: &PgPool) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+    sqlx::query_as("SELECT id, public_key FROM nats.accounts ORDER BY id")
+        .fetch_all(pool)
+        .await
+}
+
+/// Keys of an account that are still valid (signing keys not retired, plus the identity).
+pub async fn live_keys(pool: &PgPool, account_id: i64) -> Result<Vec<AccountKeyRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, kind, public_key, seed, created_at, retired_at FROM nats.account_keys \
+         WHERE account_id = $1 AND (retired_at IS NULL OR retired_at > now()) \
+         ORDER BY created_at, id",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Gives an account created by SQL its identity and first signing key. Returns false when
+/// another writer got there first (the account then already has keys).
+pub async fn assign_keys(
+    pool: &PgPool,
+    account_id: i64,
+    identity: (&str, &str),
+    signing: (&str, &str),
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query("UPDATE nats.accounts SET public_key = $2 WHERE id = $1 AND public_key IS NULL")
+        .bind(account_id)
+        .bind(identity.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    for (kind, (public_key, seed)) in [("identity", identity), ("signing", signing)] {
+        sqlx::query(
+            "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(account_id)
+        .bind(kind)
+        .bind(public_key)
+        .bind(seed)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Records a successful push. `built_at` is when the JWT was built (before its keys were read),
+/// so the callout only picks signing keys that are in the pushed JWT.
+pub async fn record_synced(
+    pool: &PgPool,
+    account_id: i64,
+    jwt: &str,
+    built_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL WHERE id = $1")
+        .bind(account_id)
+        .bind(jwt)
+        .bind(built_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn record_error(pool: &PgPool, account_id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE nats.accounts SET sync_error = $2 WHERE id = $1")
+        .bind(account_id)
+        .bind(error)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

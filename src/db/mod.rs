@@ -1,0 +1,49 @@
+//! Postgres access: plain async functions over `&PgPool` / `&mut PgConnection`, one file per
+//! table group. SQL lives here and nowhere else.
+
+pub mod accounts;
+pub mod identities;
+pub mod logins;
+pub mod outbox;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// Migrations are compiled into the binary so `migrate` needs no files next to it.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid DATABASE_URL: {0}")]
+    BadUrl(String),
+    #[error("cannot reach Postgres at {target}: {source}. Is it running, and are host, port, user and password right?")]
+    Unreachable {
+        target: String,
+        source: sqlx::Error,
+    },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// Opens a pool. `acquire_timeout` is short because a callout that waits longer than the
+/// server's auth timeout (2 s) is useless anyway; better to deny and log.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let opts: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
+    let target = format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("postgres"));
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_millis(1500))
+        .connect_with(opts.application_name("nats-pg-auth"))
+        .await
+        .map_err(|source| DbError::Unreachable { target, source })
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `nats.sync_outbox`: pending account pushes, filled by triggers.
+//!
+//! Rows are claimed by bumping `attempts` and pushing `next_attempt_at` out by a lease. The
+//! triggers only coalesce into rows with `attempts = 0`, so a change made while a row is being
+//! pushed always gets a row of its own and is never lost.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub account_id: Option<i64>,
+    pub account_public_key: Option<String>,
+    pub op: String,
+    pub attempts: i32,
+}
+
+pub async fn claim(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE nats.sync_outbox o SET attempts = o.attempts + 1, \
+                next_attempt_at = now() + make_interval(secs => $2) \
+         WHERE o.id IN (SELECT id FROM nats.sync_outbox WHERE next_attempt_at <= now() \
+                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING o.id, o.account_id, o.account_public_key, o.op, o.attempts",
+    )
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn complete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM nats.sync_outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Keeps the rows for a later retry after `backoff`.
+pub async fn fail(pool: &PgPool, ids: &[i64], error: &str, backoff: Duration) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE nats.sync_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3) \
+         WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(error)
+    .bind(backoff.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Queues a push of every account (after a (re)connect to NATS, or when becoming leader).
+pub async fn enqueue_all(pool: &PgPool, reason: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT id, 'upsert', $1 FROM nats.accounts",
+    )
+    .bind(reason)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+pub async fn enqueue(pool: &PgPool, account_id: i64, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO nats.sync_outbox (account_id, op, reason) VALUES ($1, 'upsert', $2)")
+        .bind(account_id)
+        .bind(reason)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// When the soonest pending row is due, to sleep exactly that long.
+pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(next_attempt_at) - now())))::float8 FROM nats.sync_outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(secs.map(Duration::from_secs_f64))
+}

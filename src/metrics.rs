@@ -1,0 +1,172 @@
+//! Counters and the callout decision-time histogram, rendered in Prometheus text format.
+//!
+//! Hand-rolled rather than a metrics crate: a handful of counters and one histogram do not
+//! justify a registry, and the histogram needs percentiles for the benchmark report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Log-linear buckets: 8 sub-buckets per power of two of microseconds, up to ~70 minutes.
+const SUB: usize = 8;
+const BUCKETS: usize = 32 * SUB;
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    allowed: AtomicU64,
+    denied: Mutex<BTreeMap<&'static str, u64>>,
+    bad_requests: Mutex<BTreeMap<&'static str, u64>>,
+    decision_us: Vec<AtomicU64>,
+    decision_count: AtomicU64,
+    decision_sum_us: AtomicU64,
+    pub sync_pushes: AtomicU64,
+    pub sync_failures: AtomicU64,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            allowed: AtomicU64::new(0),
+            denied: Mutex::default(),
+            bad_requests: Mutex::default(),
+            decision_us: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            decision_count: AtomicU64::new(0),
+            decision_sum_us: AtomicU64::new(0),
+            sync_pushes: AtomicU64::new(0),
+            sync_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(us: u64) -> usize {
+    if us < SUB as u64 {
+        return us as usize;
+    }
+    let log = 63 - us.leading_zeros() as usize; // >= 3
+    let shift = log - 3;
+    let sub = ((us >> shift) as usize) & (SUB - 1);
+    ((log - 2) * SUB + sub).min(BUCKETS - 1)
+}
+
+/// Upper bound (µs) of a bucket, for percentile reporting.
+fn bucket_upper(i: usize) -> u64 {
+    if i < SUB {
+        return i as u64 + 1;
+    }
+    let log = i / SUB + 2;
+    let sub = (i % SUB) as u64;
+    let shift = log - 3;
+    ((SUB as u64 + sub + 1) << shift).saturating_sub(1)
+}
+
+impl Metrics {
+    pub fn count_allow(&self) {
+        self.inner.allowed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn count_deny(&self, reason: &'static str) {
+        *self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+    }
+    pub fn count_bad_request(&self, kind: &'static str) {
+        *self.inner.bad_requests.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
+    }
+    pub fn count_push(&self, ok: bool) {
+        let c = if ok { &self.inner.sync_pushes } else { &self.inner.sync_failures };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn observe_decision(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        self.inner.decision_us[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+        self.inner.decision_count.fetch_add(1, Ordering::Relaxed);
+        self.inner.decision_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn allowed(&self) -> u64 {
+        self.inner.allowed.load(Ordering::Relaxed)
+    }
+    pub fn denied(&self, reason: &str) -> u64 {
+        self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).get(reason).copied().unwrap_or(0)
+    }
+
+    /// Decision-time percentile (0.0..=1.0) as an upper bucket bound; None before any request.
+    pub fn decision_percentile(&self, q: f64) -> Option<Duration> {
+        let counts: Vec<u64> = self.inner.decision_us.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Duration::from_micros(bucket_upper(i)));
+            }
+        }
+        None
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE nats_pg_auth_logins_allowed_total counter");
+        let _ = writeln!(out, "nats_pg_auth_logins_allowed_total {}", self.allowed());
+        let _ = writeln!(out, "# TYPE nats_pg_auth_logins_denied_total counter");
+        for (reason, n) in self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "nats_pg_auth_logins_denied_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# TYPE nats_pg_auth_bad_requests_total counter");
+        for (kind, n) in self.inner.bad_requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "nats_pg_auth_bad_requests_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(out, "# TYPE nats_pg_auth_sync_pushes_total counter");
+        let _ = writeln!(out, "nats_pg_auth_sync_pushes_total {}", self.inner.sync_pushes.load(Ordering::Relaxed));
+        let _ = writeln!(out, "nats_pg_auth_sync_failures_total {}", self.inner.sync_failures.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE nats_pg_auth_decision_seconds summary");
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            if let Some(d) = self.decision_percentile(q) {
+                let _ = writeln!(out, "nats_pg_auth_decision_seconds{{quantile=\"{q}\"}} {}", d.as_secs_f64());
+            }
+        }
+        let _ = writeln!(out, "nats_pg_auth_decision_seconds_count {}", self.inner.decision_count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_decision_seconds_sum {}",
+            self.inner.decision_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_bound_their_values() {
+        let mut last = 0;
+        for us in [0u64, 1, 7, 8, 9, 15, 16, 100, 999, 1000, 1_000_000, 60_000_000] {
+            let b = bucket_of(us);
+            assert!(b >= last, "bucket order for {us}");
+            assert!(bucket_upper(b) >= us, "upper bound of bucket {b} below {us}");
+            last = b;
+        }
+    }
+
+    #[test]
+    fn percentiles() {
+        let m = Metrics::default();
+        for _ in 0..99 {
+            m.observe_decision(Duration::from_micros(100));
+        }
+        m.observe_decision(Duration::from_millis(50));
+        let p50 = m.decision_percentile(0.5).unwrap();
+        assert!(p50 >= Duration::from_micros(100) && p50 < Duration::from_micros(120));
+        assert!(m.decision_percentile(1.0).unwrap() >= Duration::from_millis(50));
+    }
+}

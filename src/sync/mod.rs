@@ -1,0 +1,345 @@
+//! Account sync: keeps every tenant account JWT on nats-server in step with `nats.accounts`.
+//!
+//! Exactly one replica (the advisory-lock leader) runs it. Work comes from `nats.sync_outbox`
+//! (filled by triggers, woken by `NOTIFY nats_pg_auth_sync`); a push that fails stays in the
+//! outbox with a backoff, so no change is lost while NATS or Postgres is away. Every account
+//! is queued again when the system connection to NATS is (re)established, because a restarted
+//! server may have lost its resolver directory.
+
+pub mod account_jwt;
+pub mod leader;
+pub mod publish;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_nats::Client;
+use futures::StreamExt;
+use nkeys::KeyPair;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{self, outbox::OutboxRow};
+use crate::jwt::{self, claims::DeleteAccountsClaims, Claims};
+use crate::keys::{self, SeedCipher};
+use leader::Leadership;
+
+pub const SYNC_CHANNEL: &str = "nats_pg_auth_sync";
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub database_url: String,
+    pub reconcile_interval: Duration,
+    pub push_timeout: Duration,
+    /// Accounts pushed concurrently.
+    pub parallelism: usize,
+}
+
+pub struct Sync {
+    pool: PgPool,
+    cipher: SeedCipher,
+    operator_signer: KeyPair,
+    system_accounts: BTreeSet<String>,
+    client: Client,
+    settings: SyncSettings,
+    metrics: crate::metrics::Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AccountSyncError {
+    #[error("{0}")]
+    Db(#[from] sqlx::Error),
+    #[error("{0}")]
+    Push(#[from] publish::PushError),
+    #[error("key problem: {0}")]
+    Key(#[from] keys::KeyError),
+    #[error("cannot sign: {0}")]
+    Jwt(#[from] jwt::JwtError),
+    #[error("cannot generate keys: {0}")]
+    Nkeys(String),
+}
+
+impl Sync {
+    pub fn new(
+        pool: PgPool,
+        cipher: SeedCipher,
+        operator_signer: KeyPair,
+        system_accounts: BTreeSet<String>,
+        client: Client,
+        settings: SyncSettings,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
+        Self { pool, cipher, operator_signer, system_accounts, client, settings, metrics }
+    }
+
+    /// Competes for leadership until `shutdown`; leads while it holds the lock.
+    pub async fn run(self, mut nats_connected: watch::Receiver<u64>, shutdown: CancellationToken) {
+        let mut logged_follower = false;
+        while !shutdown.is_cancelled() {
+            match Leadership::try_acquire(&self.settings.database_url).await {
+                Ok(Some(leadership)) => {
+                    tracing::info!("this replica is the sync leader");
+                    logged_follower = false;
+                    self.lead(leadership, &mut nats_connected, &shutdown).await;
+                }
+                Ok(None) => {
+                    if !logged_follower {
+                        tracing::info!("another replica leads the sync; standing by");
+                        logged_follower = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; retrying in 2s"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    async fn lead(&self, mut leadership: Leadership, nats_connected: &mut watch::Receiver<u64>, shutdown: &CancellationToken) {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(mut l) => match l.listen(SYNC_CHANNEL).await {
+                Ok(()) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for sync work; giving up leadership");
+                    leadership.release().await;
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the sync listener connection; giving up leadership");
+                leadership.release().await;
+                return;
+            }
+        };
+        // A new leader cannot know what the server holds: push everything once.
+        self.enqueue_all("sync leader started").await;
+        nats_connected.mark_unchanged();
+        let mut reconcile = tokio::time::interval(self.settings.reconcile_interval);
+        reconcile.tick().await;
+        let mut lock_check = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            self.drain().await;
+            let wait = match db::outbox::next_due_in(&self.pool).await {
+                Ok(Some(d)) => d.clamp(Duration::from_millis(20), Duration::from_secs(5)),
+                Ok(None) => Duration::from_secs(5),
+                Err(_) => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                n = listener.try_recv() => {
+                    if let Ok(None) = n {
+                        // The listener reconnected: notifications may have been missed, but the
+                        // outbox rows are durable, and the drain at the top of the loop finds them.
+                        tracing::debug!("sync listener reconnected");
+                    }
+                    if let Err(e) = n {
+                        tracing::warn!(error = %e, "sync listener lost; polling the outbox");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+                changed = nats_connected.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!("connected to NATS; queueing every account for a push");
+                        self.enqueue_all("nats connection established").await;
+                    }
+                }
+                _ = reconcile.tick() => self.reconcile().await,
+                _ = lock_check.tick() => {
+                    if !leadership.still_held().await {
+                        tracing::warn!("lost the sync leader lock connection; standing down");
+                        return;
+                    }
+                }
+            }
+        }
+        leadership.release().await;
+    }
+
+    async fn enqueue_all(&self, reason: &str) {
+        if let Err(e) = db::outbox::enqueue_all(&self.pool, reason).await {
+            tracing::warn!(error = %e, "cannot queue accounts for a push; will retry on the next reconcile");
+        }
+    }
+
+    /// Processes every due outbox row, in batches.
+    pub async fn drain(&self) {
+        loop {
+            let rows = match db::outbox::claim(&self.pool, 1000, Duration::from_secs(60)).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the sync outbox; retrying");
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                return;
+            }
+            self.process(rows).await;
+        }
+    }
+
+    async fn process(&self, rows: Vec<OutboxRow>) {
+        // Several rows for one account collapse into one push. Deletes win over upserts of the
+        // same account key: the row is gone.
+        let mut upserts: BTreeMap<i64, (Vec<i64>, i32)> = BTreeMap::new();
+        let mut deletes: BTreeMap<String, (Vec<i64>, i32)> = BTreeMap::new();
+        let mut orphans = Vec::new();
+        for row in rows {
+            match (row.op.as_str(), row.account_id, row.account_public_key.clone()) {
+                ("delete", _, Some(pk)) => {
+                    let e = deletes.entry(pk).or_default();
+                    e.0.push(row.id);
+                    e.1 = e.1.max(row.attempts);
+                }
+                ("upsert", Some(id), _) => {
+                    let e = upserts.entry(id).or_default();
+                    e.0.push(row.id);
+                    e.1 = e.1.max(row.attempts);
+                }
+                _ => orphans.push(row.id),
+            }
+        }
+        if !orphans.is_empty() {
+            let _ = db::outbox::complete(&self.pool, &orphans).await;
+        }
+        let parallelism = self.settings.parallelism.max(1);
+        futures::stream::iter(upserts)
+            .for_each_concurrent(parallelism, |(account_id, (ids, attempts))| async move {
+                let result = self.upsert(account_id).await;
+                self.finish(&ids, attempts, result.map_err(|e| (Some(account_id), e))).await;
+            })
+            .await;
+        futures::stream::iter(deletes)
+            .for_each_concurrent(parallelism, |(public_key, (ids, attempts))| async move {
+                let result = self.delete(&public_key).await;
+                self.finish(&ids, attempts, result.map_err(|e| (None, e))).await;
+            })
+            .await;
+    }
+
+    async fn finish(&self, ids: &[i64], attempts: i32, result: Result<(), (Option<i64>, AccountSyncError)>) {
+        match result {
+            Ok(()) => {
+                self.metrics.count_push(true);
+                if let Err(e) = db::outbox::complete(&self.pool, ids).await {
+                    tracing::warn!(error = %e, "pushed, but cannot clear the outbox rows; they will be pushed again");
+                }
+            }
+            Err((account_id, e)) => {
+                self.metrics.count_push(false);
+                let backoff = backoff(attempts);
+                let msg = e.to_string();
+                tracing::warn!(account_id, error = %msg, retry_in = ?backoff, "account sync failed; will retry");
+                if let Some(id) = account_id {
+                    let _ = db::accounts::record_error(&self.pool, id, &msg).await;
+                }
+                if let Err(e) = db::outbox::fail(&self.pool, ids, &msg, backoff).await {
+                    // The lease set at claim time still brings the rows back.
+                    tracing::warn!(error = %e, "cannot record the sync failure; the rows return after their lease");
+                }
+            }
+        }
+    }
+
+    /// Builds and pushes one account; gives it keys first when SQL created it without.
+    async fn upsert(&self, account_id: i64) -> Result<(), AccountSyncError> {
+        let Some(mut row) = db::accounts::load(&self.pool, account_id).await? else {
+            return Ok(()); // deleted since; its delete row does the rest
+        };
+        if row.public_key.is_none() {
+            let identity = KeyPair::new_account();
+            let signing = KeyPair::new_account();
+            let seal = |kp: &KeyPair| -> Result<(String, String), AccountSyncError> {
+                let seed = kp.seed().map_err(|e| AccountSyncError::Nkeys(e.to_string()))?;
+                Ok((kp.public_key(), self.cipher.seal(&seed, &kp.public_key())?))
+            };
+            let (ipk, iseed) = seal(&identity)?;
+            let (spk, sseed) = seal(&signing)?;
+            db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed)).await?;
+            row = match db::accounts::load(&self.pool, account_id).await? {
+                Some(r) => r,
+                None => return Ok(()),
+            };
+        }
+        let public_key = row.public_key.clone().unwrap_or_default();
+        let keys = db::accounts::live_keys(&self.pool, account_id).await?;
+        let signing: Vec<String> = keys.iter().filter(|k| k.kind == "signing").map(|k| k.public_key.clone()).collect();
+        let iat = account_jwt::next_iat(row.jwt.as_deref(), jwt::now_unix());
+        let claims = account_jwt::build(&row, &public_key, signing, iat);
+        let token = jwt::encode(&claims, &self.operator_signer)?;
+        publish::update(&self.client, &token, self.settings.push_timeout).await?;
+        db::accounts::record_synced(&self.pool, account_id, &token, row.read_at).await?;
+        tracing::debug!(account = %row.name, "account JWT pushed");
+        Ok(())
+    }
+
+    async fn delete(&self, public_key: &str) -> Result<(), AccountSyncError> {
+        if self.system_accounts.contains(public_key) {
+            return Ok(());
+        }
+        let signer_pk = self.operator_signer.public_key();
+        let claims = Claims {
+            aud: None,
+            exp: None,
+            jti: String::new(),
+            iat: jwt::now_unix(),
+            iss: String::new(),
+            name: None,
+            nbf: None,
+            sub: signer_pk,
+            nats: DeleteAccountsClaims { accounts: vec![public_key.to_owned()] },
+        };
+        let token = jwt::encode(&claims, &self.operator_signer)?;
+        publish::delete(&self.client, &token, self.settings.push_timeout).await?;
+        tracing::info!(account = public_key, "account deleted from nats-server");
+        Ok(())
+    }
+
+    /// Drift repair: queues every synced account the server does not list.
+    async fn reconcile(&self) {
+        let on_server: BTreeSet<String> = match publish::list(&self.client, self.settings.push_timeout).await {
+            Ok(list) => list.into_iter().collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "reconcile skipped: cannot list the server's accounts");
+                return;
+            }
+        };
+        let accounts = match db::accounts::all_ids(&self.pool).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile skipped: cannot read accounts");
+                return;
+            }
+        };
+        let mut missing = 0;
+        for (id, pk) in accounts {
+            if pk.as_ref().is_none_or(|pk| !on_server.contains(pk)) {
+                missing += 1;
+                let _ = db::outbox::enqueue(&self.pool, id, "reconcile: missing on server").await;
+            }
+        }
+        if missing > 0 {
+            tracing::info!(missing, "reconcile queued accounts the server does not have");
+        }
+    }
+}
+
+fn backoff(attempts: i32) -> Duration {
+    let exp = attempts.clamp(1, 8) as u32;
+    Duration::from_millis(250 * 2u64.pow(exp - 1)).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(super::backoff(1).as_millis(), 250);
+        assert_eq!(super::backoff(2).as_millis(), 500);
+        assert!(super::backoff(100) <= std::time::Duration::from_secs(30));
+    }
+}

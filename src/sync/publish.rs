@@ -1,0 +1,97 @@
+//! Talking to the resolver: `$SYS.REQ.CLAIMS.UPDATE`, `…DELETE`, `…LIST`, account lookup.
+//!
+//! A 200 reply only means "stored" (protocol doc §2.3); trust and ordering are checked before
+//! we push, so here we only need to tell "stored" from "refused" from "nobody answered".
+
+use std::time::Duration;
+
+use async_nats::Client;
+use serde::Deserialize;
+
+pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
+pub const CLAIMS_DELETE: &str = "$SYS.REQ.CLAIMS.DELETE";
+pub const CLAIMS_LIST: &str = "$SYS.REQ.CLAIMS.LIST";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("no nats-server answered {0} (is the service's system user connected?)")]
+    NoResponders(&'static str),
+    #[error("nats-server did not answer {0} in time")]
+    Timeout(&'static str),
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("nats-server refused the JWT: {0}")]
+    Refused(String),
+    #[error("unexpected reply from nats-server: {0}")]
+    BadReply(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct ServerReply {
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<ReplyError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplyError {
+    #[serde(default)]
+    code: i64,
+    #[serde(default)]
+    description: String,
+}
+
+async fn request(client: &Client, subject: &'static str, payload: Vec<u8>, timeout: Duration) -> Result<ServerReply, PushError> {
+    let reply = tokio::time::timeout(timeout, client.request(subject, payload.into()))
+        .await
+        .map_err(|_| PushError::Timeout(subject))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => PushError::NoResponders(subject),
+            async_nats::RequestErrorKind::TimedOut => PushError::Timeout(subject),
+            _ => PushError::Request(e.to_string()),
+        })?;
+    let parsed: ServerReply = serde_json::from_slice(&reply.payload)
+        .map_err(|_| PushError::BadReply(String::from_utf8_lossy(&reply.payload).chars().take(200).collect()))?;
+    if let Some(err) = parsed.error {
+        return Err(PushError::Refused(format!("{} (code {})", err.description, err.code)));
+    }
+    Ok(parsed)
+}
+
+/// Pushes one account JWT; Ok only on a `code: 200` reply.
+pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
+    let reply = request(client, CLAIMS_UPDATE, jwt.as_bytes().to_vec(), timeout).await?;
+    let code = reply.data.as_ref().and_then(|d| d.get("code")).and_then(|c| c.as_i64());
+    match code {
+        Some(200) => Ok(()),
+        _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
+    }
+}
+
+/// Deletes accounts with a generic JWT signed by the operator (built by the caller).
+pub async fn delete(client: &Client, delete_jwt: &str, timeout: Duration) -> Result<(), PushError> {
+    let reply = request(client, CLAIMS_DELETE, delete_jwt.as_bytes().to_vec(), timeout).await?;
+    let code = reply.data.as_ref().and_then(|d| d.get("code")).and_then(|c| c.as_i64());
+    match code {
+        Some(200) => Ok(()),
+        _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
+    }
+}
+
+/// The account keys the answering server holds.
+pub async fn list(client: &Client, timeout: Duration) -> Result<Vec<String>, PushError> {
+    let reply = request(client, CLAIMS_LIST, Vec::new(), timeout).await?;
+    serde_json::from_value(reply.data.unwrap_or_default()).map_err(|e| PushError::BadReply(e.to_string()))
+}
+
+/// The JWT the server serves for an account, or None when it has none.
+pub async fn lookup(client: &Client, account: &str, timeout: Duration) -> Result<Option<String>, PushError> {
+    let subject = format!("$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP");
+    let reply = tokio::time::timeout(timeout, client.request(subject, Vec::new().into()))
+        .await
+        .map_err(|_| PushError::Timeout("CLAIMS.LOOKUP"))?
+        .map_err(|e| PushError::Request(e.to_string()))?;
+    let body = String::from_utf8_lossy(&reply.payload).trim().to_owned();
+    Ok((!body.is_empty()).then_some(body))
+}

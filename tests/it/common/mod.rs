@@ -1,0 +1,339 @@
+//! Test harness: a real Postgres database per test, a real nats-server in operator mode
+//! configured with `init`'s fragment, and the real service started in-process.
+//!
+//! Postgres comes from `NATS_PG_AUTH_TEST_DATABASE_URL` (an admin URL; `scripts/test.sh` starts a
+//! throwaway cluster and sets it). nats-server comes from `NATS_SERVER_BIN` or PATH.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, Event};
+use nats_pg_auth::app::{Application, ServeConfig};
+use nats_pg_auth::config::ServeArgs;
+use nats_pg_auth::keys::SeedCipher;
+use nats_pg_auth::metrics::Metrics;
+use nats_pg_auth::{db, init};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub fn admin_url() -> String {
+    std::env::var("NATS_PG_AUTH_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .expect("set NATS_PG_AUTH_TEST_DATABASE_URL to a Postgres admin URL, or run ./scripts/test.sh which starts one")
+}
+
+/// Creates a fresh database and returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = admin_url();
+    let pool = PgPool::connect(&admin).await.expect("connect to the admin database");
+    let name = format!("npa_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create database");
+    pool.close().await;
+    let (base, _) = admin.rsplit_once('/').expect("admin URL ends with /dbname");
+    let query = admin.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{base}/{name}{query}")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+}
+
+/// A nats-server process on a free loopback port, killed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub resolver_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server that includes `fragment` (from `init`). `extra` is appended to nats.conf.
+    pub async fn start(dir: &Path, resolver_dir: &Path, extra: &str) -> NatsServer {
+        let port = free_port();
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: test_{port}\nlisten: 127.0.0.1:{port}\ninclude \"fragment.conf\"\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        let mut s = NatsServer { port, dir: dir.to_path_buf(), resolver_dir: resolver_dir.to_path_buf(), child: None };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log")).unwrap();
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(self.dir.join("nats.conf"))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start nats-server (install it with ./scripts/setup.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(10), "nats-server to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same port, optionally with an emptied resolver directory (a server that
+    /// lost its disk).
+    pub async fn restart(&mut self, empty_resolver: bool) {
+        self.stop();
+        if empty_resolver {
+            let _ = std::fs::remove_dir_all(&self.resolver_dir);
+            std::fs::create_dir_all(&self.resolver_dir).unwrap();
+        }
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `cond` until it is true or the deadline passes (then panics with `what`).
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn serve_args(nats_url: String) -> ServeArgs {
+    ServeArgs {
+        nats_url,
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(86400),
+        default_publish: vec![">".into()],
+        default_subscribe: vec![">".into()],
+        db_pool_size: 8,
+        callout_concurrency: 6,
+        hash_threads: 2,
+        sync: true,
+        reconcile_interval: Duration::from_secs(60),
+    }
+}
+
+/// One complete deployment: database, nats-server and the service.
+pub struct TestEnv {
+    pub database_url: String,
+    pub pool: PgPool,
+    pub nats: NatsServer,
+    pub metrics: Metrics,
+    pub cipher: SeedCipher,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    service: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct EnvOptions {
+    pub encryption_key: Option<[u8; 32]>,
+    pub nats_extra: String,
+    pub tweak: fn(&mut ServeArgs),
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self { encryption_key: None, nats_extra: String::new(), tweak: |_| {} }
+    }
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        Self::start_with(EnvOptions::default()).await
+    }
+
+    pub async fn start_with(opts: EnvOptions) -> TestEnv {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let database_url = fresh_database().await;
+        let pool = db::connect(&database_url, 4).await.expect("connect test database");
+        db::migrate(&pool).await.expect("migrate");
+        let cipher = SeedCipher::new(opts.encryption_key);
+        let report = init::init(&pool, &cipher, "test-operator").await.expect("init");
+        let dir = tempfile::tempdir().unwrap();
+        let resolver_dir = dir.path().join("jwt");
+        init::write_fragment(&report.identities, &resolver_dir, &dir.path().join("fragment.conf")).expect("fragment");
+        let nats = NatsServer::start(dir.path(), &resolver_dir, &opts.nats_extra).await;
+        let mut args = serve_args(nats.url());
+        (opts.tweak)(&mut args);
+        let mut env = TestEnv {
+            database_url,
+            pool,
+            nats,
+            metrics: Metrics::default(),
+            cipher,
+            dir,
+            shutdown: CancellationToken::new(),
+            service: None,
+        };
+        env.start_service(args).await;
+        env
+    }
+
+    pub async fn start_service(&mut self, args: ServeArgs) {
+        let config = ServeConfig { database_url: self.database_url.clone(), cipher: self.cipher.clone(), args };
+        let app = Application::build(config).await.expect("build the service");
+        self.metrics = app.metrics();
+        self.shutdown = CancellationToken::new();
+        let token = self.shutdown.clone();
+        self.service = Some(tokio::spawn(async move {
+            app.run_until_stopped(token).await.expect("service run");
+        }));
+    }
+
+    pub async fn stop_service(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.service.take() {
+            let _ = h.await;
+        }
+    }
+
+    pub async fn sql(&self, sql: &str) {
+        sqlx::raw_sql(sql).execute(&self.pool).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+    }
+
+    pub async fn sql_err(&self, sql: &str) -> String {
+        match sqlx::raw_sql(sql).execute(&self.pool).await {
+            Ok(_) => panic!("SQL unexpectedly succeeded:\n{sql}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Inserts the design.md example tenant: account acme, role sensor, user alice/s3cret.
+    pub async fn acme(&self) {
+        self.sql(
+            "INSERT INTO nats.accounts (name, max_connections) VALUES ('acme', 100);
+             INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
+               SELECT id, 'sensor', '{sensors.>}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme';
+             INSERT INTO nats.users (account_id, role_id, username, password_hash)
+               SELECT a.id, r.id, 'alice', crypt('s3cret', gen_salt('bf', 10))
+               FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'acme';",
+        )
+        .await;
+        self.wait_synced("acme").await;
+    }
+
+    /// Waits until the account's JWT is on the server.
+    pub async fn wait_synced(&self, account: &str) {
+        let pool = self.pool.clone();
+        let name = account.to_owned();
+        wait_until(Duration::from_secs(10), &format!("account {account} to sync"), || {
+            let pool = pool.clone();
+            let name = name.clone();
+            async move {
+                sqlx::query_scalar::<_, bool>("SELECT synced_at IS NOT NULL AND sync_error IS NULL FROM nats.accounts WHERE name = $1")
+                    .bind(&name)
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+
+    pub async fn account_key(&self, name: &str) -> String {
+        sqlx::query_scalar("SELECT public_key FROM nats.accounts WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    pub async fn connect_user(&self, user: &str, pass: &str) -> Result<Client, async_nats::ConnectError> {
+        client_options(ConnectOptions::with_user_and_password(user.into(), pass.into())).connect(self.url()).await
+    }
+
+    pub async fn connect_token(&self, token: &str) -> Result<Client, async_nats::ConnectError> {
+        client_options(ConnectOptions::with_token(token.into())).connect(self.url()).await
+    }
+
+    /// Connects and also returns the client's events (disconnects, permission errors).
+    pub async fn connect_user_events(&self, user: &str, pass: &str) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = client_options(ConnectOptions::with_user_and_password(user.into(), pass.into()))
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(e);
+                }
+            })
+            .connect(self.url())
+            .await?;
+        Ok((client, rx))
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn client_options(opts: ConnectOptions) -> ConnectOptions {
+    opts.connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
+}
+
+/// What `$SYS.REQ.USER.INFO` says about the calling connection.
+pub async fn user_info(client: &Client) -> serde_json::Value {
+    let reply = client.request("$SYS.REQ.USER.INFO", "".into()).await.expect("USER.INFO");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("USER.INFO json");
+    v["data"].clone()
+}
+
+/// True when `err` is nats-server refusing the login (as opposed to a network problem).
+pub fn is_auth_refusal(err: &async_nats::ConnectError) -> bool {
+    matches!(err.kind(), async_nats::ConnectErrorKind::AuthorizationViolation)
+        || err.to_string().to_lowercase().contains("authorization")
+}

@@ -1,0 +1,4 @@
+//! Integration tests: real Postgres, real nats-server, the real service, async-nats clients.
+
+mod common;
+mod login;
