@@ -62,13 +62,18 @@ fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse::<ServerAddr>()
-                .map_err(|e| AppError::NatsUrl { url: url.to_owned(), reason: e.to_string() })
+            s.parse::<ServerAddr>().map_err(|e| AppError::NatsUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })
         })
         .collect::<Result<Vec<_>, _>>()
         .and_then(|v| {
             if v.is_empty() {
-                Err(AppError::NatsUrl { url: url.to_owned(), reason: "no server given".into() })
+                Err(AppError::NatsUrl {
+                    url: url.to_owned(),
+                    reason: "no server given".into(),
+                })
             } else {
                 Ok(v)
             }
@@ -77,7 +82,12 @@ fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
 
 /// Connection options for a user identified by a JWT and its nkey. The client keeps
 /// reconnecting forever: the service must outlive any nats-server restart.
-fn connect_options(name: &str, jwt: String, key: KeyPair, events: Option<watch::Sender<u64>>) -> ConnectOptions {
+fn connect_options(
+    name: &str,
+    jwt: String,
+    key: KeyPair,
+    events: Option<watch::Sender<u64>>,
+) -> ConnectOptions {
     let key = Arc::new(key);
     let label = name.to_owned();
     ConnectOptions::with_jwt(jwt, move |nonce| {
@@ -100,7 +110,9 @@ fn connect_options(name: &str, jwt: String, key: KeyPair, events: Option<watch::
                         tx.send_modify(|n| *n += 1);
                     }
                 }
-                Event::Disconnected => tracing::warn!(connection = %label, "disconnected from NATS; reconnecting"),
+                Event::Disconnected => {
+                    tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
+                }
                 other => tracing::info!(connection = %label, event = %other, "NATS event"),
             }
         }
@@ -125,24 +137,43 @@ impl Application {
         let settings = CalloutSettings {
             default_ttl: args.default_ttl,
             max_ttl: args.max_ttl,
-            defaults: Defaults { publish: args.default_publish.clone(), subscribe: args.default_subscribe.clone() },
+            defaults: Defaults {
+                publish: args.default_publish.clone(),
+                subscribe: args.default_subscribe.clone(),
+            },
             concurrency: args.callout_concurrency,
             hash_threads: args.hash_threads,
         };
-        let callout = Callout::new(pool.clone(), auth, config.cipher.clone(), settings, metrics.clone());
+        let callout = Callout::new(
+            pool.clone(),
+            auth,
+            config.cipher.clone(),
+            settings,
+            metrics.clone(),
+        );
 
         let service_user = identities.keypair(&config.cipher, IdentityKind::ServiceUser)?;
-        let callout_client = connect_options("nats-pg-auth callout", identities.jwt(IdentityKind::ServiceUser).to_owned(), service_user, None)
-            .connect(addrs.clone())
-            .await
-            .map_err(|e| AppError::Nats(e.to_string()))?;
+        let callout_client = connect_options(
+            "nats-pg-auth callout",
+            identities.jwt(IdentityKind::ServiceUser).to_owned(),
+            service_user,
+            None,
+        )
+        .connect(addrs.clone())
+        .await
+        .map_err(|e| AppError::Nats(e.to_string()))?;
 
         let (tx, nats_connected) = watch::channel(0u64);
         let sys_user = identities.keypair(&config.cipher, IdentityKind::SysUser)?;
-        let sys_client = connect_options("nats-pg-auth system", identities.jwt(IdentityKind::SysUser).to_owned(), sys_user, Some(tx))
-            .connect(addrs)
-            .await
-            .map_err(|e| AppError::Nats(e.to_string()))?;
+        let sys_client = connect_options(
+            "nats-pg-auth system",
+            identities.jwt(IdentityKind::SysUser).to_owned(),
+            sys_user,
+            Some(tx),
+        )
+        .connect(addrs)
+        .await
+        .map_err(|e| AppError::Nats(e.to_string()))?;
 
         let sync = if args.sync {
             let system_accounts = BTreeSet::from([
@@ -166,7 +197,15 @@ impl Application {
         } else {
             None
         };
-        Ok(Self { pool, callout, callout_client, sys_client, sync, nats_connected, metrics })
+        Ok(Self {
+            pool,
+            callout,
+            callout_client,
+            sys_client,
+            sync,
+            nats_connected,
+            metrics,
+        })
     }
 
     pub fn metrics(&self) -> Metrics {
@@ -178,8 +217,14 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), AppError> {
-        let callout = tokio::spawn(self.callout.clone().run(self.callout_client.clone(), shutdown.clone()));
-        let sync = self.sync.map(|sync| tokio::spawn(sync.run(self.nats_connected, shutdown.clone())));
+        let callout = tokio::spawn(
+            self.callout
+                .clone()
+                .run(self.callout_client.clone(), shutdown.clone()),
+        );
+        let sync = self
+            .sync
+            .map(|sync| tokio::spawn(sync.run(self.nats_connected, shutdown.clone())));
         shutdown.cancelled().await;
         tracing::info!("shutting down: finishing in-flight requests");
         let grace = Duration::from_secs(5);
@@ -198,7 +243,11 @@ impl Application {
 }
 
 /// A wrong or missing key must fail at startup with one clear line, never at login time.
-async fn check_seeds(pool: &PgPool, cipher: &SeedCipher, identities: &ServiceIdentities) -> Result<(), AppError> {
+async fn check_seeds(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    identities: &ServiceIdentities,
+) -> Result<(), AppError> {
     for kind in IdentityKind::ALL {
         let row = identities.get(kind);
         if kind == IdentityKind::AuthXkey {

@@ -30,9 +30,12 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => 64,
-            CliError::Init(InitError::OtherOperator { .. } | InitError::BadName | InitError::NotInitialised) => 64,
+            CliError::Init(
+                InitError::OtherOperator { .. } | InitError::BadName | InitError::NotInitialised,
+            ) => 64,
             CliError::App(AppError::NatsUrl { .. } | AppError::Key(_) | AppError::Init(_)) => 64,
-            CliError::Db(DbError::Unreachable { .. }) | CliError::App(AppError::Db(DbError::Unreachable { .. })) => 69,
+            CliError::Db(DbError::Unreachable { .. })
+            | CliError::App(AppError::Db(DbError::Unreachable { .. })) => 69,
             _ => 70,
         }
     }
@@ -47,7 +50,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::HashPassword(args) => {
             let mut pw = String::new();
-            std::io::stdin().read_to_string(&mut pw).map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
+            std::io::stdin()
+                .read_to_string(&mut pw)
+                .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
             let pw = pw.trim_end_matches(['\n', '\r']);
             if pw.is_empty() {
                 return Err(CliError::Other("no password on standard input".into()));
@@ -70,12 +75,22 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             let pool = db::connect(common.database_url()?, 2).await?;
             db::migrate(&pool).await?;
             let report = init::init(&pool, &cipher, &args.operator_name).await?;
-            init::write_fragment(&report.identities, &args.fragment.resolver_dir, &args.fragment.out)?;
+            init::write_fragment(
+                &report.identities,
+                &args.fragment.resolver_dir,
+                &args.fragment.out,
+            )?;
             eprintln!(
                 "{} operator {:?} ({}); nats-server config fragment written to {}",
-                if report.created { "created" } else { "already initialised:" },
+                if report.created {
+                    "created"
+                } else {
+                    "already initialised:"
+                },
                 report.identities.operator_name(),
-                report.identities.public_key(db::identities::IdentityKind::Operator),
+                report
+                    .identities
+                    .public_key(db::identities::IdentityKind::Operator),
                 args.fragment.out.display()
             );
             Ok(())
@@ -110,7 +125,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                     "{name}\t{}\t{}\t{}\t{}",
                     if active { "active" } else { "inactive" },
                     pk.unwrap_or_else(|| "(no key yet)".into()),
-                    synced.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never synced".into()),
+                    synced
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "never synced".into()),
                     err.unwrap_or_default()
                 );
             }
@@ -118,7 +135,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::Serve(args) => {
             args.validate()?;
-            let config = ServeConfig { database_url: common.database_url()?.to_owned(), cipher: common.cipher()?, args };
+            let config = ServeConfig {
+                database_url: common.database_url()?.to_owned(),
+                cipher: common.cipher()?,
+                args,
+            };
             let app = Application::build(config).await?;
             app.run_until_stopped(shutdown).await?;
             Ok(())

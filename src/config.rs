@@ -44,7 +44,12 @@ pub struct CommonArgs {
     pub encryption_key_file: Option<PathBuf>,
 
     /// Log format: `plain` or `json`. The level comes from RUST_LOG (default info).
-    #[arg(long, env = "NATS_PG_AUTH_LOG_FORMAT", global = true, default_value = "plain")]
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_LOG_FORMAT",
+        global = true,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -120,11 +125,21 @@ pub struct ServeArgs {
     pub max_ttl: Duration,
 
     /// Publish permission given when a user and its role have no permissions at all.
-    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_PUBLISH", default_value = ">", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_DEFAULT_PUBLISH",
+        default_value = ">",
+        value_delimiter = ','
+    )]
     pub default_publish: Vec<String>,
 
     /// Subscribe permission given when a user and its role have no permissions at all.
-    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_SUBSCRIBE", default_value = ">", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_DEFAULT_SUBSCRIBE",
+        default_value = ">",
+        value_delimiter = ','
+    )]
     pub default_subscribe: Vec<String>,
 
     /// Maximum Postgres connections of this replica.
@@ -152,7 +167,8 @@ pub struct ServeArgs {
 
 /// Parses `90s`, `5m`, `1h30m`, `2days` (humantime).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s, 5m or 1h: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s, 5m or 1h: {e}"))
 }
 
 /// Errors in configuration: always the user's to fix, reported as one line.
@@ -208,7 +224,9 @@ impl CommonArgs {
 impl ServeArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
-            return Err(ConfigError::Invalid("--default-ttl and --max-ttl must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "--default-ttl and --max-ttl must be positive".into(),
+            ));
         }
         if self.callout_concurrency == 0 || self.db_pool_size < 2 || self.hash_threads == 0 {
             return Err(ConfigError::Invalid(

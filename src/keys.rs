@@ -1,179 +1,490 @@
-//! Keys: nkeys helpers and at-rest encryption of seeds.
+//! NKey helpers and at-rest encryption of the seeds kept in Postgres.
 //!
-//! Seeds are stored as `enc:v1:<base64(nonce || ciphertext+tag)>` (AES-256-GCM, 12-byte random
-//! nonce) when a key is configured. The associated data is the seed's public key, so a
-//! ciphertext copied onto another row fails to open instead of silently signing as the wrong
-//! identity. Plain seeds (`S…`, from a keyless start or pb-nats) are still read.
+//! A stored seed is either the plain nkey seed (`S…`, when no key is configured) or
+//! `enc:v1:<base64 standard(nonce || ciphertext+tag)>`: AES-256-GCM with a random 12-byte nonce
+//! and the key's **public key** (its ASCII bytes) as associated data. Binding the public key
+//! means a seed copied onto another row does not open there (`WrongKey`) instead of silently
+//! signing as the wrong identity.
+//!
+//! Nothing in this module prints a seed or the encryption key: not in `Debug`, not in errors.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use std::fmt;
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use nkeys::{KeyPair, XKey};
 use rand::RngCore;
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 
 const PREFIX_V1: &str = "enc:v1:";
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Length in bytes of the at-rest key.
+pub const KEY_LEN: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a seed or key could not be used. `public_key` fields name the identity (never secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("a seed is encrypted but no encryption key is configured (set NATS_PG_AUTH_ENCRYPTION_KEY)")]
+    #[error(
+        "the seed of {public_key} is encrypted but no encryption key is configured \
+         (set --encryption-key or --encryption-key-file)"
+    )]
+    MissingKey { public_key: String },
+    #[error(
+        "cannot decrypt the seed of {public_key}: wrong encryption key, or the stored seed \
+         belongs to another key"
+    )]
+    WrongKey { public_key: String },
+    #[error("the stored seed of {public_key} is malformed: {reason}")]
+    Malformed {
+        public_key: String,
+        reason: &'static str,
+    },
+    #[error("the stored seed of {public_key} belongs to another key ({actual})")]
+    Mismatch { public_key: String, actual: String },
+    #[error("invalid encryption key: {0}")]
+    BadKey(String),
+    #[error("cannot encrypt the seed of {public_key}")]
+    Encrypt { public_key: String },
+}
+
+/// [`KeyError`] without its data: for matching and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyErrorKind {
     MissingKey,
-    #[error("a seed cannot be decrypted: wrong encryption key, or a ciphertext moved between rows")]
     WrongKey,
-    #[error("a stored seed is malformed")]
     Malformed,
-    #[error("a stored seed does not belong to its public key")]
     Mismatch,
-    #[error("the key must be 32 bytes, base64-encoded (generate one with `nats-pg-auth generate-key`)")]
     BadKey,
-    #[error("encryption failed")]
     Encrypt,
 }
 
-/// Encrypts and decrypts seeds. Cheap to clone.
+impl KeyError {
+    pub fn kind(&self) -> KeyErrorKind {
+        match self {
+            KeyError::MissingKey { .. } => KeyErrorKind::MissingKey,
+            KeyError::WrongKey { .. } => KeyErrorKind::WrongKey,
+            KeyError::Malformed { .. } => KeyErrorKind::Malformed,
+            KeyError::Mismatch { .. } => KeyErrorKind::Mismatch,
+            KeyError::BadKey(_) => KeyErrorKind::BadKey,
+            KeyError::Encrypt { .. } => KeyErrorKind::Encrypt,
+        }
+    }
+}
+
+fn malformed(public_key: &str, reason: &'static str) -> KeyError {
+    KeyError::Malformed {
+        public_key: public_key.to_owned(),
+        reason,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// New keys
+// ---------------------------------------------------------------------------------------------
+
+pub fn new_operator() -> KeyPair {
+    KeyPair::new_operator()
+}
+
+pub fn new_account() -> KeyPair {
+    KeyPair::new_account()
+}
+
+pub fn new_user() -> KeyPair {
+    KeyPair::new_user()
+}
+
+/// A curve (X25519) key for sealing callout requests and responses.
+pub fn new_xkey() -> XKey {
+    XKey::new()
+}
+
+/// `(public key, seed as stored)` of `kp`, sealed with `cipher`: ready for an insert.
+pub fn seal_keypair(cipher: &SeedCipher, kp: &KeyPair) -> Result<(String, String), KeyError> {
+    let public_key = kp.public_key();
+    let seed = Zeroizing::new(
+        kp.seed()
+            .map_err(|_| malformed(&public_key, "key pair has no seed"))?,
+    );
+    let stored = cipher.seal(&seed, &public_key)?;
+    Ok((public_key, stored))
+}
+
+/// `(public key, seed as stored)` of a curve key, sealed with `cipher`.
+pub fn seal_xkey(cipher: &SeedCipher, xkey: &XKey) -> Result<(String, String), KeyError> {
+    let public_key = xkey.public_key();
+    let seed = Zeroizing::new(
+        xkey.seed()
+            .map_err(|_| malformed(&public_key, "xkey has no seed"))?,
+    );
+    let stored = cipher.seal(&seed, &public_key)?;
+    Ok((public_key, stored))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading stored keys
+// ---------------------------------------------------------------------------------------------
+
+/// Opens a stored seed and checks it is the seed of `public_key` (O/A/U/N keys).
+pub fn keypair_from_stored(
+    cipher: &SeedCipher,
+    stored: &str,
+    public_key: &str,
+) -> Result<KeyPair, KeyError> {
+    let seed = cipher.open(stored, public_key)?;
+    // The nkeys error text is not passed on: it may quote part of its input.
+    let kp = KeyPair::from_seed(seed.expose_secret())
+        .map_err(|_| malformed(public_key, "not a valid nkey seed"))?;
+    let actual = kp.public_key();
+    if actual != public_key {
+        return Err(KeyError::Mismatch {
+            public_key: public_key.to_owned(),
+            actual,
+        });
+    }
+    Ok(kp)
+}
+
+/// Opens a stored curve seed (`SX…`) and checks it is the seed of `public_key` (`X…`).
+pub fn xkey_from_stored(
+    cipher: &SeedCipher,
+    stored: &str,
+    public_key: &str,
+) -> Result<XKey, KeyError> {
+    let seed = cipher.open(stored, public_key)?;
+    let xkey = XKey::from_seed(seed.expose_secret())
+        .map_err(|_| malformed(public_key, "not a valid curve seed"))?;
+    let actual = xkey.public_key();
+    if actual != public_key {
+        return Err(KeyError::Mismatch {
+            public_key: public_key.to_owned(),
+            actual,
+        });
+    }
+    Ok(xkey)
+}
+
+// ---------------------------------------------------------------------------------------------
+// At-rest key
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes the at-rest key: standard base64 of exactly 32 bytes. Surrounding whitespace (a
+/// trailing newline in a key file) is ignored. The error never quotes the input.
+pub fn parse_key(b64: &str) -> Result<[u8; KEY_LEN], KeyError> {
+    let bytes = Zeroizing::new(B64.decode(b64.trim()).map_err(|_| {
+        KeyError::BadKey(
+            "not standard base64; generate one with `nats-pg-auth generate-key`".to_owned(),
+        )
+    })?);
+    <[u8; KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+        KeyError::BadKey(format!(
+            "must decode to exactly {KEY_LEN} bytes, got {}; generate one with `nats-pg-auth generate-key`",
+            bytes.len()
+        ))
+    })
+}
+
+/// A fresh random at-rest key, base64 standard (what [`parse_key`] reads).
+pub fn generate_key() -> String {
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    rand::rngs::OsRng.fill_bytes(key.as_mut());
+    B64.encode(key.as_ref())
+}
+
+/// True for `enc:…` values (any version), false for plain seeds.
+pub fn is_encrypted(stored: &str) -> bool {
+    stored.starts_with("enc:")
+}
+
+/// Seals and opens stored seeds. Without a key, seeds are stored and read in plain; with one,
+/// new seeds are encrypted and plain ones are still read (so a key can be introduced later).
 #[derive(Clone)]
 pub struct SeedCipher {
     aead: Option<Aes256Gcm>,
 }
 
-impl std::fmt::Debug for SeedCipher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.aead.is_some() { "SeedCipher(key set)" } else { "SeedCipher(no key)" })
+impl fmt::Debug for SeedCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeedCipher")
+            .field("encrypting", &self.has_key())
+            .finish()
     }
 }
 
 impl SeedCipher {
-    pub fn new(key: Option<[u8; 32]>) -> Self {
-        Self { aead: key.map(|k| Aes256Gcm::new(&k.into())) }
+    pub fn new(key: Option<[u8; KEY_LEN]>) -> Self {
+        let aead = key.map(|k| {
+            let k = Zeroizing::new(k);
+            Aes256Gcm::new(k.as_ref().into())
+        });
+        Self { aead }
     }
 
+    /// A cipher with no key: seeds are stored in plain.
+    pub fn plain() -> Self {
+        Self { aead: None }
+    }
+
+    /// Whether [`SeedCipher::seal`] encrypts.
     pub fn has_key(&self) -> bool {
         self.aead.is_some()
     }
 
-    /// The stored form of `seed`: encrypted when a key is set, plain otherwise.
+    /// The value to store for `seed` (an `S…` nkey seed) of `public_key`.
     pub fn seal(&self, seed: &str, public_key: &str) -> Result<String, KeyError> {
+        if !seed.starts_with('S') {
+            return Err(malformed(public_key, "not an nkey seed"));
+        }
         let Some(aead) = &self.aead else {
             return Ok(seed.to_owned());
         };
-        let mut nonce = [0u8; 12];
-        rand::thread_rng().fill_bytes(&mut nonce);
-        let ct = aead
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: seed.as_bytes(), aad: public_key.as_bytes() })
-            .map_err(|_| KeyError::Encrypt)?;
-        let mut blob = nonce.to_vec();
-        blob.extend_from_slice(&ct);
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let sealed = aead
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: seed.as_bytes(),
+                    aad: public_key.as_bytes(),
+                },
+            )
+            .map_err(|_| KeyError::Encrypt {
+                public_key: public_key.to_owned(),
+            })?;
+        let mut blob = Vec::with_capacity(NONCE_LEN + sealed.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&sealed);
         Ok(format!("{PREFIX_V1}{}", B64.encode(blob)))
     }
 
-    /// Opens a stored seed (encrypted or plain).
+    /// The seed of `public_key` from its stored value (plain `S…` or `enc:v1:`).
     pub fn open(&self, stored: &str, public_key: &str) -> Result<SecretString, KeyError> {
-        let Some(b64) = stored.strip_prefix(PREFIX_V1) else {
-            if stored.starts_with('S') {
-                return Ok(SecretString::from(stored.to_owned()));
-            }
-            return Err(KeyError::Malformed);
-        };
-        let aead = self.aead.as_ref().ok_or(KeyError::MissingKey)?;
-        let blob = B64.decode(b64).map_err(|_| KeyError::Malformed)?;
-        if blob.len() < 12 + 16 {
-            return Err(KeyError::Malformed);
+        if stored.starts_with('S') {
+            return Ok(SecretString::from(stored.to_owned()));
         }
-        let (nonce, ct) = blob.split_at(12);
-        let plain = aead
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: public_key.as_bytes() })
-            .map_err(|_| KeyError::WrongKey)?;
-        String::from_utf8(plain).map(SecretString::from).map_err(|_| KeyError::Malformed)
+        let Some(encoded) = stored.strip_prefix(PREFIX_V1) else {
+            return Err(malformed(
+                public_key,
+                if is_encrypted(stored) {
+                    "unknown encryption version"
+                } else {
+                    "neither a seed nor enc:v1"
+                },
+            ));
+        };
+        let Some(aead) = &self.aead else {
+            return Err(KeyError::MissingKey {
+                public_key: public_key.to_owned(),
+            });
+        };
+        let blob = B64
+            .decode(encoded)
+            .map_err(|_| malformed(public_key, "enc:v1 payload is not base64"))?;
+        if blob.len() < NONCE_LEN + TAG_LEN {
+            return Err(malformed(public_key, "enc:v1 payload is too short"));
+        }
+        let (nonce, sealed) = blob.split_at(NONCE_LEN);
+        // GCM cannot tell a wrong key from a wrong AAD (another row's public key): both are
+        // WrongKey, and the message names both causes.
+        let plain = Zeroizing::new(
+            aead.decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: public_key.as_bytes(),
+                },
+            )
+            .map_err(|_| KeyError::WrongKey {
+                public_key: public_key.to_owned(),
+            })?,
+        );
+        let seed = std::str::from_utf8(&plain)
+            .map_err(|_| malformed(public_key, "decrypted seed is not UTF-8"))?;
+        Ok(SecretString::from(seed.to_owned()))
     }
-}
-
-pub fn is_encrypted(stored: &str) -> bool {
-    stored.starts_with(PREFIX_V1)
-}
-
-/// Parses a base64 key of exactly 32 bytes.
-pub fn parse_key(b64: &str) -> Result<[u8; 32], KeyError> {
-    let bytes = B64.decode(b64.trim()).map_err(|_| KeyError::BadKey)?;
-    bytes.try_into().map_err(|_| KeyError::BadKey)
-}
-
-/// A fresh random key, base64.
-pub fn generate_key() -> String {
-    let mut k = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut k);
-    B64.encode(k)
-}
-
-/// Loads a signing key pair from its stored seed and checks it is the expected identity.
-pub fn keypair_from_stored(cipher: &SeedCipher, stored: &str, public_key: &str) -> Result<KeyPair, KeyError> {
-    let seed = cipher.open(stored, public_key)?;
-    let kp = KeyPair::from_seed(seed.expose_secret()).map_err(|_| KeyError::Malformed)?;
-    if kp.public_key() != public_key {
-        return Err(KeyError::Mismatch);
-    }
-    Ok(kp)
-}
-
-/// Loads a curve (xkey) key pair from its stored seed.
-pub fn xkey_from_stored(cipher: &SeedCipher, stored: &str, public_key: &str) -> Result<XKey, KeyError> {
-    let seed = cipher.open(stored, public_key)?;
-    let x = XKey::from_seed(seed.expose_secret()).map_err(|_| KeyError::Malformed)?;
-    if x.public_key() != public_key {
-        return Err(KeyError::Mismatch);
-    }
-    Ok(x)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn seal_open_round_trip_and_row_binding() {
-        let key = parse_key(&generate_key()).unwrap();
-        let c = SeedCipher::new(Some(key));
-        let kp = KeyPair::new_account();
-        let seed = kp.seed().unwrap();
-        let stored = c.seal(&seed, &kp.public_key()).unwrap();
-        assert!(is_encrypted(&stored) && !stored.contains(&seed));
-        assert_eq!(c.open(&stored, &kp.public_key()).unwrap().expose_secret(), seed);
-        assert_eq!(keypair_from_stored(&c, &stored, &kp.public_key()).unwrap().public_key(), kp.public_key());
-        // Moved to another row: the associated data no longer matches.
-        let other = KeyPair::new_account();
-        assert_eq!(c.open(&stored, &other.public_key()).unwrap_err(), KeyError::WrongKey);
-        // Another key.
-        let c2 = SeedCipher::new(Some(parse_key(&generate_key()).unwrap()));
-        assert_eq!(c2.open(&stored, &kp.public_key()).unwrap_err(), KeyError::WrongKey);
-        // No key.
-        assert_eq!(SeedCipher::new(None).open(&stored, &kp.public_key()).unwrap_err(), KeyError::MissingKey);
+    fn key(byte: u8) -> SeedCipher {
+        SeedCipher::new(Some([byte; KEY_LEN]))
     }
 
     #[test]
-    fn plain_seeds_pass_through() {
-        let c = SeedCipher::new(Some([7; 32]));
-        let kp = KeyPair::new_user();
-        let seed = kp.seed().unwrap();
-        assert_eq!(c.open(&seed, &kp.public_key()).unwrap().expose_secret(), seed);
-        assert_eq!(SeedCipher::new(None).seal(&seed, "x").unwrap(), seed);
-        assert_eq!(keypair_from_stored(&c, &seed, &KeyPair::new_user().public_key()).unwrap_err(), KeyError::Mismatch);
+    fn encrypted_round_trip_for_every_kind() {
+        let cipher = key(7);
+        for kp in [new_operator(), new_account(), new_user()] {
+            let (pk, stored) = seal_keypair(&cipher, &kp).expect("seals");
+            assert!(stored.starts_with("enc:v1:") && is_encrypted(&stored));
+            let seed = kp.seed().expect("seed");
+            assert!(!stored.contains(&seed));
+            assert_eq!(
+                cipher.open(&stored, &pk).expect("opens").expose_secret(),
+                seed
+            );
+            assert_eq!(
+                keypair_from_stored(&cipher, &stored, &pk)
+                    .expect("loads")
+                    .public_key(),
+                pk
+            );
+        }
+        let x = new_xkey();
+        let (xpk, stored) = seal_xkey(&cipher, &x).expect("seals");
+        assert_eq!(
+            xkey_from_stored(&cipher, &stored, &xpk)
+                .expect("loads")
+                .public_key(),
+            xpk
+        );
     }
 
     #[test]
-    fn key_parsing() {
-        assert!(parse_key(&B64.encode([1u8; 31])).is_err());
-        assert!(parse_key("not base64!").is_err());
-        assert!(parse_key(&B64.encode([1u8; 32])).is_ok());
+    fn nonce_is_fresh_per_seal() {
+        let cipher = key(1);
+        let kp = new_account();
+        let seed = kp.seed().expect("seed");
+        assert_ne!(
+            cipher.seal(&seed, &kp.public_key()).ok(),
+            cipher.seal(&seed, &kp.public_key()).ok()
+        );
     }
 
     #[test]
-    fn xkey_seal_open_uses_xkv1() {
-        let a = XKey::new();
-        let b = XKey::new();
-        let sealed = a.seal(b"hello", &XKey::from_public_key(&b.public_key()).unwrap()).unwrap();
+    fn wrong_key_is_wrong_key() {
+        let kp = new_account();
+        let (pk, stored) = seal_keypair(&key(1), &kp).expect("seals");
+        let err = key(2).open(&stored, &pk).expect_err("must not open");
+        assert_eq!(err.kind(), KeyErrorKind::WrongKey);
+        assert!(err.to_string().contains(&pk));
+    }
+
+    #[test]
+    fn ciphertext_moved_to_another_public_key_is_wrong_key() {
+        let cipher = key(3);
+        let (a, b) = (new_account(), new_account());
+        let (_, stored_a) = seal_keypair(&cipher, &a).expect("seals");
+        let err = cipher
+            .open(&stored_a, &b.public_key())
+            .expect_err("bound to a's key");
+        assert_eq!(err.kind(), KeyErrorKind::WrongKey);
+        let err = keypair_from_stored(&cipher, &stored_a, &b.public_key()).expect_err("bound");
+        assert_eq!(err.kind(), KeyErrorKind::WrongKey);
+    }
+
+    #[test]
+    fn plain_seeds_pass_through_and_are_checked() {
+        let kp = new_user();
+        let seed = kp.seed().expect("seed");
+        // No key: sealing stores the plain seed; with a key, plain seeds still open.
+        assert_eq!(
+            SeedCipher::plain()
+                .seal(&seed, &kp.public_key())
+                .expect("plain"),
+            seed
+        );
+        for cipher in [SeedCipher::plain(), key(9)] {
+            assert_eq!(
+                cipher
+                    .open(&seed, &kp.public_key())
+                    .expect("plain")
+                    .expose_secret(),
+                seed
+            );
+            assert!(keypair_from_stored(&cipher, &seed, &kp.public_key()).is_ok());
+        }
+        let other = new_user();
+        let err = keypair_from_stored(&SeedCipher::plain(), &seed, &other.public_key())
+            .expect_err("mismatch");
+        assert_eq!(err.kind(), KeyErrorKind::Mismatch);
+        assert!(!err.to_string().contains(&seed));
+    }
+
+    #[test]
+    fn encrypted_row_without_key_is_missing_key() {
+        let kp = new_account();
+        let (pk, stored) = seal_keypair(&key(4), &kp).expect("seals");
+        let err = SeedCipher::plain().open(&stored, &pk).expect_err("no key");
+        assert_eq!(err.kind(), KeyErrorKind::MissingKey);
+        assert!(err.to_string().contains("--encryption-key"));
+    }
+
+    #[test]
+    fn malformed_values() {
+        let c = key(5);
+        for bad in ["", "enc:v2:AAAA", "enc:v1:!!!", "enc:v1:AAAA", "hello"] {
+            assert_eq!(
+                c.open(bad, "A").expect_err(bad).kind(),
+                KeyErrorKind::Malformed,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            c.seal("not-a-seed", "A").expect_err("seed").kind(),
+            KeyErrorKind::Malformed
+        );
+        // A curve seed is not an ed25519 key pair of that public key, nor the reverse.
+        let x = new_xkey();
+        let xseed = x.seed().expect("seed");
+        assert!(keypair_from_stored(&c, &xseed, &x.public_key()).is_err());
+        let a = new_account();
+        assert!(xkey_from_stored(&c, &a.seed().expect("seed"), &a.public_key()).is_err());
+    }
+
+    #[test]
+    fn debug_prints_no_key_material() {
+        assert_eq!(
+            format!("{:?}", key(0xAB)),
+            "SeedCipher { encrypting: true }"
+        );
+        let kp = new_account();
+        let opened = key(1)
+            .open(&kp.seed().expect("seed"), &kp.public_key())
+            .expect("opens");
+        assert!(!format!("{opened:?}").contains(&kp.seed().expect("seed")));
+    }
+
+    #[test]
+    fn parse_key_accepts_exactly_32_bytes() {
+        let generated = generate_key();
+        let k = parse_key(&format!("{generated}\n")).expect("generated key parses");
+        assert_eq!(B64.encode(k), generated);
+        let short = B64.encode([0u8; 31]);
+        let err = parse_key(&short).expect_err("31 bytes");
+        assert_eq!(err.kind(), KeyErrorKind::BadKey);
+        assert!(
+            err.to_string().contains("exactly 32 bytes, got 31"),
+            "{err}"
+        );
+        let err = parse_key("not base64 at all!").expect_err("not base64");
+        assert!(err.to_string().contains("not standard base64"), "{err}");
+        assert!(!err.to_string().contains("at all"));
+        // URL-safe alphabet is a different encoding: refuse rather than guess.
+        let url = base64::engine::general_purpose::URL_SAFE.encode([0xfbu8; 32]);
+        assert!(parse_key(&url).is_err());
+    }
+
+    #[test]
+    fn xkey_seal_open_uses_the_server_layout() {
+        // The callout layout (protocol doc §3.6): "xkv1" + 24-byte nonce + box.
+        let (ours, server) = (new_xkey(), new_xkey());
+        let sealed = ours.seal(b"eyJhbGciOi", &server).expect("seals");
         assert!(sealed.starts_with(b"xkv1"));
-        assert_eq!(b.open(&sealed, &XKey::from_public_key(&a.public_key()).unwrap()).unwrap(), b"hello");
-        let stored = SeedCipher::new(None).seal(&b.seed().unwrap(), &b.public_key()).unwrap();
-        assert_eq!(xkey_from_stored(&SeedCipher::new(None), &stored, &b.public_key()).unwrap().public_key(), b.public_key());
+        assert_eq!(sealed.len(), 4 + 24 + 16 + 10);
+        let server_view = XKey::from_public_key(&ours.public_key()).expect("public");
+        assert_eq!(
+            server.open(&sealed, &server_view).expect("opens"),
+            b"eyJhbGciOi"
+        );
+        assert!(
+            new_xkey().open(&sealed, &server_view).is_err(),
+            "third party cannot open"
+        );
     }
 }

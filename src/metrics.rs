@@ -70,13 +70,29 @@ impl Metrics {
         self.inner.allowed.fetch_add(1, Ordering::Relaxed);
     }
     pub fn count_deny(&self, reason: &'static str) {
-        *self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+        *self
+            .inner
+            .denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
     }
     pub fn count_bad_request(&self, kind: &'static str) {
-        *self.inner.bad_requests.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
+        *self
+            .inner
+            .bad_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
     }
     pub fn count_push(&self, ok: bool) {
-        let c = if ok { &self.inner.sync_pushes } else { &self.inner.sync_failures };
+        let c = if ok {
+            &self.inner.sync_pushes
+        } else {
+            &self.inner.sync_failures
+        };
         c.fetch_add(1, Ordering::Relaxed);
     }
     pub fn observe_decision(&self, d: Duration) {
@@ -90,12 +106,23 @@ impl Metrics {
         self.inner.allowed.load(Ordering::Relaxed)
     }
     pub fn denied(&self, reason: &str) -> u64 {
-        self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).get(reason).copied().unwrap_or(0)
+        self.inner
+            .denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Decision-time percentile (0.0..=1.0) as an upper bucket bound; None before any request.
     pub fn decision_percentile(&self, q: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self.inner.decision_us.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .inner
+            .decision_us
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -117,23 +144,57 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE nats_pg_auth_logins_allowed_total counter");
         let _ = writeln!(out, "nats_pg_auth_logins_allowed_total {}", self.allowed());
         let _ = writeln!(out, "# TYPE nats_pg_auth_logins_denied_total counter");
-        for (reason, n) in self.inner.denied.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "nats_pg_auth_logins_denied_total{{reason=\"{reason}\"}} {n}");
+        for (reason, n) in self
+            .inner
+            .denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "nats_pg_auth_logins_denied_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         let _ = writeln!(out, "# TYPE nats_pg_auth_bad_requests_total counter");
-        for (kind, n) in self.inner.bad_requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "nats_pg_auth_bad_requests_total{{kind=\"{kind}\"}} {n}");
+        for (kind, n) in self
+            .inner
+            .bad_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "nats_pg_auth_bad_requests_total{{kind=\"{kind}\"}} {n}"
+            );
         }
         let _ = writeln!(out, "# TYPE nats_pg_auth_sync_pushes_total counter");
-        let _ = writeln!(out, "nats_pg_auth_sync_pushes_total {}", self.inner.sync_pushes.load(Ordering::Relaxed));
-        let _ = writeln!(out, "nats_pg_auth_sync_failures_total {}", self.inner.sync_failures.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_sync_pushes_total {}",
+            self.inner.sync_pushes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_sync_failures_total {}",
+            self.inner.sync_failures.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# TYPE nats_pg_auth_decision_seconds summary");
         for q in [0.5, 0.9, 0.99, 0.999] {
             if let Some(d) = self.decision_percentile(q) {
-                let _ = writeln!(out, "nats_pg_auth_decision_seconds{{quantile=\"{q}\"}} {}", d.as_secs_f64());
+                let _ = writeln!(
+                    out,
+                    "nats_pg_auth_decision_seconds{{quantile=\"{q}\"}} {}",
+                    d.as_secs_f64()
+                );
             }
         }
-        let _ = writeln!(out, "nats_pg_auth_decision_seconds_count {}", self.inner.decision_count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_decision_seconds_count {}",
+            self.inner.decision_count.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "nats_pg_auth_decision_seconds_sum {}",
@@ -150,10 +211,15 @@ mod tests {
     #[test]
     fn buckets_are_monotonic_and_bound_their_values() {
         let mut last = 0;
-        for us in [0u64, 1, 7, 8, 9, 15, 16, 100, 999, 1000, 1_000_000, 60_000_000] {
+        for us in [
+            0u64, 1, 7, 8, 9, 15, 16, 100, 999, 1000, 1_000_000, 60_000_000,
+        ] {
             let b = bucket_of(us);
             assert!(b >= last, "bucket order for {us}");
-            assert!(bucket_upper(b) >= us, "upper bound of bucket {b} below {us}");
+            assert!(
+                bucket_upper(b) >= us,
+                "upper bound of bucket {b} below {us}"
+            );
             last = b;
         }
     }

@@ -30,30 +30,43 @@ pub struct PasswordVerifier {
 
 impl PasswordVerifier {
     pub fn new(threads: usize) -> Self {
-        Self { lane: Arc::new(Semaphore::new(threads.max(1))) }
+        Self {
+            lane: Arc::new(Semaphore::new(threads.max(1))),
+        }
     }
 
     /// Verifies `password` against a stored hash, or against the fallback hash when the user does
     /// not exist (`hash = None`; the result is then always false).
-    pub async fn verify(&self, password: SecretString, hash: Option<String>) -> Result<bool, HashError> {
+    pub async fn verify(
+        &self,
+        password: SecretString,
+        hash: Option<String>,
+    ) -> Result<bool, HashError> {
         let _permit = self.lane.acquire().await.map_err(|_| HashError::Worker)?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| FALLBACK_BCRYPT.to_owned());
-        let ok = tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
-            .await
-            .map_err(|_| HashError::Worker)??;
+        let ok =
+            tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
+                .await
+                .map_err(|_| HashError::Worker)??;
         Ok(ok && known)
     }
 }
 
 /// Synchronous check; public for benchmarks.
 pub fn verify_blocking(password: &str, hash: &str) -> Result<bool, HashError> {
-    if hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$") || hash.starts_with("$2x$") {
+    if hash.starts_with("$2a$")
+        || hash.starts_with("$2b$")
+        || hash.starts_with("$2y$")
+        || hash.starts_with("$2x$")
+    {
         bcrypt::verify(password, hash).map_err(|_| HashError::UnsupportedHash)
     } else if hash.starts_with("$argon2id$") {
         use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
         let parsed = PasswordHash::new(hash).map_err(|_| HashError::UnsupportedHash)?;
-        Ok(argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        Ok(argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
     } else {
         Err(HashError::UnsupportedHash)
     }
@@ -90,7 +103,10 @@ mod tests {
 
         use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
         let salt = SaltString::generate(&mut OsRng);
-        let a = argon2::Argon2::default().hash_password(b"s3cret", &salt).unwrap().to_string();
+        let a = argon2::Argon2::default()
+            .hash_password(b"s3cret", &salt)
+            .unwrap()
+            .to_string();
         assert!(a.starts_with("$argon2id$"));
         assert_eq!(verify_blocking("s3cret", &a), Ok(true));
         assert_eq!(verify_blocking("nope", &a), Ok(false));
@@ -98,8 +114,14 @@ mod tests {
 
     #[test]
     fn garbage_hash_is_an_error_not_a_match() {
-        assert_eq!(verify_blocking("x", "plaintext"), Err(HashError::UnsupportedHash));
-        assert_eq!(verify_blocking("x", "$2b$10$short"), Err(HashError::UnsupportedHash));
+        assert_eq!(
+            verify_blocking("x", "plaintext"),
+            Err(HashError::UnsupportedHash)
+        );
+        assert_eq!(
+            verify_blocking("x", "$2b$10$short"),
+            Err(HashError::UnsupportedHash)
+        );
     }
 
     #[test]

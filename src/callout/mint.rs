@@ -21,8 +21,14 @@ pub fn user_jwt(
     now: i64,
 ) -> Result<String, JwtError> {
     let mut nats = UserClaims::default();
-    nats.permissions.publish = Permission { allow: merged.publish.allow.clone(), deny: merged.publish.deny.clone() };
-    nats.permissions.subscribe = Permission { allow: merged.subscribe.allow.clone(), deny: merged.subscribe.deny.clone() };
+    nats.permissions.publish = Permission {
+        allow: merged.publish.allow.clone(),
+        deny: merged.publish.deny.clone(),
+    };
+    nats.permissions.subscribe = Permission {
+        allow: merged.subscribe.allow.clone(),
+        deny: merged.subscribe.deny.clone(),
+    };
     nats.permissions.response = merged.response.map(|r| ResponsePermission {
         max: r.max,
         ttl: i64::try_from(r.ttl.as_nanos()).unwrap_or(i64::MAX),
@@ -73,7 +79,11 @@ pub fn response(
 }
 
 /// Seals the response to the server's curve key when the request came sealed.
-pub fn seal(response: String, ours: &XKey, server: Option<&XKey>) -> Result<Vec<u8>, nkeys::error::Error> {
+pub fn seal(
+    response: String,
+    ours: &XKey,
+    server: Option<&XKey>,
+) -> Result<Vec<u8>, nkeys::error::Error> {
     match server {
         Some(server) => ours.seal(response.as_bytes(), server),
         None => Ok(response.into_bytes()),

@@ -81,7 +81,10 @@ pub struct Deny {
 
 impl Deny {
     fn new(reason: DenyReason, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into() }
+        Self {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -121,7 +124,13 @@ struct Grant {
 }
 
 impl Callout {
-    pub fn new(pool: PgPool, auth: AuthIdentity, cipher: SeedCipher, settings: CalloutSettings, metrics: crate::metrics::Metrics) -> Arc<Self> {
+    pub fn new(
+        pool: PgPool,
+        auth: AuthIdentity,
+        cipher: SeedCipher,
+        settings: CalloutSettings,
+        metrics: crate::metrics::Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limiter: Arc::new(Semaphore::new(settings.concurrency)),
             passwords: PasswordVerifier::new(settings.hash_threads),
@@ -134,9 +143,19 @@ impl Callout {
     }
 
     /// Subscribes and serves until `shutdown`; in-flight requests are finished before return.
-    pub async fn run(self: Arc<Self>, client: Client, shutdown: CancellationToken) -> Result<(), async_nats::SubscribeError> {
-        let mut sub = client.queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.into()).await?;
-        tracing::info!(subject = AUTH_SUBJECT, queue = QUEUE_GROUP, "auth callout listening");
+    pub async fn run(
+        self: Arc<Self>,
+        client: Client,
+        shutdown: CancellationToken,
+    ) -> Result<(), async_nats::SubscribeError> {
+        let mut sub = client
+            .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.into())
+            .await?;
+        tracing::info!(
+            subject = AUTH_SUBJECT,
+            queue = QUEUE_GROUP,
+            "auth callout listening"
+        );
         let tracker = TaskTracker::new();
         loop {
             tokio::select! {
@@ -175,8 +194,18 @@ impl Callout {
     /// answered at all (it is not a verifiable request from a server).
     pub async fn answer(&self, msg: &Message, received: Instant) -> Option<Vec<u8>> {
         let now = jwt::now_unix();
-        let header = msg.headers.as_ref().and_then(|h| h.get(SERVER_XKEY_HEADER)).map(|v| v.as_str().to_owned());
-        let req = match request::verify(&msg.payload, header.as_deref(), &self.auth.xkey, &self.auth.account_public_key, now) {
+        let header = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SERVER_XKEY_HEADER))
+            .map(|v| v.as_str().to_owned());
+        let req = match request::verify(
+            &msg.payload,
+            header.as_deref(),
+            &self.auth.xkey,
+            &self.auth.account_public_key,
+            now,
+        ) {
             Ok(req) => req,
             Err(e) => {
                 self.metrics.count_bad_request(e.as_str());
@@ -195,7 +224,10 @@ impl Callout {
             .saturating_sub(received.elapsed());
         let decision = match tokio::time::timeout(budget, self.limiter.acquire()).await {
             Ok(Ok(_permit)) => self.decide(&req, now).await,
-            _ => Err(Deny::new(DenyReason::Overloaded, "no free callout slot before the auth timeout")),
+            _ => Err(Deny::new(
+                DenyReason::Overloaded,
+                "no free callout slot before the auth timeout",
+            )),
         };
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
@@ -208,7 +240,13 @@ impl Callout {
             Err(deny) => {
                 self.metrics.count_deny(deny.reason.as_str());
                 let user = req.claims.nats.connect_opts.user.as_deref().unwrap_or("");
-                tracing::warn!(reason = deny.reason.as_str(), user, host, "login denied: {}", deny.detail);
+                tracing::warn!(
+                    reason = deny.reason.as_str(),
+                    user,
+                    host,
+                    "login denied: {}",
+                    deny.detail
+                );
                 Err(deny.reason.as_str())
             }
         };
@@ -230,21 +268,36 @@ impl Callout {
 
     async fn decide(&self, req: &VerifiedRequest, now: i64) -> Result<Grant, Deny> {
         let opts = &req.claims.nats.connect_opts;
-        let token = opts.auth_token.expose().filter(|t| !t.is_empty()).map(str::to_owned);
+        let token = opts
+            .auth_token
+            .expose()
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
         let login = if let Some(token) = token {
             self.check_token(SecretString::from(token), now).await?
         } else {
             let user = opts.user.as_deref().filter(|u| !u.is_empty());
             let pass = opts.pass.expose().map(str::to_owned);
             match (user, pass) {
-                (Some(user), Some(pass)) => self.check_password(user, SecretString::from(pass)).await?,
-                _ => return Err(Deny::new(DenyReason::NoCredentials, "client sent neither user/password nor token")),
+                (Some(user), Some(pass)) => {
+                    self.check_password(user, SecretString::from(pass)).await?
+                }
+                _ => {
+                    return Err(Deny::new(
+                        DenyReason::NoCredentials,
+                        "client sent neither user/password nor token",
+                    ))
+                }
             }
         };
         self.authorize(req, &login, now)
     }
 
-    async fn check_password(&self, username: &str, password: SecretString) -> Result<LoginRow, Deny> {
+    async fn check_password(
+        &self,
+        username: &str,
+        password: SecretString,
+    ) -> Result<LoginRow, Deny> {
         let row = db::logins::by_username(&self.pool, username)
             .await
             .map_err(|e| Deny::new(DenyReason::Internal, format!("user lookup failed: {e}")))?;
@@ -256,7 +309,10 @@ impl Callout {
         match row {
             Some(row) if ok => Ok(row),
             _ if !exists => Err(Deny::new(DenyReason::UnknownUser, "no such user")),
-            _ => Err(Deny::new(DenyReason::BadPassword, "password does not match")),
+            _ => Err(Deny::new(
+                DenyReason::BadPassword,
+                "password does not match",
+            )),
         }
     }
 
@@ -272,10 +328,22 @@ impl Callout {
             return Err(Deny::new(DenyReason::UnknownToken, "no such token"));
         }
         if tok.token_revoked_at.is_some_and(|t| t.timestamp() <= now) {
-            return Err(Deny::new(DenyReason::TokenRevoked, format!("token {} of user {:?} is revoked", tok.token_id, login.username)));
+            return Err(Deny::new(
+                DenyReason::TokenRevoked,
+                format!(
+                    "token {} of user {:?} is revoked",
+                    tok.token_id, login.username
+                ),
+            ));
         }
         if tok.token_expires_at.is_some_and(|t| t.timestamp() <= now) {
-            return Err(Deny::new(DenyReason::TokenExpired, format!("token {} of user {:?} has expired", tok.token_id, login.username)));
+            return Err(Deny::new(
+                DenyReason::TokenExpired,
+                format!(
+                    "token {} of user {:?} has expired",
+                    tok.token_id, login.username
+                ),
+            ));
         }
         let pool = self.pool.clone();
         tokio::spawn(async move {
@@ -289,34 +357,80 @@ impl Callout {
     /// Checks that the now-identified user may log in here, and mints its JWT.
     fn authorize(&self, req: &VerifiedRequest, login: &LoginRow, now: i64) -> Result<Grant, Deny> {
         if !login.user_active {
-            return Err(Deny::new(DenyReason::InactiveUser, format!("user {:?} is inactive", login.username)));
+            return Err(Deny::new(
+                DenyReason::InactiveUser,
+                format!("user {:?} is inactive", login.username),
+            ));
         }
         if !login.account_active {
-            return Err(Deny::new(DenyReason::InactiveAccount, format!("account {:?} is inactive", login.account_name)));
+            return Err(Deny::new(
+                DenyReason::InactiveAccount,
+                format!("account {:?} is inactive", login.account_name),
+            ));
         }
         if login.role_account_id.is_some_and(|a| a != login.account_id) {
             // The schema refuses this; deny rather than hand out another tenant's role.
-            return Err(Deny::new(DenyReason::Internal, format!("role {:?} of user {:?} belongs to another account", login.role_id, login.username)));
+            return Err(Deny::new(
+                DenyReason::Internal,
+                format!(
+                    "role {:?} of user {:?} belongs to another account",
+                    login.role_id, login.username
+                ),
+            ));
         }
         let client = &req.claims.nats.client_info;
-        permissions::check_connection(login, client.host.as_deref(), client.kind.as_deref(), client.client_type.as_deref()).map_err(|rule| match rule {
-            permissions::ConnectionRule::SourceNotAllowed => Deny::new(DenyReason::SourceNotAllowed, "source address not in the role's allowed_sources"),
-            permissions::ConnectionRule::ConnectionTypeNotAllowed => Deny::new(DenyReason::ConnectionTypeNotAllowed, "connection type not in the role's allowed_connection_types"),
+        permissions::check_connection(
+            login,
+            client.host.as_deref(),
+            client.kind.as_deref(),
+            client.client_type.as_deref(),
+        )
+        .map_err(|rule| match rule {
+            permissions::ConnectionRule::SourceNotAllowed => Deny::new(
+                DenyReason::SourceNotAllowed,
+                "source address not in the role's allowed_sources",
+            ),
+            permissions::ConnectionRule::ConnectionTypeNotAllowed => Deny::new(
+                DenyReason::ConnectionTypeNotAllowed,
+                "connection type not in the role's allowed_connection_types",
+            ),
         })?;
-        let (Some(account_key), Some(signing_public), Some(signing_seed)) =
-            (login.account_public_key.as_deref(), login.signing_public_key.as_deref(), login.signing_seed.as_deref())
-        else {
+        let (Some(account_key), Some(signing_public), Some(signing_seed)) = (
+            login.account_public_key.as_deref(),
+            login.signing_public_key.as_deref(),
+            login.signing_seed.as_deref(),
+        ) else {
             return Err(Deny::new(
                 DenyReason::AccountNotReady,
                 format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.account_name),
             ));
         };
         let signer = crate::keys::keypair_from_stored(&self.cipher, signing_seed, signing_public)
-            .map_err(|e| Deny::new(DenyReason::Internal, format!("signing key of account {:?} unusable: {e}", login.account_name)))?;
+            .map_err(|e| {
+            Deny::new(
+                DenyReason::Internal,
+                format!(
+                    "signing key of account {:?} unusable: {e}",
+                    login.account_name
+                ),
+            )
+        })?;
         let merged = permissions::merge(login, &self.settings.defaults);
         let ttl = permissions::ttl(login, self.settings.default_ttl, self.settings.max_ttl);
-        let user_jwt = mint::user_jwt(req, &login.username, &merged, ttl, account_key, &signer, now)
-            .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
-        Ok(Grant { user_jwt, username: login.username.clone(), account: login.account_name.clone() })
+        let user_jwt = mint::user_jwt(
+            req,
+            &login.username,
+            &merged,
+            ttl,
+            account_key,
+            &signer,
+            now,
+        )
+        .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
+        Ok(Grant {
+            user_jwt,
+            username: login.username.clone(),
+            account: login.account_name.clone(),
+        })
     }
 }

@@ -15,7 +15,10 @@ pub struct Defaults {
 
 impl Default for Defaults {
     fn default() -> Self {
-        Self { publish: vec![">".into()], subscribe: vec![">".into()] }
+        Self {
+            publish: vec![">".into()],
+            subscribe: vec![">".into()],
+        }
     }
 }
 
@@ -64,7 +67,11 @@ pub fn merge(login: &LoginRow, defaults: &Defaults) -> Merged {
         allow: union(login.role_sub_allow.as_deref(), &login.user_sub_allow),
         deny: union(login.role_sub_deny.as_deref(), &login.user_sub_deny),
     };
-    if publish.allow.is_empty() && publish.deny.is_empty() && subscribe.allow.is_empty() && subscribe.deny.is_empty() {
+    if publish.allow.is_empty()
+        && publish.deny.is_empty()
+        && subscribe.allow.is_empty()
+        && subscribe.deny.is_empty()
+    {
         publish.allow = defaults.publish.clone();
         subscribe.allow = defaults.subscribe.clone();
     }
@@ -94,12 +101,16 @@ pub fn merge(login: &LoginRow, defaults: &Defaults) -> Merged {
 /// TTL: user → role → account → service default, capped by the configured maximum, never
 /// below one second (the server's expiry timer has one-second resolution).
 pub fn ttl(login: &LoginRow, default: Duration, max: Duration) -> Duration {
-    let chosen = [login.user_ttl_secs, login.role_ttl_secs, login.account_ttl_secs]
-        .into_iter()
-        .flatten()
-        .find(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(default);
+    let chosen = [
+        login.user_ttl_secs,
+        login.role_ttl_secs,
+        login.account_ttl_secs,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|s| *s > 0.0)
+    .map(Duration::from_secs_f64)
+    .unwrap_or(default);
     chosen.min(max).max(Duration::from_secs(1))
 }
 
@@ -112,15 +123,29 @@ pub enum ConnectionRule {
 
 /// nats-server ignores `src` and `allowed_connection_types` for callout users (protocol doc
 /// §3.7), so the service enforces them at login.
-pub fn check_connection(login: &LoginRow, host: Option<&str>, kind: Option<&str>, client_type: Option<&str>) -> Result<(), ConnectionRule> {
-    if let Some(sources) = login.role_allowed_sources.as_deref().filter(|s| !s.is_empty()) {
-        let ip: Option<IpAddr> = host.and_then(|h| h.trim_matches(|c| c == '[' || c == ']').parse().ok());
+pub fn check_connection(
+    login: &LoginRow,
+    host: Option<&str>,
+    kind: Option<&str>,
+    client_type: Option<&str>,
+) -> Result<(), ConnectionRule> {
+    if let Some(sources) = login
+        .role_allowed_sources
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    {
+        let ip: Option<IpAddr> =
+            host.and_then(|h| h.trim_matches(|c| c == '[' || c == ']').parse().ok());
         match ip {
             Some(ip) if sources.iter().any(|net| net.contains(ip)) => {}
             _ => return Err(ConnectionRule::SourceNotAllowed),
         }
     }
-    if let Some(types) = login.role_allowed_connection_types.as_deref().filter(|t| !t.is_empty()) {
+    if let Some(types) = login
+        .role_allowed_connection_types
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    {
         let ours = connection_type(kind, client_type);
         if !types.iter().any(|t| t.eq_ignore_ascii_case(ours)) {
             return Err(ConnectionRule::ConnectionTypeNotAllowed);
@@ -197,7 +222,10 @@ pub(crate) mod tests {
         assert_eq!(m.publish.allow, v(&[">"]));
         assert_eq!(m.subscribe.allow, v(&[">"]));
         assert!(m.publish.deny.is_empty() && m.subscribe.deny.is_empty());
-        assert_eq!((m.max_subscriptions, m.max_data, m.max_payload), (-1, -1, -1));
+        assert_eq!(
+            (m.max_subscriptions, m.max_data, m.max_payload),
+            (-1, -1, -1)
+        );
         assert_eq!(m.response, None);
     }
 
@@ -220,7 +248,10 @@ pub(crate) mod tests {
         let mut l = login();
         l.user_pub_deny = v(&["admin.>"]);
         let m = merge(&l, &Defaults::default());
-        assert!(m.publish.allow.is_empty(), "no defaults once anything is set");
+        assert!(
+            m.publish.allow.is_empty(),
+            "no defaults once anything is set"
+        );
         assert_eq!(m.publish.deny, v(&["admin.>"]));
     }
 
@@ -231,7 +262,10 @@ pub(crate) mod tests {
         l.role_max_subscriptions = Some(10);
         l.user_max_subscriptions = Some(5);
         let m = merge(&l, &Defaults::default());
-        assert_eq!((m.max_subscriptions, m.max_data, m.max_payload), (5, -1, 1024));
+        assert_eq!(
+            (m.max_subscriptions, m.max_data, m.max_payload),
+            (5, -1, 1024)
+        );
     }
 
     #[test]
@@ -241,7 +275,13 @@ pub(crate) mod tests {
         l.role_allow_response_max = Some(0);
         l.role_allow_response_ttl_secs = Some(5.0);
         let m = merge(&l, &Defaults::default());
-        assert_eq!(m.response, Some(Response { max: 1, ttl: Duration::from_secs(5) }));
+        assert_eq!(
+            m.response,
+            Some(Response {
+                max: 1,
+                ttl: Duration::from_secs(5)
+            })
+        );
         l.role_allow_response_max = Some(-1);
         assert_eq!(merge(&l, &Defaults::default()).response.unwrap().max, -1);
     }
@@ -268,8 +308,14 @@ pub(crate) mod tests {
         assert!(check_connection(&l, Some("10.1.2.3"), None, None).is_ok());
         l.role_allowed_sources = Some(vec!["10.0.0.0/8".parse().unwrap()]);
         assert!(check_connection(&l, Some("10.1.2.3"), None, None).is_ok());
-        assert_eq!(check_connection(&l, Some("127.0.0.1"), None, None), Err(ConnectionRule::SourceNotAllowed));
-        assert_eq!(check_connection(&l, None, None, None), Err(ConnectionRule::SourceNotAllowed));
+        assert_eq!(
+            check_connection(&l, Some("127.0.0.1"), None, None),
+            Err(ConnectionRule::SourceNotAllowed)
+        );
+        assert_eq!(
+            check_connection(&l, None, None, None),
+            Err(ConnectionRule::SourceNotAllowed)
+        );
         l.role_allowed_sources = None;
         l.role_allowed_connection_types = Some(v(&["WEBSOCKET"]));
         assert_eq!(

@@ -81,8 +81,11 @@ pub fn verify(
 ) -> Result<VerifiedRequest, RequestError> {
     let (token, server_xkey) = if payload.starts_with(XKV1) {
         let header = server_xkey_header.ok_or(RequestError::MissingServerXkey)?;
-        let server = XKey::from_public_key(header.trim()).map_err(|_| RequestError::BadServerXkey)?;
-        let opened = our_xkey.open(payload, &server).map_err(|_| RequestError::Decrypt)?;
+        let server =
+            XKey::from_public_key(header.trim()).map_err(|_| RequestError::BadServerXkey)?;
+        let opened = our_xkey
+            .open(payload, &server)
+            .map_err(|_| RequestError::Decrypt)?;
         (opened, Some(server))
     } else {
         // Plain requests happen when AUTH has no xkey; we always configure one, but accept
@@ -90,7 +93,8 @@ pub fn verify(
         (payload.to_vec(), None)
     };
     let token = std::str::from_utf8(&token).map_err(|_| RequestError::BadJwt)?;
-    let claims: Claims<AuthorizationRequest> = jwt::decode_verified(token.trim()).map_err(|_| RequestError::BadJwt)?;
+    let claims: Claims<AuthorizationRequest> =
+        jwt::decode_verified(token.trim()).map_err(|_| RequestError::BadJwt)?;
     if !claims.iss.starts_with('N') {
         return Err(RequestError::IssuerNotServer);
     }
@@ -119,5 +123,8 @@ pub fn verify(
             return Err(RequestError::BadServerXkey);
         }
     }
-    Ok(VerifiedRequest { claims, server_xkey })
+    Ok(VerifiedRequest {
+        claims,
+        server_xkey,
+    })
 }

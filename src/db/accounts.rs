@@ -90,12 +90,14 @@ pub async fn assign_keys(
     signing: (&str, &str),
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let updated = sqlx::query("UPDATE nats.accounts SET public_key = $2 WHERE id = $1 AND public_key IS NULL")
-        .bind(account_id)
-        .bind(identity.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let updated = sqlx::query(
+        "UPDATE nats.accounts SET public_key = $2 WHERE id = $1 AND public_key IS NULL",
+    )
+    .bind(account_id)
+    .bind(identity.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     if updated == 0 {
         tx.rollback().await?;
         return Ok(false);
@@ -123,12 +125,14 @@ pub async fn record_synced(
     jwt: &str,
     built_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL WHERE id = $1")
-        .bind(account_id)
-        .bind(jwt)
-        .bind(built_at)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL WHERE id = $1",
+    )
+    .bind(account_id)
+    .bind(jwt)
+    .bind(built_at)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

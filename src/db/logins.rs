@@ -104,7 +104,10 @@ LEFT JOIN LATERAL (
 
 pub async fn by_username(pool: &PgPool, username: &str) -> Result<Option<LoginRow>, sqlx::Error> {
     let sql = format!("{SELECT_LOGIN} WHERE u.username = $1");
-    sqlx::query_as(&sql).bind(username).fetch_optional(pool).await
+    sqlx::query_as(&sql)
+        .bind(username)
+        .fetch_optional(pool)
+        .await
 }
 
 pub async fn by_token(
@@ -118,7 +121,10 @@ pub async fn by_token(
     ) + " JOIN nats.user_tokens t ON t.user_id = u.id WHERE t.token_sha256 = $1";
     // JOIN after the LATERAL is fine in Postgres; keep the token join last so SELECT_LOGIN
     // stays the one definition of what a login reads.
-    let row = sqlx::query(&sql).bind(token_sha256).fetch_optional(pool).await?;
+    let row = sqlx::query(&sql)
+        .bind(token_sha256)
+        .fetch_optional(pool)
+        .await?;
     match row {
         None => Ok(None),
         Some(row) => {

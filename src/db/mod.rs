@@ -19,10 +19,7 @@ pub enum DbError {
     #[error("invalid DATABASE_URL: {0}")]
     BadUrl(String),
     #[error("cannot reach Postgres at {target}: {source}. Is it running, and are host, port, user and password right?")]
-    Unreachable {
-        target: String,
-        source: sqlx::Error,
-    },
+    Unreachable { target: String, source: sqlx::Error },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -32,8 +29,15 @@ pub enum DbError {
 /// Opens a pool. `acquire_timeout` is short because a callout that waits longer than the
 /// server's auth timeout (2 s) is useless anyway; better to deny and log.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let opts: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
-    let target = format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("postgres"));
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
+    let target = format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("postgres")
+    );
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1)

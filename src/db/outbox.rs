@@ -17,7 +17,11 @@ pub struct OutboxRow {
     pub attempts: i32,
 }
 
-pub async fn claim(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>, sqlx::Error> {
+pub async fn claim(
+    pool: &PgPool,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE nats.sync_outbox o SET attempts = o.attempts + 1, \
                 next_attempt_at = now() + make_interval(secs => $2) \
@@ -40,7 +44,12 @@ pub async fn complete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
 }
 
 /// Keeps the rows for a later retry after `backoff`.
-pub async fn fail(pool: &PgPool, ids: &[i64], error: &str, backoff: Duration) -> Result<(), sqlx::Error> {
+pub async fn fail(
+    pool: &PgPool,
+    ids: &[i64],
+    error: &str,
+    backoff: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE nats.sync_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3) \
          WHERE id = ANY($1)",

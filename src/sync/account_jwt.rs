@@ -33,12 +33,19 @@ pub fn limits(row: &AccountRow) -> AccountLimits {
 /// `iat` must grow strictly between pushes of one account: the full resolver skips a JWT whose
 /// `jti` equals the stored one, and two JWTs of the same second can share it (protocol §1.3).
 pub fn next_iat(previous_jwt: Option<&str>, now: i64) -> i64 {
-    let prev = previous_jwt.and_then(crate::jwt::iat_of).unwrap_or(i64::MIN);
+    let prev = previous_jwt
+        .and_then(crate::jwt::iat_of)
+        .unwrap_or(i64::MIN);
     now.max(prev.saturating_add(1))
 }
 
 /// The account claims (unsigned). `signing_keys` are the public keys still valid.
-pub fn build(row: &AccountRow, public_key: &str, signing_keys: Vec<String>, iat: i64) -> Claims<AccountClaims> {
+pub fn build(
+    row: &AccountRow,
+    public_key: &str,
+    signing_keys: Vec<String>,
+    iat: i64,
+) -> Claims<AccountClaims> {
     let mut nats = AccountClaims::default();
     nats.limits = limits(row);
     nats.signing_keys = signing_keys;

@@ -33,11 +33,16 @@ impl Leadership {
 
     /// True while the lock connection is alive (and so the lock held).
     pub async fn still_held(&mut self) -> bool {
-        tokio::time::timeout(Duration::from_secs(3), self.conn.ping()).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(Duration::from_secs(3), self.conn.ping())
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub async fn release(mut self) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(SYNC_LOCK_KEY).execute(&mut self.conn).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(SYNC_LOCK_KEY)
+            .execute(&mut self.conn)
+            .await;
         let _ = self.conn.close().await;
     }
 }

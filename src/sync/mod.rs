@@ -71,7 +71,15 @@ impl Sync {
         settings: SyncSettings,
         metrics: crate::metrics::Metrics,
     ) -> Self {
-        Self { pool, cipher, operator_signer, system_accounts, client, settings, metrics }
+        Self {
+            pool,
+            cipher,
+            operator_signer,
+            system_accounts,
+            client,
+            settings,
+            metrics,
+        }
     }
 
     /// Competes for leadership until `shutdown`; leads while it holds the lock.
@@ -90,7 +98,9 @@ impl Sync {
                         logged_follower = true;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; retrying in 2s"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; retrying in 2s")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -99,7 +109,12 @@ impl Sync {
         }
     }
 
-    async fn lead(&self, mut leadership: Leadership, nats_connected: &mut watch::Receiver<u64>, shutdown: &CancellationToken) {
+    async fn lead(
+        &self,
+        mut leadership: Leadership,
+        nats_connected: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) {
         let mut listener = match PgListener::connect_with(&self.pool).await {
             Ok(mut l) => match l.listen(SYNC_CHANNEL).await {
                 Ok(()) => l,
@@ -190,7 +205,11 @@ impl Sync {
         let mut deletes: BTreeMap<String, (Vec<i64>, i32)> = BTreeMap::new();
         let mut orphans = Vec::new();
         for row in rows {
-            match (row.op.as_str(), row.account_id, row.account_public_key.clone()) {
+            match (
+                row.op.as_str(),
+                row.account_id,
+                row.account_public_key.clone(),
+            ) {
                 ("delete", _, Some(pk)) => {
                     let e = deletes.entry(pk).or_default();
                     e.0.push(row.id);
@@ -211,18 +230,25 @@ impl Sync {
         futures::stream::iter(upserts)
             .for_each_concurrent(parallelism, |(account_id, (ids, attempts))| async move {
                 let result = self.upsert(account_id).await;
-                self.finish(&ids, attempts, result.map_err(|e| (Some(account_id), e))).await;
+                self.finish(&ids, attempts, result.map_err(|e| (Some(account_id), e)))
+                    .await;
             })
             .await;
         futures::stream::iter(deletes)
             .for_each_concurrent(parallelism, |(public_key, (ids, attempts))| async move {
                 let result = self.delete(&public_key).await;
-                self.finish(&ids, attempts, result.map_err(|e| (None, e))).await;
+                self.finish(&ids, attempts, result.map_err(|e| (None, e)))
+                    .await;
             })
             .await;
     }
 
-    async fn finish(&self, ids: &[i64], attempts: i32, result: Result<(), (Option<i64>, AccountSyncError)>) {
+    async fn finish(
+        &self,
+        ids: &[i64],
+        attempts: i32,
+        result: Result<(), (Option<i64>, AccountSyncError)>,
+    ) {
         match result {
             Ok(()) => {
                 self.metrics.count_push(true);
@@ -255,12 +281,15 @@ impl Sync {
             let identity = KeyPair::new_account();
             let signing = KeyPair::new_account();
             let seal = |kp: &KeyPair| -> Result<(String, String), AccountSyncError> {
-                let seed = kp.seed().map_err(|e| AccountSyncError::Nkeys(e.to_string()))?;
+                let seed = kp
+                    .seed()
+                    .map_err(|e| AccountSyncError::Nkeys(e.to_string()))?;
                 Ok((kp.public_key(), self.cipher.seal(&seed, &kp.public_key())?))
             };
             let (ipk, iseed) = seal(&identity)?;
             let (spk, sseed) = seal(&signing)?;
-            db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed)).await?;
+            db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed))
+                .await?;
             row = match db::accounts::load(&self.pool, account_id).await? {
                 Some(r) => r,
                 None => return Ok(()),
@@ -268,7 +297,11 @@ impl Sync {
         }
         let public_key = row.public_key.clone().unwrap_or_default();
         let keys = db::accounts::live_keys(&self.pool, account_id).await?;
-        let signing: Vec<String> = keys.iter().filter(|k| k.kind == "signing").map(|k| k.public_key.clone()).collect();
+        let signing: Vec<String> = keys
+            .iter()
+            .filter(|k| k.kind == "signing")
+            .map(|k| k.public_key.clone())
+            .collect();
         let iat = account_jwt::next_iat(row.jwt.as_deref(), jwt::now_unix());
         let claims = account_jwt::build(&row, &public_key, signing, iat);
         let token = jwt::encode(&claims, &self.operator_signer)?;
@@ -292,7 +325,9 @@ impl Sync {
             name: None,
             nbf: None,
             sub: signer_pk,
-            nats: DeleteAccountsClaims { accounts: vec![public_key.to_owned()] },
+            nats: DeleteAccountsClaims {
+                accounts: vec![public_key.to_owned()],
+            },
         };
         let token = jwt::encode(&claims, &self.operator_signer)?;
         publish::delete(&self.client, &token, self.settings.push_timeout).await?;
@@ -302,7 +337,12 @@ impl Sync {
 
     /// Drift repair: queues every synced account the server does not list.
     async fn reconcile(&self) {
-        let on_server: BTreeSet<String> = match publish::list(&self.client, self.settings.push_timeout).await {
+        let on_server: BTreeSet<String> = match publish::list(
+            &self.client,
+            self.settings.push_timeout,
+        )
+        .await
+        {
             Ok(list) => list.into_iter().collect(),
             Err(e) => {
                 tracing::debug!(error = %e, "reconcile skipped: cannot list the server's accounts");
@@ -324,7 +364,10 @@ impl Sync {
             }
         }
         if missing > 0 {
-            tracing::info!(missing, "reconcile queued accounts the server does not have");
+            tracing::info!(
+                missing,
+                "reconcile queued accounts the server does not have"
+            );
         }
     }
 }

@@ -42,7 +42,12 @@ struct ReplyError {
     description: String,
 }
 
-async fn request(client: &Client, subject: &'static str, payload: Vec<u8>, timeout: Duration) -> Result<ServerReply, PushError> {
+async fn request(
+    client: &Client,
+    subject: &'static str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<ServerReply, PushError> {
     let reply = tokio::time::timeout(timeout, client.request(subject, payload.into()))
         .await
         .map_err(|_| PushError::Timeout(subject))?
@@ -51,10 +56,19 @@ async fn request(client: &Client, subject: &'static str, payload: Vec<u8>, timeo
             async_nats::RequestErrorKind::TimedOut => PushError::Timeout(subject),
             _ => PushError::Request(e.to_string()),
         })?;
-    let parsed: ServerReply = serde_json::from_slice(&reply.payload)
-        .map_err(|_| PushError::BadReply(String::from_utf8_lossy(&reply.payload).chars().take(200).collect()))?;
+    let parsed: ServerReply = serde_json::from_slice(&reply.payload).map_err(|_| {
+        PushError::BadReply(
+            String::from_utf8_lossy(&reply.payload)
+                .chars()
+                .take(200)
+                .collect(),
+        )
+    })?;
     if let Some(err) = parsed.error {
-        return Err(PushError::Refused(format!("{} (code {})", err.description, err.code)));
+        return Err(PushError::Refused(format!(
+            "{} (code {})",
+            err.description, err.code
+        )));
     }
     Ok(parsed)
 }
@@ -62,7 +76,11 @@ async fn request(client: &Client, subject: &'static str, payload: Vec<u8>, timeo
 /// Pushes one account JWT; Ok only on a `code: 200` reply.
 pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
     let reply = request(client, CLAIMS_UPDATE, jwt.as_bytes().to_vec(), timeout).await?;
-    let code = reply.data.as_ref().and_then(|d| d.get("code")).and_then(|c| c.as_i64());
+    let code = reply
+        .data
+        .as_ref()
+        .and_then(|d| d.get("code"))
+        .and_then(|c| c.as_i64());
     match code {
         Some(200) => Ok(()),
         _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
@@ -71,8 +89,18 @@ pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(),
 
 /// Deletes accounts with a generic JWT signed by the operator (built by the caller).
 pub async fn delete(client: &Client, delete_jwt: &str, timeout: Duration) -> Result<(), PushError> {
-    let reply = request(client, CLAIMS_DELETE, delete_jwt.as_bytes().to_vec(), timeout).await?;
-    let code = reply.data.as_ref().and_then(|d| d.get("code")).and_then(|c| c.as_i64());
+    let reply = request(
+        client,
+        CLAIMS_DELETE,
+        delete_jwt.as_bytes().to_vec(),
+        timeout,
+    )
+    .await?;
+    let code = reply
+        .data
+        .as_ref()
+        .and_then(|d| d.get("code"))
+        .and_then(|c| c.as_i64());
     match code {
         Some(200) => Ok(()),
         _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
@@ -82,11 +110,16 @@ pub async fn delete(client: &Client, delete_jwt: &str, timeout: Duration) -> Res
 /// The account keys the answering server holds.
 pub async fn list(client: &Client, timeout: Duration) -> Result<Vec<String>, PushError> {
     let reply = request(client, CLAIMS_LIST, Vec::new(), timeout).await?;
-    serde_json::from_value(reply.data.unwrap_or_default()).map_err(|e| PushError::BadReply(e.to_string()))
+    serde_json::from_value(reply.data.unwrap_or_default())
+        .map_err(|e| PushError::BadReply(e.to_string()))
 }
 
 /// The JWT the server serves for an account, or None when it has none.
-pub async fn lookup(client: &Client, account: &str, timeout: Duration) -> Result<Option<String>, PushError> {
+pub async fn lookup(
+    client: &Client,
+    account: &str,
+    timeout: Duration,
+) -> Result<Option<String>, PushError> {
     let subject = format!("$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP");
     let reply = tokio::time::timeout(timeout, client.request(subject, Vec::new().into()))
         .await

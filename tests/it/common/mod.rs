@@ -31,17 +31,29 @@ pub fn admin_url() -> String {
 /// Creates a fresh database and returns its URL.
 pub async fn fresh_database() -> String {
     let admin = admin_url();
-    let pool = PgPool::connect(&admin).await.expect("connect to the admin database");
+    let pool = PgPool::connect(&admin)
+        .await
+        .expect("connect to the admin database");
     let name = format!("npa_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create database");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .expect("create database");
     pool.close().await;
     let (base, _) = admin.rsplit_once('/').expect("admin URL ends with /dbname");
-    let query = admin.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = admin
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{base}/{name}{query}")
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn nats_server_bin() -> String {
@@ -68,13 +80,22 @@ impl NatsServer {
             ),
         )
         .unwrap();
-        let mut s = NatsServer { port, dir: dir.to_path_buf(), resolver_dir: resolver_dir.to_path_buf(), child: None };
+        let mut s = NatsServer {
+            port,
+            dir: dir.to_path_buf(),
+            resolver_dir: resolver_dir.to_path_buf(),
+            child: None,
+        };
         s.spawn().await;
         s
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .unwrap();
         let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(self.dir.join("nats.conf"))
@@ -84,9 +105,15 @@ impl NatsServer {
             .expect("start nats-server (install it with ./scripts/setup.sh)");
         self.child = Some(child);
         let port = self.port;
-        wait_until(Duration::from_secs(10), "nats-server to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "nats-server to listen",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
     }
 
@@ -176,7 +203,11 @@ pub struct EnvOptions {
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { encryption_key: None, nats_extra: String::new(), tweak: |_| {} }
+        Self {
+            encryption_key: None,
+            nats_extra: String::new(),
+            tweak: |_| {},
+        }
     }
 }
 
@@ -187,17 +218,29 @@ impl TestEnv {
 
     pub async fn start_with(opts: EnvOptions) -> TestEnv {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let database_url = fresh_database().await;
-        let pool = db::connect(&database_url, 4).await.expect("connect test database");
+        let pool = db::connect(&database_url, 4)
+            .await
+            .expect("connect test database");
         db::migrate(&pool).await.expect("migrate");
         let cipher = SeedCipher::new(opts.encryption_key);
-        let report = init::init(&pool, &cipher, "test-operator").await.expect("init");
+        let report = init::init(&pool, &cipher, "test-operator")
+            .await
+            .expect("init");
         let dir = tempfile::tempdir().unwrap();
         let resolver_dir = dir.path().join("jwt");
-        init::write_fragment(&report.identities, &resolver_dir, &dir.path().join("fragment.conf")).expect("fragment");
+        init::write_fragment(
+            &report.identities,
+            &resolver_dir,
+            &dir.path().join("fragment.conf"),
+        )
+        .expect("fragment");
         let nats = NatsServer::start(dir.path(), &resolver_dir, &opts.nats_extra).await;
         let mut args = serve_args(nats.url());
         (opts.tweak)(&mut args);
@@ -216,7 +259,11 @@ impl TestEnv {
     }
 
     pub async fn start_service(&mut self, args: ServeArgs) {
-        let config = ServeConfig { database_url: self.database_url.clone(), cipher: self.cipher.clone(), args };
+        let config = ServeConfig {
+            database_url: self.database_url.clone(),
+            cipher: self.cipher.clone(),
+            args,
+        };
         let app = Application::build(config).await.expect("build the service");
         self.metrics = app.metrics();
         self.shutdown = CancellationToken::new();
@@ -234,7 +281,10 @@ impl TestEnv {
     }
 
     pub async fn sql(&self, sql: &str) {
-        sqlx::raw_sql(sql).execute(&self.pool).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
 
     pub async fn sql_err(&self, sql: &str) -> String {
@@ -290,26 +340,44 @@ impl TestEnv {
         self.nats.url()
     }
 
-    pub async fn connect_user(&self, user: &str, pass: &str) -> Result<Client, async_nats::ConnectError> {
-        client_options(ConnectOptions::with_user_and_password(user.into(), pass.into())).connect(self.url()).await
+    pub async fn connect_user(
+        &self,
+        user: &str,
+        pass: &str,
+    ) -> Result<Client, async_nats::ConnectError> {
+        client_options(ConnectOptions::with_user_and_password(
+            user.into(),
+            pass.into(),
+        ))
+        .connect(self.url())
+        .await
     }
 
     pub async fn connect_token(&self, token: &str) -> Result<Client, async_nats::ConnectError> {
-        client_options(ConnectOptions::with_token(token.into())).connect(self.url()).await
+        client_options(ConnectOptions::with_token(token.into()))
+            .connect(self.url())
+            .await
     }
 
     /// Connects and also returns the client's events (disconnects, permission errors).
-    pub async fn connect_user_events(&self, user: &str, pass: &str) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
+    pub async fn connect_user_events(
+        &self,
+        user: &str,
+        pass: &str,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = client_options(ConnectOptions::with_user_and_password(user.into(), pass.into()))
-            .event_callback(move |e| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(e);
-                }
-            })
-            .connect(self.url())
-            .await?;
+        let client = client_options(ConnectOptions::with_user_and_password(
+            user.into(),
+            pass.into(),
+        ))
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(self.url())
+        .await?;
         Ok((client, rx))
     }
 }
@@ -325,15 +393,68 @@ pub fn client_options(opts: ConnectOptions) -> ConnectOptions {
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
 }
 
+impl TestEnv {
+    /// A client in the system account, as the service's own system user.
+    pub async fn system_client(&self) -> Client {
+        let ids = nats_pg_auth::init::ServiceIdentities::load(&self.pool)
+            .await
+            .unwrap();
+        let kind = nats_pg_auth::db::identities::IdentityKind::SysUser;
+        let key = std::sync::Arc::new(ids.keypair(&self.cipher, kind).unwrap());
+        ConnectOptions::with_jwt(ids.jwt(kind).to_owned(), move |nonce| {
+            let key = key.clone();
+            async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+        })
+        .connect(self.url())
+        .await
+        .expect("system user connects")
+    }
+
+    /// The users connected to an account, as nats-server reports them (CONNZ, auth=true).
+    pub async fn connected_users(&self, account: &str) -> Vec<String> {
+        let sys = self.system_client().await;
+        let key = self.account_key(account).await;
+        let reply = sys
+            .request(
+                format!("$SYS.REQ.ACCOUNT.{key}.CONNZ"),
+                r#"{"auth":true}"#.into(),
+            )
+            .await
+            .expect("CONNZ");
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        v["data"]["connections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c["authorized_user"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Adds a user with no role and no permissions (so the defaults, `>`) to an account.
+    pub async fn add_watcher(&self, account: &str, username: &str) {
+        self.sql(&format!(
+            "INSERT INTO nats.users (account_id, username, password_hash)
+               SELECT id, '{username}', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = '{account}'"
+        ))
+        .await;
+    }
+}
+
 /// What `$SYS.REQ.USER.INFO` says about the calling connection.
 pub async fn user_info(client: &Client) -> serde_json::Value {
-    let reply = client.request("$SYS.REQ.USER.INFO", "".into()).await.expect("USER.INFO");
+    let reply = client
+        .request("$SYS.REQ.USER.INFO", "".into())
+        .await
+        .expect("USER.INFO");
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("USER.INFO json");
     v["data"].clone()
 }
 
 /// True when `err` is nats-server refusing the login (as opposed to a network problem).
 pub fn is_auth_refusal(err: &async_nats::ConnectError) -> bool {
-    matches!(err.kind(), async_nats::ConnectErrorKind::AuthorizationViolation)
-        || err.to_string().to_lowercase().contains("authorization")
+    matches!(
+        err.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+    ) || err.to_string().to_lowercase().contains("authorization")
 }
