@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One command for a local playground: installs what is missing, starts a throwaway Postgres and
+# a nats-server on loopback, runs `init` and `serve`, inserts a demo tenant and prints how to
+# connect. Ctrl-C stops everything. State lives in ./.dev (delete it to start over).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_PORT="${PG_PORT:-55433}"
+NATS_PORT="${NATS_PORT:-4222}"
+DEV="$PWD/.dev"
+mkdir -p "$DEV"
+
+eval "$(./scripts/setup.sh)"
+cargo build --quiet --bin nats-pg-auth
+BIN="$PWD/target/debug/nats-pg-auth"
+
+pids=()
+cleanup() {
+  echo; echo "dev: stopping"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ./scripts/pg.sh stop "$DEV/pg"
+}
+trap cleanup EXIT INT TERM
+
+ADMIN_URL="$(./scripts/pg.sh start "$DEV/pg" "$PG_PORT")"
+psql "$ADMIN_URL" -qtAc "SELECT 1 FROM pg_database WHERE datname = 'nats_pg_auth'" | grep -q 1 \
+  || psql "$ADMIN_URL" -qc "CREATE DATABASE nats_pg_auth"
+export DATABASE_URL="${ADMIN_URL%/*}/nats_pg_auth"
+
+"$BIN" init --operator-name dev --resolver-dir "$DEV/jwt" --out "$DEV/nats-pg-auth.conf"
+cat > "$DEV/nats.conf" <<CONF
+server_name: dev
+listen: 127.0.0.1:$NATS_PORT
+include "nats-pg-auth.conf"
+CONF
+"$NATS_SERVER_BIN" -c "$DEV/nats.conf" >"$DEV/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT) 2>/dev/null && break; sleep 0.1; done
+
+"$BIN" serve --nats-url "nats://127.0.0.1:$NATS_PORT" &
+pids+=($!)
+
+psql "$DATABASE_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
+INSERT INTO nats.accounts (name, max_connections) VALUES ('acme', 100) ON CONFLICT (name) DO NOTHING;
+INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
+  SELECT id, 'sensor', '{sensors.>}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme'
+  ON CONFLICT DO NOTHING;
+INSERT INTO nats.users (account_id, role_id, username, password_hash)
+  SELECT a.id, r.id, 'alice', crypt('s3cret', gen_salt('bf', 10))
+  FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'acme'
+  ON CONFLICT (username) DO NOTHING;
+INSERT INTO nats.user_tokens (user_id, token_sha256, description)
+  SELECT id, digest('demo-token', 'sha256'), 'dev.sh demo token' FROM nats.users WHERE username = 'alice'
+  ON CONFLICT (token_sha256) DO NOTHING;
+SQL
+
+cat <<INFO
+
+  nats-pg-auth is running.
+    NATS:      nats://127.0.0.1:$NATS_PORT   (server log: .dev/nats.log)
+    Postgres:  $DATABASE_URL
+  Demo tenant: account acme, role sensor (pub/sub sensors.>), user alice / s3cret, token demo-token
+    nats -s nats://alice:s3cret@127.0.0.1:$NATS_PORT pub sensors.t1 21.5
+    nats -s nats://demo-token@127.0.0.1:$NATS_PORT sub 'sensors.>'
+  Add tenants with SQL:  psql "$DATABASE_URL"
+  Ctrl-C stops everything.
+
+INFO
+wait
