@@ -212,6 +212,11 @@ impl Application {
         self.metrics.clone()
     }
 
+    /// The callout handler, for driving it with hand-made requests in tests and benchmarks.
+    pub fn callout(&self) -> Arc<Callout> {
+        self.callout.clone()
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -41,6 +41,15 @@ impl CliError {
     }
 }
 
+/// name, active, public key, synced at, sync error
+type StatusRow = (
+    String,
+    bool,
+    Option<String>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<String>,
+);
+
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> {
     let common = &cli.common;
     match cli.command {
@@ -109,7 +118,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 identities.operator_name(),
                 identities.public_key(db::identities::IdentityKind::Operator)
             );
-            let rows: Vec<(String, bool, Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<String>)> = sqlx::query_as(
+            let rows: Vec<StatusRow> = sqlx::query_as(
                 "SELECT name, active, public_key, synced_at, sync_error FROM nats.accounts ORDER BY name",
             )
             .fetch_all(&pool)

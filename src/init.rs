@@ -220,9 +220,10 @@ fn claims<T>(sub: &str, name: &str, nats: T, iat: i64) -> Claims<T> {
 }
 
 fn unlimited_account() -> AccountClaims {
-    let mut a = AccountClaims::default();
-    a.limits = account_jwt::unlimited();
-    a
+    AccountClaims {
+        limits: account_jwt::unlimited(),
+        ..Default::default()
+    }
 }
 
 fn user(publish: Permission, subscribe: Permission, bearer: bool) -> UserClaims {
@@ -262,13 +263,15 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
     let service_user = KeyPair::new_user();
     let sentinel = KeyPair::new_user();
 
-    let mut op = OperatorClaims::default();
-    op.signing_keys = vec![operator_signing.public_key()];
-    op.system_account = Some(sys.public_key());
-    // Not strict: nats-server extends strict signing-key usage to accounts, which would forbid
-    // the AUTH and SYS identity keys from issuing the service users. We sign every account JWT
-    // with the signing key anyway; the identity key only ever signs the operator JWT.
-    op.strict_signing_key_usage = false;
+    let op = OperatorClaims {
+        signing_keys: vec![operator_signing.public_key()],
+        system_account: Some(sys.public_key()),
+        // Not strict: nats-server extends strict signing-key usage to accounts, which would forbid
+        // the AUTH and SYS identity keys from issuing the service users. We sign every account JWT
+        // with the signing key anyway; the identity key only ever signs the operator JWT.
+        strict_signing_key_usage: false,
+        ..Default::default()
+    };
     let operator_jwt = jwt::encode(
         &claims(&operator.public_key(), operator_name, op, iat),
         &operator,

@@ -853,6 +853,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::field_reassign_with_default)] // reads as the wire document, field by field
     fn account_body_wire_names() {
         let mut a = AccountClaims::default();
         a.signing_keys = vec!["ASIGN".into()];

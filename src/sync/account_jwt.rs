@@ -46,9 +46,11 @@ pub fn build(
     signing_keys: Vec<String>,
     iat: i64,
 ) -> Claims<AccountClaims> {
-    let mut nats = AccountClaims::default();
-    nats.limits = limits(row);
-    nats.signing_keys = signing_keys;
+    let mut nats = AccountClaims {
+        limits: limits(row),
+        signing_keys,
+        ..Default::default()
+    };
     if !row.active {
         // Revoke every user JWT issued up to now: live connections drop at once, and the
         // callout refuses new logins while the account is inactive.

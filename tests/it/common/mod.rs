@@ -189,6 +189,7 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub nats: NatsServer,
     pub metrics: Metrics,
+    pub callout: Option<std::sync::Arc<nats_pg_auth::callout::Callout>>,
     pub cipher: SeedCipher,
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -249,6 +250,7 @@ impl TestEnv {
             pool,
             nats,
             metrics: Metrics::default(),
+            callout: None,
             cipher,
             dir,
             shutdown: CancellationToken::new(),
@@ -266,6 +268,7 @@ impl TestEnv {
         };
         let app = Application::build(config).await.expect("build the service");
         self.metrics = app.metrics();
+        self.callout = Some(app.callout());
         self.shutdown = CancellationToken::new();
         let token = self.shutdown.clone();
         self.service = Some(tokio::spawn(async move {
