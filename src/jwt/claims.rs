@@ -250,7 +250,7 @@ pub struct TimeRange {
 
 /// The `nats` body of a user JWT. `UserClaims::default()` is an unrestricted user with
 /// unlimited `subs`/`data`/`payload`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UserClaims {
     #[serde(flatten)]
     pub permissions: Permissions,
@@ -275,6 +275,26 @@ pub struct UserClaims {
     #[serde(rename = "type")]
     pub claim_type: UserType,
     pub version: Version2,
+}
+
+// Written out rather than derived: the defaults are part of the contract (unlimited user
+// limits), and callers build bodies as `default()` + field assignments.
+impl Default for UserClaims {
+    fn default() -> Self {
+        Self {
+            permissions: Permissions::default(),
+            limits: UserLimits::default(),
+            src: Vec::new(),
+            times: Vec::new(),
+            times_location: None,
+            bearer_token: false,
+            allowed_connection_types: Vec::new(),
+            issuer_account: None,
+            tags: Vec::new(),
+            claim_type: UserType,
+            version: Version2,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,7 +472,7 @@ pub struct ExternalAuthorization {
 
 /// The `nats` body of an account JWT. `AccountClaims::default()` has unlimited NATS limits and
 /// no JetStream.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AccountClaims {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub imports: Vec<Import>,
@@ -482,6 +502,23 @@ pub struct AccountClaims {
     pub version: Version2,
 }
 
+impl Default for AccountClaims {
+    fn default() -> Self {
+        Self {
+            imports: Vec::new(),
+            exports: Vec::new(),
+            limits: AccountLimits::default(),
+            signing_keys: Vec::new(),
+            revocations: BTreeMap::new(),
+            default_permissions: None,
+            authorization: None,
+            description: None,
+            claim_type: AccountType,
+            version: Version2,
+        }
+    }
+}
+
 /// Accepts both forms of a signing key entry: `"A…"` and `{"kind":"user_scope","key":"A…",…}`.
 fn signing_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -503,7 +540,7 @@ fn signing_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error
 // Operator, activation, delete
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OperatorClaims {
     #[serde(
         default,
@@ -519,6 +556,18 @@ pub struct OperatorClaims {
     #[serde(rename = "type")]
     pub claim_type: OperatorType,
     pub version: Version2,
+}
+
+impl Default for OperatorClaims {
+    fn default() -> Self {
+        Self {
+            signing_keys: Vec::new(),
+            system_account: None,
+            strict_signing_key_usage: false,
+            claim_type: OperatorType,
+            version: Version2,
+        }
+    }
 }
 
 /// Activation token for a `token_req` export: issued by the exporter, `sub` = the importer.
@@ -855,31 +904,33 @@ mod tests {
     #[test]
     #[allow(clippy::field_reassign_with_default)] // reads as the wire document, field by field
     fn account_body_wire_names() {
-        let mut a = AccountClaims::default();
-        a.signing_keys = vec!["ASIGN".into()];
-        a.exports = vec![Export {
-            name: "echo".into(),
-            subject: "svc.echo.*".into(),
-            export_type: ExportType::Service,
-            token_req: true,
-            response_type: Some(ResponseType::Singleton),
-            response_threshold: Some(2_000_000_000),
-            account_token_position: Some(3),
-            ..Export::default()
-        }];
-        a.imports = vec![Import {
-            name: "echo".into(),
-            subject: "svc.echo.AIMP".into(),
-            account: "AEXP".into(),
-            local_subject: Some("echo".into()),
-            import_type: ExportType::Service,
-            ..Import::default()
-        }];
-        a.authorization = Some(ExternalAuthorization {
-            auth_users: vec!["UAUTH".into()],
-            allowed_accounts: vec!["*".into()],
-            xkey: Some("XKEY".into()),
-        });
+        let a = AccountClaims {
+            signing_keys: vec!["ASIGN".into()],
+            exports: vec![Export {
+                name: "echo".into(),
+                subject: "svc.echo.*".into(),
+                export_type: ExportType::Service,
+                token_req: true,
+                response_type: Some(ResponseType::Singleton),
+                response_threshold: Some(2_000_000_000),
+                account_token_position: Some(3),
+                ..Export::default()
+            }],
+            imports: vec![Import {
+                name: "echo".into(),
+                subject: "svc.echo.AIMP".into(),
+                account: "AEXP".into(),
+                local_subject: Some("echo".into()),
+                import_type: ExportType::Service,
+                ..Import::default()
+            }],
+            authorization: Some(ExternalAuthorization {
+                auth_users: vec!["UAUTH".into()],
+                allowed_accounts: vec!["*".into()],
+                xkey: Some("XKEY".into()),
+            }),
+            ..AccountClaims::default()
+        };
         let v = to_value(&a);
         assert_eq!(
             v["exports"][0],

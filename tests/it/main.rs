@@ -3,3 +3,5 @@
 mod common;
 mod login;
 mod protocol;
+mod resilience;
+mod schema;
