@@ -902,7 +902,6 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::field_reassign_with_default)] // reads as the wire document, field by field
     fn account_body_wire_names() {
         let a = AccountClaims {
             signing_keys: vec!["ASIGN".into()],
