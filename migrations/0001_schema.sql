@@ -399,3 +399,33 @@ CREATE TRIGGER roles_change AFTER INSERT OR UPDATE OR DELETE ON nats.roles
   FOR EACH ROW EXECUTE FUNCTION nats.notify_change();
 CREATE TRIGGER user_tokens_change AFTER INSERT OR UPDATE OR DELETE ON nats.user_tokens
   FOR EACH ROW EXECUTE FUNCTION nats.notify_change();
+
+-- Session control: ask the sync leader to close live connections whose rights changed.
+-- Payload (JSON): {"account_id":…, "username":…} or {"role_id":…} or {"user_id":…}.
+-- NOTIFY is not durable: a kick missed while no leader runs is bounded by the user JWT TTL.
+CREATE FUNCTION nats.kick_on_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  ignore text[] := ARRAY['description', 'updated_at', 'created_at', 'last_used_at'];
+BEGIN
+  IF TG_OP = 'UPDATE' AND (to_jsonb(NEW) - ignore) = (to_jsonb(OLD) - ignore) THEN
+    RETURN NULL;
+  END IF;
+  IF TG_TABLE_NAME = 'users' THEN
+    PERFORM pg_notify('nats_pg_auth_kick',
+      json_build_object('account_id', OLD.account_id, 'username', OLD.username)::text);
+  ELSIF TG_TABLE_NAME = 'roles' THEN
+    PERFORM pg_notify('nats_pg_auth_kick', json_build_object('role_id', OLD.id)::text);
+  ELSIF TG_TABLE_NAME = 'user_tokens' THEN
+    IF TG_OP = 'DELETE' OR NEW.revoked_at IS DISTINCT FROM OLD.revoked_at
+       OR NEW.expires_at IS DISTINCT FROM OLD.expires_at THEN
+      PERFORM pg_notify('nats_pg_auth_kick', json_build_object('user_id', OLD.user_id)::text);
+    END IF;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER users_kick AFTER UPDATE OR DELETE ON nats.users
+  FOR EACH ROW EXECUTE FUNCTION nats.kick_on_change();
+CREATE TRIGGER roles_kick AFTER UPDATE OR DELETE ON nats.roles
+  FOR EACH ROW EXECUTE FUNCTION nats.kick_on_change();
+CREATE TRIGGER user_tokens_kick AFTER UPDATE OR DELETE ON nats.user_tokens
+  FOR EACH ROW EXECUTE FUNCTION nats.kick_on_change();

@@ -180,20 +180,27 @@ impl Application {
                 identities.public_key(IdentityKind::SysAccount).to_owned(),
                 identities.public_key(IdentityKind::AuthAccount).to_owned(),
             ]);
-            Some(Sync::new(
-                pool.clone(),
-                config.cipher.clone(),
-                identities.keypair(&config.cipher, IdentityKind::OperatorSigning)?,
-                system_accounts,
-                sys_client.clone(),
-                SyncSettings {
-                    database_url: config.database_url.clone(),
-                    reconcile_interval: args.reconcile_interval,
-                    push_timeout: Duration::from_secs(5),
-                    parallelism: 32,
-                },
-                metrics.clone(),
-            ))
+            Some(
+                Sync::new(
+                    pool.clone(),
+                    config.cipher.clone(),
+                    identities.keypair(&config.cipher, IdentityKind::OperatorSigning)?,
+                    system_accounts,
+                    sys_client.clone(),
+                    SyncSettings {
+                        database_url: config.database_url.clone(),
+                        reconcile_interval: args.reconcile_interval,
+                        push_timeout: Duration::from_secs(5),
+                        parallelism: 32,
+                    },
+                    metrics.clone(),
+                )
+                .with_sessions(crate::sessions::Sessions::new(
+                    pool.clone(),
+                    sys_client.clone(),
+                    args.kicks_per_second,
+                )),
+            )
         } else {
             None
         };

@@ -160,6 +160,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
     pub sync: bool,
 
+    /// Upper bound on how fast live connections are closed after their rights changed.
+    #[arg(long, env = "NATS_PG_AUTH_KICKS_PER_SECOND", default_value_t = 500)]
+    pub kicks_per_second: u32,
+
     /// How often the sync leader compares the server's account list with the database.
     #[arg(long, env = "NATS_PG_AUTH_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,

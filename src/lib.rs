@@ -13,5 +13,6 @@ pub mod init;
 pub mod jwt;
 pub mod keys;
 pub mod metrics;
+pub mod sessions;
 pub mod sync;
 pub mod telemetry;

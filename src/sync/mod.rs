@@ -45,6 +45,7 @@ pub struct Sync {
     client: Client,
     settings: SyncSettings,
     metrics: crate::metrics::Metrics,
+    sessions: Option<std::sync::Arc<crate::sessions::Sessions>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,14 @@ impl Sync {
             client,
             settings,
             metrics,
+            sessions: None,
         }
+    }
+
+    /// Session control runs on the leader, next to the sync.
+    pub fn with_sessions(mut self, sessions: crate::sessions::Sessions) -> Self {
+        self.sessions = Some(std::sync::Arc::new(sessions));
+        self
     }
 
     /// Competes for leadership until `shutdown`; leads while it holds the lock.
@@ -116,7 +124,10 @@ impl Sync {
         shutdown: &CancellationToken,
     ) {
         let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l.listen(SYNC_CHANNEL).await {
+            Ok(mut l) => match l
+                .listen_all([SYNC_CHANNEL, crate::sessions::KICK_CHANNEL])
+                .await
+            {
                 Ok(()) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot LISTEN for sync work; giving up leadership");
@@ -146,6 +157,13 @@ impl Sync {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 n = listener.try_recv() => {
+                    if let (Ok(Some(note)), Some(sessions)) = (&n, &self.sessions) {
+                        if note.channel() == crate::sessions::KICK_CHANNEL {
+                            let sessions = sessions.clone();
+                            let payload = note.payload().to_owned();
+                            tokio::spawn(async move { sessions.on_notification(&payload).await });
+                        }
+                    }
                     if let Ok(None) = n {
                         // The listener reconnected: notifications may have been missed, but the
                         // outbox rows are durable, and the drain at the top of the loop finds them.

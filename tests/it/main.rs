@@ -5,3 +5,4 @@ mod login;
 mod protocol;
 mod resilience;
 mod schema;
+mod sessions;

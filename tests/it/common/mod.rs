@@ -180,6 +180,7 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         hash_threads: 2,
         sync: true,
         reconcile_interval: Duration::from_secs(60),
+        kicks_per_second: 500,
     }
 }
 

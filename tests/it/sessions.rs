@@ -1,0 +1,211 @@
+//! Revocation: changes to a user, its token, its role or its account close the live
+//! connections concerned within 2 s, on the server that holds them; others are untouched.
+
+use std::time::{Duration, Instant};
+
+use async_nats::Event;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::common::{is_auth_refusal, TestEnv};
+
+/// Waits for a disconnect event; returns how long it took.
+async fn disconnected_within(
+    events: &mut UnboundedReceiver<Event>,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), events.recv()).await {
+            Ok(Some(Event::Disconnected)) => return start.elapsed(),
+            Ok(Some(_)) => continue,
+            _ => panic!("{what}: not disconnected within {limit:?}"),
+        }
+    }
+}
+
+/// Asserts the watcher's connection stayed up the whole time.
+fn still_connected(events: &mut UnboundedReceiver<Event>) {
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, Event::Disconnected),
+            "an unrelated user was disconnected"
+        );
+    }
+}
+
+async fn setup() -> (TestEnv, UnboundedReceiver<Event>, async_nats::Client) {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    env.add_watcher("acme", "watcher").await;
+    let (watcher, wevents) = env.connect_user_events("watcher", "pw").await.unwrap();
+    (env, wevents, watcher)
+}
+
+#[tokio::test]
+async fn deactivating_a_user_closes_its_connections() {
+    let (env, mut wevents, _w) = setup().await;
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql("UPDATE nats.users SET active = false WHERE username = 'alice'")
+        .await;
+    let took = disconnected_within(&mut events, Duration::from_secs(2), "inactive alice").await;
+    eprintln!("revocation delay (user deactivated): {took:?}");
+    let err = env
+        .connect_user("alice", "s3cret")
+        .await
+        .expect_err("inactive alice stays out");
+    assert!(is_auth_refusal(&err));
+    still_connected(&mut wevents);
+}
+
+#[tokio::test]
+async fn changing_a_password_closes_connections_and_the_old_password_stops_working() {
+    let (env, mut wevents, _w) = setup().await;
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql("UPDATE nats.users SET password_hash = crypt('n3w', gen_salt('bf', 4)) WHERE username = 'alice'").await;
+    let took = disconnected_within(&mut events, Duration::from_secs(2), "password change").await;
+    eprintln!("revocation delay (password changed): {took:?}");
+    assert!(
+        env.connect_user("alice", "s3cret").await.is_err(),
+        "old password refused"
+    );
+    env.connect_user("alice", "n3w")
+        .await
+        .expect("new password works");
+    still_connected(&mut wevents);
+}
+
+#[tokio::test]
+async fn revoking_a_token_closes_the_users_connections() {
+    let (env, mut wevents, _w) = setup().await;
+    env.sql(
+        "INSERT INTO nats.user_tokens (user_id, token_sha256, description)
+           SELECT id, digest('tok', 'sha256'), 'device 1' FROM nats.users WHERE username = 'alice'",
+    )
+    .await;
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let _alice =
+        crate::common::client_options(async_nats::ConnectOptions::with_token("tok".into()))
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(e);
+                }
+            })
+            .connect(env.url())
+            .await
+            .unwrap();
+    env.sql("UPDATE nats.user_tokens SET revoked_at = now() WHERE description = 'device 1'")
+        .await;
+    let took = disconnected_within(&mut events, Duration::from_secs(2), "token revoked").await;
+    eprintln!("revocation delay (token revoked): {took:?}");
+    assert!(env.connect_token("tok").await.is_err());
+    still_connected(&mut wevents);
+}
+
+#[tokio::test]
+async fn a_role_change_reconnects_its_users_with_the_new_rights() {
+    let (env, mut wevents, _w) = setup().await;
+    let (alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql(
+        "UPDATE nats.roles SET publish_permissions = '{sensors.>,alerts.>}' WHERE name = 'sensor'",
+    )
+    .await;
+    disconnected_within(&mut events, Duration::from_secs(2), "role change").await;
+    // The client reconnects by itself through the callout, now allowed on alerts.>.
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Some(Event::Connected)) => break,
+            Ok(Some(_)) => continue,
+            _ => panic!("alice did not reconnect"),
+        }
+    }
+    eprintln!("reconnected after {:?}", start.elapsed());
+    let watcher = env.connect_user("watcher", "pw").await.unwrap();
+    let mut sub = watcher.subscribe("alerts.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    alice
+        .publish("alerts.fire", "now allowed".into())
+        .await
+        .unwrap();
+    alice.flush().await.unwrap();
+    use futures::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(2), sub.next())
+        .await
+        .expect("new right works")
+        .unwrap();
+    assert_eq!(&msg.payload[..], b"now allowed");
+    still_connected(&mut wevents);
+}
+
+#[tokio::test]
+async fn deactivating_an_account_drops_everyone_and_reactivating_restores_logins() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    env.sql("INSERT INTO nats.accounts (name) VALUES ('bystander')")
+        .await;
+    env.add_watcher("bystander", "bob").await;
+    env.wait_synced("bystander").await;
+    let (_bob, mut bob_events) = env.connect_user_events("bob", "pw").await.unwrap();
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql("UPDATE nats.accounts SET active = false WHERE name = 'acme'")
+        .await;
+    let took =
+        disconnected_within(&mut events, Duration::from_secs(2), "account deactivated").await;
+    eprintln!("revocation delay (account deactivated): {took:?}");
+    assert!(
+        env.connect_user("alice", "s3cret").await.is_err(),
+        "no new logins while inactive"
+    );
+    env.sql("UPDATE nats.accounts SET active = true WHERE name = 'acme'")
+        .await;
+    env.wait_synced("acme").await;
+    let url = env.url();
+    crate::common::wait_until(Duration::from_secs(5), "logins to come back", || {
+        let url = url.clone();
+        async move {
+            crate::common::client_options(async_nats::ConnectOptions::with_user_and_password(
+                "alice".into(),
+                "s3cret".into(),
+            ))
+            .connect(url)
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    still_connected(&mut bob_events);
+}
+
+#[tokio::test]
+async fn deleting_an_account_removes_it_from_the_server() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    let key = env.account_key("acme").await;
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql("DELETE FROM nats.accounts WHERE name = 'acme'")
+        .await;
+    let took = disconnected_within(&mut events, Duration::from_secs(2), "account deleted").await;
+    eprintln!("revocation delay (account deleted): {took:?}");
+    let sys = env.system_client().await;
+    let lookup = sys
+        .request(format!("$SYS.REQ.ACCOUNT.{key}.CLAIMS.LOOKUP"), "".into())
+        .await
+        .unwrap();
+    let list = sys
+        .request("$SYS.REQ.CLAIMS.LIST", "".into())
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&list.payload).unwrap();
+    assert!(
+        lookup.payload.is_empty()
+            || !listed["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k == key.as_str()),
+        "the account is gone from the resolver"
+    );
+    assert!(env.connect_user("alice", "s3cret").await.is_err());
+}
