@@ -170,7 +170,7 @@ CREATE TABLE nats.account_imports (
   subject text NOT NULL CONSTRAINT import_subject_valid CHECK (nats.valid_subject(subject, false)),
   exporter_account_id bigint REFERENCES nats.accounts(id) ON DELETE CASCADE,
   exporter_public_key text CONSTRAINT import_exporter_public_key_format CHECK (exporter_public_key ~ '^A[A-Z2-7]{55}$'),
-  local_subject text CONSTRAINT import_local_subject_valid CHECK (nats.valid_subject(local_subject, false)),
+  local_subject text CONSTRAINT import_local_subject_valid CHECK (local_subject IS NULL OR nats.valid_subject(local_subject, false)),
   type text NOT NULL CONSTRAINT import_type_known CHECK (type IN ('stream', 'service')),
   share boolean NOT NULL DEFAULT false,
   allow_trace boolean NOT NULL DEFAULT false,

@@ -1,7 +1,5 @@
 //! Building a tenant account JWT from its row and keys.
 
-use std::collections::BTreeMap;
-
 use crate::db::accounts::AccountRow;
 use crate::jwt::claims::{AccountClaims, AccountLimits};
 use crate::jwt::Claims;
@@ -51,11 +49,7 @@ pub fn build(
         signing_keys,
         ..Default::default()
     };
-    if !row.active {
-        // Revoke every user JWT issued up to now: live connections drop at once, and the
-        // callout refuses new logins while the account is inactive.
-        nats.revocations = BTreeMap::from([("*".to_owned(), iat)]);
-    }
+    // Inactive accounts get `revocations {"*": iat}` when signed (see Sync::push).
     if let Some(d) = row.description.as_deref().filter(|d| !d.is_empty()) {
         nats.description = Some(d.to_owned());
     }

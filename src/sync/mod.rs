@@ -9,6 +9,7 @@
 pub mod account_jwt;
 pub mod leader;
 pub mod publish;
+pub mod sharing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub struct Sync {
     settings: SyncSettings,
     metrics: crate::metrics::Metrics,
     sessions: Option<std::sync::Arc<crate::sessions::Sessions>>,
+    /// Last `iat` used per account, so two pushes in one second still increase it.
+    last_iat: tokio::sync::Mutex<std::collections::HashMap<i64, i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,7 @@ impl Sync {
             settings,
             metrics,
             sessions: None,
+            last_iat: Default::default(),
         }
     }
 
@@ -308,6 +312,8 @@ impl Sync {
             let (spk, sseed) = seal(&signing)?;
             db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed))
                 .await?;
+            // Importers that named this account before it had keys can now be completed.
+            db::sharing::enqueue_importers(&self.pool, account_id, "exporter got its keys").await?;
             row = match db::accounts::load(&self.pool, account_id).await? {
                 Some(r) => r,
                 None => return Ok(()),
@@ -320,13 +326,61 @@ impl Sync {
             .filter(|k| k.kind == "signing")
             .map(|k| k.public_key.clone())
             .collect();
-        let iat = account_jwt::next_iat(row.jwt.as_deref(), jwt::now_unix());
-        let claims = account_jwt::build(&row, &public_key, signing, iat);
-        let token = jwt::encode(&claims, &self.operator_signer)?;
-        publish::update(&self.client, &token, self.settings.push_timeout).await?;
-        db::accounts::record_synced(&self.pool, account_id, &token, row.read_at).await?;
+        let exports: Vec<_> = db::sharing::exports_of(&self.pool, account_id)
+            .await?
+            .iter()
+            .map(sharing::export)
+            .collect();
+        let import_rows = db::sharing::imports_of(&self.pool, account_id).await?;
+        let plan =
+            sharing::plan_imports(&self.pool, &self.cipher, &public_key, import_rows).await?;
+        let mut claims = account_jwt::build(&row, &public_key, signing, 0);
+        claims.nats.exports = exports;
+        claims.nats.imports = plan.imports;
+        let mut import_errors = plan.errors;
+        let pushed = match self.push(&row, &mut claims).await {
+            // The server refused the JWT and it carries imports: they are the part an admin
+            // can get wrong in ways we do not check (overlaps, remote tokens). Push the account
+            // without them so it keeps working, and say why on each import row.
+            Err(AccountSyncError::Push(publish::PushError::Refused(msg)))
+                if !claims.nats.imports.is_empty() =>
+            {
+                claims.nats.imports.clear();
+                let token = self.push(&row, &mut claims).await?;
+                let note = format!(
+                    "left out: nats-server refused the account JWT with its imports: {msg}"
+                );
+                for (_, err) in import_errors.iter_mut() {
+                    err.get_or_insert_with(|| note.clone());
+                }
+                token
+            }
+            other => other?,
+        };
+        for (id, err) in import_errors {
+            db::sharing::set_import_error(&self.pool, id, err.as_deref()).await?;
+        }
+        db::accounts::record_synced(&self.pool, account_id, &pushed, row.read_at).await?;
         tracing::debug!(account = %row.name, "account JWT pushed");
         Ok(())
+    }
+
+    /// Signs (with a fresh, strictly larger `iat`) and pushes; returns the pushed JWT.
+    async fn push(
+        &self,
+        row: &db::accounts::AccountRow,
+        claims: &mut Claims<crate::jwt::claims::AccountClaims>,
+    ) -> Result<String, AccountSyncError> {
+        let previous = self.last_iat.lock().await.get(&row.id).copied();
+        let stored = row.jwt.as_deref().and_then(jwt::iat_of);
+        claims.iat = jwt::now_unix().max(previous.max(stored).map_or(i64::MIN, |p| p + 1));
+        if !row.active {
+            claims.nats.revocations.insert("*".to_owned(), claims.iat);
+        }
+        let token = jwt::encode(claims, &self.operator_signer)?;
+        self.last_iat.lock().await.insert(row.id, claims.iat);
+        publish::update(&self.client, &token, self.settings.push_timeout).await?;
+        Ok(token)
     }
 
     async fn delete(&self, public_key: &str) -> Result<(), AccountSyncError> {

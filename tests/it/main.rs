@@ -6,3 +6,4 @@ mod protocol;
 mod resilience;
 mod schema;
 mod sessions;
+mod tenancy;

@@ -1,0 +1,202 @@
+//! Exports and imports of an account JWT (design §3), with the checks that keep a broken import
+//! from breaking the whole account: an import that matches no local export, or needs a token
+//! it cannot get, is left out and its row gets a `sync_error` instead.
+
+use nkeys::KeyPair;
+use sqlx::PgPool;
+
+use crate::db;
+use crate::db::sharing::{self, ExportRow, ImportRow};
+use crate::jwt::claims::{ActivationClaims, Export, ExportType, Import, ResponseType};
+use crate::jwt::{self, Claims};
+use crate::keys::{self, SeedCipher};
+
+fn kind(s: &str) -> ExportType {
+    if s == "service" {
+        ExportType::Service
+    } else {
+        ExportType::Stream
+    }
+}
+
+fn response_type(s: &str) -> Option<ResponseType> {
+    match s {
+        "Singleton" => Some(ResponseType::Singleton),
+        "Stream" => Some(ResponseType::Stream),
+        "Chunked" => Some(ResponseType::Chunked),
+        _ => None,
+    }
+}
+
+pub fn export(row: &ExportRow) -> Export {
+    Export {
+        name: row.name.clone(),
+        subject: row.subject.clone(),
+        export_type: kind(&row.kind),
+        token_req: row.token_req,
+        response_type: row.response_type.as_deref().and_then(response_type),
+        response_threshold: row.response_threshold_ns,
+        account_token_position: row.account_token_position.map(|p| p as u32),
+        advertise: row.advertise,
+        allow_trace: row.allow_trace,
+        description: row.description.clone(),
+        ..Export::default()
+    }
+}
+
+/// True when every subject matched by `inner` is matched by `outer` (NATS wildcards).
+pub fn subject_contains(outer: &str, inner: &str) -> bool {
+    let o: Vec<&str> = outer.split('.').collect();
+    let i: Vec<&str> = inner.split('.').collect();
+    for (n, ot) in o.iter().enumerate() {
+        if *ot == ">" {
+            return i.len() > n;
+        }
+        let Some(it) = i.get(n) else { return false };
+        match (*ot, *it) {
+            ("*", ">") => return false,
+            ("*", _) => {}
+            (a, b) if a == b => {}
+            _ => return false,
+        }
+    }
+    o.len() == i.len()
+}
+
+/// The imports that can go into the JWT, and per import row the error to record (None = ok).
+pub struct ImportPlan {
+    pub imports: Vec<Import>,
+    pub errors: Vec<(i64, Option<String>)>,
+}
+
+/// Resolves every import of the account whose key is `importer`.
+pub async fn plan_imports(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    importer: &str,
+    rows: Vec<ImportRow>,
+) -> Result<ImportPlan, sqlx::Error> {
+    let mut plan = ImportPlan {
+        imports: vec![],
+        errors: vec![],
+    };
+    for row in rows {
+        match resolve(pool, cipher, importer, &row).await? {
+            Ok(import) => {
+                plan.imports.push(import);
+                plan.errors.push((row.id, None));
+            }
+            Err(msg) => {
+                tracing::warn!(import = %row.name, error = %msg, "import left out of the account JWT");
+                plan.errors.push((row.id, Some(msg)));
+            }
+        }
+    }
+    Ok(plan)
+}
+
+async fn resolve(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    importer: &str,
+    row: &ImportRow,
+) -> Result<Result<Import, String>, sqlx::Error> {
+    let Some(exporter) = row.exporter_key.clone() else {
+        return Ok(Err(
+            "the exporting account has no keys yet (its first sync is pending)".into(),
+        ));
+    };
+    let mut import = Import {
+        name: row.name.clone(),
+        subject: row.subject.clone(),
+        account: exporter.clone(),
+        token: row.token.clone().filter(|t| !t.is_empty()),
+        local_subject: row.local_subject.clone(),
+        import_type: kind(&row.kind),
+        share: row.share && row.kind == "service",
+        allow_trace: row.allow_trace && row.kind == "stream",
+    };
+    let Some(exporter_id) = row.exporter_account_id else {
+        // Another deployment's account: we cannot see its exports; the admin supplies the token.
+        return Ok(Ok(import));
+    };
+    let exports = sharing::exports_of(pool, exporter_id).await?;
+    let matching = exports
+        .iter()
+        .find(|e| e.kind == row.kind && subject_contains(&e.subject, &row.subject));
+    let Some(export) = matching else {
+        return Ok(Err(format!(
+            "no {} export of the exporting account covers subject {:?}",
+            row.kind, row.subject
+        )));
+    };
+    if let Some(pos) = export.account_token_position {
+        let token = row.subject.split('.').nth(pos as usize - 1);
+        if token != Some(importer) {
+            return Ok(Err(format!(
+                "export {:?} requires token {} of the subject to be the importing account's key {importer}",
+                export.name, pos
+            )));
+        }
+    }
+    if export.token_req && import.token.is_none() {
+        match activation(pool, cipher, exporter_id, &exporter, importer, row).await? {
+            Ok(token) => import.token = Some(token),
+            Err(msg) => return Ok(Err(msg)),
+        }
+    }
+    Ok(Ok(import))
+}
+
+/// Mints the activation token a local `token_req` export needs, signed by the exporter's
+/// newest signing key. It does not expire: deleting the export (or the import) withdraws it,
+/// because both accounts are then pushed again without it.
+async fn activation(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    exporter_id: i64,
+    exporter: &str,
+    importer: &str,
+    row: &ImportRow,
+) -> Result<Result<String, String>, sqlx::Error> {
+    let keys = db::accounts::live_keys(pool, exporter_id).await?;
+    let Some(key) = keys.iter().rev().find(|k| k.kind == "signing") else {
+        return Ok(Err("the exporting account has no signing key yet".into()));
+    };
+    let signer: KeyPair = match keys::keypair_from_stored(cipher, &key.seed, &key.public_key) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(format!("cannot open the exporter's signing key: {e}"))),
+    };
+    let claims = Claims {
+        name: Some(row.name.clone()),
+        iat: jwt::now_unix(),
+        ..Claims::new(
+            importer,
+            ActivationClaims::new(
+                row.subject.clone(),
+                kind(&row.kind),
+                Some(exporter.to_owned()),
+            ),
+        )
+    };
+    Ok(jwt::encode(&claims, &signer).map_err(|e| format!("cannot sign the activation token: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_contains;
+
+    #[test]
+    fn containment() {
+        assert!(subject_contains("svc.>", "svc.echo"));
+        assert!(subject_contains("svc.>", "svc.echo.x"));
+        assert!(!subject_contains("svc.>", "svc"));
+        assert!(subject_contains("svc.*", "svc.echo"));
+        assert!(subject_contains("svc.*", "svc.*"));
+        assert!(!subject_contains("svc.*", "svc.>"));
+        assert!(!subject_contains("svc.*", "svc.echo.x"));
+        assert!(subject_contains("svc.echo", "svc.echo"));
+        assert!(!subject_contains("svc.echo", "svc.other"));
+        assert!(subject_contains(">", "anything.at.all"));
+    }
+}

@@ -1,0 +1,257 @@
+//! Cross-account sharing, signing keys, JetStream limits and encrypted seeds, proved against a
+//! real nats-server.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::common::{wait_until, EnvOptions, TestEnv};
+
+async fn tenant(env: &TestEnv, account: &str, user: &str) {
+    env.sql(&format!(
+        "INSERT INTO nats.accounts (name) VALUES ('{account}')"
+    ))
+    .await;
+    env.add_watcher(account, user).await;
+    env.wait_synced(account).await;
+}
+
+async fn import_error(env: &TestEnv, name: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT sync_error FROM nats.account_imports WHERE name = $1")
+        .bind(name)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until the import is in the importer's pushed JWT (`want_error` false), or has been
+/// left out with a `sync_error` (true).
+async fn wait_import_state(env: &TestEnv, name: &str, want_error: bool) {
+    let pool = env.pool.clone();
+    let name = name.to_owned();
+    wait_until(Duration::from_secs(5), "the import to be synced", || {
+        let pool = pool.clone();
+        let name = name.clone();
+        async move {
+            let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT i.sync_error, a.jwt FROM nats.account_imports i JOIN nats.accounts a ON a.id = i.account_id \
+                 WHERE i.name = $1",
+            )
+            .bind(&name)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+            let Some((err, jwt)) = row else { return false };
+            let in_jwt = jwt
+                .and_then(|j| nats_pg_auth::jwt::decode_unverified::<serde_json::Value>(&j).ok())
+                .and_then(|c| c.nats["imports"].as_array().cloned())
+                .is_some_and(|imports| imports.iter().any(|i| i["name"] == name.as_str()));
+            if want_error {
+                err.is_some() && !in_jwt
+            } else {
+                err.is_none() && in_jwt
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn service_import_answers_from_the_exporting_account() {
+    let env = TestEnv::start().await;
+    tenant(&env, "provider", "prov").await;
+    tenant(&env, "consumer", "cons").await;
+    env.sql(
+        "INSERT INTO nats.account_exports (account_id, name, subject, type)
+           SELECT id, 'echo', 'svc.echo.>', 'service' FROM nats.accounts WHERE name = 'provider';
+         INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, local_subject, type)
+           SELECT c.id, 'echo-in', 'svc.echo.>', p.id, 'echo.>', 'service'
+           FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';",
+    )
+    .await;
+    wait_import_state(&env, "echo-in", false).await;
+    let prov = env.connect_user("prov", "pw").await.unwrap();
+    let mut requests = prov.subscribe("svc.echo.>").await.unwrap();
+    let responder = prov.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder
+                    .publish(
+                        reply,
+                        format!("echo:{}", String::from_utf8_lossy(&msg.payload)).into(),
+                    )
+                    .await;
+            }
+        }
+    });
+    prov.flush().await.unwrap();
+    let cons = env.connect_user("cons", "pw").await.unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        cons.request("echo.hi", "ping".into()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("request through the import");
+    assert_eq!(&answer.payload[..], b"echo:ping");
+}
+
+#[tokio::test]
+async fn stream_import_delivers_under_the_local_subject() {
+    let env = TestEnv::start().await;
+    tenant(&env, "provider", "prov").await;
+    tenant(&env, "consumer", "cons").await;
+    env.sql(
+        "INSERT INTO nats.account_exports (account_id, name, subject, type)
+           SELECT id, 'ticks', 'ticks.>', 'stream' FROM nats.accounts WHERE name = 'provider';
+         INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, local_subject, type)
+           SELECT c.id, 'ticks-in', 'ticks.>', p.id, 'upstream.ticks.>', 'stream'
+           FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';",
+    )
+    .await;
+    wait_import_state(&env, "ticks-in", false).await;
+    let cons = env.connect_user("cons", "pw").await.unwrap();
+    let mut sub = cons.subscribe("upstream.ticks.>").await.unwrap();
+    cons.flush().await.unwrap();
+    let prov = env.connect_user("prov", "pw").await.unwrap();
+    prov.publish("ticks.eurusd", "1.08".into()).await.unwrap();
+    prov.flush().await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(3), sub.next())
+        .await
+        .expect("delivered")
+        .unwrap();
+    assert_eq!(msg.subject.as_str(), "upstream.ticks.eurusd");
+}
+
+#[tokio::test]
+async fn token_required_export_works_through_a_minted_activation_and_stops_when_deleted() {
+    let env = TestEnv::start().await;
+    tenant(&env, "provider", "prov").await;
+    tenant(&env, "consumer", "cons").await;
+    env.sql(
+        "INSERT INTO nats.account_exports (account_id, name, subject, type, token_req)
+           SELECT id, 'private', 'private.>', 'stream', true FROM nats.accounts WHERE name = 'provider';
+         INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
+           SELECT c.id, 'private-in', 'private.>', p.id, 'stream'
+           FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';",
+    )
+    .await;
+    wait_import_state(&env, "private-in", false).await;
+    let jwt: String = sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = 'consumer'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let claims: nats_pg_auth::jwt::Claims<serde_json::Value> =
+        nats_pg_auth::jwt::decode_unverified(&jwt).unwrap();
+    assert!(
+        claims.nats["imports"][0]["token"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "activation token minted"
+    );
+
+    let cons = env.connect_user("cons", "pw").await.unwrap();
+    let mut sub = cons.subscribe("private.>").await.unwrap();
+    cons.flush().await.unwrap();
+    let prov = env.connect_user("prov", "pw").await.unwrap();
+    prov.publish("private.a", "1".into()).await.unwrap();
+    prov.flush().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), sub.next())
+        .await
+        .expect("delivered via activation")
+        .unwrap();
+
+    env.sql("DELETE FROM nats.account_exports WHERE name = 'private'")
+        .await;
+    wait_import_state(&env, "private-in", true).await;
+    let err = import_error(&env, "private-in").await.unwrap();
+    assert!(err.contains("no stream export"), "clear message: {err}");
+    // The provider's JWT no longer exports it: nothing crosses any more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    prov.publish("private.b", "2".into()).await.unwrap();
+    prov.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), sub.next())
+            .await
+            .is_err(),
+        "no delivery after delete"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_import_is_left_out_with_an_error_and_the_account_keeps_working() {
+    let env = TestEnv::start().await;
+    tenant(&env, "provider", "prov").await;
+    tenant(&env, "consumer", "cons").await;
+    env.sql(
+        "INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
+           SELECT c.id, 'nothing-there', 'nope.>', p.id, 'stream'
+           FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';
+         UPDATE nats.accounts SET max_connections = 10 WHERE name = 'consumer';",
+    )
+    .await;
+    wait_import_state(&env, "nothing-there", true).await;
+    let err = import_error(&env, "nothing-there").await.unwrap();
+    assert!(
+        err.contains("no stream export") && err.contains("nope.>"),
+        "{err}"
+    );
+    let jwt: String = sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = 'consumer'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let claims: nats_pg_auth::jwt::Claims<serde_json::Value> =
+        nats_pg_auth::jwt::decode_unverified(&jwt).unwrap();
+    assert_eq!(
+        claims.nats["limits"]["conn"], 10,
+        "the rest of the change was pushed"
+    );
+    assert!(
+        claims.nats.get("imports").is_none(),
+        "the broken import is not in the JWT"
+    );
+    env.connect_user("cons", "pw")
+        .await
+        .expect("the account keeps working");
+}
+
+#[tokio::test]
+async fn jetstream_limits_allow_streams_up_to_the_limit() {
+    let env = TestEnv::start_with(EnvOptions {
+        nats_extra: "jetstream: { store_dir: \"js\" }".into(),
+        ..Default::default()
+    })
+    .await;
+    env.sql(
+        "INSERT INTO nats.accounts (name, max_jetstream_memory_storage, max_jetstream_disk_storage, max_jetstream_streams)
+           VALUES ('js', 1048576, 1048576, 1)",
+    )
+    .await;
+    env.add_watcher("js", "jsuser").await;
+    env.wait_synced("js").await;
+    let client = env.connect_user("jsuser", "pw").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ONE".into(),
+        subjects: vec!["one.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        max_bytes: 1024,
+        ..Default::default()
+    })
+    .await
+    .expect("first stream within the limit");
+    let second = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "TWO".into(),
+            subjects: vec!["two.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            max_bytes: 1024,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        second.is_err(),
+        "a second stream exceeds max_jetstream_streams = 1"
+    );
+}
