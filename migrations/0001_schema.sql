@@ -429,3 +429,28 @@ CREATE TRIGGER roles_kick AFTER UPDATE OR DELETE ON nats.roles
   FOR EACH ROW EXECUTE FUNCTION nats.kick_on_change();
 CREATE TRIGGER user_tokens_kick AFTER UPDATE OR DELETE ON nats.user_tokens
   FOR EACH ROW EXECUTE FUNCTION nats.kick_on_change();
+
+-- Signing-key rotation, from SQL:
+--   SELECT nats.rotate_signing_key('acme');          -- graceful: new logins use a new key, the
+--                                                    -- old one stays until its JWTs expired
+--   SELECT nats.rotate_signing_key('acme', true);    -- emergency: old keys removed at once,
+--                                                    -- which disconnects everyone they signed
+-- The service generates the key (nkeys cannot be made in SQL) and pushes the account.
+ALTER TABLE nats.sync_outbox DROP CONSTRAINT sync_outbox_op_check;
+ALTER TABLE nats.sync_outbox ADD CONSTRAINT sync_outbox_op_check
+  CHECK (op IN ('upsert', 'delete', 'rotate', 'rotate_emergency'));
+
+CREATE FUNCTION nats.rotate_signing_key(p_account text, p_emergency boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  acc bigint;
+BEGIN
+  SELECT id INTO acc FROM nats.accounts WHERE name = p_account;
+  IF acc IS NULL THEN
+    RAISE EXCEPTION 'no account named "%"', p_account USING ERRCODE = 'no_data_found';
+  END IF;
+  INSERT INTO nats.sync_outbox (account_id, op, reason)
+  VALUES (acc, CASE WHEN p_emergency THEN 'rotate_emergency' ELSE 'rotate' END,
+          CASE WHEN p_emergency THEN 'emergency signing key rotation' ELSE 'signing key rotation' END);
+  PERFORM pg_notify('nats_pg_auth_sync', acc::text);
+END $$;

@@ -35,6 +35,8 @@ pub enum AppError {
     NatsUrl { url: String, reason: String },
     #[error("cannot start the NATS client: {0}")]
     Nats(String),
+    #[error("cannot encrypt the seeds stored in plain text: {0}")]
+    Seeds(crate::db::seeds::ReencryptError),
     #[error("the auth callout cannot subscribe: {0}")]
     Subscribe(String),
 }
@@ -127,6 +129,15 @@ impl Application {
         db::migrate(&pool).await?;
         let identities = ServiceIdentities::load(&pool).await?;
         check_seeds(&pool, &config.cipher, &identities).await?;
+        if config.cipher.has_key() {
+            // Seeds written before a key was configured (or by pb-nats) get encrypted now.
+            let n = crate::db::seeds::reencrypt(&pool, &config.cipher, &config.cipher, true)
+                .await
+                .map_err(AppError::Seeds)?;
+            if n > 0 {
+                tracing::info!(seeds = n, "encrypted seeds that were stored in plain text");
+            }
+        }
 
         let metrics = Metrics::default();
         let auth = AuthIdentity {
@@ -192,6 +203,7 @@ impl Application {
                         reconcile_interval: args.reconcile_interval,
                         push_timeout: Duration::from_secs(5),
                         parallelism: 32,
+                        signing_key_grace: args.max_ttl,
                     },
                     metrics.clone(),
                 )

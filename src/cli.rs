@@ -142,6 +142,49 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             }
             Ok(())
         }
+        Command::RotateSigningKey(args) => {
+            let pool = db::connect(common.database_url()?, 2).await?;
+            sqlx::query("SELECT nats.rotate_signing_key($1, $2)")
+                .bind(&args.account)
+                .bind(args.emergency)
+                .execute(&pool)
+                .await
+                .map_err(|e| match e.as_database_error() {
+                    Some(d) => CliError::Other(d.message().to_owned()),
+                    None => CliError::Db(DbError::from(e)),
+                })?;
+            eprintln!(
+                "{} rotation of account {:?} queued; the sync leader applies it within a second",
+                if args.emergency {
+                    "emergency"
+                } else {
+                    "graceful"
+                },
+                args.account
+            );
+            Ok(())
+        }
+        Command::RotateEncryptionKey(args) => {
+            let old = common.cipher()?;
+            let new_args = crate::config::CommonArgs {
+                encryption_key: args.new_key.clone(),
+                encryption_key_file: args.new_key_file.clone(),
+                ..common.clone()
+            };
+            let new = new_args.cipher()?;
+            if !new.has_key() {
+                return Err(ConfigError::Invalid(
+                    "give the new key with --new-key or --new-key-file".into(),
+                )
+                .into());
+            }
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let n = db::seeds::reencrypt(&pool, &old, &new, false)
+                .await
+                .map_err(|e| CliError::Other(format!("{e}; nothing was changed")))?;
+            eprintln!("re-encrypted {n} seeds; restart every `serve` with the new key");
+            Ok(())
+        }
         Command::Serve(args) => {
             args.validate()?;
             let config = ServeConfig {

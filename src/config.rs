@@ -76,6 +76,11 @@ pub enum Command {
     GenerateKey,
     /// Show the operator and the sync state of every account.
     Status,
+    /// Give an account a new signing key (graceful by default; see --emergency).
+    RotateSigningKey(RotateSigningKeyArgs),
+    /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
+    /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain).
+    RotateEncryptionKey(RotateEncryptionKeyArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -101,6 +106,27 @@ pub struct FragmentArgs {
     /// Where to write the nats-server configuration fragment (`-` for standard output).
     #[arg(long, env = "NATS_PG_AUTH_CONFIG_OUT")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RotateSigningKeyArgs {
+    /// Account name.
+    #[arg(long)]
+    pub account: String,
+    /// Remove the older keys at once: every connection they signed is dropped and comes back
+    /// through the callout. Without it, older keys stay valid until their JWTs expired.
+    #[arg(long)]
+    pub emergency: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RotateEncryptionKeyArgs {
+    /// The new key (32 random bytes, base64).
+    #[arg(long, env = "NATS_PG_AUTH_NEW_ENCRYPTION_KEY", hide_env_values = true)]
+    pub new_key: Option<String>,
+    /// File holding the new key.
+    #[arg(long)]
+    pub new_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod identities;
 pub mod logins;
 pub mod outbox;
+pub mod seeds;
 pub mod sharing;
 
 use std::time::Duration;

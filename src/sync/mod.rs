@@ -36,6 +36,8 @@ pub struct SyncSettings {
     pub push_timeout: Duration,
     /// Accounts pushed concurrently.
     pub parallelism: usize,
+    /// How long a gracefully rotated signing key stays valid: the longest user JWT lifetime.
+    pub signing_key_grace: Duration,
 }
 
 pub struct Sync {
@@ -226,7 +228,17 @@ impl Sync {
         let mut upserts: BTreeMap<i64, (Vec<i64>, i32)> = BTreeMap::new();
         let mut deletes: BTreeMap<String, (Vec<i64>, i32)> = BTreeMap::new();
         let mut orphans = Vec::new();
-        for row in rows {
+        for mut row in rows {
+            if let ("rotate" | "rotate_emergency", Some(id)) = (row.op.as_str(), row.account_id) {
+                match self.rotate(id, row.op == "rotate_emergency", row.id).await {
+                    Ok(()) => row.op = "upsert".into(),
+                    Err(e) => {
+                        self.finish(&[row.id], row.attempts, Err((Some(id), e)))
+                            .await;
+                        continue;
+                    }
+                }
+            }
             match (
                 row.op.as_str(),
                 row.account_id,
@@ -292,6 +304,61 @@ impl Sync {
                 }
             }
         }
+    }
+
+    /// Adds a new signing key and retires the older ones: after `signing_key_grace` (longest
+    /// user JWT lifetime) for a graceful rotation, at once for an emergency one. The outbox row
+    /// becomes a plain upsert in the same transaction, so a retried push never rotates twice.
+    async fn rotate(
+        &self,
+        account_id: i64,
+        emergency: bool,
+        outbox_id: i64,
+    ) -> Result<(), AccountSyncError> {
+        let has_keys: Option<Option<String>> =
+            sqlx::query_scalar("SELECT public_key FROM nats.accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if !matches!(has_keys, Some(Some(_))) {
+            return Ok(()); // first sync gives it keys; nothing to rotate yet
+        }
+        let key = KeyPair::new_account();
+        let seed = key
+            .seed()
+            .map_err(|e| AccountSyncError::Nkeys(e.to_string()))?;
+        let stored = self.cipher.seal(&seed, &key.public_key())?;
+        let grace = if emergency {
+            Duration::ZERO
+        } else {
+            self.settings.signing_key_grace
+        };
+        let mut tx = self.pool.begin().await?;
+        let new_id: i64 = sqlx::query_scalar(
+            "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, 'signing', $2, $3) RETURNING id",
+        )
+        .bind(account_id)
+        .bind(key.public_key())
+        .bind(stored)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE nats.account_keys SET retired_at = now() + make_interval(secs => $3) \
+             WHERE account_id = $1 AND kind = 'signing' AND id <> $2 \
+               AND (retired_at IS NULL OR retired_at > now() + make_interval(secs => $3))",
+        )
+        .bind(account_id)
+        .bind(new_id)
+        .bind(grace.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE nats.sync_outbox SET op = 'upsert' WHERE id = $1")
+            .bind(outbox_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(account_id, emergency, signing_key = %key.public_key(), "signing key rotated");
+        Ok(())
     }
 
     /// Builds and pushes one account; gives it keys first when SQL created it without.
@@ -407,8 +474,20 @@ impl Sync {
         Ok(())
     }
 
-    /// Drift repair: queues every synced account the server does not list.
+    /// Drift repair: queues every synced account the server does not list, and every account
+    /// whose retired signing key has expired since its last push (so the key leaves its JWT).
     async fn reconcile(&self) {
+        let retired = sqlx::query(
+            "INSERT INTO nats.sync_outbox (account_id, op, reason) \
+             SELECT DISTINCT k.account_id, 'upsert', 'retired signing key expired' \
+             FROM nats.account_keys k JOIN nats.accounts a ON a.id = k.account_id \
+             WHERE k.kind = 'signing' AND k.retired_at <= now() AND (a.synced_at IS NULL OR k.retired_at > a.synced_at)",
+        )
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = retired {
+            tracing::warn!(error = %e, "cannot queue accounts with expired signing keys");
+        }
         let on_server: BTreeSet<String> = match publish::list(
             &self.client,
             self.settings.push_timeout,

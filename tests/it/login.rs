@@ -238,8 +238,11 @@ async fn max_connections_update_limits_the_account() {
 async fn short_ttl_user_is_disconnected_and_reconnects_through_the_callout() {
     let env = TestEnv::start().await;
     env.acme().await;
-    env.sql("UPDATE nats.users SET user_jwt_ttl = interval '2 seconds' WHERE username = 'alice'")
+    // Set on the account (user and role have none, so it applies): changing the user row would
+    // also kick alice's fresh connection (session control), which is not what this test is about.
+    env.sql("UPDATE nats.accounts SET user_jwt_ttl = interval '2 seconds' WHERE name = 'acme'")
         .await;
+    env.wait_synced("acme").await;
     let (alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
     let allowed_before = env.metrics.allowed();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);

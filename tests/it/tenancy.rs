@@ -255,3 +255,244 @@ async fn jetstream_limits_allow_streams_up_to_the_limit() {
         "a second stream exceeds max_jetstream_streams = 1"
     );
 }
+
+async fn signing_keys(env: &TestEnv, account: &str) -> Vec<String> {
+    let jwt: String = sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = $1")
+        .bind(account)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let c: nats_pg_auth::jwt::Claims<serde_json::Value> =
+        nats_pg_auth::jwt::decode_unverified(&jwt).unwrap();
+    c.nats["signing_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_signing_keys(
+    env: &TestEnv,
+    account: &str,
+    count: usize,
+    other_than: &[String],
+) -> Vec<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let keys = signing_keys(env, account).await;
+        if keys.len() == count && keys.iter().any(|k| !other_than.contains(k)) {
+            return keys;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "signing keys of {account} stayed {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The signing key that signed the newest login's JWT, from the server's CONNECT advisory.
+async fn login_issuer(
+    env: &TestEnv,
+    account: &str,
+    user: &str,
+    pass: &str,
+) -> (async_nats::Client, String) {
+    let sys = env.system_client().await;
+    let key = env.account_key(account).await;
+    let mut events = sys
+        .subscribe(format!("$SYS.ACCOUNT.{key}.CONNECT"))
+        .await
+        .unwrap();
+    sys.flush().await.unwrap();
+    let client = env.connect_user(user, pass).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(3), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    (
+        client,
+        v["client"]["issuer_key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn graceful_rotation_keeps_connections_and_signs_new_logins_with_the_new_key() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    let before = signing_keys(&env, "acme").await;
+    assert_eq!(before.len(), 1);
+    let (alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    env.sql("SELECT nats.rotate_signing_key('acme')").await;
+    let after = wait_signing_keys(&env, "acme", 2, &before).await;
+    assert!(
+        after.contains(&before[0]),
+        "the old key stays until its JWTs expire"
+    );
+    env.add_watcher("acme", "w2").await;
+    let (_w2, issuer) = login_issuer(&env, "acme", "w2", "pw").await;
+    assert!(
+        after.contains(&issuer) && issuer != before[0],
+        "new login signed by the new key ({issuer})"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, async_nats::Event::Disconnected),
+            "existing connection stays up"
+        );
+    }
+    alice.flush().await.expect("alice still connected");
+}
+
+#[tokio::test]
+async fn emergency_rotation_drops_connections_which_come_back_with_the_new_key() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    let before = signing_keys(&env, "acme").await;
+    let (alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    let start = std::time::Instant::now();
+    env.sql("SELECT nats.rotate_signing_key('acme', true)")
+        .await;
+    loop {
+        match tokio::time::timeout(
+            Duration::from_secs(2).saturating_sub(start.elapsed()),
+            events.recv(),
+        )
+        .await
+        {
+            Ok(Some(async_nats::Event::Disconnected)) => break,
+            Ok(Some(_)) => continue,
+            _ => panic!("not disconnected within 2 s of an emergency rotation"),
+        }
+    }
+    eprintln!(
+        "emergency rotation dropped the connection after {:?}",
+        start.elapsed()
+    );
+    let after = wait_signing_keys(&env, "acme", 1, &before).await;
+    assert!(!after.contains(&before[0]), "the old key is gone at once");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Some(async_nats::Event::Connected)) => break,
+            Ok(Some(_)) => continue,
+            _ => panic!("alice did not reconnect"),
+        }
+    }
+    alice
+        .flush()
+        .await
+        .expect("reconnected through the callout");
+}
+
+#[tokio::test]
+async fn seeds_are_encrypted_at_rest_and_logins_work() {
+    let key = [42u8; 32];
+    let env = TestEnv::start_with(EnvOptions {
+        encryption_key: Some(key),
+        ..Default::default()
+    })
+    .await;
+    env.acme().await;
+    env.connect_user("alice", "s3cret")
+        .await
+        .expect("login works with encrypted seeds");
+    // A dump of every seed column: nothing that looks like an nkey seed.
+    let seeds: Vec<String> = sqlx::query_scalar(
+        "SELECT seed FROM nats.service_identities UNION ALL SELECT seed FROM nats.account_keys",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(seeds.len() >= 10);
+    for s in &seeds {
+        assert!(
+            s.starts_with("enc:v1:"),
+            "encrypted: {}",
+            &s[..8.min(s.len())]
+        );
+    }
+    let dump: String = sqlx::query_scalar(
+        "SELECT string_agg(t::text, ' ') FROM (SELECT * FROM nats.service_identities) t",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    for prefix in ["SO", "SA", "SU", "SX"] {
+        assert!(
+            !dump
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|w| w.len() == 58 && w.starts_with(prefix)),
+            "no {prefix}… seed in the dump"
+        );
+    }
+    // A wrong key fails at startup, with one clear error, not at login time.
+    let wrong = nats_pg_auth::app::ServeConfig {
+        database_url: env.database_url.clone(),
+        cipher: nats_pg_auth::keys::SeedCipher::new(Some([7u8; 32])),
+        args: crate::common::serve_args(env.url()),
+    };
+    let err = nats_pg_auth::app::Application::build(wrong)
+        .await
+        .err()
+        .expect("wrong key refused");
+    assert!(
+        err.to_string().contains("NATS_PG_AUTH_ENCRYPTION_KEY"),
+        "{err}"
+    );
+    let none = nats_pg_auth::app::ServeConfig {
+        database_url: env.database_url.clone(),
+        cipher: nats_pg_auth::keys::SeedCipher::new(None),
+        args: crate::common::serve_args(env.url()),
+    };
+    assert!(
+        nats_pg_auth::app::Application::build(none).await.is_err(),
+        "missing key refused"
+    );
+}
+
+#[tokio::test]
+async fn plain_seeds_are_encrypted_when_a_key_is_configured_and_the_key_can_be_rotated() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    env.stop_service().await;
+    let old = nats_pg_auth::keys::SeedCipher::new(None);
+    let k1 = nats_pg_auth::keys::SeedCipher::new(Some([1u8; 32]));
+    // Starting with a key encrypts the plain rows of the keyless start.
+    env.cipher = k1.clone();
+    env.start_service(crate::common::serve_args(env.url()))
+        .await;
+    let plain: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM nats.account_keys WHERE seed NOT LIKE 'enc:%'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(plain, 0);
+    env.connect_user("alice", "s3cret")
+        .await
+        .expect("login after encrypting");
+    env.stop_service().await;
+    // Rotate to a second key; the first no longer opens anything.
+    let k2 = nats_pg_auth::keys::SeedCipher::new(Some([2u8; 32]));
+    let n = nats_pg_auth::db::seeds::reencrypt(&env.pool, &k1, &k2, false)
+        .await
+        .unwrap();
+    assert!(n >= 10);
+    assert!(
+        nats_pg_auth::db::seeds::reencrypt(&env.pool, &k1, &old, false)
+            .await
+            .is_err(),
+        "old key is useless now"
+    );
+    env.cipher = k2;
+    env.start_service(crate::common::serve_args(env.url()))
+        .await;
+    env.connect_user("alice", "s3cret")
+        .await
+        .expect("login after key rotation");
+}
