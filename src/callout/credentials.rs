@@ -4,7 +4,9 @@
 //! ("the hashing lane"): bcrypt at cost 10 takes ~50 ms of CPU, and a flood of cold password
 //! logins must neither stall the async runtime nor take every thread from token logins.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -21,30 +23,47 @@ pub enum HashError {
     UnsupportedHash,
     /// The blocking task died (panic) — ours, not the caller's.
     Worker,
+    /// No hashing slot came free before the deadline (the server would have given up anyway).
+    Busy,
 }
 
+/// The hashing lane: at most `threads` hashes at once, on tokio's blocking pool. Only password
+/// checks that miss the credential cache come here; token and cached logins never wait on it.
 #[derive(Clone)]
 pub struct PasswordVerifier {
     lane: Arc<Semaphore>,
+    computed: Arc<AtomicU64>,
 }
 
 impl PasswordVerifier {
     pub fn new(threads: usize) -> Self {
         Self {
             lane: Arc::new(Semaphore::new(threads.max(1))),
+            computed: Arc::new(AtomicU64::new(0)),
         }
     }
 
+    /// How many hashes (bcrypt/argon2, including the dummy one for unknown users) were computed.
+    pub fn hashes_computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
+
     /// Verifies `password` against a stored hash, or against the fallback hash when the user does
-    /// not exist (`hash = None`; the result is then always false).
+    /// not exist (`hash = None`; the result is then always false). Gives up with `Busy` when no
+    /// hashing slot is free before `deadline`.
     pub async fn verify(
         &self,
         password: SecretString,
         hash: Option<String>,
+        deadline: Instant,
     ) -> Result<bool, HashError> {
-        let _permit = self.lane.acquire().await.map_err(|_| HashError::Worker)?;
+        let _permit = tokio::time::timeout_at(deadline.into(), self.lane.acquire())
+            .await
+            .map_err(|_| HashError::Busy)?
+            .map_err(|_| HashError::Worker)?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| FALLBACK_BCRYPT.to_owned());
+        self.computed.fetch_add(1, Ordering::Relaxed);
         let ok =
             tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
                 .await

@@ -55,13 +55,13 @@ pub fn user_jwt(
 /// Exactly one of `user_jwt` / `error` is set.
 pub fn response(
     req: &VerifiedRequest,
-    outcome: Result<String, &str>,
+    outcome: Result<&str, &str>,
     auth_signer: &KeyPair,
     now: i64,
 ) -> Result<String, JwtError> {
     let mut nats = AuthorizationResponse::default();
     match outcome {
-        Ok(user_jwt) => nats.jwt = Some(user_jwt),
+        Ok(user_jwt) => nats.jwt = Some(user_jwt.to_owned()),
         Err(reason) => nats.error = Some(reason.to_owned()),
     }
     let claims = Claims {

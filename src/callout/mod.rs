@@ -6,6 +6,7 @@
 //! than queued forever.
 
 pub mod credentials;
+pub mod login;
 pub mod mint;
 pub mod permissions;
 pub mod request;
@@ -18,15 +19,17 @@ use futures::StreamExt;
 use nkeys::{KeyPair, XKey};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{CacheSettings, LoginCache, UserLookup};
 use crate::db;
 use crate::db::logins::LoginRow;
 use crate::jwt;
 use crate::keys::SeedCipher;
 use credentials::PasswordVerifier;
+use login::{Login, Signing};
 use permissions::Defaults;
 use request::{VerifiedRequest, SERVER_XKEY_HEADER};
 
@@ -98,6 +101,18 @@ pub struct CalloutSettings {
     pub hash_threads: usize,
 }
 
+impl Default for CalloutSettings {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(86400),
+            defaults: Defaults::default(),
+            concurrency: 12,
+            hash_threads: 2,
+        }
+    }
+}
+
 /// The AUTH identity the callout answers as.
 pub struct AuthIdentity {
     pub account_public_key: String,
@@ -111,8 +126,11 @@ pub struct Callout {
     auth: AuthIdentity,
     cipher: SeedCipher,
     settings: CalloutSettings,
+    /// Bounds the requests that read Postgres at once (below the pool size). Cache hits do not
+    /// take a slot.
     limiter: Arc<Semaphore>,
     passwords: PasswordVerifier,
+    cache: Arc<LoginCache>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -131,9 +149,29 @@ impl Callout {
         settings: CalloutSettings,
         metrics: crate::metrics::Metrics,
     ) -> Arc<Self> {
+        Self::with_cache(
+            pool,
+            auth,
+            cipher,
+            settings,
+            CacheSettings::default(),
+            metrics,
+        )
+    }
+
+    /// As `new`, with explicit cache settings.
+    pub fn with_cache(
+        pool: PgPool,
+        auth: AuthIdentity,
+        cipher: SeedCipher,
+        settings: CalloutSettings,
+        cache: CacheSettings,
+        metrics: crate::metrics::Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            limiter: Arc::new(Semaphore::new(settings.concurrency)),
+            limiter: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             passwords: PasswordVerifier::new(settings.hash_threads),
+            cache: Arc::new(LoginCache::new(cache)),
             pool,
             auth,
             cipher,
@@ -142,7 +180,18 @@ impl Callout {
         })
     }
 
+    /// The login caches (stats, run-time switches).
+    pub fn cache(&self) -> &Arc<LoginCache> {
+        &self.cache
+    }
+
+    /// How many password hashes this callout computed (cache misses and unknown users).
+    pub fn password_hashes_computed(&self) -> u64 {
+        self.passwords.hashes_computed()
+    }
+
     /// Subscribes and serves until `shutdown`; in-flight requests are finished before return.
+    /// Also runs the cache's change listener for as long as it serves.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
@@ -156,6 +205,13 @@ impl Callout {
             queue = QUEUE_GROUP,
             "auth callout listening"
         );
+        let listener_stop = shutdown.child_token();
+        let listener = {
+            let cache = self.cache.clone();
+            let pool = self.pool.clone();
+            let stop = listener_stop.clone();
+            tokio::spawn(async move { cache.listen(&pool, stop).await })
+        };
         let tracker = TaskTracker::new();
         loop {
             tokio::select! {
@@ -173,6 +229,8 @@ impl Callout {
         let _ = sub.unsubscribe().await;
         tracker.close();
         tracker.wait().await;
+        listener_stop.cancel();
+        let _ = listener.await;
         Ok(())
     }
 
@@ -213,29 +271,23 @@ impl Callout {
                 return None;
             }
         };
-        // Wait for a slot at most until the server gives up on us (request exp), minus a
-        // margin to send the reply.
+        // Anything that waits (a Postgres slot, a hashing slot) waits at most until the server
+        // gives up on us (request exp), minus a margin to send the reply.
         let budget = req
             .claims
             .exp
             .map(|exp| Duration::from_secs((exp - now).max(1) as u64))
             .unwrap_or(Duration::from_secs(2))
-            .saturating_sub(Duration::from_millis(250))
-            .saturating_sub(received.elapsed());
-        let decision = match tokio::time::timeout(budget, self.limiter.acquire()).await {
-            Ok(Ok(_permit)) => self.decide(&req, now).await,
-            _ => Err(Deny::new(
-                DenyReason::Overloaded,
-                "no free callout slot before the auth timeout",
-            )),
-        };
+            .saturating_sub(Duration::from_millis(250));
+        let deadline = received + budget;
+        let decision = self.decide(&req, now, deadline).await;
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
         let outcome = match &decision {
             Ok(grant) => {
                 self.metrics.count_allow();
                 tracing::info!(user = %grant.username, account = %grant.account, host, "login allowed");
-                Ok(grant.user_jwt.clone())
+                Ok(grant.user_jwt.as_str())
             }
             Err(deny) => {
                 self.metrics.count_deny(deny.reason.as_str());
@@ -266,7 +318,12 @@ impl Callout {
         }
     }
 
-    async fn decide(&self, req: &VerifiedRequest, now: i64) -> Result<Grant, Deny> {
+    async fn decide(
+        &self,
+        req: &VerifiedRequest,
+        now: i64,
+        deadline: Instant,
+    ) -> Result<Grant, Deny> {
         let opts = &req.claims.nats.connect_opts;
         let token = opts
             .auth_token
@@ -274,13 +331,15 @@ impl Callout {
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
         let login = if let Some(token) = token {
-            self.check_token(SecretString::from(token), now).await?
+            self.check_token(SecretString::from(token), now, deadline)
+                .await?
         } else {
             let user = opts.user.as_deref().filter(|u| !u.is_empty());
             let pass = opts.pass.expose().map(str::to_owned);
             match (user, pass) {
                 (Some(user), Some(pass)) => {
-                    self.check_password(user, SecretString::from(pass)).await?
+                    self.check_password(user, SecretString::from(pass), deadline)
+                        .await?
                 }
                 _ => {
                     return Err(Deny::new(
@@ -293,22 +352,103 @@ impl Callout {
         self.authorize(req, &login, now)
     }
 
+    /// A slot for reading Postgres, or `Overloaded` when none frees up before the deadline.
+    async fn db_slot(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, Deny> {
+        match tokio::time::timeout_at(deadline.into(), self.limiter.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Deny::new(
+                DenyReason::Overloaded,
+                "no free callout slot before the auth timeout",
+            )),
+        }
+    }
+
+    /// Turns a row into a login (parsed signing key and interned permissions from the cache).
+    fn prepare(&self, row: LoginRow) -> Login {
+        let signing = match (
+            row.account_public_key.as_deref(),
+            row.signing_public_key.as_deref(),
+            row.signing_seed.as_deref(),
+        ) {
+            (Some(account), Some(public), Some(seed)) => {
+                match self.cache.issuer(&self.cipher, account, public, seed) {
+                    Ok(issuer) => Signing::Ready(issuer),
+                    Err(e) => Signing::Unusable(e.to_string()),
+                }
+            }
+            _ => Signing::NotReady,
+        };
+        Login::prepare(
+            row,
+            &self.settings.defaults,
+            self.settings.default_ttl,
+            self.settings.max_ttl,
+            signing,
+            |m| self.cache.intern(m),
+        )
+    }
+
     async fn check_password(
         &self,
         username: &str,
         password: SecretString,
-    ) -> Result<LoginRow, Deny> {
-        let row = db::logins::by_username(&self.pool, username)
+        deadline: Instant,
+    ) -> Result<Arc<Login>, Deny> {
+        let login = match self.cache.user(username) {
+            UserLookup::Hit(login) => Some(login),
+            UserLookup::Unknown => None,
+            UserLookup::Miss => {
+                let ticket = self.cache.ticket();
+                let slot = self.db_slot(deadline).await?;
+                let row = db::logins::by_username(&self.pool, username)
+                    .await
+                    .map_err(|e| {
+                        Deny::new(DenyReason::Internal, format!("user lookup failed: {e}"))
+                    })?;
+                // The slot bounds Postgres work only; hashing has its own lane.
+                drop(slot);
+                match row {
+                    Some(row) => {
+                        let login = Arc::new(self.prepare(row));
+                        self.cache.put_user(username, ticket, &login);
+                        Some(login)
+                    }
+                    None => {
+                        self.cache.put_unknown_user(username, ticket);
+                        None
+                    }
+                }
+            }
+        };
+        let hash = login.as_ref().and_then(|l| l.password_hash.as_deref());
+        let key = self
+            .cache
+            .credential_key(username, password.expose_secret());
+        if let (Some(login), Some(hash)) = (&login, hash) {
+            if self.cache.credential_verified(&key, hash) {
+                return Ok(login.clone());
+            }
+        }
+        let ok = self
+            .passwords
+            .verify(password, hash.map(str::to_owned), deadline)
             .await
-            .map_err(|e| Deny::new(DenyReason::Internal, format!("user lookup failed: {e}")))?;
-        let hash = row.as_ref().and_then(|r| r.password_hash.clone());
-        let exists = row.is_some();
-        let ok = self.passwords.verify(password, hash).await.map_err(|e| {
-            Deny::new(DenyReason::Internal, format!("password hash of user {username:?} cannot be checked ({e:?}); fix nats.users.password_hash"))
-        })?;
-        match row {
-            Some(row) if ok => Ok(row),
-            _ if !exists => Err(Deny::new(DenyReason::UnknownUser, "no such user")),
+            .map_err(|e| match e {
+                credentials::HashError::Busy => Deny::new(
+                    DenyReason::Overloaded,
+                    "no free password hashing slot before the auth timeout",
+                ),
+                e => Deny::new(
+                    DenyReason::Internal,
+                    format!("password hash of user {username:?} cannot be checked ({e:?}); fix nats.users.password_hash"),
+                ),
+            })?;
+        match (&login, hash) {
+            (Some(login), Some(hash)) if ok => {
+                self.cache.put_credential(key, hash);
+                Ok(login.clone())
+            }
+            (None, _) => Err(Deny::new(DenyReason::UnknownUser, "no such user")),
             _ => Err(Deny::new(
                 DenyReason::BadPassword,
                 "password does not match",
@@ -316,11 +456,30 @@ impl Callout {
         }
     }
 
-    async fn check_token(&self, token: SecretString, now: i64) -> Result<LoginRow, Deny> {
+    async fn check_token(
+        &self,
+        token: SecretString,
+        now: i64,
+        deadline: Instant,
+    ) -> Result<Arc<Login>, Deny> {
         let digest = credentials::token_digest(token.expose_secret());
-        let found = db::logins::by_token(&self.pool, &digest)
-            .await
-            .map_err(|e| Deny::new(DenyReason::Internal, format!("token lookup failed: {e}")))?;
+        let found = match self.cache.token(&digest) {
+            Some(hit) => Some(hit),
+            None => {
+                let ticket = self.cache.ticket();
+                let _slot = self.db_slot(deadline).await?;
+                let found = db::logins::by_token(&self.pool, &digest)
+                    .await
+                    .map_err(|e| {
+                        Deny::new(DenyReason::Internal, format!("token lookup failed: {e}"))
+                    })?;
+                found.map(|(row, tok)| {
+                    let login = Arc::new(self.prepare(row));
+                    self.cache.put_token(digest, ticket, &login, &tok);
+                    (login, tok)
+                })
+            }
+        };
         let Some((login, tok)) = found else {
             return Err(Deny::new(DenyReason::UnknownToken, "no such token"));
         };
@@ -345,17 +504,19 @@ impl Callout {
                 ),
             ));
         }
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            if let Err(e) = db::logins::touch_token(&pool, tok.token_id).await {
-                tracing::debug!(error = %e, "could not record token use");
-            }
-        });
+        if self.cache.should_touch_token(tok.token_id) {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = db::logins::touch_token(&pool, tok.token_id).await {
+                    tracing::debug!(error = %e, "could not record token use");
+                }
+            });
+        }
         Ok(login)
     }
 
     /// Checks that the now-identified user may log in here, and mints its JWT.
-    fn authorize(&self, req: &VerifiedRequest, login: &LoginRow, now: i64) -> Result<Grant, Deny> {
+    fn authorize(&self, req: &VerifiedRequest, login: &Login, now: i64) -> Result<Grant, Deny> {
         if !login.user_active {
             return Err(Deny::new(
                 DenyReason::InactiveUser,
@@ -368,7 +529,7 @@ impl Callout {
                 format!("account {:?} is inactive", login.account_name),
             ));
         }
-        if login.role_account_id.is_some_and(|a| a != login.account_id) {
+        if login.foreign_role {
             // The schema refuses this; deny rather than hand out another tenant's role.
             return Err(Deny::new(
                 DenyReason::Internal,
@@ -380,7 +541,8 @@ impl Callout {
         }
         let client = &req.claims.nats.client_info;
         permissions::check_connection(
-            login,
+            login.allowed_sources.as_deref(),
+            login.allowed_connection_types.as_deref(),
             client.host.as_deref(),
             client.kind.as_deref(),
             client.client_type.as_deref(),
@@ -395,42 +557,38 @@ impl Callout {
                 "connection type not in the role's allowed_connection_types",
             ),
         })?;
-        let (Some(account_key), Some(signing_public), Some(signing_seed)) = (
-            login.account_public_key.as_deref(),
-            login.signing_public_key.as_deref(),
-            login.signing_seed.as_deref(),
-        ) else {
-            return Err(Deny::new(
-                DenyReason::AccountNotReady,
-                format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.account_name),
-            ));
+        let issuer = match &login.signing {
+            Signing::Ready(issuer) => issuer,
+            Signing::NotReady => {
+                return Err(Deny::new(
+                    DenyReason::AccountNotReady,
+                    format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.account_name),
+                ))
+            }
+            Signing::Unusable(e) => {
+                return Err(Deny::new(
+                    DenyReason::Internal,
+                    format!(
+                        "signing key of account {:?} unusable: {e}",
+                        login.account_name
+                    ),
+                ))
+            }
         };
-        let signer = crate::keys::keypair_from_stored(&self.cipher, signing_seed, signing_public)
-            .map_err(|e| {
-            Deny::new(
-                DenyReason::Internal,
-                format!(
-                    "signing key of account {:?} unusable: {e}",
-                    login.account_name
-                ),
-            )
-        })?;
-        let merged = permissions::merge(login, &self.settings.defaults);
-        let ttl = permissions::ttl(login, self.settings.default_ttl, self.settings.max_ttl);
         let user_jwt = mint::user_jwt(
             req,
             &login.username,
-            &merged,
-            ttl,
-            account_key,
-            &signer,
+            &login.merged,
+            login.ttl,
+            &issuer.account,
+            &issuer.keypair,
             now,
         )
         .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
         Ok(Grant {
             user_jwt,
-            username: login.username.clone(),
-            account: login.account_name.clone(),
+            username: login.username.to_string(),
+            account: login.account_name.to_string(),
         })
     }
 }

@@ -4,6 +4,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use ipnetwork::IpNetwork;
+
 use crate::db::logins::LoginRow;
 
 /// Publish and subscribe allowed when a user and its role grant nothing at all (pb-nats: `>`).
@@ -22,20 +24,20 @@ impl Default for Defaults {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Lists {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Response {
     pub max: i64,
     pub ttl: Duration,
 }
 
 /// The outcome of a merge; what the minted JWT carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Merged {
     pub publish: Lists,
     pub subscribe: Lists,
@@ -124,16 +126,13 @@ pub enum ConnectionRule {
 /// nats-server ignores `src` and `allowed_connection_types` for callout users (protocol doc
 /// §3.7), so the service enforces them at login.
 pub fn check_connection(
-    login: &LoginRow,
+    allowed_sources: Option<&[IpNetwork]>,
+    allowed_connection_types: Option<&[String]>,
     host: Option<&str>,
     kind: Option<&str>,
     client_type: Option<&str>,
 ) -> Result<(), ConnectionRule> {
-    if let Some(sources) = login
-        .role_allowed_sources
-        .as_deref()
-        .filter(|s| !s.is_empty())
-    {
+    if let Some(sources) = allowed_sources.filter(|s| !s.is_empty()) {
         let ip: Option<IpAddr> =
             host.and_then(|h| h.trim_matches(|c| c == '[' || c == ']').parse().ok());
         match ip {
@@ -141,11 +140,7 @@ pub fn check_connection(
             _ => return Err(ConnectionRule::SourceNotAllowed),
         }
     }
-    if let Some(types) = login
-        .role_allowed_connection_types
-        .as_deref()
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(types) = allowed_connection_types.filter(|t| !t.is_empty()) {
         let ours = connection_type(kind, client_type);
         if !types.iter().any(|t| t.eq_ignore_ascii_case(ours)) {
             return Err(ConnectionRule::ConnectionTypeNotAllowed);
@@ -209,6 +204,7 @@ pub(crate) mod tests {
             account_ttl_secs: None,
             signing_public_key: None,
             signing_seed: None,
+            signing_key_pending: false,
         }
     }
 
@@ -304,24 +300,33 @@ pub(crate) mod tests {
 
     #[test]
     fn sources_and_connection_types() {
+        let check = |l: &LoginRow, host, kind, ty| {
+            check_connection(
+                l.role_allowed_sources.as_deref(),
+                l.role_allowed_connection_types.as_deref(),
+                host,
+                kind,
+                ty,
+            )
+        };
         let mut l = login();
-        assert!(check_connection(&l, Some("10.1.2.3"), None, None).is_ok());
+        assert!(check(&l, Some("10.1.2.3"), None, None).is_ok());
         l.role_allowed_sources = Some(vec!["10.0.0.0/8".parse().unwrap()]);
-        assert!(check_connection(&l, Some("10.1.2.3"), None, None).is_ok());
+        assert!(check(&l, Some("10.1.2.3"), None, None).is_ok());
         assert_eq!(
-            check_connection(&l, Some("127.0.0.1"), None, None),
+            check(&l, Some("127.0.0.1"), None, None),
             Err(ConnectionRule::SourceNotAllowed)
         );
         assert_eq!(
-            check_connection(&l, None, None, None),
+            check(&l, None, None, None),
             Err(ConnectionRule::SourceNotAllowed)
         );
         l.role_allowed_sources = None;
         l.role_allowed_connection_types = Some(v(&["WEBSOCKET"]));
         assert_eq!(
-            check_connection(&l, Some("127.0.0.1"), Some("Client"), Some("nats")),
+            check(&l, Some("127.0.0.1"), Some("Client"), Some("nats")),
             Err(ConnectionRule::ConnectionTypeNotAllowed)
         );
-        assert!(check_connection(&l, Some("127.0.0.1"), Some("Client"), Some("websocket")).is_ok());
+        assert!(check(&l, Some("127.0.0.1"), Some("Client"), Some("websocket")).is_ok());
     }
 }

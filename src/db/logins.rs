@@ -45,6 +45,10 @@ pub struct LoginRow {
     /// Newest signing key that the server already has (created before the last good push).
     pub signing_public_key: Option<String>,
     pub signing_seed: Option<String>,
+    /// A signing key exists that the server does not have yet (created after the last good
+    /// push). The row will change when the push lands, and that sends no notification, so a
+    /// login read in this state must not be cached.
+    pub signing_key_pending: bool,
 }
 
 impl std::fmt::Debug for LoginRow {
@@ -88,7 +92,12 @@ SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
        a.id AS account_id, a.name AS account_name, a.active AS account_active,
        a.public_key AS account_public_key,
        EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
-       k.public_key AS signing_public_key, k.seed AS signing_seed
+       k.public_key AS signing_public_key, k.seed AS signing_seed,
+       EXISTS (
+           SELECT 1 FROM nats.account_keys pk
+           WHERE pk.account_id = a.id AND pk.kind = 'signing' AND pk.retired_at IS NULL
+             AND (a.synced_at IS NULL OR pk.created_at > a.synced_at)
+       ) AS signing_key_pending
 FROM nats.users u
 JOIN nats.accounts a ON a.id = u.account_id
 LEFT JOIN nats.roles r ON r.id = u.role_id

@@ -1,0 +1,277 @@
+//! Login caches: reconnecting users skip Postgres and bcrypt, and no change is served stale —
+//! a password change, a deactivation and a token revocation hold for the very next login.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nats_pg_auth::cache::{CacheStats, LoginCache, LISTENER_APPLICATION_NAME};
+use nats_pg_auth::callout::Callout;
+
+use crate::common::{is_auth_refusal, wait_until, TestEnv};
+
+fn callout(env: &TestEnv) -> Arc<Callout> {
+    env.callout.clone().expect("service running")
+}
+
+/// Waits until the change listener is connected (the caches are bypassed until then).
+async fn caches_live(env: &TestEnv) -> Arc<LoginCache> {
+    let cache = callout(env).cache().clone();
+    let c = cache.clone();
+    wait_until(Duration::from_secs(5), "cache listener to connect", || {
+        let c = c.clone();
+        async move { c.is_live() }
+    })
+    .await;
+    cache
+}
+
+/// The example tenant, with alice's hash at bcrypt cost 4: debug builds run bcrypt slowly,
+/// and what is tested here is whether it runs, not how long it takes.
+async fn acme(env: &TestEnv) {
+    env.acme().await;
+    env.sql("UPDATE nats.users SET password_hash = crypt('s3cret', gen_salt('bf', 4)) WHERE username = 'alice'")
+        .await;
+}
+
+async fn logs_in(env: &TestEnv, user: &str, pass: &str) -> bool {
+    match env.connect_user(user, pass).await {
+        Ok(c) => {
+            c.flush().await.expect("connected");
+            drop(c);
+            true
+        }
+        Err(e) => {
+            assert!(is_auth_refusal(&e), "refused by auth, not by network: {e}");
+            false
+        }
+    }
+}
+
+async fn token_logs_in(env: &TestEnv, token: &str) -> bool {
+    match env.connect_token(token).await {
+        Ok(c) => {
+            c.flush().await.expect("connected");
+            true
+        }
+        Err(e) => {
+            assert!(is_auth_refusal(&e), "refused by auth, not by network: {e}");
+            false
+        }
+    }
+}
+
+/// Retries `attempt` (each a fresh login) until it returns `want`; panics after 2 s. Returns
+/// how long after `since` (the change's COMMIT) it took.
+async fn within_two_seconds<F, Fut>(
+    since: Instant,
+    what: &str,
+    want: bool,
+    mut attempt: F,
+) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if attempt().await == want {
+            let took = since.elapsed();
+            eprintln!("{what}: took effect {took:?} after COMMIT");
+            return took;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(2),
+            "{what}: still not in effect 2 s after COMMIT (stale cache)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reconnecting_user_skips_bcrypt_and_postgres() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    let cache = caches_live(&env).await;
+    let callout = callout(&env);
+
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    let hashes = callout.password_hashes_computed();
+    let hits = CacheStats::get(&cache.stats().login_hits);
+    assert!(hashes >= 1, "the first login ran bcrypt");
+
+    for _ in 0..3 {
+        assert!(logs_in(&env, "alice", "s3cret").await);
+    }
+    assert_eq!(
+        callout.password_hashes_computed(),
+        hashes,
+        "later logins of the same user/password do not run bcrypt again"
+    );
+    assert!(CacheStats::get(&cache.stats().credential_hits) >= 3);
+    assert!(
+        CacheStats::get(&cache.stats().login_hits) >= hits + 3,
+        "later logins read the login from the cache, not Postgres"
+    );
+
+    // A wrong password always pays bcrypt and is never remembered.
+    assert!(!logs_in(&env, "alice", "wrong").await);
+    assert!(!logs_in(&env, "alice", "wrong").await);
+    assert_eq!(callout.password_hashes_computed(), hashes + 2);
+
+    // Off: every login verifies again.
+    cache.set_credentials_enabled(false);
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert_eq!(callout.password_hashes_computed(), hashes + 3);
+}
+
+#[tokio::test]
+async fn a_password_change_holds_for_the_next_login() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    caches_live(&env).await;
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert!(logs_in(&env, "alice", "s3cret").await, "cached now");
+
+    env.sql("UPDATE nats.users SET password_hash = crypt('n3w', gen_salt('bf', 4)) WHERE username = 'alice'")
+        .await;
+    let committed = Instant::now();
+    within_two_seconds(committed, "old password refused", false, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+    within_two_seconds(committed, "new password accepted", true, || {
+        logs_in(&env, "alice", "n3w")
+    })
+    .await;
+    // Changed back to the same text: a new salt, so the old cached verification is useless.
+    env.sql("UPDATE nats.users SET password_hash = crypt('s3cret', gen_salt('bf', 4)) WHERE username = 'alice'")
+        .await;
+    let committed = Instant::now();
+    within_two_seconds(committed, "new password refused", false, || {
+        logs_in(&env, "alice", "n3w")
+    })
+    .await;
+    assert!(logs_in(&env, "alice", "s3cret").await);
+}
+
+#[tokio::test]
+async fn deactivating_a_user_or_account_holds_for_the_next_login() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    caches_live(&env).await;
+    for _ in 0..2 {
+        assert!(logs_in(&env, "alice", "s3cret").await);
+    }
+    env.sql("UPDATE nats.users SET active = false WHERE username = 'alice'")
+        .await;
+    let took = within_two_seconds(Instant::now(), "inactive user refused", false, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(1),
+        "refused within ~1 s ({took:?})"
+    );
+    assert!(env.metrics.denied("inactive_user") >= 1);
+
+    env.sql("UPDATE nats.users SET active = true WHERE username = 'alice'")
+        .await;
+    within_two_seconds(Instant::now(), "reactivated user accepted", true, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+    assert!(logs_in(&env, "alice", "s3cret").await, "cached again");
+
+    env.sql("UPDATE nats.accounts SET active = false WHERE name = 'acme'")
+        .await;
+    within_two_seconds(Instant::now(), "inactive account refused", false, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_holds_for_the_next_login() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    let cache = caches_live(&env).await;
+    env.sql(
+        "INSERT INTO nats.user_tokens (user_id, token_sha256, description)
+           SELECT id, digest('tok-1', 'sha256'), 'cache test' FROM nats.users WHERE username = 'alice'",
+    )
+    .await;
+    assert!(token_logs_in(&env, "tok-1").await);
+    let hits = CacheStats::get(&cache.stats().token_hits);
+    assert!(token_logs_in(&env, "tok-1").await);
+    assert!(
+        CacheStats::get(&cache.stats().token_hits) > hits,
+        "the second token login is served from the cache"
+    );
+
+    env.sql("UPDATE nats.user_tokens SET revoked_at = now() WHERE description = 'cache test'")
+        .await;
+    let took = within_two_seconds(Instant::now(), "revoked token refused", false, || {
+        token_logs_in(&env, "tok-1")
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(1),
+        "refused within ~1 s ({took:?})"
+    );
+    assert!(env.metrics.denied("token_revoked") >= 1);
+}
+
+#[tokio::test]
+async fn an_unknown_user_becomes_known_as_soon_as_it_is_inserted() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    let cache = caches_live(&env).await;
+    assert!(!logs_in(&env, "bob", "pw").await);
+    assert!(!logs_in(&env, "bob", "pw").await);
+    assert!(
+        CacheStats::get(&cache.stats().unknown_user_hits) >= 1,
+        "the second attempt is answered from the negative cache"
+    );
+    env.add_watcher("acme", "bob").await;
+    within_two_seconds(Instant::now(), "new user accepted", true, || {
+        logs_in(&env, "bob", "pw")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lost_listener_flushes_and_changes_made_meanwhile_are_seen() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    let cache = caches_live(&env).await;
+    for _ in 0..2 {
+        assert!(logs_in(&env, "alice", "s3cret").await);
+    }
+    let connects = CacheStats::get(&cache.stats().listener_connects);
+    // Kill the listener's connection and change the user in the same breath: the notification
+    // may well be lost.
+    env.sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{LISTENER_APPLICATION_NAME}' AND datname = current_database();
+         UPDATE nats.users SET active = false WHERE username = 'alice';"
+    ))
+    .await;
+    within_two_seconds(Instant::now(), "inactive user refused", false, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+    let c = cache.clone();
+    wait_until(Duration::from_secs(10), "listener to reconnect", || {
+        let c = c.clone();
+        async move { c.is_live() && CacheStats::get(&c.stats().listener_connects) > connects }
+    })
+    .await;
+    // Live again: caching and invalidation work as before.
+    env.sql("UPDATE nats.users SET active = true WHERE username = 'alice'")
+        .await;
+    within_two_seconds(Instant::now(), "reactivated user accepted", true, || {
+        logs_in(&env, "alice", "s3cret")
+    })
+    .await;
+    let hits = CacheStats::get(&cache.stats().login_hits);
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert!(CacheStats::get(&cache.stats().login_hits) > hits);
+}
