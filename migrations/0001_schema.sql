@@ -7,39 +7,72 @@ CREATE SCHEMA IF NOT EXISTS nats;
 -- Validation helpers. Bad rows must fail at INSERT/UPDATE with a clear error, not at login.
 -- ---------------------------------------------------------------------------------------------
 
--- A NATS subject: non-empty tokens separated by '.', no whitespace, '*' and '>' only as whole
--- tokens, '>' only last. With allow_queue, "subject queue" (subscribe permissions) is accepted.
-CREATE FUNCTION nats.valid_subject(s text, allow_queue boolean) RETURNS boolean
+-- What is wrong with a subject, in words (NULL when it is fine), so errors can say it.
+-- NATS rules: non-empty tokens separated by '.', no whitespace, '*' and '>' only as whole tokens,
+-- '>' only last. Stricter than nats-server in one way on purpose: it accepts "foo*" as a literal
+-- token, which in a permission almost always means someone expected a wildcard.
+-- With allow_queue (subscribe permissions), "subject queue" is accepted: exactly one space, then
+-- a queue name. The queue name obeys the same token rules, because nats-server matches a queue
+-- permission such as "jobs.* v1.*" as a pattern against the queue group name.
+CREATE FUNCTION nats.subject_problem(s text, allow_queue boolean) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
   subject text := s;
   queue text;
+  part text;
+  label text;
   tokens text[];
   n int;
-  i int;
-  t text;
 BEGIN
-  IF s IS NULL OR s = '' THEN RETURN false; END IF;
-  IF allow_queue AND position(' ' in s) > 0 THEN
+  IF s IS NULL THEN RETURN 'NULL is not a subject'; END IF;
+  IF s = '' THEN RETURN 'it is empty'; END IF;
+  IF position(' ' in s) > 0 THEN
+    IF NOT allow_queue THEN
+      RETURN 'it contains a space (a queue group, "subject queue", is only allowed in subscribe permissions)';
+    END IF;
     subject := split_part(s, ' ', 1);
     queue := substr(s, length(subject) + 2);
-    IF queue = '' OR queue ~ '\s' THEN RETURN false; END IF;
+    IF subject = '' THEN RETURN 'it starts with a space'; END IF;
+    IF queue = '' THEN RETURN 'a space must be followed by a queue name'; END IF;
+    IF queue ~ '\s' THEN RETURN 'only one space is allowed, between the subject and the queue name'; END IF;
   END IF;
-  IF subject ~ '\s' OR subject = '' THEN RETURN false; END IF;
-  tokens := string_to_array(subject, '.');
-  n := array_length(tokens, 1);
-  FOR i IN 1..n LOOP
-    t := tokens[i];
-    IF t = '' THEN RETURN false; END IF;
-    IF t = '>' AND i <> n THEN RETURN false; END IF;
-    IF length(t) > 1 AND (position('*' in t) > 0 OR position('>' in t) > 0) THEN RETURN false; END IF;
+  -- The subject, then the queue name if any.
+  FOR part, label IN SELECT * FROM (VALUES (subject, ''), (queue, 'queue name: ')) v WHERE v.column1 IS NOT NULL LOOP
+    IF part ~ '\s' THEN RETURN label || 'it contains whitespace'; END IF;
+    tokens := string_to_array(part, '.');
+    n := array_length(tokens, 1);
+    FOR i IN 1..n LOOP
+      IF tokens[i] = '' THEN
+        RETURN label || 'it has an empty token (a leading, trailing or double dot)';
+      END IF;
+      IF length(tokens[i]) > 1 AND tokens[i] ~ '[*>]' THEN
+        RETURN label || format('token "%s" mixes a wildcard with other characters; "*" and ">" must be whole tokens', tokens[i]);
+      END IF;
+      IF tokens[i] = '>' AND i <> n THEN
+        RETURN label || '">" must be the last token';
+      END IF;
+    END LOOP;
   END LOOP;
-  RETURN true;
+  RETURN NULL;
 END $$;
 
+CREATE FUNCTION nats.valid_subject(s text, allow_queue boolean) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT nats.subject_problem(s, allow_queue) IS NULL
+$$;
+
+-- Every element valid. A NULL array is valid (NOT NULL constraints speak for themselves), an
+-- empty one too; a NULL element is not.
 CREATE FUNCTION nats.valid_subjects(arr text[], allow_queue boolean) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
   SELECT arr IS NULL OR coalesce(bool_and(nats.valid_subject(x, allow_queue)), true) FROM unnest(arr) AS x
+$$;
+
+-- bcrypt as made by pgcrypto's crypt(pw, gen_salt('bf', 10)), or an argon2id PHC string.
+-- Anything else is most likely a plaintext password pasted into the wrong column.
+CREATE FUNCTION nats.valid_password_hash(h text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT h ~ '^\$2[abxy]?\$[0-9]{2}\$[./A-Za-z0-9]{53}$' OR h ~ '^\$argon2id\$'
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -93,7 +126,8 @@ CREATE TABLE nats.roles (
   max_data bigint NOT NULL DEFAULT -1 CONSTRAINT role_max_data_at_least_minus_one CHECK (max_data >= -1),
   max_payload bigint NOT NULL DEFAULT -1 CONSTRAINT role_max_payload_at_least_minus_one CHECK (max_payload >= -1),
   user_jwt_ttl interval CONSTRAINT role_user_jwt_ttl_positive CHECK (user_jwt_ttl > interval '0'),
-  allowed_sources cidr[] NOT NULL DEFAULT '{}',
+  allowed_sources cidr[] NOT NULL DEFAULT '{}'
+    CONSTRAINT allowed_sources_no_nulls CHECK (array_position(allowed_sources, NULL) IS NULL),
   allowed_connection_types text[] NOT NULL DEFAULT '{}'
     CONSTRAINT allowed_connection_types_known CHECK (allowed_connection_types <@
       ARRAY['STANDARD','WEBSOCKET','LEAFNODE','LEAFNODE_WS','MQTT','MQTT_WS','IN_PROCESS']::text[]),
@@ -108,8 +142,8 @@ CREATE TABLE nats.users (
   -- RESTRICT: deleting a role that users still hold would silently widen or narrow their rights.
   role_id bigint REFERENCES nats.roles(id) ON DELETE RESTRICT,
   username text NOT NULL UNIQUE CONSTRAINT username_not_blank CHECK (username ~ '^\S+$'),
-  password_hash text CONSTRAINT password_hash_is_bcrypt_or_argon2id CHECK (
-    password_hash ~ '^\$2[abxy]?\$[0-9]{2}\$[./A-Za-z0-9]{53}$' OR password_hash ~ '^\$argon2id\$'),
+  -- NULL: token-only user.
+  password_hash text CONSTRAINT password_hash_is_bcrypt_or_argon2id CHECK (nats.valid_password_hash(password_hash)),
   active boolean NOT NULL DEFAULT true,
   publish_permissions text[] NOT NULL DEFAULT '{}'
     CONSTRAINT user_publish_permissions_are_subjects CHECK (nats.valid_subjects(publish_permissions, false)),
@@ -212,7 +246,7 @@ CREATE UNIQUE INDEX account_keys_one_identity ON nats.account_keys(account_id) W
 CREATE INDEX account_keys_account ON nats.account_keys(account_id, kind, created_at);
 
 CREATE TABLE nats.sync_outbox (
-  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
   account_id bigint, -- no FK: a delete row outlives its account
   account_public_key text,
   op text NOT NULL CHECK (op IN ('upsert', 'delete')),
@@ -226,7 +260,7 @@ CREATE INDEX sync_outbox_due ON nats.sync_outbox(next_attempt_at);
 CREATE INDEX sync_outbox_account ON nats.sync_outbox(account_id) WHERE attempts = 0;
 
 CREATE TABLE nats.audit_log (
-  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
   at timestamptz NOT NULL DEFAULT now(),
   kind text NOT NULL,
   subject text,
@@ -236,17 +270,122 @@ CREATE TABLE nats.audit_log (
 -- ---------------------------------------------------------------------------------------------
 -- Triggers
 -- ---------------------------------------------------------------------------------------------
+-- updated_at = when an admin last changed the row. Trigger arguments name service-owned columns:
+-- an update that touches only those (the sync recording a push or an error) keeps updated_at, so
+-- "updated_at > synced_at" still means "changed since the last push".
 CREATE FUNCTION nats.touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  NEW.updated_at := now();
+  IF TG_NARGS > 0
+     AND (to_jsonb(NEW) - TG_ARGV - 'updated_at') = (to_jsonb(OLD) - TG_ARGV - 'updated_at') THEN
+    NEW.updated_at := OLD.updated_at;
+  ELSE
+    NEW.updated_at := now();
+  END IF;
   RETURN NEW;
 END $$;
 
-CREATE TRIGGER accounts_updated_at BEFORE UPDATE ON nats.accounts FOR EACH ROW EXECUTE FUNCTION nats.touch_updated_at();
+CREATE TRIGGER accounts_updated_at BEFORE UPDATE ON nats.accounts FOR EACH ROW
+  EXECUTE FUNCTION nats.touch_updated_at('public_key', 'jwt', 'synced_at', 'sync_error');
 CREATE TRIGGER roles_updated_at BEFORE UPDATE ON nats.roles FOR EACH ROW EXECUTE FUNCTION nats.touch_updated_at();
 CREATE TRIGGER users_updated_at BEFORE UPDATE ON nats.users FOR EACH ROW EXECUTE FUNCTION nats.touch_updated_at();
 CREATE TRIGGER exports_updated_at BEFORE UPDATE ON nats.account_exports FOR EACH ROW EXECUTE FUNCTION nats.touch_updated_at();
-CREATE TRIGGER imports_updated_at BEFORE UPDATE ON nats.account_imports FOR EACH ROW EXECUTE FUNCTION nats.touch_updated_at();
+CREATE TRIGGER imports_updated_at BEFORE UPDATE ON nats.account_imports FOR EACH ROW
+  EXECUTE FUNCTION nats.touch_updated_at('sync_error');
+
+-- Explain bad rows. The CHECK constraints above are the guarantee; these BEFORE triggers run
+-- first and say which entry is wrong and why, where a CHECK can only name itself and dump the
+-- whole row (which, for a plaintext password or token, would echo the secret into error logs).
+-- Every message ends with the constraint's name, so tooling that matches on it keeps working.
+
+-- Arguments: 'column=constraint' for each subject column (text or text[]) of the table.
+-- Columns named subscribe_* may carry a queue group.
+CREATE FUNCTION nats.check_subject_columns() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  r jsonb := to_jsonb(NEW);
+  what text := format('%s "%s"',
+    CASE TG_TABLE_NAME WHEN 'roles' THEN 'role' WHEN 'users' THEN 'user'
+                       WHEN 'account_exports' THEN 'export' ELSE 'import' END,
+    coalesce(r->>'username', r->>'name', '?'));
+  arg text;
+  col text;
+  queue boolean;
+  val jsonb;
+  elem text;
+  problem text;
+BEGIN
+  FOREACH arg IN ARRAY TG_ARGV LOOP
+    col := split_part(arg, '=', 1);
+    queue := col LIKE 'subscribe%';
+    val := r -> col;
+    -- Missing values are for NOT NULL to report; NULL entries inside an array are checked.
+    CONTINUE WHEN val IS NULL OR jsonb_typeof(val) = 'null';
+    FOR elem IN
+      SELECT e #>> '{}' FROM jsonb_array_elements(CASE jsonb_typeof(val) WHEN 'array' THEN val
+                                                     ELSE jsonb_build_array(val) END) AS e
+    LOOP
+      problem := nats.subject_problem(elem, queue);
+      CONTINUE WHEN problem IS NULL;
+      RAISE EXCEPTION '% has an invalid % entry %: % (constraint %)',
+        what, col, coalesce('"' || elem || '"', 'NULL'), problem, split_part(arg, '=', 2)
+        USING ERRCODE = 'check_violation', CONSTRAINT = split_part(arg, '=', 2),
+              SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = col,
+              HINT = 'A NATS subject is non-empty tokens separated by single dots, without spaces; '
+                  || '"*" matches one token and ">" all remaining ones, each only as a whole token '
+                  || 'and ">" only last (e.g. sensors.*.temp, sensors.>).'
+                  || CASE WHEN queue THEN ' A queue group is written "subject queue", e.g. "jobs.* workers".'
+                          ELSE '' END;
+    END LOOP;
+  END LOOP;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER roles_check_subjects BEFORE INSERT OR UPDATE ON nats.roles FOR EACH ROW
+  EXECUTE FUNCTION nats.check_subject_columns(
+    'publish_permissions=publish_permissions_are_subjects',
+    'subscribe_permissions=subscribe_permissions_are_subjects',
+    'publish_deny_permissions=publish_deny_permissions_are_subjects',
+    'subscribe_deny_permissions=subscribe_deny_permissions_are_subjects');
+CREATE TRIGGER users_check_subjects BEFORE INSERT OR UPDATE ON nats.users FOR EACH ROW
+  EXECUTE FUNCTION nats.check_subject_columns(
+    'publish_permissions=user_publish_permissions_are_subjects',
+    'subscribe_permissions=user_subscribe_permissions_are_subjects',
+    'publish_deny_permissions=user_publish_deny_permissions_are_subjects',
+    'subscribe_deny_permissions=user_subscribe_deny_permissions_are_subjects');
+CREATE TRIGGER exports_check_subjects BEFORE INSERT OR UPDATE ON nats.account_exports FOR EACH ROW
+  EXECUTE FUNCTION nats.check_subject_columns('subject=export_subject_valid');
+CREATE TRIGGER imports_check_subjects BEFORE INSERT OR UPDATE ON nats.account_imports FOR EACH ROW
+  EXECUTE FUNCTION nats.check_subject_columns('subject=import_subject_valid',
+                                              'local_subject=import_local_subject_valid');
+
+-- Never repeat the value: it is probably the plaintext password.
+CREATE FUNCTION nats.check_password_hash() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.password_hash IS NOT NULL AND NOT nats.valid_password_hash(NEW.password_hash) THEN
+    RAISE EXCEPTION 'password_hash of user "%" is not a bcrypt or argon2id hash (constraint password_hash_is_bcrypt_or_argon2id)',
+      NEW.username
+      USING ERRCODE = 'check_violation', CONSTRAINT = 'password_hash_is_bcrypt_or_argon2id',
+            SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = 'password_hash',
+            HINT = 'Store a hash, never the password: password_hash = crypt(''the password'', gen_salt(''bf'', 10)), '
+                || 'or an argon2id PHC string ($argon2id$...). NULL means the user logs in with tokens only.';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER users_check_password_hash BEFORE INSERT OR UPDATE OF password_hash ON nats.users
+  FOR EACH ROW EXECUTE FUNCTION nats.check_password_hash();
+
+-- Never repeat the value: it may be the token itself.
+CREATE FUNCTION nats.check_token_sha256() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF octet_length(NEW.token_sha256) <> 32 THEN
+    RAISE EXCEPTION 'token_sha256 must be the 32-byte SHA-256 of the token, got % bytes (constraint token_sha256_is_32_bytes)',
+      octet_length(NEW.token_sha256)
+      USING ERRCODE = 'check_violation', CONSTRAINT = 'token_sha256_is_32_bytes',
+            SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = 'token_sha256',
+            HINT = 'Store digest(''the token'', ''sha256'') (pgcrypto); the token itself is never stored.';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER user_tokens_check_token_sha256 BEFORE INSERT OR UPDATE OF token_sha256 ON nats.user_tokens
+  FOR EACH ROW EXECUTE FUNCTION nats.check_token_sha256();
 
 -- A user's role must be global or belong to the user's account.
 CREATE FUNCTION nats.check_user_role() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -283,6 +422,29 @@ BEGIN
 END $$;
 CREATE TRIGGER roles_account_keeps_users BEFORE UPDATE OF account_id ON nats.roles
   FOR EACH ROW EXECUTE FUNCTION nats.check_role_account();
+
+-- users.role_id is ON DELETE RESTRICT (see nats.users); this says so in words. Users whose
+-- account row is already gone are being deleted by the same cascade and do not count, so
+-- deleting an account with its roles and users still works.
+CREATE FUNCTION nats.check_role_unused() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  n bigint;
+  example text;
+BEGIN
+  SELECT count(*), min(u.username) INTO n, example
+    FROM nats.users u JOIN nats.accounts a ON a.id = u.account_id
+   WHERE u.role_id = OLD.id;
+  IF n > 0 THEN
+    RAISE EXCEPTION 'role "%" (id %) is still held by % user(s), e.g. "%"; it cannot be deleted (constraint users_role_id_fkey)',
+      OLD.name, OLD.id, n, example
+      USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'users_role_id_fkey',
+            SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME,
+            HINT = format('Give those users another role first, e.g. UPDATE nats.users SET role_id = NULL WHERE role_id = %s;', OLD.id);
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER roles_delete_unused BEFORE DELETE ON nats.roles
+  FOR EACH ROW EXECUTE FUNCTION nats.check_role_unused();
 
 -- Outbox: queue a push of an account. Coalesces into a pending row that no leader has claimed
 -- yet (attempts = 0); a claimed row gets a new one, so a change during a push is never lost.
@@ -325,17 +487,29 @@ END $$;
 CREATE TRIGGER accounts_sync AFTER INSERT OR UPDATE OR DELETE ON nats.accounts
   FOR EACH ROW EXECUTE FUNCTION nats.accounts_changed();
 
--- Exports change the exporter and every local importer; imports change the importer.
+-- The accounts a row of exports/imports/keys belongs to: OLD's and NEW's (an UPDATE may move
+-- the row to another account; both JWTs change then). OLD is NULL on INSERT, NEW on DELETE.
+CREATE FUNCTION nats.owning_accounts(old_account bigint, new_account bigint) RETURNS SETOF bigint
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT DISTINCT x FROM unnest(ARRAY[old_account, new_account]) AS x WHERE x IS NOT NULL
+$$;
+
+-- Exports change the exporter and every local importer of it (their import claims point at the
+-- export, and activation tokens depend on token_req); imports change the importer.
+-- An account that no longer exists is skipped: it is being deleted (cascade) and its delete row
+-- does the work.
 CREATE FUNCTION nats.exports_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  acc bigint := CASE WHEN TG_OP = 'DELETE' THEN OLD.account_id ELSE NEW.account_id END;
+  acc bigint;
   imp bigint;
 BEGIN
-  IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
-    PERFORM nats.enqueue_account_sync(acc, 'export ' || lower(TG_OP));
-  END IF;
-  FOR imp IN SELECT DISTINCT account_id FROM nats.account_imports WHERE exporter_account_id = acc LOOP
-    PERFORM nats.enqueue_account_sync(imp, 'exporter changed');
+  FOR acc IN SELECT nats.owning_accounts(OLD.account_id, NEW.account_id) LOOP
+    IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
+      PERFORM nats.enqueue_account_sync(acc, 'export ' || lower(TG_OP));
+    END IF;
+    FOR imp IN SELECT DISTINCT account_id FROM nats.account_imports WHERE exporter_account_id = acc LOOP
+      PERFORM nats.enqueue_account_sync(imp, 'exporter changed');
+    END LOOP;
   END LOOP;
   RETURN NULL;
 END $$;
@@ -344,28 +518,34 @@ CREATE TRIGGER exports_sync AFTER INSERT OR UPDATE OR DELETE ON nats.account_exp
 
 CREATE FUNCTION nats.imports_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  acc bigint := CASE WHEN TG_OP = 'DELETE' THEN OLD.account_id ELSE NEW.account_id END;
+  acc bigint;
 BEGIN
-  -- The service writes sync_error; that alone is not a change to push.
+  -- The service writes sync_error; that alone is not a change to push (else every failed push
+  -- would queue the next one forever).
   IF TG_OP = 'UPDATE' AND (to_jsonb(NEW) - ARRAY['sync_error', 'updated_at']) = (to_jsonb(OLD) - ARRAY['sync_error', 'updated_at']) THEN
     RETURN NULL;
   END IF;
-  IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
-    PERFORM nats.enqueue_account_sync(acc, 'import ' || lower(TG_OP));
-  END IF;
+  FOR acc IN SELECT nats.owning_accounts(OLD.account_id, NEW.account_id) LOOP
+    IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
+      PERFORM nats.enqueue_account_sync(acc, 'import ' || lower(TG_OP));
+    END IF;
+  END LOOP;
   RETURN NULL;
 END $$;
 CREATE TRIGGER imports_sync AFTER INSERT OR UPDATE OR DELETE ON nats.account_imports
   FOR EACH ROW EXECUTE FUNCTION nats.imports_changed();
 
+-- Keys are listed in the account JWT (signing keys) or are its subject (identity key).
 CREATE FUNCTION nats.account_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  acc bigint := CASE WHEN TG_OP = 'DELETE' THEN OLD.account_id ELSE NEW.account_id END;
+  acc bigint;
 BEGIN
-  -- Skip when the account itself is being deleted (cascade): its delete row does the work.
-  IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
-    PERFORM nats.enqueue_account_sync(acc, 'signing keys changed');
-  END IF;
+  FOR acc IN SELECT nats.owning_accounts(OLD.account_id, NEW.account_id) LOOP
+    -- Skip when the account itself is being deleted (cascade): its delete row does the work.
+    IF EXISTS (SELECT 1 FROM nats.accounts WHERE id = acc) THEN
+      PERFORM nats.enqueue_account_sync(acc, 'signing keys changed');
+    END IF;
+  END LOOP;
   RETURN NULL;
 END $$;
 CREATE TRIGGER account_keys_sync AFTER INSERT OR UPDATE OR DELETE ON nats.account_keys
@@ -385,6 +565,9 @@ BEGIN
       RETURN NULL;
     END IF;
     payload := 'token:' || rec.user_id;
+    IF TG_OP = 'UPDATE' AND NEW.user_id <> OLD.user_id THEN
+      PERFORM pg_notify('nats_pg_auth_change', 'token:' || OLD.user_id);
+    END IF;
   ELSIF TG_TABLE_NAME = 'users' THEN
     payload := 'user:' || rec.id;
   ELSE

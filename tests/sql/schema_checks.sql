@@ -1,0 +1,365 @@
+-- Proves the checks and triggers of migrations/0001_schema.sql. Needs a FRESH database with the
+-- migration applied (it inserts rows and stops if nats.accounts is not empty):
+--
+--   URL=$(scripts/pg.sh start /tmp/pgdev 55432)            # or any Postgres >= 15
+--   psql "$URL" -c 'CREATE DATABASE schema_checks'
+--   DB=${URL%/*}/schema_checks
+--   psql "$DB" -v ON_ERROR_STOP=1 -f migrations/0001_schema.sql
+--   psql "$DB" -v ON_ERROR_STOP=1 -f tests/sql/schema_checks.sql
+--
+-- Every rejected statement is printed with the error an admin would see. Any surprise stops the
+-- script with "FAIL: ..." and a non-zero exit. Notifications are checked through a second
+-- session (dblink, part of Postgres' contrib like pgcrypto) that LISTENs to both channels.
+-- Statements run in autocommit mode on purpose: NOTIFY is delivered at commit.
+
+\set ON_ERROR_STOP 1
+\set QUIET 1
+\o /dev/null
+SET client_min_messages = notice;
+
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM nats.accounts) THEN
+    RAISE EXCEPTION 'FAIL: schema_checks.sql needs a fresh database (nats.accounts is not empty)';
+  END IF;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Helpers (session-local, in pg_temp)
+-- ---------------------------------------------------------------------------------------------
+
+-- Runs stmt, which must fail with a message containing every fragment.
+CREATE FUNCTION pg_temp.expect_error(stmt text, VARIADIC fragments text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  msg text;
+  hint text;
+  f text;
+BEGIN
+  BEGIN
+    EXECUTE stmt;
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, hint = PG_EXCEPTION_HINT;
+    FOREACH f IN ARRAY fragments LOOP
+      IF position(f IN msg) = 0 THEN
+        RAISE EXCEPTION 'FAIL: % -- failed as expected, but the message lacks "%": %', stmt, f, msg;
+      END IF;
+    END LOOP;
+    RAISE NOTICE E'rejected: %\n      error: %', stmt,
+      msg || coalesce(E'\n      hint:  ' || nullif(hint, ''), '');
+    RETURN;
+  END;
+  RAISE EXCEPTION 'FAIL: expected an error from: %', stmt;
+END $$;
+
+CREATE FUNCTION pg_temp.expect(ok boolean, what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  IF ok IS NOT TRUE THEN RAISE EXCEPTION 'FAIL: %', what; END IF;
+  RAISE NOTICE 'ok: %', what;
+END $$;
+
+CREATE FUNCTION pg_temp.outbox(p_account text) RETURNS bigint LANGUAGE sql AS $$
+  SELECT count(*) FROM nats.sync_outbox o JOIN nats.accounts a ON a.id = o.account_id
+   WHERE a.name = p_account AND o.op = 'upsert'
+$$;
+
+CREATE FUNCTION pg_temp.acc(p_name text) RETURNS bigint LANGUAGE sql AS $$
+  SELECT id FROM nats.accounts WHERE name = p_name
+$$;
+
+-- The listener session.
+CREATE EXTENSION IF NOT EXISTS dblink;
+SELECT dblink_connect('listener', format('host=%s port=%s dbname=%s user=%s',
+  coalesce(host(inet_server_addr()), split_part(current_setting('unix_socket_directories'), ',', 1)),
+  current_setting('port'), current_database(), current_user));
+SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_change');
+SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_sync');
+
+-- Notifications received since the last call must be exactly `expected` (as a set: Postgres
+-- folds identical notifications of one transaction into one). Entries are 'channel payload'.
+CREATE FUNCTION pg_temp.expect_notifications(what text, expected text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  got text[] := '{}';
+  want text[] := ARRAY(SELECT DISTINCT x FROM unnest(expected) x ORDER BY 1);
+BEGIN
+  -- Delivery to the other session is asynchronous: poll until everything expected arrived,
+  -- then once more to catch extras.
+  FOR i IN 1..40 LOOP
+    PERFORM pg_sleep(0.05);
+    got := got || ARRAY(SELECT notify_name || ' ' || extra FROM dblink_get_notify('listener'));
+    EXIT WHEN got @> want AND i > 2;
+  END LOOP;
+  got := ARRAY(SELECT DISTINCT x FROM unnest(got) x ORDER BY 1);
+  IF got IS DISTINCT FROM want THEN
+    RAISE EXCEPTION 'FAIL: %: expected notifications %, got %', what, want, got;
+  END IF;
+  RAISE NOTICE 'ok: % -> notifications %', what, got;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 1. The design.md §3 example session, verbatim'
+-- ---------------------------------------------------------------------------------------------
+INSERT INTO nats.accounts (name, max_connections) VALUES ('acme', 100);
+INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
+  SELECT id, 'sensor', '{sensors.>}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme';
+INSERT INTO nats.users (account_id, role_id, username, password_hash)
+  SELECT a.id, r.id, 'alice', crypt('s3cret', gen_salt('bf', 10))
+  FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'acme';
+
+SELECT pg_temp.expect((SELECT password_hash = crypt('s3cret', password_hash) FROM nats.users WHERE username = 'alice'),
+                      'alice''s bcrypt hash verifies');
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1, 'the account insert queued exactly one upsert');
+SELECT pg_temp.expect((SELECT reason FROM nats.sync_outbox) = 'account inserted', 'reason is "account inserted"');
+SELECT pg_temp.expect_notifications('example session', ARRAY[
+  'nats_pg_auth_sync ' || pg_temp.acc('acme'),
+  'nats_pg_auth_change account:' || pg_temp.acc('acme'),
+  'nats_pg_auth_change role:' || (SELECT id FROM nats.roles WHERE name = 'sensor'),
+  'nats_pg_auth_change user:' || (SELECT id FROM nats.users WHERE username = 'alice')]);
+
+-- A second tenant for the cross-account cases.
+INSERT INTO nats.accounts (name) VALUES ('beta');
+INSERT INTO nats.roles (account_id, name) SELECT id, 'beta-role' FROM nats.accounts WHERE name = 'beta';
+INSERT INTO nats.roles (account_id, name, subscribe_permissions) VALUES (NULL, 'global-reader', '{"jobs.* workers",_INBOX.>}');
+INSERT INTO nats.users (account_id, username, password_hash)
+  SELECT id, 'bob', NULL FROM nats.accounts WHERE name = 'beta';  -- token-only user
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 2. Bad rows fail with a message that says what is wrong'
+-- ---------------------------------------------------------------------------------------------
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET publish_permissions = '{sensors.>,foo..bar}' WHERE name = 'sensor'$$,
+  'role "sensor"', '"foo..bar"', 'empty token', 'publish_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET subscribe_permissions = '{a.>.b}' WHERE name = 'sensor'$$,
+  '"a.>.b"', '">" must be the last token', 'subscribe_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET publish_deny_permissions = '{foo*}' WHERE name = 'sensor'$$,
+  'must be whole tokens', 'publish_deny_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET subscribe_deny_permissions = '{"a.b q r"}' WHERE name = 'sensor'$$,
+  'only one space', 'subscribe_deny_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET subscribe_permissions = ARRAY['a.b', NULL] WHERE name = 'sensor'$$,
+  'entry NULL', 'subscribe_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET publish_permissions = '{"sensors.* q"}' WHERE username = 'alice'$$,
+  'user "alice"', 'only allowed in subscribe permissions', 'user_publish_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET subscribe_permissions = '{"jobs.> bad..queue"}' WHERE username = 'alice'$$,
+  'queue name', 'user_subscribe_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET subscribe_deny_permissions = '{""}' WHERE username = 'alice'$$,
+  'empty', 'user_subscribe_deny_permissions_are_subjects');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET max_connections = -2 WHERE name = 'acme'$$,
+  'max_connections_at_least_minus_one');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET max_jetstream_disk_storage = -3 WHERE name = 'acme'$$,
+  'max_jetstream_disk_storage_at_least_minus_one');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET user_jwt_ttl = '0 seconds' WHERE name = 'acme'$$,
+  'user_jwt_ttl_positive');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET max_payload = -5 WHERE name = 'sensor'$$,
+  'role_max_payload_at_least_minus_one');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET allow_response_max = -2 WHERE name = 'sensor'$$,
+  'allow_response_max_at_least_minus_one');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET max_data = -2 WHERE username = 'alice'$$,
+  'user_max_data_at_least_minus_one');
+SELECT pg_temp.expect_error($$INSERT INTO nats.accounts (name) VALUES ('bad name with spaces')$$,
+  'account_name_format');
+SELECT pg_temp.expect_error($$INSERT INTO nats.accounts (name) VALUES ('acme')$$,
+  'accounts_name_key');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET allowed_connection_types = '{STANDARD,CARRIER_PIGEON}' WHERE name = 'sensor'$$,
+  'allowed_connection_types_known');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET allowed_sources = ARRAY['10.0.0.0/8', NULL]::cidr[] WHERE name = 'sensor'$$,
+  'allowed_sources_no_nulls');
+SELECT pg_temp.expect_error($$INSERT INTO nats.roles (account_id, name) SELECT id, 'sensor' FROM nats.accounts WHERE name = 'acme'$$,
+  'role_name_unique_per_account');
+SELECT pg_temp.expect_error($$INSERT INTO nats.roles (account_id, name) VALUES (NULL, 'global-reader')$$,
+  'role_name_unique_per_account');
+
+-- Roles across accounts.
+SELECT pg_temp.expect_error($$INSERT INTO nats.users (account_id, role_id, username)
+    SELECT a.id, r.id, 'mallory' FROM nats.accounts a, nats.roles r WHERE a.name = 'beta' AND r.name = 'sensor'$$,
+  'role "sensor"', 'belongs to account', 'but user "mallory" is in account');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET account_id = (SELECT id FROM nats.accounts WHERE name = 'beta') WHERE username = 'alice'$$,
+  'belongs to account', 'user "alice"');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET account_id = (SELECT id FROM nats.accounts WHERE name = 'beta') WHERE name = 'sensor'$$,
+  'is held by user "alice"');
+SELECT pg_temp.expect_error($$DELETE FROM nats.roles WHERE name = 'sensor'$$,
+  'is still held by 1 user(s), e.g. "alice"', 'users_role_id_fkey');
+
+-- Secrets: wrong shapes are refused without echoing the value.
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = 'plaintext' WHERE username = 'alice'$$,
+  'password_hash of user "alice"', 'password_hash_is_bcrypt_or_argon2id');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_tokens (user_id, token_sha256)
+    SELECT id, substr(digest('tok', 'sha256'), 1, 31) FROM nats.users WHERE username = 'alice'$$,
+  'got 31 bytes', 'token_sha256_is_32_bytes');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_tokens (user_id, token_sha256)
+    SELECT id, 'my-secret-token'::bytea FROM nats.users WHERE username = 'alice'$$,
+  'token_sha256_is_32_bytes');
+DO $$
+DECLARE msg text; detail text;
+BEGIN
+  UPDATE nats.users SET password_hash = 'hunter2' WHERE username = 'alice';
+  RAISE EXCEPTION 'FAIL: plaintext password accepted';
+EXCEPTION WHEN check_violation THEN
+  GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+  IF position('hunter2' IN msg || coalesce(detail, '')) > 0 THEN
+    RAISE EXCEPTION 'FAIL: the error echoes the rejected password: % %', msg, detail;
+  END IF;
+  RAISE NOTICE 'ok: a rejected plaintext password is not echoed in the error';
+END $$;
+
+-- Exports and imports.
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type)
+    SELECT id, 'e', 'svc.>', 'bogus' FROM nats.accounts WHERE name = 'acme'$$,
+  'export_type_known');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type)
+    SELECT id, 'e', 'svc..x', 'service' FROM nats.accounts WHERE name = 'acme'$$,
+  'export "e"', 'empty token', 'export_subject_valid');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type, response_type)
+    SELECT id, 'e', 'feed.>', 'stream', 'Singleton' FROM nats.accounts WHERE name = 'acme'$$,
+  'export_service_only_fields');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type, response_type)
+    SELECT id, 'e', 'svc.>', 'service', 'Sometimes' FROM nats.accounts WHERE name = 'acme'$$,
+  'export_response_type_known');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type, account_token_position)
+    SELECT id, 'e', 'svc.>', 'service', 0 FROM nats.accounts WHERE name = 'acme'$$,
+  'export_account_token_position_positive');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_imports (account_id, name, subject, type)
+    SELECT id, 'i', 'svc.>', 'service' FROM nats.accounts WHERE name = 'beta'$$,
+  'import_exactly_one_exporter');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_imports (account_id, name, subject, type, exporter_account_id, exporter_public_key)
+    SELECT b.id, 'i', 'svc.>', 'service', a.id, 'A' || repeat('B', 55) FROM nats.accounts a, nats.accounts b WHERE a.name = 'acme' AND b.name = 'beta'$$,
+  'import_exactly_one_exporter');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_imports (account_id, name, subject, type, exporter_account_id)
+    SELECT id, 'i', 'svc.>', 'service', id FROM nats.accounts WHERE name = 'beta'$$,
+  'import_not_from_itself');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_imports (account_id, name, subject, type, exporter_public_key)
+    SELECT id, 'i', 'svc.>', 'service', 'UABC' FROM nats.accounts WHERE name = 'beta'$$,
+  'import_exporter_public_key_format');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_imports (account_id, name, subject, type, exporter_public_key, local_subject)
+    SELECT id, 'i', 'svc.>', 'service', 'A' || repeat('B', 55), 'local.>.x' FROM nats.accounts WHERE name = 'beta'$$,
+  'import "i"', 'local_subject', 'import_local_subject_valid');
+
+-- Good rows that look unusual are accepted.
+UPDATE nats.users SET password_hash = '$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA' WHERE username = 'bob';
+UPDATE nats.users SET password_hash = NULL WHERE username = 'bob';
+UPDATE nats.users SET role_id = (SELECT id FROM nats.roles WHERE name = 'global-reader') WHERE username = 'bob';
+UPDATE nats.roles SET allowed_connection_types = '{STANDARD,WEBSOCKET}', allowed_sources = '{10.0.0.0/8,192.168.1.7}'
+  WHERE name = 'sensor';
+SELECT pg_temp.expect(true, 'argon2id, NULL (token-only), a global role, queue groups, sources and connection types are accepted');
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 3. The outbox queues admin changes, once'
+-- ---------------------------------------------------------------------------------------------
+-- As if the sync had pushed everything; forget the notifications section 2 sent.
+DELETE FROM nats.sync_outbox;
+SELECT dblink_get_notify('listener');
+
+-- The sync recording a push writes only service-owned columns: no push, no notification, and
+-- updated_at stays put.
+CREATE TEMP TABLE before AS SELECT updated_at FROM nats.accounts WHERE name = 'acme';
+UPDATE nats.accounts SET public_key = 'A' || repeat('C', 55), jwt = 'x', synced_at = now(), sync_error = NULL
+  WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 0, 'writing jwt/synced_at/public_key queues nothing');
+SELECT pg_temp.expect((SELECT updated_at FROM nats.accounts WHERE name = 'acme') = (SELECT updated_at FROM before),
+                      'writing service-owned columns keeps updated_at');
+SELECT pg_temp.expect_notifications('service-owned account columns', '{}');
+
+UPDATE nats.accounts SET max_connections = 5 WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1, 'a max_connections change queues one upsert');
+SELECT pg_temp.expect((SELECT updated_at FROM nats.accounts WHERE name = 'acme') > (SELECT updated_at FROM before),
+                      'an admin change moves updated_at');
+UPDATE nats.accounts SET max_payload = 1024 WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1, 'a second change before the push coalesces into the pending row');
+SELECT pg_temp.expect_notifications('two account changes', ARRAY[
+  'nats_pg_auth_sync ' || pg_temp.acc('acme'), 'nats_pg_auth_change account:' || pg_temp.acc('acme')]);
+
+UPDATE nats.sync_outbox SET attempts = 1;               -- the leader claimed it
+UPDATE nats.accounts SET description = 'tenant one' WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 2, 'a change during a push gets a new row');
+DELETE FROM nats.sync_outbox;
+
+-- User, role and token changes never touch the account JWT.
+UPDATE nats.users SET description = 'd';
+UPDATE nats.roles SET description = 'd';
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox) = 0, 'user and role changes queue no push');
+
+-- Exports: the exporter and every account importing from it.
+INSERT INTO nats.account_imports (account_id, name, subject, type, exporter_account_id)
+  SELECT b.id, 'acme-svc', 'svc.>', 'service', a.id FROM nats.accounts a, nats.accounts b WHERE a.name = 'acme' AND b.name = 'beta';
+SELECT pg_temp.expect(pg_temp.outbox('beta') = 1 AND pg_temp.outbox('acme') = 0, 'an import queues the importer only');
+DELETE FROM nats.sync_outbox;
+INSERT INTO nats.account_exports (account_id, name, subject, type, response_type)
+  SELECT id, 'svc', 'svc.>', 'service', 'Singleton' FROM nats.accounts WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1 AND pg_temp.outbox('beta') = 1, 'an export queues the exporter and its importer');
+DELETE FROM nats.sync_outbox;
+UPDATE nats.account_imports SET sync_error = 'no such export' WHERE name = 'acme-svc';
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox) = 0, 'the service writing an import''s sync_error queues nothing');
+UPDATE nats.account_exports SET token_req = true WHERE name = 'svc';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1 AND pg_temp.outbox('beta') = 1, 'an export change queues the exporter and its importer');
+DELETE FROM nats.sync_outbox;
+
+-- Keys.
+INSERT INTO nats.account_keys (account_id, kind, public_key, seed)
+  SELECT id, 'identity', public_key, 'SA-not-a-real-seed' FROM nats.accounts WHERE name = 'acme';
+INSERT INTO nats.account_keys (account_id, kind, public_key, seed)
+  SELECT id, 'signing', 'A' || repeat('D', 55), 'SA-not-a-real-seed' FROM nats.accounts WHERE name = 'acme';
+SELECT pg_temp.expect(pg_temp.outbox('acme') = 1, 'new keys queue one upsert');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_keys (account_id, kind, public_key, seed)
+    SELECT id, 'identity', 'A' || repeat('E', 55), 's' FROM nats.accounts WHERE name = 'acme'$$,
+  'account_keys_one_identity');
+DELETE FROM nats.sync_outbox;
+SELECT dblink_get_notify('listener');
+
+-- Deleting an account: one delete row carrying its public key; nothing queued for it by the
+-- cascaded deletes of its keys, exports and users; its importers are queued (their import is gone).
+DELETE FROM nats.accounts WHERE name = 'acme';
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox WHERE op = 'delete' AND account_public_key = 'A' || repeat('C', 55)) = 1,
+                      'deleting a synced account queues one delete row with its public key');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox WHERE op = 'upsert' AND account_id NOT IN (SELECT id FROM nats.accounts)) = 0,
+                      'no upserts for the deleted account');
+SELECT pg_temp.expect(pg_temp.outbox('beta') = 1, 'the importer of the deleted exporter is queued');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.account_imports) = 0, 'imports from the deleted account are gone');
+DELETE FROM nats.sync_outbox;
+SELECT dblink_get_notify('listener');
+
+INSERT INTO nats.accounts (name) VALUES ('never-synced');
+DELETE FROM nats.sync_outbox;
+DELETE FROM nats.accounts WHERE name = 'never-synced';
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox) = 0, 'an account deleted before it had keys queues nothing');
+SELECT dblink_get_notify('listener');
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 4. Change notifications'
+-- ---------------------------------------------------------------------------------------------
+-- Everything below happens in account beta.
+INSERT INTO nats.accounts (name) VALUES ('gamma');
+SELECT pg_temp.expect_notifications('account insert', ARRAY[
+  'nats_pg_auth_sync ' || pg_temp.acc('gamma'), 'nats_pg_auth_change account:' || pg_temp.acc('gamma')]);
+DELETE FROM nats.sync_outbox;
+UPDATE nats.accounts SET active = false WHERE name = 'gamma';
+SELECT pg_temp.expect_notifications('account update', ARRAY[
+  'nats_pg_auth_sync ' || pg_temp.acc('gamma'), 'nats_pg_auth_change account:' || pg_temp.acc('gamma')]);
+CREATE TEMP TABLE gone AS SELECT pg_temp.acc('gamma') AS id;
+DELETE FROM nats.accounts WHERE name = 'gamma';
+SELECT pg_temp.expect_notifications('account delete (no keys yet: no sync row)', ARRAY[
+  'nats_pg_auth_change account:' || (SELECT id FROM gone)]);
+
+CREATE TEMP TABLE ids AS SELECT
+  (SELECT id FROM nats.roles WHERE name = 'beta-role') AS role_id,
+  (SELECT id FROM nats.users WHERE username = 'bob') AS user_id;
+UPDATE nats.roles SET allow_response = true WHERE name = 'beta-role';
+SELECT pg_temp.expect_notifications('role update', ARRAY['nats_pg_auth_change role:' || (SELECT role_id FROM ids)]);
+UPDATE nats.users SET active = false WHERE username = 'bob';
+SELECT pg_temp.expect_notifications('user update', ARRAY['nats_pg_auth_change user:' || (SELECT user_id FROM ids)]);
+
+INSERT INTO nats.user_tokens (user_id, token_sha256) SELECT user_id, digest('tok-1', 'sha256') FROM ids;
+SELECT pg_temp.expect_notifications('token insert', ARRAY['nats_pg_auth_change token:' || (SELECT user_id FROM ids)]);
+UPDATE nats.user_tokens SET last_used_at = now();
+SELECT pg_temp.expect_notifications('token last_used_at bookkeeping (written at login)', '{}');
+UPDATE nats.user_tokens SET revoked_at = now();
+SELECT pg_temp.expect_notifications('token revoke', ARRAY['nats_pg_auth_change token:' || (SELECT user_id FROM ids)]);
+DELETE FROM nats.user_tokens;
+SELECT pg_temp.expect_notifications('token delete', ARRAY['nats_pg_auth_change token:' || (SELECT user_id FROM ids)]);
+
+UPDATE nats.users SET role_id = NULL WHERE username = 'bob';
+DELETE FROM nats.roles WHERE name = 'beta-role';
+DELETE FROM nats.users WHERE username = 'bob';
+SELECT pg_temp.expect_notifications('role and user delete', ARRAY[
+  'nats_pg_auth_change user:' || (SELECT user_id FROM ids),
+  'nats_pg_auth_change role:' || (SELECT role_id FROM ids)]);
+
+SELECT dblink_disconnect('listener');
+\echo '== all schema checks passed'
