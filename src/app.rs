@@ -37,6 +37,8 @@ pub enum AppError {
     Nats(String),
     #[error("cannot encrypt the seeds stored in plain text: {0}")]
     Seeds(crate::db::seeds::ReencryptError),
+    #[error("cannot listen for HTTP on {0}: {1} (set --http-listen to another address, or `off`)")]
+    Http(std::net::SocketAddr, std::io::Error),
     #[error("the auth callout cannot subscribe: {0}")]
     Subscribe(String),
 }
@@ -57,6 +59,7 @@ pub struct Application {
     sync: Option<Sync>,
     nats_connected: watch::Receiver<u64>,
     metrics: Metrics,
+    http: Option<tokio::net::TcpListener>,
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -216,6 +219,10 @@ impl Application {
         } else {
             None
         };
+        let http = match args.http_addr() {
+            Ok(Some(addr)) => Some(crate::http::bind(addr).await.map_err(|e| AppError::Http(addr, e))?),
+            _ => None,
+        };
         Ok(Self {
             pool,
             callout,
@@ -224,6 +231,7 @@ impl Application {
             sync,
             nats_connected,
             metrics,
+            http,
         })
     }
 
@@ -249,6 +257,15 @@ impl Application {
         let sync = self
             .sync
             .map(|sync| tokio::spawn(sync.run(self.nats_connected, shutdown.clone())));
+        if let Some(listener) = self.http {
+            let probes = crate::http::Probes {
+                metrics: self.metrics.clone(),
+                pool: self.pool.clone(),
+                callout: self.callout_client.clone(),
+                system: self.sys_client.clone(),
+            };
+            tokio::spawn(crate::http::serve(listener, probes, shutdown.clone()));
+        }
         shutdown.cancelled().await;
         tracing::info!("shutting down: finishing in-flight requests");
         let grace = Duration::from_secs(5);

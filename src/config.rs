@@ -186,6 +186,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
     pub sync: bool,
 
+    /// Address of the HTTP endpoints /metrics, /healthz, /readyz (`off` to disable).
+    #[arg(long, env = "NATS_PG_AUTH_HTTP_LISTEN", default_value = "127.0.0.1:9464")]
+    pub http_listen: String,
+
     /// Upper bound on how fast live connections are closed after their rights changed.
     #[arg(long, env = "NATS_PG_AUTH_KICKS_PER_SECOND", default_value_t = 500)]
     pub kicks_per_second: u32,
@@ -252,6 +256,14 @@ impl CommonArgs {
 }
 
 impl ServeArgs {
+    /// The HTTP address, or None when disabled.
+    pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, std::net::AddrParseError> {
+        match self.http_listen.trim() {
+            "" | "off" | "none" => Ok(None),
+            a => a.parse().map(Some),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
             return Err(ConfigError::Invalid(
@@ -263,6 +275,12 @@ impl ServeArgs {
                 "--callout-concurrency and --hash-threads must be at least 1 and --db-pool-size at least 2"
                     .into(),
             ));
+        }
+        if self.http_addr().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "--http-listen {:?} is not an address like 127.0.0.1:9464 (or `off`)",
+                self.http_listen
+            )));
         }
         if self.callout_concurrency as u32 >= self.db_pool_size {
             return Err(ConfigError::Invalid(format!(

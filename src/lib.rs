@@ -10,6 +10,7 @@ pub mod callout;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod http;
 pub mod init;
 pub mod jwt;
 pub mod keys;

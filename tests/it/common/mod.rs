@@ -181,6 +181,7 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         sync: true,
         reconcile_interval: Duration::from_secs(60),
         kicks_per_second: 500,
+        http_listen: "off".into(),
     }
 }
 

@@ -1,0 +1,83 @@
+//! `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1.
+//!
+//! Three fixed GET endpoints with `Connection: close` do not justify a web framework and its
+//! dependency tree, so this reads one request line and writes one response.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::Client;
+use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct Probes {
+    pub metrics: Metrics,
+    pub pool: PgPool,
+    pub callout: Client,
+    pub system: Client,
+}
+
+impl Probes {
+    /// Ready when Postgres answers and both NATS connections are up: only then can logins be
+    /// answered.
+    async fn ready(&self) -> Result<(), String> {
+        if self.callout.connection_state() != State::Connected {
+            return Err("callout connection to NATS is down".into());
+        }
+        if self.system.connection_state() != State::Connected {
+            return Err("system connection to NATS is down".into());
+        }
+        match tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&self.pool)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("Postgres: {e}")),
+            Err(_) => Err("Postgres did not answer within 1s".into()),
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, probes: Probes, shutdown: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", probes.metrics.render()),
+                "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/readyz" => match probes.ready().await {
+                    Ok(()) => ("200 OK", "ready\n".to_owned()),
+                    Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+                },
+                _ => ("404 Not Found", "not found\n".to_owned()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
