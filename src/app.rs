@@ -220,7 +220,11 @@ impl Application {
             None
         };
         let http = match args.http_addr() {
-            Ok(Some(addr)) => Some(crate::http::bind(addr).await.map_err(|e| AppError::Http(addr, e))?),
+            Ok(Some(addr)) => Some(
+                crate::http::bind(addr)
+                    .await
+                    .map_err(|e| AppError::Http(addr, e))?,
+            ),
             _ => None,
         };
         Ok(Self {

@@ -187,7 +187,11 @@ pub struct ServeArgs {
     pub sync: bool,
 
     /// Address of the HTTP endpoints /metrics, /healthz, /readyz (`off` to disable).
-    #[arg(long, env = "NATS_PG_AUTH_HTTP_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_HTTP_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     pub http_listen: String,
 
     /// Upper bound on how fast live connections are closed after their rights changed.

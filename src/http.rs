@@ -33,7 +33,12 @@ impl Probes {
         if self.system.connection_state() != State::Connected {
             return Err("system connection to NATS is down".into());
         }
-        match tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&self.pool)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query("SELECT 1").execute(&self.pool),
+        )
+        .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("Postgres: {e}")),
             Err(_) => Err("Postgres did not answer within 1s".into()),
@@ -57,7 +62,8 @@ pub async fn serve(listener: TcpListener, probes: Probes, shutdown: Cancellation
         let probes = probes.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+            let n = match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await
+            {
                 Ok(Ok(n)) => n,
                 _ => return,
             };

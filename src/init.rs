@@ -17,7 +17,6 @@ use crate::jwt::claims::{
 };
 use crate::jwt::{self, Claims};
 use crate::keys::{self, SeedCipher};
-use crate::sync::account_jwt;
 
 const INIT_LOCK_KEY: i64 = 0x6e61_7473_7067_0002;
 
@@ -221,7 +220,8 @@ fn claims<T>(sub: &str, name: &str, nats: T, iat: i64) -> Claims<T> {
 
 fn unlimited_account() -> AccountClaims {
     AccountClaims {
-        limits: account_jwt::unlimited(),
+        // Unlimited, JetStream off: the service's own accounts (SYS, AUTH).
+        limits: crate::jwt::claims::AccountLimits::default(),
         ..Default::default()
     }
 }

@@ -330,9 +330,15 @@ impl Callout {
             .expose()
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
+        // A token with an expiry caps the JWT's lifetime, so the server itself disconnects the
+        // client when the token expires (no UPDATE, hence no kick, happens at that moment).
+        let mut not_after = None;
         let login = if let Some(token) = token {
-            self.check_token(SecretString::from(token), now, deadline)
-                .await?
+            let (login, expires) = self
+                .check_token(SecretString::from(token), now, deadline)
+                .await?;
+            not_after = expires;
+            login
         } else {
             let user = opts.user.as_deref().filter(|u| !u.is_empty());
             let pass = opts.pass.expose().map(str::to_owned);
@@ -349,7 +355,7 @@ impl Callout {
                 }
             }
         };
-        self.authorize(req, &login, now)
+        self.authorize(req, &login, now, not_after)
     }
 
     /// A slot for reading Postgres, or `Overloaded` when none frees up before the deadline.
@@ -461,7 +467,7 @@ impl Callout {
         token: SecretString,
         now: i64,
         deadline: Instant,
-    ) -> Result<Arc<Login>, Deny> {
+    ) -> Result<(Arc<Login>, Option<i64>), Deny> {
         let digest = credentials::token_digest(token.expose_secret());
         let found = match self.cache.token(&digest) {
             Some(hit) => Some(hit),
@@ -512,11 +518,17 @@ impl Callout {
                 }
             });
         }
-        Ok(login)
+        Ok((login, tok.token_expires_at.map(|t| t.timestamp())))
     }
 
     /// Checks that the now-identified user may log in here, and mints its JWT.
-    fn authorize(&self, req: &VerifiedRequest, login: &Login, now: i64) -> Result<Grant, Deny> {
+    fn authorize(
+        &self,
+        req: &VerifiedRequest,
+        login: &Login,
+        now: i64,
+        not_after: Option<i64>,
+    ) -> Result<Grant, Deny> {
         if !login.user_active {
             return Err(Deny::new(
                 DenyReason::InactiveUser,
@@ -575,11 +587,15 @@ impl Callout {
                 ))
             }
         };
+        let ttl = match not_after {
+            Some(t) => login.ttl.min(Duration::from_secs((t - now).max(1) as u64)),
+            None => login.ttl,
+        };
         let user_jwt = mint::user_jwt(
             req,
             &login.username,
             &login.merged,
-            login.ttl,
+            ttl,
             &issuer.account,
             &issuer.keypair,
             now,

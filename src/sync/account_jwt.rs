@@ -65,26 +65,3 @@ pub fn build(
         nats,
     }
 }
-
-/// Limits for the service's own accounts (SYS, AUTH): everything unlimited, no JetStream.
-pub fn unlimited() -> AccountLimits {
-    AccountLimits {
-        subs: -1,
-        data: -1,
-        payload: -1,
-        imports: -1,
-        exports: -1,
-        wildcards: true,
-        disallow_bearer: false,
-        conn: -1,
-        leaf: -1,
-        mem_storage: 0,
-        disk_storage: 0,
-        streams: -1,
-        consumer: -1,
-        max_ack_pending: -1,
-        mem_max_stream_bytes: 0,
-        disk_max_stream_bytes: 0,
-        max_bytes_required: false,
-    }
-}

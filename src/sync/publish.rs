@@ -73,38 +73,33 @@ async fn request(
     Ok(parsed)
 }
 
-/// Pushes one account JWT; Ok only on a `code: 200` reply.
-pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
-    let reply = request(client, CLAIMS_UPDATE, jwt.as_bytes().to_vec(), timeout).await?;
-    let code = reply
+/// Sends a JWT to a claims subject; Ok only on a `code: 200` reply.
+async fn expect_200(
+    client: &Client,
+    subject: &'static str,
+    jwt: &str,
+    timeout: Duration,
+) -> Result<(), PushError> {
+    let reply = request(client, subject, jwt.as_bytes().to_vec(), timeout).await?;
+    match reply
         .data
         .as_ref()
         .and_then(|d| d.get("code"))
-        .and_then(|c| c.as_i64());
-    match code {
+        .and_then(|c| c.as_i64())
+    {
         Some(200) => Ok(()),
         _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
     }
 }
 
+/// Pushes one account JWT.
+pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
+    expect_200(client, CLAIMS_UPDATE, jwt, timeout).await
+}
+
 /// Deletes accounts with a generic JWT signed by the operator (built by the caller).
 pub async fn delete(client: &Client, delete_jwt: &str, timeout: Duration) -> Result<(), PushError> {
-    let reply = request(
-        client,
-        CLAIMS_DELETE,
-        delete_jwt.as_bytes().to_vec(),
-        timeout,
-    )
-    .await?;
-    let code = reply
-        .data
-        .as_ref()
-        .and_then(|d| d.get("code"))
-        .and_then(|c| c.as_i64());
-    match code {
-        Some(200) => Ok(()),
-        _ => Err(PushError::BadReply(format!("{:?}", reply.data))),
-    }
+    expect_200(client, CLAIMS_DELETE, delete_jwt, timeout).await
 }
 
 /// The account keys the answering server holds.

@@ -168,20 +168,8 @@ async fn account_inserted_while_running_is_usable_within_two_seconds() {
            SELECT id, 'gina', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'globex';",
     )
     .await;
-    let url = env.url();
-    wait_until(Duration::from_secs(2), "gina to log in", || {
-        let url = url.clone();
-        async move {
-            crate::common::client_options(async_nats::ConnectOptions::with_user_and_password(
-                "gina".into(),
-                "pw".into(),
-            ))
-            .connect(url)
-            .await
-            .is_ok()
-        }
-    })
-    .await;
+    env.wait_login("gina", "pw", Duration::from_secs(2), "gina to log in")
+        .await;
     eprintln!("new account usable after {:?}", started.elapsed());
     let gina = env.connect_user("gina", "pw").await.unwrap();
     assert_eq!(
@@ -268,22 +256,11 @@ async fn logins_work_again_after_a_server_restart_with_an_empty_resolver() {
     let mut env = TestEnv::start().await;
     env.acme().await;
     env.nats.restart(true).await;
-    let url = env.url();
-    wait_until(
+    env.wait_login(
+        "alice",
+        "s3cret",
         Duration::from_secs(10),
         "alice to log in after the restart",
-        || {
-            let url = url.clone();
-            async move {
-                crate::common::client_options(async_nats::ConnectOptions::with_user_and_password(
-                    "alice".into(),
-                    "s3cret".into(),
-                ))
-                .connect(url)
-                .await
-                .is_ok()
-            }
-        },
     )
     .await;
 }

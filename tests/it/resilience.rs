@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{client_options, wait_until, TestEnv};
+use crate::common::{wait_until, TestEnv};
 
 #[tokio::test]
 async fn postgres_outage_denies_logins_then_recovers() {
@@ -50,22 +50,11 @@ async fn postgres_outage_denies_logins_then_recovers() {
         .execute(&admin)
         .await
         .unwrap();
-    let url = env.url();
-    wait_until(
+    env.wait_login(
+        "alice",
+        "s3cret",
         Duration::from_secs(10),
         "logins to work again after Postgres returns",
-        || {
-            let url = url.clone();
-            async move {
-                client_options(async_nats::ConnectOptions::with_user_and_password(
-                    "alice".into(),
-                    "s3cret".into(),
-                ))
-                .connect(url)
-                .await
-                .is_ok()
-            }
-        },
     )
     .await;
 }

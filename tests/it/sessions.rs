@@ -161,19 +161,12 @@ async fn deactivating_an_account_drops_everyone_and_reactivating_restores_logins
     env.sql("UPDATE nats.accounts SET active = true WHERE name = 'acme'")
         .await;
     env.wait_synced("acme").await;
-    let url = env.url();
-    crate::common::wait_until(Duration::from_secs(5), "logins to come back", || {
-        let url = url.clone();
-        async move {
-            crate::common::client_options(async_nats::ConnectOptions::with_user_and_password(
-                "alice".into(),
-                "s3cret".into(),
-            ))
-            .connect(url)
-            .await
-            .is_ok()
-        }
-    })
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(5),
+        "logins to come back",
+    )
     .await;
     still_connected(&mut bob_events);
 }
@@ -208,4 +201,38 @@ async fn deleting_an_account_removes_it_from_the_server() {
         "the account is gone from the resolver"
     );
     assert!(env.connect_user("alice", "s3cret").await.is_err());
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_the_connection_when_it_expires() {
+    let (env, mut wevents, _w) = setup().await;
+    env.sql(
+        "INSERT INTO nats.user_tokens (user_id, token_sha256, expires_at)
+           SELECT id, digest('short-lived', 'sha256'), now() + interval '3 seconds' FROM nats.users WHERE username = 'alice'",
+    )
+    .await;
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let _alice =
+        crate::common::client_options(async_nats::ConnectOptions::with_token("short-lived".into()))
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(e);
+                }
+            })
+            .connect(env.url())
+            .await
+            .unwrap();
+    // The JWT's exp is capped at the token's expiry (default TTL is 1 h), so the server
+    // disconnects the client by itself — no UPDATE happens when a token simply runs out.
+    let took = disconnected_within(&mut events, Duration::from_secs(6), "token expiry").await;
+    assert!(
+        took >= Duration::from_secs(1),
+        "not before the token expired: {took:?}"
+    );
+    assert!(
+        env.connect_token("short-lived").await.is_err(),
+        "expired token refused"
+    );
+    still_connected(&mut wevents);
 }

@@ -364,6 +364,17 @@ impl TestEnv {
             .await
     }
 
+    /// Waits until `user` can log in (the account reached the server, the callout is back...).
+    pub async fn wait_login(&self, user: &str, pass: &str, deadline: Duration, what: &str) {
+        let url = self.url();
+        wait_until(deadline, what, || {
+            let opts = ConnectOptions::with_user_and_password(user.into(), pass.into());
+            let url = url.clone();
+            async move { client_options(opts).connect(url).await.is_ok() }
+        })
+        .await;
+    }
+
     /// Connects and also returns the client's events (disconnects, permission errors).
     pub async fn connect_user_events(
         &self,
