@@ -117,24 +117,8 @@ impl Sessions {
                     .fetch_all(&self.pool)
                     .await?
             }
-            KickRequest::Role { role_id } => {
-                sqlx::query_as(
-                    "SELECT a.public_key, u.username FROM nats.users u JOIN nats.accounts a ON a.id = u.account_id \
-                     WHERE u.role_id = $1 AND a.public_key IS NOT NULL",
-                )
-                .bind(role_id)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            KickRequest::TokenOwner { user_id } => {
-                sqlx::query_as(
-                    "SELECT a.public_key, u.username FROM nats.users u JOIN nats.accounts a ON a.id = u.account_id \
-                     WHERE u.id = $1 AND a.public_key IS NOT NULL",
-                )
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await?
-            }
+            KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
+            KickRequest::TokenOwner { user_id } => self.users_where(None, Some(*user_id)).await?,
         };
         for (account, user) in rows {
             targets.entry(account).or_default().insert(user);
@@ -149,6 +133,23 @@ impl Sessions {
             }
         }
         Ok(kicked)
+    }
+
+    /// (account key, username) of the users holding a role, or of one user.
+    async fn users_where(
+        &self,
+        role_id: Option<i64>,
+        user_id: Option<i64>,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT a.public_key, u.username FROM nats.users u JOIN nats.accounts a ON a.id = u.account_id \
+             WHERE a.public_key IS NOT NULL AND ($1::bigint IS NULL OR u.role_id = $1) \
+               AND ($2::bigint IS NULL OR u.id = $2)",
+        )
+        .bind(role_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// Asks every server for the account's connections and keeps those of `users`.

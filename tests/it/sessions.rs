@@ -83,18 +83,7 @@ async fn revoking_a_token_closes_the_users_connections() {
            SELECT id, digest('tok', 'sha256'), 'device 1' FROM nats.users WHERE username = 'alice'",
     )
     .await;
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let _alice =
-        crate::common::client_options(async_nats::ConnectOptions::with_token("tok".into()))
-            .event_callback(move |e| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(e);
-                }
-            })
-            .connect(env.url())
-            .await
-            .unwrap();
+    let (_alice, mut events) = env.connect_token_events("tok").await.unwrap();
     env.sql("UPDATE nats.user_tokens SET revoked_at = now() WHERE description = 'device 1'")
         .await;
     let took = disconnected_within(&mut events, Duration::from_secs(2), "token revoked").await;
@@ -211,18 +200,7 @@ async fn a_token_that_expires_ends_the_connection_when_it_expires() {
            SELECT id, digest('short-lived', 'sha256'), now() + interval '3 seconds' FROM nats.users WHERE username = 'alice'",
     )
     .await;
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let _alice =
-        crate::common::client_options(async_nats::ConnectOptions::with_token("short-lived".into()))
-            .event_callback(move |e| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(e);
-                }
-            })
-            .connect(env.url())
-            .await
-            .unwrap();
+    let (_alice, mut events) = env.connect_token_events("short-lived").await.unwrap();
     // The JWT's exp is capped at the token's expiry (default TTL is 1 h), so the server
     // disconnects the client by itself — no UPDATE happens when a token simply runs out.
     let took = disconnected_within(&mut events, Duration::from_secs(6), "token expiry").await;

@@ -381,19 +381,36 @@ impl TestEnv {
         user: &str,
         pass: &str,
     ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let client = client_options(ConnectOptions::with_user_and_password(
+        self.connect_events(ConnectOptions::with_user_and_password(
             user.into(),
             pass.into(),
         ))
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(self.url())
-        .await?;
+        .await
+    }
+
+    /// Token login that also returns the client's events.
+    pub async fn connect_token_events(
+        &self,
+        token: &str,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
+        self.connect_events(ConnectOptions::with_token(token.into()))
+            .await
+    }
+
+    async fn connect_events(
+        &self,
+        opts: ConnectOptions,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = client_options(opts)
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(e);
+                }
+            })
+            .connect(self.url())
+            .await?;
         Ok((client, rx))
     }
 }
