@@ -2,6 +2,7 @@
 
 mod cache;
 mod common;
+mod init;
 mod login;
 mod protocol;
 mod resilience;
