@@ -1,1 +1,243 @@
-fn main() {}
+//! Micro-benchmarks of the CPU work in one callout decision (issue 4, scenario 8), with real
+//! inputs built by the crate's own jwt/keys modules: no Postgres, no network.
+//!
+//!   cargo bench --bench hot_path            # all
+//!   cargo bench --bench hot_path -- merge   # a filter
+//!
+//! What each measures:
+//! - `request/open+verify`: xkey open (curve25519 + xsalsa20poly1305), ed25519 verify of the
+//!   server's request JWT, claim checks — every request pays this.
+//! - `request/verify (plain)`: the same without the xkey box, to split the two costs.
+//! - `permissions/merge`, `login/prepare`: what a login-cache miss adds (the cache stores the
+//!   prepared login, so a hit pays neither).
+//! - `mint/user jwt+response+seal`: user JWT mint + ed25519 sign, response JWT sign, xkey seal.
+//! - `keys/open signing seed`: AES-256-GCM open + seed parse, what the issuer cache saves.
+//! - `credentials/hmac+lookup`: a verified-credential cache hit. `credentials/bcrypt cost 10`:
+//!   what that hit saves.
+//! - `decision/warm cpu`: everything a warm login costs except the NATS hops.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use nats_pg_auth::cache::{CacheSettings, LoginCache};
+use nats_pg_auth::callout::login::{Issuer, Login, Signing};
+use nats_pg_auth::callout::permissions::{self, Defaults};
+use nats_pg_auth::callout::{credentials, mint, request};
+use nats_pg_auth::jwt;
+use nats_pg_auth::keys::{self, SeedCipher};
+use nkeys::{KeyPair, XKey};
+
+use common::{Credential, FakeServer};
+
+struct Fixture {
+    auth: KeyPair,
+    auth_xkey: XKey,
+    server: FakeServer,
+    sealed: async_nats::Message,
+    plain: Vec<u8>,
+    cipher: SeedCipher,
+    signing: KeyPair,
+    stored_seed: String,
+    account: KeyPair,
+}
+
+fn fixture() -> Fixture {
+    let auth = KeyPair::new_account();
+    let auth_xkey = XKey::new();
+    let server = FakeServer::new(&auth.public_key(), &auth_xkey.public_key());
+    let cred = Credential::Password("sensor-0001", "correct horse battery staple");
+    let sealed = server.message(&cred);
+    let plain = server.request_jwt(&cred).into_bytes();
+    let cipher = SeedCipher::new(Some([7u8; 32]));
+    let signing = KeyPair::new_account();
+    let (_, stored_seed) = keys::seal_keypair(&cipher, &signing).expect("seal seed");
+    Fixture {
+        auth,
+        auth_xkey,
+        server,
+        sealed,
+        plain,
+        cipher,
+        signing,
+        stored_seed,
+        account: KeyPair::new_account(),
+    }
+}
+
+fn header(f: &Fixture) -> String {
+    f.server.xkey.public_key()
+}
+
+fn benches(c: &mut Criterion) {
+    let f = fixture();
+    let auth_pk = f.auth.public_key();
+    let hdr = header(&f);
+    let now = jwt::now_unix();
+
+    c.bench_function("request/open+verify", |b| {
+        b.iter(|| {
+            request::verify(
+                black_box(&f.sealed.payload),
+                Some(&hdr),
+                &f.auth_xkey,
+                &auth_pk,
+                now,
+            )
+            .expect("valid request")
+        })
+    });
+    c.bench_function("request/verify (plain)", |b| {
+        b.iter(|| {
+            request::verify(black_box(&f.plain), None, &f.auth_xkey, &auth_pk, now)
+                .expect("valid request")
+        })
+    });
+
+    let row = common::login_row(&f.account.public_key(), &f.signing, &f.stored_seed);
+    let defaults = Defaults::default();
+    c.bench_function("permissions/merge", |b| {
+        b.iter(|| permissions::merge(black_box(&row), &defaults))
+    });
+
+    let issuer = Arc::new(Issuer {
+        account: f.account.public_key(),
+        signing_public_key: f.signing.public_key(),
+        keypair: KeyPair::from_seed(&f.signing.seed().unwrap()).unwrap(),
+    });
+    c.bench_function("login/prepare", |b| {
+        b.iter(|| {
+            Login::prepare(
+                black_box(row.clone()),
+                &defaults,
+                Duration::from_secs(3600),
+                Duration::from_secs(86400),
+                Signing::Ready(issuer.clone()),
+                Arc::new,
+            )
+        })
+    });
+
+    let req = request::verify(&f.sealed.payload, Some(&hdr), &f.auth_xkey, &auth_pk, now)
+        .expect("valid request");
+    let merged = permissions::merge(&row, &defaults);
+    let ttl = Duration::from_secs(3600);
+    c.bench_function("mint/user jwt+response+seal", |b| {
+        b.iter(|| {
+            let user = mint::user_jwt(
+                &req,
+                "sensor-0001",
+                &merged,
+                ttl,
+                &issuer.account,
+                &issuer.keypair,
+                now,
+            )
+            .unwrap();
+            let resp = mint::response(&req, Ok(&user), &f.auth, now).unwrap();
+            mint::seal(resp, &f.auth_xkey, req.server_xkey.as_ref()).unwrap()
+        })
+    });
+    c.bench_function("mint/user jwt only", |b| {
+        b.iter(|| {
+            mint::user_jwt(
+                &req,
+                "sensor-0001",
+                &merged,
+                ttl,
+                &issuer.account,
+                &issuer.keypair,
+                now,
+            )
+            .unwrap()
+        })
+    });
+
+    let signing_pk = f.signing.public_key();
+    c.bench_function("keys/open signing seed (AES-GCM + parse)", |b| {
+        b.iter(|| {
+            keys::keypair_from_stored(&f.cipher, black_box(&f.stored_seed), &signing_pk).unwrap()
+        })
+    });
+
+    let cache = LoginCache::new(CacheSettings::default());
+    let hash = row.password_hash.clone().unwrap();
+    let key = cache.credential_key("sensor-0001", "correct horse battery staple");
+    cache.put_credential(key, &hash);
+    c.bench_function("credentials/hmac+lookup (cache hit)", |b| {
+        b.iter(|| {
+            let k = cache.credential_key(black_box("sensor-0001"), "correct horse battery staple");
+            assert!(cache.credential_verified(&k, &hash));
+        })
+    });
+
+    // The whole warm decision without the NATS hops: open + verify the request, a
+    // credential-cache hit, mint, sign the response, seal.
+    let login = Login::prepare(
+        row.clone(),
+        &defaults,
+        Duration::from_secs(3600),
+        Duration::from_secs(86400),
+        Signing::Ready(issuer.clone()),
+        Arc::new,
+    );
+    c.bench_function("decision/warm cpu", |b| {
+        b.iter(|| {
+            let req = request::verify(
+                black_box(&f.sealed.payload),
+                Some(&hdr),
+                &f.auth_xkey,
+                &auth_pk,
+                now,
+            )
+            .unwrap();
+            let k = cache.credential_key("sensor-0001", "correct horse battery staple");
+            assert!(cache.credential_verified(&k, &hash));
+            let user = mint::user_jwt(
+                &req,
+                &login.username,
+                &login.merged,
+                login.ttl,
+                &issuer.account,
+                &issuer.keypair,
+                now,
+            )
+            .unwrap();
+            let resp = mint::response(&req, Ok(&user), &f.auth, now).unwrap();
+            mint::seal(resp, &f.auth_xkey, req.server_xkey.as_ref()).unwrap()
+        })
+    });
+
+    let bcrypt10 = bcrypt::hash("correct horse battery staple", 10).unwrap();
+    let mut slow = c.benchmark_group("credentials");
+    slow.sample_size(10);
+    slow.bench_function("bcrypt cost 10 (cache miss)", |b| {
+        b.iter(|| {
+            assert_eq!(
+                credentials::verify_blocking("correct horse battery staple", &bcrypt10),
+                Ok(true)
+            )
+        })
+    });
+    slow.finish();
+}
+
+fn config() -> Criterion {
+    let quick = std::env::var("LOAD_QUICK").is_ok_and(|v| v == "1");
+    let c = Criterion::default();
+    if quick {
+        c.warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+    } else {
+        c
+    }
+}
+
+criterion_group! {
+    name = hot_path;
+    config = config();
+    targets = benches
+}
+criterion_main!(hot_path);
