@@ -637,3 +637,9 @@ BEGIN
           CASE WHEN p_emergency THEN 'emergency signing key rotation' ELSE 'signing key rotation' END);
   PERFORM pg_notify('nats_pg_auth_sync', acc::text);
 END $$;
+
+-- Operator signing-key rotation keeps the next key here between its two steps.
+ALTER TABLE nats.service_identities DROP CONSTRAINT service_identities_kind_check;
+ALTER TABLE nats.service_identities ADD CONSTRAINT service_identities_kind_check
+  CHECK (kind IN ('operator', 'operator_signing', 'operator_signing_next', 'sys_account', 'sys_user',
+                  'auth_account', 'auth_xkey', 'service_user', 'sentinel'));

@@ -164,6 +164,28 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             );
             Ok(())
         }
+        Command::RotateOperatorKey(args) => {
+            let cipher = common.cipher()?;
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let step = if args.finish {
+                crate::operator::finish(&pool, &cipher).await?
+            } else {
+                crate::operator::begin(&pool, &cipher).await?
+            };
+            let identities = ServiceIdentities::load(&pool).await?;
+            init::write_fragment(&identities, &args.fragment.resolver_dir, &args.fragment.out)?;
+            match step {
+                crate::operator::Step::Begun { next } => eprintln!(
+                    "step 1 of 2: operator JWT now also trusts {next}; fragment written to {}. Restart nats-server with it, then run `nats-pg-auth rotate-operator-key --finish`",
+                    args.fragment.out.display()
+                ),
+                crate::operator::Step::Finished { signing, queued } => eprintln!(
+                    "step 2 of 2: {signing} now signs; {queued} accounts queued for re-signing. When `nats-pg-auth status` shows 0 pending rows, restart nats-server with {}",
+                    args.fragment.out.display()
+                ),
+            }
+            Ok(())
+        }
         Command::RotateEncryptionKey(args) => {
             let old = common.cipher()?;
             let new_args = crate::config::CommonArgs {

@@ -78,6 +78,9 @@ pub enum Command {
     Status,
     /// Give an account a new signing key (graceful by default; see --emergency).
     RotateSigningKey(RotateSigningKeyArgs),
+    /// Rotate the operator signing key in two steps (see README): without --finish, list a new
+    /// key in the operator JWT; with --finish, make it the signing key and re-sign every account.
+    RotateOperatorKey(RotateOperatorKeyArgs),
     /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
     /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain).
     RotateEncryptionKey(RotateEncryptionKeyArgs),
@@ -117,6 +120,15 @@ pub struct RotateSigningKeyArgs {
     /// through the callout. Without it, older keys stay valid until their JWTs expired.
     #[arg(long)]
     pub emergency: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RotateOperatorKeyArgs {
+    /// Second step: switch to the new key (after nats-server loaded the first step's fragment).
+    #[arg(long)]
+    pub finish: bool,
+    #[command(flatten)]
+    pub fragment: FragmentArgs,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -49,6 +49,8 @@ pub enum InitError {
     },
     #[error("nkeys: {0}")]
     Nkeys(String),
+    #[error("{0}")]
+    Rotation(String),
 }
 
 /// The identities of an initialised database, with seeds still as stored.

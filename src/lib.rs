@@ -15,6 +15,7 @@ pub mod init;
 pub mod jwt;
 pub mod keys;
 pub mod metrics;
+pub mod operator;
 pub mod sessions;
 pub mod sync;
 pub mod telemetry;

@@ -43,7 +43,8 @@ pub struct SyncSettings {
 pub struct Sync {
     pool: PgPool,
     cipher: SeedCipher,
-    operator_signer: KeyPair,
+    /// Swapped when `rotate-operator-key --finish` installs a new operator signing key.
+    operator_signer: std::sync::RwLock<std::sync::Arc<KeyPair>>,
     system_accounts: BTreeSet<String>,
     client: Client,
     settings: SyncSettings,
@@ -80,7 +81,7 @@ impl Sync {
         Self {
             pool,
             cipher,
-            operator_signer,
+            operator_signer: std::sync::RwLock::new(std::sync::Arc::new(operator_signer)),
             system_accounts,
             client,
             settings,
@@ -207,6 +208,9 @@ impl Sync {
 
     /// Processes every due outbox row, in batches.
     pub async fn drain(&self) {
+        if let Err(e) = self.refresh_operator_key().await {
+            tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
+        }
         loop {
             let rows = match db::outbox::claim(&self.pool, 1000, Duration::from_secs(60)).await {
                 Ok(rows) => rows,
@@ -304,6 +308,44 @@ impl Sync {
                 }
             }
         }
+    }
+
+    fn signer(&self) -> std::sync::Arc<KeyPair> {
+        self.operator_signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Picks up a new operator signing key (after `rotate-operator-key --finish`) and pushes the
+    /// re-signed SYS and AUTH JWTs; tenant accounts were queued by the rotation itself.
+    async fn refresh_operator_key(&self) -> Result<(), AccountSyncError> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator_signing'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((public_key, seed)) = row else {
+            return Ok(());
+        };
+        if public_key == self.signer().public_key() {
+            return Ok(());
+        }
+        let key = keys::keypair_from_stored(&self.cipher, &seed, &public_key)?;
+        let own: Vec<String> = sqlx::query_scalar(
+            "SELECT jwt FROM nats.service_identities WHERE kind IN ('sys_account', 'auth_account') AND jwt IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for token in own {
+            publish::update(&self.client, &token, self.settings.push_timeout).await?;
+        }
+        *self
+            .operator_signer
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(key);
+        tracing::info!(signing_key = %public_key, "now signing account JWTs with the new operator signing key");
+        Ok(())
     }
 
     /// Adds a new signing key and retires the older ones: after `signing_key_grace` (longest
@@ -444,7 +486,7 @@ impl Sync {
         if !row.active {
             claims.nats.revocations.insert("*".to_owned(), claims.iat);
         }
-        let token = jwt::encode(claims, &self.operator_signer)?;
+        let token = jwt::encode(claims, &self.signer())?;
         self.last_iat.lock().await.insert(row.id, claims.iat);
         publish::update(&self.client, &token, self.settings.push_timeout).await?;
         Ok(token)
@@ -454,7 +496,8 @@ impl Sync {
         if self.system_accounts.contains(public_key) {
             return Ok(());
         }
-        let signer_pk = self.operator_signer.public_key();
+        let signer = self.signer();
+        let signer_pk = signer.public_key();
         let claims = Claims {
             aud: None,
             exp: None,
@@ -468,7 +511,7 @@ impl Sync {
                 accounts: vec![public_key.to_owned()],
             },
         };
-        let token = jwt::encode(&claims, &self.operator_signer)?;
+        let token = jwt::encode(&claims, &signer)?;
         publish::delete(&self.client, &token, self.settings.push_timeout).await?;
         tracing::info!(account = public_key, "account deleted from nats-server");
         Ok(())

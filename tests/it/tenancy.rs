@@ -496,3 +496,93 @@ async fn plain_seeds_are_encrypted_when_a_key_is_configured_and_the_key_can_be_r
         .await
         .expect("login after key rotation");
 }
+
+#[tokio::test]
+async fn operator_signing_key_rotation_resigns_every_account() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    let fragment = env.dir.path().join("fragment.conf");
+    let resolver = env.dir.path().join("jwt");
+    let old_issuer = |jwt: &str| {
+        nats_pg_auth::jwt::decode_unverified::<serde_json::Value>(jwt)
+            .unwrap()
+            .iss
+    };
+    let acme_jwt: String = sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = 'acme'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let old = old_issuer(&acme_jwt);
+
+    // Step 1: the operator JWT lists both keys; nats-server restarts with it.
+    let nats_pg_auth::operator::Step::Begun { next } =
+        nats_pg_auth::operator::begin(&env.pool, &env.cipher)
+            .await
+            .unwrap()
+    else {
+        panic!("step 1")
+    };
+    let ids = nats_pg_auth::init::ServiceIdentities::load(&env.pool)
+        .await
+        .unwrap();
+    nats_pg_auth::init::write_fragment(&ids, &resolver, &fragment).unwrap();
+    env.nats.restart(false).await;
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "alice after step 1",
+    )
+    .await;
+
+    // Step 2: the new key signs; the leader re-signs and pushes every account.
+    nats_pg_auth::operator::finish(&env.pool, &env.cipher)
+        .await
+        .unwrap();
+    let pool = env.pool.clone();
+    let next_key = next.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "acme to be re-signed by the new key",
+        || {
+            let pool = pool.clone();
+            let next_key = next_key.clone();
+            async move {
+                let jwt: String =
+                    sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = 'acme'")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                nats_pg_auth::jwt::decode_unverified::<serde_json::Value>(&jwt)
+                    .unwrap()
+                    .iss
+                    == next_key
+            }
+        },
+    )
+    .await;
+    assert_ne!(old, next);
+    // nats-server restarts trusting only the new key: SYS, AUTH and acme all still work.
+    let ids = nats_pg_auth::init::ServiceIdentities::load(&env.pool)
+        .await
+        .unwrap();
+    nats_pg_auth::init::write_fragment(&ids, &resolver, &fragment).unwrap();
+    let text = std::fs::read_to_string(&fragment).unwrap();
+    let op_line = text.lines().find(|l| l.starts_with("operator:")).unwrap();
+    let op: nats_pg_auth::jwt::Claims<serde_json::Value> =
+        nats_pg_auth::jwt::decode_unverified(op_line.trim_start_matches("operator:").trim())
+            .unwrap();
+    assert_eq!(
+        op.nats["signing_keys"],
+        serde_json::json!([next]),
+        "only the new key is trusted"
+    );
+    env.nats.restart(false).await;
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "alice after step 2",
+    )
+    .await;
+}
