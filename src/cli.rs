@@ -50,6 +50,33 @@ type StatusRow = (
     Option<String>,
 );
 
+/// A database error as the one line Postgres wrote for it (our triggers explain bad rows).
+fn sql_error(e: sqlx::Error) -> CliError {
+    match e.as_database_error() {
+        Some(d) => CliError::Other(d.message().to_owned()),
+        None => CliError::Db(DbError::from(e)),
+    }
+}
+
+fn read_stdin_line() -> Result<String, CliError> {
+    let mut pw = String::new();
+    std::io::stdin()
+        .read_to_string(&mut pw)
+        .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
+    let pw = pw.trim_end_matches(['\n', '\r']).to_owned();
+    if pw.is_empty() {
+        return Err(CliError::Other("no password on standard input".into()));
+    }
+    Ok(pw)
+}
+
+fn bcrypt_hash(password: &str, cost: u32) -> Result<String, CliError> {
+    if !(4..=31).contains(&cost) {
+        return Err(ConfigError::Invalid("--cost must be between 4 and 31".into()).into());
+    }
+    bcrypt::hash(password, cost).map_err(|e| CliError::Other(e.to_string()))
+}
+
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> {
     let common = &cli.common;
     match cli.command {
@@ -58,19 +85,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
         Command::HashPassword(args) => {
-            let mut pw = String::new();
-            std::io::stdin()
-                .read_to_string(&mut pw)
-                .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
-            let pw = pw.trim_end_matches(['\n', '\r']);
-            if pw.is_empty() {
-                return Err(CliError::Other("no password on standard input".into()));
-            }
-            if !(4..=31).contains(&args.cost) {
-                return Err(ConfigError::Invalid("--cost must be between 4 and 31".into()).into());
-            }
-            let hash = bcrypt::hash(pw, args.cost).map_err(|e| CliError::Other(e.to_string()))?;
-            println!("{hash}");
+            let pw = read_stdin_line()?;
+            println!("{}", bcrypt_hash(&pw, args.cost)?);
             Ok(())
         }
         Command::Migrate => {
@@ -142,6 +158,77 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             }
             Ok(())
         }
+        Command::AddAccount(args) => {
+            let pool = db::connect(common.database_url()?, 2).await?;
+            sqlx::query("INSERT INTO nats.accounts (name, max_connections) VALUES ($1, $2)")
+                .bind(&args.name)
+                .bind(args.max_connections)
+                .execute(&pool)
+                .await
+                .map_err(sql_error)?;
+            eprintln!(
+                "account {:?} added; the sync pushes it within a second",
+                args.name
+            );
+            Ok(())
+        }
+        Command::AddUser(args) => {
+            let hash = bcrypt_hash(&read_stdin_line()?, args.cost)?;
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let done = sqlx::query(
+                "INSERT INTO nats.users (account_id, role_id, username, password_hash) \
+                 SELECT a.id, r.id, $2, $4 FROM nats.accounts a \
+                 LEFT JOIN nats.roles r ON r.name = $3 AND (r.account_id = a.id OR r.account_id IS NULL) \
+                 WHERE a.name = $1 AND ($3::text IS NULL OR r.id IS NOT NULL) \
+                 ORDER BY r.account_id NULLS LAST LIMIT 1",
+            )
+            .bind(&args.account)
+            .bind(&args.username)
+            .bind(&args.role)
+            .bind(&hash)
+            .execute(&pool)
+            .await
+            .map_err(sql_error)?;
+            if done.rows_affected() == 0 {
+                return Err(CliError::Other(format!(
+                    "no account {:?}{}",
+                    args.account,
+                    args.role
+                        .as_ref()
+                        .map(|r| format!(" with a role {r:?}"))
+                        .unwrap_or_default()
+                )));
+            }
+            eprintln!(
+                "user {:?} added to account {:?}",
+                args.username, args.account
+            );
+            Ok(())
+        }
+        Command::AddToken(args) => {
+            use rand::RngCore;
+            let mut raw = [0u8; 24];
+            rand::thread_rng().fill_bytes(&mut raw);
+            let token = data_encoding::BASE32_NOPAD.encode(&raw).to_lowercase();
+            let pool = db::connect(common.database_url()?, 2).await?;
+            let done = sqlx::query(
+                "INSERT INTO nats.user_tokens (user_id, token_sha256, description, expires_at) \
+                 SELECT id, $2, $3, now() + make_interval(secs => $4) FROM nats.users WHERE username = $1",
+            )
+            .bind(&args.username)
+            .bind(crate::callout::credentials::token_digest(&token).to_vec())
+            .bind(&args.description)
+            .bind(args.expires_in.map(|d| d.as_secs_f64()))
+            .execute(&pool)
+            .await
+            .map_err(sql_error)?;
+            if done.rows_affected() == 0 {
+                return Err(CliError::Other(format!("no user {:?}", args.username)));
+            }
+            // The only time the token is shown: stdout, so it can be captured by a script.
+            println!("{token}");
+            Ok(())
+        }
         Command::RotateSigningKey(args) => {
             let pool = db::connect(common.database_url()?, 2).await?;
             sqlx::query("SELECT nats.rotate_signing_key($1, $2)")
@@ -149,10 +236,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .bind(args.emergency)
                 .execute(&pool)
                 .await
-                .map_err(|e| match e.as_database_error() {
-                    Some(d) => CliError::Other(d.message().to_owned()),
-                    None => CliError::Db(DbError::from(e)),
-                })?;
+                .map_err(sql_error)?;
             eprintln!(
                 "{} rotation of account {:?} queued; the sync leader applies it within a second",
                 if args.emergency {

@@ -76,6 +76,12 @@ pub enum Command {
     GenerateKey,
     /// Show the operator and the sync state of every account.
     Status,
+    /// Add an account (plain SQL works the same; this is a convenience).
+    AddAccount(AddAccountArgs),
+    /// Add a user; the password is read from standard input and stored as bcrypt.
+    AddUser(AddUserArgs),
+    /// Issue a bearer token for a user; prints the token once (only its SHA-256 is stored).
+    AddToken(AddTokenArgs),
     /// Give an account a new signing key (graceful by default; see --emergency).
     RotateSigningKey(RotateSigningKeyArgs),
     /// Rotate the operator signing key in two steps (see README): without --finish, list a new
@@ -109,6 +115,43 @@ pub struct FragmentArgs {
     /// Where to write the nats-server configuration fragment (`-` for standard output).
     #[arg(long, env = "NATS_PG_AUTH_CONFIG_OUT")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AddAccountArgs {
+    /// Account name.
+    pub name: String,
+    /// Maximum connections (-1 unlimited).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub max_connections: i64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AddUserArgs {
+    /// Account name.
+    #[arg(long)]
+    pub account: String,
+    /// Login name.
+    #[arg(long)]
+    pub username: String,
+    /// Role name (a role of the account, or a global one).
+    #[arg(long)]
+    pub role: Option<String>,
+    /// bcrypt cost.
+    #[arg(long, default_value_t = 10)]
+    pub cost: u32,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AddTokenArgs {
+    /// Login name of the token's user.
+    #[arg(long)]
+    pub username: String,
+    /// Lifetime, e.g. 30d; none means until revoked.
+    #[arg(long, value_parser = parse_duration)]
+    pub expires_in: Option<Duration>,
+    #[arg(long)]
+    pub description: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]

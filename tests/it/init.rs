@@ -93,3 +93,79 @@ fn the_cli_reports_bad_input_in_one_line_with_an_exit_code() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[tokio::test]
+async fn admin_verbs_create_a_tenant_that_can_log_in() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let env = crate::common::TestEnv::start().await;
+    let bin = env!("CARGO_BIN_EXE_nats-pg-auth");
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", &env.database_url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(
+        run(&["add-account", "initech", "--max-connections", "10"], "").0,
+        Some(0)
+    );
+    let (code, _, err) = run(
+        &[
+            "add-user",
+            "--account",
+            "initech",
+            "--username",
+            "peter",
+            "--cost",
+            "4",
+        ],
+        "tps-report\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, token, err) = run(
+        &["add-token", "--username", "peter", "--expires-in", "1h"],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(token.len() >= 32, "a long random token: {token}");
+    let (code, _, err) = run(
+        &[
+            "add-user",
+            "--account",
+            "initech",
+            "--username",
+            "bob",
+            "--role",
+            "nope",
+        ],
+        "pw\n",
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("role"), "{err}");
+    let (code, _, err) = run(&["add-account", "bad name"], "");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("name"), "{err}");
+
+    env.wait_synced("initech").await;
+    env.connect_user("peter", "tps-report")
+        .await
+        .expect("password login");
+    env.connect_token(&token).await.expect("token login");
+}
