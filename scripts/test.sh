@@ -22,4 +22,6 @@ echo "test: Postgres at $NATS_PG_AUTH_TEST_DATABASE_URL, nats-server at $NATS_SE
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets "$@"
+# Benches are compiled by clippy above but not run here: the load tool runs for minutes and is
+# `cargo bench`'s job (see BENCHMARKS.md).
+cargo test --lib --bins --tests "$@"
