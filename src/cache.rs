@@ -473,6 +473,26 @@ impl LoginCache {
         m
     }
 
+    /// Entry counts per cache (after moka's pending maintenance), for reports and benchmarks.
+    pub fn entry_counts(&self) -> Vec<(&'static str, u64)> {
+        self.by_username.run_pending_tasks();
+        self.by_token.run_pending_tasks();
+        self.unknown_users.run_pending_tasks();
+        self.credentials.run_pending_tasks();
+        self.issuers.run_pending_tasks();
+        self.permissions.run_pending_tasks();
+        self.stamps.run_pending_tasks();
+        vec![
+            ("logins_by_username", self.by_username.entry_count()),
+            ("logins_by_token", self.by_token.entry_count()),
+            ("unknown_users", self.unknown_users.entry_count()),
+            ("credentials", self.credentials.entry_count()),
+            ("signing_keys", self.issuers.entry_count()),
+            ("permission_sets", self.permissions.entry_count()),
+            ("stamps", self.stamps.entry_count()),
+        ]
+    }
+
     // ---- invalidation ----------------------------------------------------------------------
 
     fn next_generation(&self) -> u64 {
