@@ -99,6 +99,8 @@ impl NatsServer {
         let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(self.dir.join("nats.conf"))
+            // Relative paths in the config (a JetStream store_dir, say) land in the test dir.
+            .current_dir(&self.dir)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
