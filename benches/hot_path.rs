@@ -14,7 +14,8 @@
 //! - `keys/open signing seed`: AES-256-GCM open + seed parse, what the issuer cache saves.
 //! - `credentials/hmac+lookup`: a verified-credential cache hit. `credentials/bcrypt cost 10`:
 //!   what that hit saves.
-//! - `decision/warm cpu`: everything a warm login costs except the NATS hops.
+//! - `decision/warm cpu`: everything a warm login costs except the NATS hops, as the callout
+//!   does it (xkey boxes precomputed per server).
 
 mod common;
 
@@ -25,6 +26,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use nats_pg_auth::cache::{CacheSettings, LoginCache};
 use nats_pg_auth::callout::login::{Issuer, Login, Signing};
 use nats_pg_auth::callout::permissions::{self, Defaults};
+use nats_pg_auth::callout::xbox::ServerBoxes;
 use nats_pg_auth::callout::{credentials, mint, request};
 use nats_pg_auth::jwt;
 use nats_pg_auth::keys::{self, SeedCipher};
@@ -89,6 +91,20 @@ fn benches(c: &mut Criterion) {
             .expect("valid request")
         })
     });
+    let boxes = ServerBoxes::new(&f.auth_xkey).expect("seeded xkey");
+    c.bench_function("request/open+verify (box cached per server)", |b| {
+        b.iter(|| {
+            request::verify_with(
+                black_box(&f.sealed.payload),
+                Some(&hdr),
+                &f.auth_xkey,
+                Some(&boxes),
+                &auth_pk,
+                now,
+            )
+            .expect("valid request")
+        })
+    });
     c.bench_function("request/verify (plain)", |b| {
         b.iter(|| {
             request::verify(black_box(&f.plain), None, &f.auth_xkey, &auth_pk, now)
@@ -140,6 +156,31 @@ fn benches(c: &mut Criterion) {
             mint::seal(resp, &f.auth_xkey, req.server_xkey.as_ref()).unwrap()
         })
     });
+    let req_boxed = request::verify_with(
+        &f.sealed.payload,
+        Some(&hdr),
+        &f.auth_xkey,
+        Some(&boxes),
+        &auth_pk,
+        now,
+    )
+    .unwrap();
+    c.bench_function("mint/user jwt+response+seal (box cached)", |b| {
+        b.iter(|| {
+            let user = mint::user_jwt(
+                &req_boxed,
+                "sensor-0001",
+                &merged,
+                ttl,
+                &issuer.account,
+                &issuer.keypair,
+                now,
+            )
+            .unwrap();
+            let resp = mint::response(&req_boxed, Ok(&user), &f.auth, now).unwrap();
+            mint::seal_for(&req_boxed, resp, &f.auth_xkey).unwrap()
+        })
+    });
     c.bench_function("mint/user jwt only", |b| {
         b.iter(|| {
             mint::user_jwt(
@@ -185,10 +226,11 @@ fn benches(c: &mut Criterion) {
     );
     c.bench_function("decision/warm cpu", |b| {
         b.iter(|| {
-            let req = request::verify(
+            let req = request::verify_with(
                 black_box(&f.sealed.payload),
                 Some(&hdr),
                 &f.auth_xkey,
+                Some(&boxes),
                 &auth_pk,
                 now,
             )
@@ -206,7 +248,7 @@ fn benches(c: &mut Criterion) {
             )
             .unwrap();
             let resp = mint::response(&req, Ok(&user), &f.auth, now).unwrap();
-            mint::seal(resp, &f.auth_xkey, req.server_xkey.as_ref()).unwrap()
+            mint::seal_for(&req, resp, &f.auth_xkey).unwrap()
         })
     });
 

@@ -1,6 +1,6 @@
 //! Password and token checks.
 //!
-//! Password hashes are verified on tokio's blocking pool, behind a semaphore of their own
+//! Password hashes are verified on threads of their own, at low priority, behind a semaphore
 //! ("the hashing lane"): bcrypt at cost 10 takes ~50 ms of CPU, and a flood of cold password
 //! logins must neither stall the async runtime nor take every thread from token logins.
 
@@ -27,19 +27,60 @@ pub enum HashError {
     Busy,
 }
 
-/// The hashing lane: at most `threads` hashes at once, on tokio's blocking pool. Only password
-/// checks that miss the credential cache come here; token and cached logins never wait on it.
+/// Niceness of the hashing threads. On a small machine bcrypt would otherwise take every core
+/// from the async runtime (and from nats-server next to it); at nice 10 the scheduler gives
+/// the hashing threads about a tenth of a contended core, so token and cached logins keep their
+/// latency while cold ones still use every idle cycle.
+pub const HASH_THREAD_NICE: i32 = 10;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The hashing lane: at most `threads` hashes at once, on threads of its own (named
+/// `npa-hash`, at low priority). Only password checks that miss the credential cache come
+/// here; token and cached logins never wait on it.
 #[derive(Clone)]
 pub struct PasswordVerifier {
     lane: Arc<Semaphore>,
     computed: Arc<AtomicU64>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl PasswordVerifier {
     pub fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("npa-hash-{i}"))
+                .spawn(move || {
+                    if let Err(e) = rustix::process::setpriority_process(
+                        Some(rustix::thread::gettid()),
+                        HASH_THREAD_NICE,
+                    ) {
+                        tracing::debug!(error = %e, "cannot lower the priority of a hashing thread");
+                    }
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // the verifier is gone
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password hashing thread");
+            }
+        }
         Self {
-            lane: Arc::new(Semaphore::new(threads.max(1))),
+            lane: Arc::new(Semaphore::new(threads)),
             computed: Arc::new(AtomicU64::new(0)),
+            jobs,
         }
     }
 
@@ -64,10 +105,14 @@ impl PasswordVerifier {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| FALLBACK_BCRYPT.to_owned());
         self.computed.fetch_add(1, Ordering::Relaxed);
-        let ok =
-            tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
-                .await
-                .map_err(|_| HashError::Worker)??;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(verify_blocking(password.expose_secret(), &hash));
+            }))
+            .map_err(|_| HashError::Worker)?;
+        // A panicking job drops `tx`: reported as Worker.
+        let ok = rx.await.map_err(|_| HashError::Worker)??;
         Ok(ok && known)
     }
 }

@@ -78,6 +78,14 @@ pub fn response(
     jwt::encode(&claims, auth_signer)
 }
 
+/// Seals the response for `req`: with its precomputed box when there is one, else as `seal`.
+pub fn seal_for(req: &VerifiedRequest, response: String, ours: &XKey) -> Option<Vec<u8>> {
+    match &req.server_box {
+        Some(b) => super::xbox::seal(b, response.as_bytes()),
+        None => seal(response, ours, req.server_xkey.as_ref()).ok(),
+    }
+}
+
 /// Seals the response to the server's curve key when the request came sealed.
 pub fn seal(
     response: String,

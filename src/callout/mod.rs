@@ -10,6 +10,7 @@ pub mod login;
 pub mod mint;
 pub mod permissions;
 pub mod request;
+pub mod xbox;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,6 +132,7 @@ pub struct Callout {
     limiter: Arc<Semaphore>,
     passwords: PasswordVerifier,
     cache: Arc<LoginCache>,
+    boxes: Option<xbox::ServerBoxes>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -172,6 +174,7 @@ impl Callout {
             limiter: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             passwords: PasswordVerifier::new(settings.hash_threads),
             cache: Arc::new(LoginCache::new(cache)),
+            boxes: xbox::ServerBoxes::new(&auth.xkey),
             pool,
             auth,
             cipher,
@@ -257,10 +260,11 @@ impl Callout {
             .as_ref()
             .and_then(|h| h.get(SERVER_XKEY_HEADER))
             .map(|v| v.as_str().to_owned());
-        let req = match request::verify(
+        let req = match request::verify_with(
             &msg.payload,
             header.as_deref(),
             &self.auth.xkey,
+            self.boxes.as_ref(),
             &self.auth.account_public_key,
             now,
         ) {
@@ -309,13 +313,11 @@ impl Callout {
                 return None;
             }
         };
-        match mint::seal(response, &self.auth.xkey, req.server_xkey.as_ref()) {
-            Ok(bytes) => Some(bytes),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot seal the authorization response");
-                None
-            }
+        let sealed = mint::seal_for(&req, response, &self.auth.xkey);
+        if sealed.is_none() {
+            tracing::error!("cannot seal the authorization response");
         }
+        sealed
     }
 
     async fn decide(

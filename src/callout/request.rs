@@ -3,7 +3,12 @@
 //! Order matters: open the xkey box (if any), then verify the JWT signature against its issuer
 //! (a server key), then the claims. Nothing from the request is trusted before the signature.
 
+use std::sync::Arc;
+
+use crypto_box::SalsaBox;
 use nkeys::XKey;
+
+use super::xbox::{self, ServerBoxes};
 
 use crate::jwt::{self, claims::AuthorizationRequest, Claims};
 
@@ -59,6 +64,8 @@ pub struct VerifiedRequest {
     pub claims: Claims<AuthorizationRequest>,
     /// The server's curve key, when the request came sealed; the reply is sealed to it.
     pub server_xkey: Option<XKey>,
+    /// The precomputed box shared with that server, when `verify_with` had one.
+    pub server_box: Option<Arc<SalsaBox>>,
 }
 
 impl VerifiedRequest {
@@ -79,13 +86,37 @@ pub fn verify(
     auth_account: &str,
     now: i64,
 ) -> Result<VerifiedRequest, RequestError> {
+    verify_with(
+        payload,
+        server_xkey_header,
+        our_xkey,
+        None,
+        auth_account,
+        now,
+    )
+}
+
+/// As `verify`, opening sealed requests with a precomputed box when `boxes` is given.
+pub fn verify_with(
+    payload: &[u8],
+    server_xkey_header: Option<&str>,
+    our_xkey: &XKey,
+    boxes: Option<&ServerBoxes>,
+    auth_account: &str,
+    now: i64,
+) -> Result<VerifiedRequest, RequestError> {
+    let mut server_box = None;
     let (token, server_xkey) = if payload.starts_with(XKV1) {
         let header = server_xkey_header.ok_or(RequestError::MissingServerXkey)?;
         let server =
             XKey::from_public_key(header.trim()).map_err(|_| RequestError::BadServerXkey)?;
-        let opened = our_xkey
-            .open(payload, &server)
-            .map_err(|_| RequestError::Decrypt)?;
+        server_box = boxes.and_then(|b| b.with(&server));
+        let opened = match &server_box {
+            Some(b) => xbox::open(b, payload).ok_or(RequestError::Decrypt)?,
+            None => our_xkey
+                .open(payload, &server)
+                .map_err(|_| RequestError::Decrypt)?,
+        };
         (opened, Some(server))
     } else {
         // Plain requests happen when AUTH has no xkey; we always configure one, but accept
@@ -126,5 +157,6 @@ pub fn verify(
     Ok(VerifiedRequest {
         claims,
         server_xkey,
+        server_box,
     })
 }
