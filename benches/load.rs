@@ -825,8 +825,11 @@ fn rss_child() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss1 = vm_rss_kib();
         let start = Instant::now();
-        let allowed = service.answer_all(fake, users("r", 0..n), 64).await;
+        let allowed = service.answer_all(fake.clone(), users("r", 0..n), 64).await;
         let took = start.elapsed();
+        // The first pass takes longer than the 30 s login TTL (one bcrypt each); a second pass
+        // (credential-cache hits) refills the login cache so every cache is full when measured.
+        let _ = service.answer_all(fake, users("r", 0..n), 64).await;
         let rss2 = vm_rss_kib();
         let counts = service.callout.cache().entry_counts();
         let hashes = service.callout.password_hashes_computed();
@@ -1433,6 +1436,23 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
                 missing += 1;
             }
         }
+        let mut sorted = lat.clone();
+        sorted.sort_unstable();
+        let slow = sorted
+            .iter()
+            .filter(|d| **d > Duration::from_millis(500))
+            .count();
+        notes.push(format!(
+            "7 UPDATE → served: {slow} of {} samples over 500 ms; slowest {}",
+            sorted.len(),
+            sorted
+                .iter()
+                .rev()
+                .take(3)
+                .map(|d| ms(*d))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         rows.push(Row {
             id: "7",
             scenario: "sync: UPDATE of one account → new JWT served by CLAIMS.LOOKUP".into(),
@@ -1485,7 +1505,7 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         let took_ms: u64 = f[5].parse().unwrap();
         rows.push(Row {
             id: "9",
-            scenario: format!("RSS of the service process with {n} users logged in once"),
+            scenario: format!("RSS of the service process with {n} users logged in (caches full)"),
             result: format!(
                 "{:.1} MiB (idle {:.1} MiB, +{:.1} MiB = {} B/user; {allowed} logins in {:.1} s)",
                 rss2 as f64 / 1024.0,
