@@ -9,7 +9,7 @@
 //! | logins by username | username | prepared [`Login`] (merged permissions, TTL, signer) | 30 s TTL, 250k |
 //! | logins by token | SHA-256 of the token | `Login` + token row (expiry, revocation) | 30 s TTL, 250k |
 //! | unknown usernames | username | — | 2 s TTL, 100k |
-//! | verified credentials | HMAC(process key, username, password) | SHA-256 of the hash it verified against | 10 min TTL, 250k |
+//! | verified credentials | HMAC(process key, username, password), 128 bits | SHA-256 (128 bits) of the hash it verified against | 10 min TTL, 250k |
 //! | signing keys | signing public key | parsed `KeyPair` (no AES-GCM + seed parse per login) | 100k |
 //! | merged permission sets | the set itself | shared `Arc` (users of one role share one copy) | 10k |
 //!
@@ -186,10 +186,12 @@ pub struct LoginCache {
     flushed_at: AtomicU64,
     users_changed_at: AtomicU64,
     stamps: Cache<Scope, u64>,
-    by_username: Cache<Box<str>, Arc<Stamped<Arc<Login>>>>,
+    /// Keyed by the login's own `username` (one shared allocation); the value carries the
+    /// generation it was read at.
+    by_username: Cache<Arc<str>, (Arc<Login>, u64)>,
     by_token: Cache<[u8; 32], Arc<Stamped<TokenLogin>>>,
     unknown_users: Cache<Box<str>, u64>,
-    credentials: Cache<[u8; 32], [u8; 32]>,
+    credentials: Cache<[u8; 16], [u8; 16]>,
     issuers: Cache<Box<str>, Arc<Issuer>>,
     permissions: Cache<Merged, Arc<Merged>>,
     touched_tokens: Cache<i64, ()>,
@@ -306,10 +308,10 @@ impl LoginCache {
         if !self.rows_usable() {
             return UserLookup::Miss;
         }
-        if let Some(e) = self.by_username.get(username) {
-            if self.fresh(&e.value, e.generation, false) && &*e.value.username == username {
+        if let Some((login, generation)) = self.by_username.get(username) {
+            if self.fresh(&login, generation, false) && &*login.username == username {
                 bump(&self.stats.login_hits);
-                return UserLookup::Hit(e.value.clone());
+                return UserLookup::Hit(login);
             }
             self.by_username.invalidate(username);
         }
@@ -330,13 +332,11 @@ impl LoginCache {
         if !self.rows_usable() || !login.cacheable() || !self.fresh(login, ticket.0, false) {
             return;
         }
-        self.by_username.insert(
-            username.into(),
-            Arc::new(Stamped {
-                value: login.clone(),
-                generation: ticket.0,
-            }),
-        );
+        if &*login.username != username {
+            return;
+        }
+        self.by_username
+            .insert(login.username.clone(), (login.clone(), ticket.0));
     }
 
     pub fn put_unknown_user(&self, username: &str, ticket: Ticket) {
@@ -397,18 +397,22 @@ impl LoginCache {
 
     // ---- verified credentials ------------------------------------------------------------
 
-    /// The keyed hash of a username and password (the key is random per process).
-    pub fn credential_key(&self, username: &str, password: &str) -> [u8; 32] {
+    /// The keyed hash of a username and password (the key is random per process), truncated
+    /// to 128 bits: plenty against collisions, half the memory per entry.
+    pub fn credential_key(&self, username: &str, password: &str) -> [u8; 16] {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.hmac_key).expect("HMAC takes any key length");
         mac.update(&(username.len() as u64).to_be_bytes());
         mac.update(username.as_bytes());
         mac.update(password.as_bytes());
-        mac.finalize().into_bytes().into()
+        let full = mac.finalize().into_bytes();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&full[..16]);
+        key
     }
 
     /// True when this credential was verified against exactly `password_hash` before.
-    pub fn credential_verified(&self, key: &[u8; 32], password_hash: &str) -> bool {
+    pub fn credential_verified(&self, key: &[u8; 16], password_hash: &str) -> bool {
         if !self.credentials_on.load(Ordering::Relaxed) {
             return false;
         }
@@ -427,7 +431,7 @@ impl LoginCache {
     }
 
     /// Records a successful check (never call it for a failed one).
-    pub fn put_credential(&self, key: [u8; 32], password_hash: &str) {
+    pub fn put_credential(&self, key: [u8; 16], password_hash: &str) {
         if self.credentials_on.load(Ordering::Relaxed) {
             self.credentials.insert(key, hash_of(password_hash));
         }
@@ -625,6 +629,10 @@ impl LoginCache {
     }
 }
 
-fn hash_of(password_hash: &str) -> [u8; 32] {
-    Sha256::digest(password_hash.as_bytes()).into()
+/// SHA-256 of a stored hash, truncated to 128 bits (only ever compared with the current hash's).
+fn hash_of(password_hash: &str) -> [u8; 16] {
+    let full = Sha256::digest(password_hash.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
 }

@@ -47,7 +47,7 @@ pub struct Login {
     pub user_id: i64,
     pub role_id: Option<i64>,
     pub account_id: i64,
-    pub username: Box<str>,
+    pub username: Arc<str>,
     pub account_name: Box<str>,
     /// bcrypt or argon2id; None for token-only users.
     pub password_hash: Option<Box<str>>,
@@ -94,7 +94,7 @@ impl Login {
             role_id: row.role_id,
             account_id: row.account_id,
             foreign_role: row.role_account_id.is_some_and(|a| a != row.account_id),
-            username: row.username.into_boxed_str(),
+            username: Arc::from(row.username),
             account_name: row.account_name.into_boxed_str(),
             password_hash: row.password_hash.map(String::into_boxed_str),
             user_active: row.user_active,
