@@ -113,7 +113,7 @@ async fn a_role_change_reconnects_its_users_with_the_new_rights() {
     eprintln!("reconnected after {:?}", start.elapsed());
     let watcher = env.connect_user("watcher", "pw").await.unwrap();
     let mut sub = watcher.subscribe("alerts.>").await.unwrap();
-    watcher.flush().await.unwrap();
+    crate::common::settle(&watcher).await;
     alice
         .publish("alerts.fire", "now allowed".into())
         .await

@@ -85,7 +85,7 @@ async fn service_import_answers_from_the_exporting_account() {
             }
         }
     });
-    prov.flush().await.unwrap();
+    crate::common::settle(&prov).await;
     let cons = env.connect_user("cons", "pw").await.unwrap();
     let answer = tokio::time::timeout(
         Duration::from_secs(3),
@@ -113,10 +113,10 @@ async fn stream_import_delivers_under_the_local_subject() {
     wait_import_state(&env, "ticks-in", false).await;
     let cons = env.connect_user("cons", "pw").await.unwrap();
     let mut sub = cons.subscribe("upstream.ticks.>").await.unwrap();
-    cons.flush().await.unwrap();
+    crate::common::settle(&cons).await;
     let prov = env.connect_user("prov", "pw").await.unwrap();
     prov.publish("ticks.eurusd", "1.08".into()).await.unwrap();
-    prov.flush().await.unwrap();
+    crate::common::settle(&prov).await;
     let msg = tokio::time::timeout(Duration::from_secs(3), sub.next())
         .await
         .expect("delivered")
@@ -153,10 +153,10 @@ async fn token_required_export_works_through_a_minted_activation_and_stops_when_
 
     let cons = env.connect_user("cons", "pw").await.unwrap();
     let mut sub = cons.subscribe("private.>").await.unwrap();
-    cons.flush().await.unwrap();
+    crate::common::settle(&cons).await;
     let prov = env.connect_user("prov", "pw").await.unwrap();
     prov.publish("private.a", "1".into()).await.unwrap();
-    prov.flush().await.unwrap();
+    crate::common::settle(&prov).await;
     tokio::time::timeout(Duration::from_secs(3), sub.next())
         .await
         .expect("delivered via activation")
@@ -170,7 +170,7 @@ async fn token_required_export_works_through_a_minted_activation_and_stops_when_
     // The provider's JWT no longer exports it: nothing crosses any more.
     tokio::time::sleep(Duration::from_millis(300)).await;
     prov.publish("private.b", "2".into()).await.unwrap();
-    prov.flush().await.unwrap();
+    crate::common::settle(&prov).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(700), sub.next())
             .await
@@ -305,7 +305,7 @@ async fn login_issuer(
         .subscribe(format!("$SYS.ACCOUNT.{key}.CONNECT"))
         .await
         .unwrap();
-    sys.flush().await.unwrap();
+    crate::common::settle(&sys).await;
     let client = env.connect_user(user, pass).await.unwrap();
     let msg = tokio::time::timeout(Duration::from_secs(3), events.next())
         .await

@@ -493,3 +493,19 @@ pub fn is_auth_refusal(err: &async_nats::ConnectError) -> bool {
         async_nats::ConnectErrorKind::AuthorizationViolation
     ) || err.to_string().to_lowercase().contains("authorization")
 }
+
+/// Returns once the server has processed everything `client` sent before (its SUBs included).
+/// `flush` is not enough: it only drains the client's socket, and the server reads each
+/// connection on its own, so another client's PUB can still overtake a flushed SUB. A message
+/// to the client's own inbox comes back only after every earlier command was handled. Needs a
+/// user allowed to publish and subscribe on `_INBOX.>` (the default permissions are).
+pub async fn settle(client: &Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish(inbox, "".into()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), probe.next())
+        .await
+        .expect("own inbox message comes back")
+        .expect("probe subscription open");
+}
