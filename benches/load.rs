@@ -898,6 +898,9 @@ async fn run(k: Knobs) {
         eprintln!("load: failed; logs kept in {}", dir.keep().display());
         std::panic::resume_unwind(p);
     }
+    if std::env::var_os("LOAD_KEEP").is_some() {
+        eprintln!("load: logs kept in {}", dir.keep().display());
+    }
 }
 
 async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
@@ -1431,6 +1434,15 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             if seen {
+                if t.elapsed() > Duration::from_millis(500) {
+                    eprintln!(
+                        "load: sync sample {i} took {} (UPDATE committed at {})",
+                        ms(t.elapsed()),
+                        humantime::format_rfc3339_micros(
+                            std::time::SystemTime::now() - t.elapsed()
+                        )
+                    );
+                }
                 lat.push(t.elapsed());
             } else {
                 missing += 1;

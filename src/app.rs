@@ -158,11 +158,12 @@ impl Application {
             concurrency: args.callout_concurrency,
             hash_threads: args.hash_threads,
         };
-        let callout = Callout::new(
+        let callout = Callout::with_cache(
             pool.clone(),
             auth,
             config.cipher.clone(),
             settings,
+            args.cache_settings(),
             metrics.clone(),
         );
 
@@ -248,6 +249,11 @@ impl Application {
         self.callout.clone()
     }
 
+    /// Where the HTTP endpoints listen (the real port when `--http-listen` asked for port 0).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -267,6 +273,7 @@ impl Application {
                 pool: self.pool.clone(),
                 callout: self.callout_client.clone(),
                 system: self.sys_client.clone(),
+                cache: Some(self.callout.cache().clone()),
             };
             tokio::spawn(crate::http::serve(listener, probes, shutdown.clone()));
         }

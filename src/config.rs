@@ -256,6 +256,33 @@ pub struct ServeArgs {
     /// How often the sync leader compares the server's account list with the database.
     #[arg(long, env = "NATS_PG_AUTH_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+
+    /// Cache login rows (user + role + account) between logins. Changes still apply to the
+    /// next login: every change notifies and drops what it touches.
+    #[arg(long, env = "NATS_PG_AUTH_LOGIN_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub login_cache: bool,
+
+    /// Remember verified passwords (as a keyed hash, in memory only) so a reconnecting client
+    /// does not pay bcrypt again. Turn off where a memory dump of the service is a bigger threat
+    /// than a reconnect storm; see the trade-off in README.md.
+    #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub credential_cache: bool,
+
+    /// How long a verified password is remembered.
+    #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub credential_cache_ttl: Duration,
+}
+
+impl ServeArgs {
+    /// The cache settings these flags ask for (the rest keep their defaults).
+    pub fn cache_settings(&self) -> crate::cache::CacheSettings {
+        crate::cache::CacheSettings {
+            logins: self.login_cache,
+            credentials: self.credential_cache,
+            credential_ttl: self.credential_cache_ttl,
+            ..Default::default()
+        }
+    }
 }
 
 /// Parses `90s`, `5m`, `1h30m`, `2days` (humantime).

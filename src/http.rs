@@ -21,6 +21,8 @@ pub struct Probes {
     pub pool: PgPool,
     pub callout: Client,
     pub system: Client,
+    /// The callout's caches, rendered with the other metrics.
+    pub cache: Option<std::sync::Arc<crate::cache::LoginCache>>,
 }
 
 impl Probes {
@@ -70,7 +72,13 @@ pub async fn serve(listener: TcpListener, probes: Probes, shutdown: Cancellation
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", probes.metrics.render()),
+                "/metrics" => {
+                    let mut body = probes.metrics.render();
+                    if let Some(cache) = &probes.cache {
+                        body.push_str(&crate::metrics::render_cache(cache));
+                    }
+                    ("200 OK", body)
+                }
                 "/healthz" => ("200 OK", "ok\n".to_owned()),
                 "/readyz" => match probes.ready().await {
                     Ok(()) => ("200 OK", "ready\n".to_owned()),

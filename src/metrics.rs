@@ -102,6 +102,11 @@ impl Metrics {
         self.inner.decision_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Successful account pushes (CLAIMS.UPDATE / DELETE answered 200).
+    pub fn pushes(&self) -> u64 {
+        self.inner.sync_pushes.load(Ordering::Relaxed)
+    }
+
     pub fn allowed(&self) -> u64 {
         self.inner.allowed.load(Ordering::Relaxed)
     }
@@ -202,6 +207,49 @@ impl Metrics {
         );
         out
     }
+}
+
+/// Prometheus text for the login caches: hits and misses per cache, notifications applied,
+/// flushes, and whether the change listener is connected (0 means logins read Postgres).
+pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
+    use crate::cache::CacheStats;
+    let s = cache.stats();
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE nats_pg_auth_cache_lookups_total counter");
+    for (cache_name, result, counter) in [
+        ("logins_by_username", "hit", &s.login_hits),
+        ("logins_by_username", "miss", &s.login_misses),
+        ("logins_by_token", "hit", &s.token_hits),
+        ("logins_by_token", "miss", &s.token_misses),
+        ("unknown_users", "hit", &s.unknown_user_hits),
+        ("credentials", "hit", &s.credential_hits),
+        ("credentials", "miss", &s.credential_misses),
+    ] {
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_cache_lookups_total{{cache=\"{cache_name}\",result=\"{result}\"}} {}",
+            CacheStats::get(counter)
+        );
+    }
+    let _ = writeln!(out, "# TYPE nats_pg_auth_cache_notifications_total counter");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_cache_notifications_total {}",
+        CacheStats::get(&s.notifications)
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_cache_flushes_total counter");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_cache_flushes_total {}",
+        CacheStats::get(&s.flushes)
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_cache_listener_up gauge");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_cache_listener_up {}",
+        u8::from(cache.is_live())
+    );
+    out
 }
 
 #[cfg(test)]

@@ -117,7 +117,7 @@ pub async fn finish(pool: &PgPool, cipher: &SeedCipher) -> Result<Step, InitErro
         set_jwt(&mut tx, kind.as_str(), &token).await?;
     }
     let queued = sqlx::query(
-        "INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT id, 'upsert', 'operator signing key rotated' FROM nats.accounts",
+        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) SELECT id, 'upsert', 'operator signing key rotated', true FROM nats.accounts",
     )
     .execute(&mut *tx)
     .await?

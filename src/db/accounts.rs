@@ -90,6 +90,7 @@ pub async fn assign_keys(
     signing: (&str, &str),
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    super::outbox::mark_own_writes(&mut tx).await?;
     let updated = sqlx::query(
         "UPDATE nats.accounts SET public_key = $2 WHERE id = $1 AND public_key IS NULL",
     )

@@ -6,7 +6,16 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Marks a transaction as the sync's own: its key writes notify but queue no push (the sync
+/// pushes the account itself right after). See migrations/0002.
+pub async fn mark_own_writes(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('nats_pg_auth.sync_writes', 'on', true)")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -26,7 +35,7 @@ pub async fn claim(
         "UPDATE nats.sync_outbox o SET attempts = o.attempts + 1, \
                 next_attempt_at = now() + make_interval(secs => $2) \
          WHERE o.id IN (SELECT id FROM nats.sync_outbox WHERE next_attempt_at <= now() \
-                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                        ORDER BY bulk, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
          RETURNING o.id, o.account_id, o.account_public_key, o.op, o.attempts",
     )
     .bind(limit)
@@ -62,10 +71,11 @@ pub async fn fail(
     Ok(())
 }
 
-/// Queues a push of every account (after a (re)connect to NATS, or when becoming leader).
+/// Queues a push of every account (after a (re)connect to NATS, or when becoming leader), as
+/// bulk rows: claimed after every change an admin made, so those are not stuck behind it.
 pub async fn enqueue_all(pool: &PgPool, reason: &str) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
-        "INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT id, 'upsert', $1 FROM nats.accounts",
+        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) SELECT id, 'upsert', $1, true FROM nats.accounts",
     )
     .bind(reason)
     .execute(pool)

@@ -212,7 +212,9 @@ impl Sync {
             tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
         }
         loop {
-            let rows = match db::outbox::claim(&self.pool, 1000, Duration::from_secs(60)).await {
+            // Small batches: a change queued meanwhile waits for one batch, not for a burst.
+            let batch = (self.settings.parallelism * 8) as i64;
+            let rows = match db::outbox::claim(&self.pool, batch, Duration::from_secs(60)).await {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the sync outbox; retrying");
@@ -376,6 +378,7 @@ impl Sync {
             self.settings.signing_key_grace
         };
         let mut tx = self.pool.begin().await?;
+        db::outbox::mark_own_writes(&mut tx).await?;
         let new_id: i64 = sqlx::query_scalar(
             "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, 'signing', $2, $3) RETURNING id",
         )

@@ -275,3 +275,66 @@ async fn a_lost_listener_flushes_and_changes_made_meanwhile_are_seen() {
     assert!(logs_in(&env, "alice", "s3cret").await);
     assert!(CacheStats::get(&cache.stats().login_hits) > hits);
 }
+
+#[tokio::test]
+async fn serve_flags_turn_the_caches_off() {
+    let env = TestEnv::start_with(crate::common::EnvOptions {
+        tweak: |args| {
+            args.credential_cache = false;
+            args.login_cache = false;
+        },
+        ..Default::default()
+    })
+    .await;
+    acme(&env).await;
+    let callout = callout(&env);
+    for _ in 0..3 {
+        assert!(logs_in(&env, "alice", "s3cret").await);
+    }
+    assert_eq!(
+        callout.password_hashes_computed(),
+        3,
+        "--credential-cache false: every login runs bcrypt"
+    );
+    let stats = callout.cache().stats();
+    assert_eq!(CacheStats::get(&stats.login_hits), 0, "--login-cache false");
+    assert_eq!(CacheStats::get(&stats.credential_hits), 0);
+}
+
+#[tokio::test]
+async fn metrics_endpoint_counts_logins_and_cache_hits() {
+    let env = TestEnv::start_with(crate::common::EnvOptions {
+        tweak: |args| args.http_listen = "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    acme(&env).await;
+    caches_live(&env).await;
+    let addr = env.http.expect("HTTP endpoints on");
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert!(!logs_in(&env, "alice", "wrong").await);
+
+    let (status, body) = crate::common::http_get(addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let value = |line: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{body}"))
+    };
+    assert!(value("nats_pg_auth_logins_allowed_total ") >= 2.0);
+    assert_eq!(
+        value("nats_pg_auth_logins_denied_total{reason=\"bad_password\"} "),
+        1.0
+    );
+    assert!(
+        value("nats_pg_auth_cache_lookups_total{cache=\"credentials\",result=\"hit\"} ") >= 1.0,
+        "the second login was a credential hit"
+    );
+    assert_eq!(value("nats_pg_auth_cache_listener_up "), 1.0);
+
+    let (status, body) = crate::common::http_get(addr, "/readyz").await;
+    assert!(status.contains("200"), "{status} {body}");
+    let (status, _) = crate::common::http_get(addr, "/nope").await;
+    assert!(status.contains("404"), "{status}");
+}

@@ -8,4 +8,5 @@ mod protocol;
 mod resilience;
 mod schema;
 mod sessions;
+mod sync;
 mod tenancy;

@@ -184,6 +184,9 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         reconcile_interval: Duration::from_secs(60),
         kicks_per_second: 500,
         http_listen: "off".into(),
+        login_cache: true,
+        credential_cache: true,
+        credential_cache_ttl: Duration::from_secs(600),
     }
 }
 
@@ -194,6 +197,8 @@ pub struct TestEnv {
     pub nats: NatsServer,
     pub metrics: Metrics,
     pub callout: Option<std::sync::Arc<nats_pg_auth::callout::Callout>>,
+    /// The HTTP endpoints, when the test turned them on (`http_listen: "127.0.0.1:0"`).
+    pub http: Option<std::net::SocketAddr>,
     pub cipher: SeedCipher,
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -255,6 +260,7 @@ impl TestEnv {
             nats,
             metrics: Metrics::default(),
             callout: None,
+            http: None,
             cipher,
             dir,
             shutdown: CancellationToken::new(),
@@ -273,6 +279,7 @@ impl TestEnv {
         let app = Application::build(config).await.expect("build the service");
         self.metrics = app.metrics();
         self.callout = Some(app.callout());
+        self.http = app.http_addr();
         self.shutdown = CancellationToken::new();
         let token = self.shutdown.clone();
         self.service = Some(tokio::spawn(async move {
@@ -508,4 +515,23 @@ pub async fn settle(client: &Client) {
         .await
         .expect("own inbox message comes back")
         .expect("probe subscription open");
+}
+
+/// GET over plain HTTP/1.1; returns (status line, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("HTTP connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }
