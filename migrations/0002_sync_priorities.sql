@@ -42,3 +42,6 @@ BEGIN
   END IF;
   PERFORM pg_notify('nats_pg_auth_sync', p_account_id::text);
 END $$;
+
+-- The order the sync claims rows in.
+CREATE INDEX sync_outbox_order ON nats.sync_outbox (bulk, id);

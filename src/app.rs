@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::callout::lockout::LockoutSettings;
 use crate::callout::permissions::Defaults;
 use crate::callout::{AuthIdentity, Callout, CalloutSettings};
 use crate::config::ServeArgs;
@@ -157,6 +158,10 @@ impl Application {
             },
             concurrency: args.callout_concurrency,
             hash_threads: args.hash_threads,
+            lockout: LockoutSettings {
+                failures: args.lockout_failures,
+                duration: args.lockout_duration,
+            },
         };
         let callout = Callout::with_cache(
             pool.clone(),

@@ -268,6 +268,15 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub credential_cache: bool,
 
+    /// Wrong passwords for one username before its logins are refused (`locked_out`) without
+    /// checking, for the rest of `--lockout-duration`. 0 turns lockout off.
+    #[arg(long, env = "NATS_PG_AUTH_LOCKOUT_FAILURES", default_value_t = 10)]
+    pub lockout_failures: u32,
+
+    /// How long wrong passwords are counted, and a lockout lasts (from the first failure).
+    #[arg(long, env = "NATS_PG_AUTH_LOCKOUT_DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub lockout_duration: Duration,
+
     /// How long a verified password is remembered.
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub credential_cache_ttl: Duration,

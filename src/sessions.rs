@@ -83,6 +83,54 @@ impl Sessions {
         }
     }
 
+    /// Receives kick requests until `stop`, on a connection of its own: a long sync burst on
+    /// the leader must not hold a revocation back. Each request is handled in its own task.
+    pub async fn listen(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&self.pool).await {
+                Ok(mut l) => match l.listen(KICK_CHANNEL).await {
+                    Ok(()) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot LISTEN for kick requests; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the kick listener connection; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = listener.try_recv() => match n {
+                        Ok(Some(note)) => {
+                            let this = self.clone();
+                            let payload = note.payload().to_owned();
+                            tokio::spawn(async move { this.on_notification(&payload).await });
+                        }
+                        // Reconnected by sqlx; kicks sent meanwhile are lost (the JWT TTL bounds
+                        // how long a missed one matters).
+                        Ok(None) => tracing::warn!("kick listener reconnected; kick requests sent meanwhile were missed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "kick listener lost; reconnecting");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
     /// Handles one notification payload; errors are logged, never fatal.
     pub async fn on_notification(&self, payload: &str) {
         let request: KickRequest = match serde_json::from_str(payload) {

@@ -6,6 +6,7 @@
 //! than queued forever.
 
 pub mod credentials;
+pub mod lockout;
 pub mod login;
 pub mod mint;
 pub mod permissions;
@@ -52,6 +53,7 @@ pub enum DenyReason {
     AccountNotReady,
     SourceNotAllowed,
     ConnectionTypeNotAllowed,
+    LockedOut,
     Overloaded,
     Internal,
 }
@@ -70,6 +72,7 @@ impl DenyReason {
             DenyReason::AccountNotReady => "account_not_ready",
             DenyReason::SourceNotAllowed => "source_not_allowed",
             DenyReason::ConnectionTypeNotAllowed => "connection_type_not_allowed",
+            DenyReason::LockedOut => "locked_out",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Internal => "internal_error",
         }
@@ -100,6 +103,7 @@ pub struct CalloutSettings {
     pub defaults: Defaults,
     pub concurrency: usize,
     pub hash_threads: usize,
+    pub lockout: lockout::LockoutSettings,
 }
 
 impl Default for CalloutSettings {
@@ -110,6 +114,7 @@ impl Default for CalloutSettings {
             defaults: Defaults::default(),
             concurrency: 12,
             hash_threads: 2,
+            lockout: lockout::LockoutSettings::default(),
         }
     }
 }
@@ -131,6 +136,7 @@ pub struct Callout {
     /// take a slot.
     limiter: Arc<Semaphore>,
     passwords: PasswordVerifier,
+    lockout: lockout::Lockout,
     cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
     pub metrics: crate::metrics::Metrics,
@@ -173,6 +179,7 @@ impl Callout {
         Arc::new(Self {
             limiter: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             passwords: PasswordVerifier::new(settings.hash_threads),
+            lockout: lockout::Lockout::new(&settings.lockout),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             pool,
@@ -396,7 +403,43 @@ impl Callout {
         )
     }
 
+    /// The password check behind the lockout: a locked-out username is refused without hashing.
     async fn check_password(
+        &self,
+        username: &str,
+        password: SecretString,
+        deadline: Instant,
+    ) -> Result<Arc<Login>, Deny> {
+        let lock = &self.settings.lockout;
+        if self.lockout.is_locked(username) {
+            return Err(Deny::new(
+                DenyReason::LockedOut,
+                format!(
+                    "{} wrong passwords within {}; refused until that time has passed",
+                    lock.failures,
+                    humantime::format_duration(lock.duration)
+                ),
+            ));
+        }
+        let result = self.verify_password(username, password, deadline).await;
+        match &result {
+            Ok(_) => self.lockout.succeeded(username),
+            Err(d) if matches!(d.reason, DenyReason::BadPassword | DenyReason::UnknownUser) => {
+                if self.lockout.failed(username) {
+                    tracing::warn!(
+                        user = username,
+                        failures = lock.failures,
+                        "user locked out for {} after repeated wrong passwords (its logins are refused without checking; see --lockout-failures)",
+                        humantime::format_duration(lock.duration)
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn verify_password(
         &self,
         username: &str,
         password: SecretString,

@@ -26,20 +26,26 @@ pub struct OutboxRow {
     pub attempts: i32,
 }
 
+/// Claims up to `limit` due rows, changes before bulk re-pushes, oldest first, skipping rows of
+/// the accounts in `busy` (being pushed right now).
 pub async fn claim(
     pool: &PgPool,
     limit: i64,
     lease: Duration,
+    busy: &[i64],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE nats.sync_outbox o SET attempts = o.attempts + 1, \
                 next_attempt_at = now() + make_interval(secs => $2) \
-         WHERE o.id IN (SELECT id FROM nats.sync_outbox WHERE next_attempt_at <= now() \
+         WHERE o.id IN (SELECT id FROM nats.sync_outbox \
+                        WHERE next_attempt_at <= now() \
+                          AND (account_id IS NULL OR NOT account_id = ANY($3)) \
                         ORDER BY bulk, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
          RETURNING o.id, o.account_id, o.account_public_key, o.op, o.attempts",
     )
     .bind(limit)
     .bind(lease.as_secs_f64())
+    .bind(busy)
     .fetch_all(pool)
     .await
 }
@@ -89,6 +95,17 @@ pub async fn enqueue(pool: &PgPool, account_id: i64, reason: &str) -> Result<(),
         .bind(reason)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// Makes every pending row due now (after a reconnect to NATS). Only called between drains,
+/// when no row is being pushed.
+pub async fn retry_now(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE nats.sync_outbox SET next_attempt_at = now() WHERE next_attempt_at > now()",
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::Client;
-use futures::StreamExt;
 use nkeys::KeyPair;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -68,6 +67,30 @@ enum AccountSyncError {
     Nkeys(String),
 }
 
+/// One push: the outbox rows it settles and how often they were tried.
+enum Job {
+    Upsert {
+        account_id: i64,
+        ids: Vec<i64>,
+        attempts: i32,
+    },
+    Delete {
+        public_key: String,
+        account_id: Option<i64>,
+        ids: Vec<i64>,
+        attempts: i32,
+    },
+}
+
+impl Job {
+    fn account_id(&self) -> Option<i64> {
+        match self {
+            Job::Upsert { account_id, .. } => Some(*account_id),
+            Job::Delete { account_id, .. } => *account_id,
+        }
+    }
+}
+
 impl Sync {
     pub fn new(
         pool: PgPool,
@@ -98,7 +121,17 @@ impl Sync {
     }
 
     /// Competes for leadership until `shutdown`; leads while it holds the lock.
-    pub async fn run(self, mut nats_connected: watch::Receiver<u64>, shutdown: CancellationToken) {
+    pub async fn run(self, nats_connected: watch::Receiver<u64>, shutdown: CancellationToken) {
+        std::sync::Arc::new(self)
+            .compete(nats_connected, shutdown)
+            .await
+    }
+
+    async fn compete(
+        self: std::sync::Arc<Self>,
+        mut nats_connected: watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
         let mut logged_follower = false;
         while !shutdown.is_cancelled() {
             match Leadership::try_acquire(&self.settings.database_url).await {
@@ -125,16 +158,13 @@ impl Sync {
     }
 
     async fn lead(
-        &self,
+        self: &std::sync::Arc<Self>,
         mut leadership: Leadership,
         nats_connected: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) {
         let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l
-                .listen_all([SYNC_CHANNEL, crate::sessions::KICK_CHANNEL])
-                .await
-            {
+            Ok(mut l) => match l.listen(SYNC_CHANNEL).await {
                 Ok(()) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot LISTEN for sync work; giving up leadership");
@@ -148,6 +178,12 @@ impl Sync {
                 return;
             }
         };
+        // Session control listens on its own connection, for as long as this replica leads.
+        let sessions_stop = shutdown.child_token();
+        let _stop_sessions_with_leadership = sessions_stop.clone().drop_guard();
+        if let Some(sessions) = &self.sessions {
+            tokio::spawn(sessions.clone().listen(sessions_stop));
+        }
         // A new leader cannot know what the server holds: push everything once.
         self.enqueue_all("sync leader started").await;
         nats_connected.mark_unchanged();
@@ -164,12 +200,11 @@ impl Sync {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 n = listener.try_recv() => {
-                    if let (Ok(Some(note)), Some(sessions)) = (&n, &self.sessions) {
-                        if note.channel() == crate::sessions::KICK_CHANNEL {
-                            let sessions = sessions.clone();
-                            let payload = note.payload().to_owned();
-                            tokio::spawn(async move { sessions.on_notification(&payload).await });
-                        }
+                    if let Ok(Some(_)) = &n {
+                        // A burst (10,000 accounts inserted: one notification each) is one
+                        // wake-up, not 10,000 rounds of outbox queries: the outbox holds the
+                        // work, so the notifications only need taking off the buffer.
+                        while listener.next_buffered().is_some() {}
                     }
                     if let Ok(None) = n {
                         // The listener reconnected: notifications may have been missed, but the
@@ -184,8 +219,18 @@ impl Sync {
                 _ = tokio::time::sleep(wait) => {}
                 changed = nats_connected.changed() => {
                     if changed.is_ok() {
-                        tracing::info!("connected to NATS; queueing every account for a push");
-                        self.enqueue_all("nats connection established").await;
+                        // Pushes that failed while NATS was away are retried now, not after
+                        // their backoff.
+                        if let Err(e) = db::outbox::retry_now(&self.pool).await {
+                            tracing::warn!(error = %e, "cannot reschedule pending pushes; they run after their backoff");
+                        }
+                        // The first connection is the one this leader started with (it queued
+                        // every account already); a reconnect may be to a server that lost its
+                        // resolver directory.
+                        if *nats_connected.borrow_and_update() > 1 {
+                            tracing::info!("reconnected to NATS; queueing every account for a push");
+                            self.enqueue_all("nats connection re-established").await;
+                        }
                     }
                 }
                 _ = reconcile.tick() => self.reconcile().await,
@@ -206,33 +251,71 @@ impl Sync {
         }
     }
 
-    /// Processes every due outbox row, in batches.
-    pub async fn drain(&self) {
+    /// Processes every due outbox row, keeping up to `parallelism` pushes in flight. Rows are
+    /// claimed in small chunks as pushes finish, so a change queued during a burst waits for a
+    /// free slot, not for the burst; an account is never pushed twice at once (two concurrent
+    /// pushes could land out of order and leave the older JWT on the server).
+    pub async fn drain(self: &std::sync::Arc<Self>) {
         if let Err(e) = self.refresh_operator_key().await {
             tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
         }
+        let parallelism = self.settings.parallelism.max(1);
+        let refill = (parallelism / 2).max(1);
+        // Tasks, not futures polled here: a push holding a Postgres connection must make
+        // progress while this loop waits for a connection to claim more.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut busy: BTreeSet<i64> = BTreeSet::new();
         loop {
-            // Small batches: a change queued meanwhile waits for one batch, not for a burst.
-            let batch = (self.settings.parallelism * 8) as i64;
-            let rows = match db::outbox::claim(&self.pool, batch, Duration::from_secs(60)).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the sync outbox; retrying");
-                    return;
+            // Claim when a chunk of slots is free (one query per chunk, not per push), or when
+            // nothing is in flight; rows of busy accounts are looked at again after a push ends.
+            let room = parallelism - in_flight.len();
+            if room >= refill || in_flight.is_empty() {
+                let ids: Vec<i64> = busy.iter().copied().collect();
+                match db::outbox::claim(&self.pool, room as i64, Duration::from_secs(60), &ids)
+                    .await
+                {
+                    Ok(rows) if !rows.is_empty() => {
+                        // `rotate-operator-key --finish` stores the new key and queues every
+                        // account in one transaction: rows claimed now are signed with the key
+                        // that queued them.
+                        if let Err(e) = self.refresh_operator_key().await {
+                            tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
+                        }
+                        for job in self.jobs(rows).await {
+                            if let Some(id) = job.account_id() {
+                                busy.insert(id);
+                            }
+                            let this = self.clone();
+                            in_flight.spawn(async move { this.push_job(job).await });
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the sync outbox; retrying");
+                    }
                 }
-            };
-            if rows.is_empty() {
-                return;
             }
-            self.process(rows).await;
+            match in_flight.join_next().await {
+                Some(Ok(Some(id))) => {
+                    busy.remove(&id);
+                }
+                Some(Ok(None)) => {}
+                Some(Err(e)) => {
+                    // A push task panicked: its rows keep their lease and come back after it.
+                    tracing::error!(error = %e, "an account push failed unexpectedly; its rows are retried after their lease");
+                    // Its account stays marked busy only until this drain ends.
+                }
+                None => return,
+            }
         }
     }
 
-    async fn process(&self, rows: Vec<OutboxRow>) {
-        // Several rows for one account collapse into one push. Deletes win over upserts of the
-        // same account key: the row is gone.
+    /// Groups claimed rows into pushes: several rows of one account collapse into one push, and
+    /// a delete wins over upserts of the same account key (the row is gone).
+    async fn jobs(&self, rows: Vec<OutboxRow>) -> Vec<Job> {
         let mut upserts: BTreeMap<i64, (Vec<i64>, i32)> = BTreeMap::new();
-        let mut deletes: BTreeMap<String, (Vec<i64>, i32)> = BTreeMap::new();
+        let mut deletes: BTreeMap<String, (Option<i64>, Vec<i64>, i32)> = BTreeMap::new();
         let mut orphans = Vec::new();
         for mut row in rows {
             if let ("rotate" | "rotate_emergency", Some(id)) = (row.op.as_str(), row.account_id) {
@@ -250,10 +333,11 @@ impl Sync {
                 row.account_id,
                 row.account_public_key.clone(),
             ) {
-                ("delete", _, Some(pk)) => {
+                ("delete", account_id, Some(pk)) => {
                     let e = deletes.entry(pk).or_default();
-                    e.0.push(row.id);
-                    e.1 = e.1.max(row.attempts);
+                    e.0 = e.0.or(account_id);
+                    e.1.push(row.id);
+                    e.2 = e.2.max(row.attempts);
                 }
                 ("upsert", Some(id), _) => {
                     let e = upserts.entry(id).or_default();
@@ -266,21 +350,51 @@ impl Sync {
         if !orphans.is_empty() {
             let _ = db::outbox::complete(&self.pool, &orphans).await;
         }
-        let parallelism = self.settings.parallelism.max(1);
-        futures::stream::iter(upserts)
-            .for_each_concurrent(parallelism, |(account_id, (ids, attempts))| async move {
+        upserts
+            .into_iter()
+            .map(|(account_id, (ids, attempts))| Job::Upsert {
+                account_id,
+                ids,
+                attempts,
+            })
+            .chain(
+                deletes
+                    .into_iter()
+                    .map(|(public_key, (account_id, ids, attempts))| Job::Delete {
+                        public_key,
+                        account_id,
+                        ids,
+                        attempts,
+                    }),
+            )
+            .collect()
+    }
+
+    /// Pushes one job and records the outcome; returns the account it held.
+    async fn push_job(&self, job: Job) -> Option<i64> {
+        match job {
+            Job::Upsert {
+                account_id,
+                ids,
+                attempts,
+            } => {
                 let result = self.upsert(account_id).await;
                 self.finish(&ids, attempts, result.map_err(|e| (Some(account_id), e)))
                     .await;
-            })
-            .await;
-        futures::stream::iter(deletes)
-            .for_each_concurrent(parallelism, |(public_key, (ids, attempts))| async move {
+                Some(account_id)
+            }
+            Job::Delete {
+                public_key,
+                account_id,
+                ids,
+                attempts,
+            } => {
                 let result = self.delete(&public_key).await;
                 self.finish(&ids, attempts, result.map_err(|e| (None, e)))
                     .await;
-            })
-            .await;
+                account_id
+            }
+        }
     }
 
     async fn finish(

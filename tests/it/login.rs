@@ -283,3 +283,51 @@ async fn a_role_from_another_account_is_refused_by_sql() {
         .await;
     assert!(err.contains("belongs to account"), "clear error: {err}");
 }
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_user_out_for_a_while() {
+    let env = TestEnv::start_with(crate::common::EnvOptions {
+        tweak: |args| {
+            args.lockout_failures = 3;
+            args.lockout_duration = Duration::from_secs(3);
+        },
+        ..Default::default()
+    })
+    .await;
+    env.acme().await;
+    env.add_watcher("acme", "watcher").await;
+    let callout = env.callout.clone().unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        assert!(env.connect_user("alice", "guess").await.is_err());
+    }
+    assert_eq!(env.metrics.denied("bad_password"), 3);
+    let hashes = callout.password_hashes_computed();
+
+    // Locked: even the right password is refused, and no bcrypt runs for it.
+    let err = env
+        .connect_user("alice", "s3cret")
+        .await
+        .expect_err("locked out");
+    assert!(is_auth_refusal(&err), "{err}");
+    assert_eq!(env.metrics.denied("locked_out"), 1);
+    assert_eq!(
+        callout.password_hashes_computed(),
+        hashes,
+        "refused without hashing"
+    );
+    // Other users are not affected.
+    env.connect_user("watcher", "pw")
+        .await
+        .expect("another user still logs in");
+
+    // When the lockout ends (3 s after the first failure), the right password works again.
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(6),
+        "alice back after the lockout",
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_secs(3));
+}

@@ -187,6 +187,8 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         login_cache: true,
         credential_cache: true,
         credential_cache_ttl: Duration::from_secs(600),
+        lockout_failures: 10,
+        lockout_duration: Duration::from_secs(300),
     }
 }
 
