@@ -142,11 +142,34 @@ impl Sessions {
         };
         match self.kick(&request).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(
-                ?request,
-                connections = n,
-                "closed connections whose rights changed"
-            ),
+            Ok(n) => {
+                tracing::info!(
+                    ?request,
+                    connections = n,
+                    "closed connections whose rights changed"
+                );
+                let (subject, detail) = match &request {
+                    KickRequest::User { username, .. } => (
+                        format!("user:{username}"),
+                        serde_json::json!({ "connections": n }),
+                    ),
+                    KickRequest::Role { role_id } => (
+                        format!("role:{role_id}"),
+                        serde_json::json!({ "connections": n }),
+                    ),
+                    KickRequest::TokenOwner { user_id } => (
+                        format!("user_id:{user_id}"),
+                        serde_json::json!({ "connections": n, "because": "token changed" }),
+                    ),
+                };
+                crate::db::audit::record(
+                    &self.pool,
+                    crate::db::audit::kind::SESSIONS_KICKED,
+                    &subject,
+                    detail,
+                )
+                .await;
+            }
             Err(e) => {
                 tracing::warn!(?request, error = %e, "could not close connections; they keep their rights until their JWT expires")
             }

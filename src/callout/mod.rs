@@ -426,6 +426,20 @@ impl Callout {
             Ok(_) => self.lockout.succeeded(username),
             Err(d) if matches!(d.reason, DenyReason::BadPassword | DenyReason::UnknownUser) => {
                 if self.lockout.failed(username) {
+                    let pool = self.pool.clone();
+                    // The client picks the username (up to 4 KB); the audit row keeps a prefix.
+                    let user: String = username.chars().take(200).collect();
+                    let failures = lock.failures;
+                    let seconds = lock.duration.as_secs();
+                    tokio::spawn(async move {
+                        crate::db::audit::record(
+                            &pool,
+                            crate::db::audit::kind::USER_LOCKED_OUT,
+                            &user,
+                            serde_json::json!({ "failures": failures, "seconds": seconds }),
+                        )
+                        .await
+                    });
                     tracing::warn!(
                         user = username,
                         failures = lock.failures,

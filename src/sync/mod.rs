@@ -461,6 +461,13 @@ impl Sync {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(key);
         tracing::info!(signing_key = %public_key, "now signing account JWTs with the new operator signing key");
+        db::audit::record(
+            &self.pool,
+            db::audit::kind::OPERATOR_KEY_ADOPTED,
+            &public_key,
+            serde_json::json!({ "resigned": "SYS, AUTH and every account" }),
+        )
+        .await;
         Ok(())
     }
 
@@ -517,6 +524,25 @@ impl Sync {
             .await?;
         tx.commit().await?;
         tracing::info!(account_id, emergency, signing_key = %key.public_key(), "signing key rotated");
+        let name: Option<String> =
+            sqlx::query_scalar("SELECT name FROM nats.accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten();
+        db::audit::record(
+            &self.pool,
+            db::audit::kind::SIGNING_KEY_ROTATED,
+            name.as_deref().unwrap_or_default(),
+            serde_json::json!({
+                "account_id": account_id,
+                "emergency": emergency,
+                "signing_key": key.public_key(),
+                "old_keys_retire_in_seconds": grace.as_secs(),
+            }),
+        )
+        .await;
         Ok(())
     }
 
@@ -631,6 +657,13 @@ impl Sync {
         let token = jwt::encode(&claims, &signer)?;
         publish::delete(&self.client, &token, self.settings.push_timeout).await?;
         tracing::info!(account = public_key, "account deleted from nats-server");
+        db::audit::record(
+            &self.pool,
+            db::audit::kind::ACCOUNT_DELETED,
+            public_key,
+            serde_json::json!({ "removed_from": "nats-server resolver" }),
+        )
+        .await;
         Ok(())
     }
 

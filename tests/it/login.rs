@@ -316,6 +316,8 @@ async fn repeated_wrong_passwords_lock_the_user_out_for_a_while() {
         hashes,
         "refused without hashing"
     );
+    let audit = crate::common::audit_row(&env, "user_locked_out", "alice").await;
+    assert_eq!(audit["failures"], 3);
     // Other users are not affected.
     env.connect_user("watcher", "pw")
         .await

@@ -101,6 +101,12 @@ async fn a_role_change_reconnects_its_users_with_the_new_rights() {
     )
     .await;
     disconnected_within(&mut events, Duration::from_secs(2), "role change").await;
+    let role_id: i64 = sqlx::query_scalar("SELECT id FROM nats.roles WHERE name = 'sensor'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let audit = crate::common::audit_row(&env, "sessions_kicked", &format!("role:{role_id}")).await;
+    assert_eq!(audit["connections"], 1, "alice's one connection, recorded");
     // The client reconnects by itself through the callout, now allowed on alerts.>.
     let start = Instant::now();
     loop {
@@ -170,6 +176,7 @@ async fn deleting_an_account_removes_it_from_the_server() {
         .await;
     let took = disconnected_within(&mut events, Duration::from_secs(2), "account deleted").await;
     eprintln!("revocation delay (account deleted): {took:?}");
+    crate::common::audit_row(&env, "account_deleted", &key).await;
     let sys = env.system_client().await;
     let lookup = sys
         .request(format!("$SYS.REQ.ACCOUNT.{key}.CLAIMS.LOOKUP"), "".into())

@@ -377,6 +377,13 @@ async fn emergency_rotation_drops_connections_which_come_back_with_the_new_key()
     );
     let after = wait_signing_keys(&env, "acme", 1, &before).await;
     assert!(!after.contains(&before[0]), "the old key is gone at once");
+    let audit = crate::common::audit_row(&env, "signing_key_rotated", "acme").await;
+    assert_eq!(audit["emergency"], true);
+    assert_eq!(
+        audit["signing_key"],
+        after[0].as_str(),
+        "the audit names the new key"
+    );
     loop {
         match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
             Ok(Some(async_nats::Event::Connected)) => break,

@@ -537,3 +537,26 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String
         body.to_owned(),
     )
 }
+
+/// Waits for an audit row of `kind` about `subject` and returns its detail.
+pub async fn audit_row(env: &TestEnv, kind: &str, subject: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let row: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT detail FROM nats.audit_log WHERE kind = $1 AND subject = $2 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(kind)
+        .bind(subject)
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap();
+        if let Some(detail) = row {
+            return detail;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no audit row {kind} for {subject}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
