@@ -132,6 +132,7 @@ fn benches(c: &mut Criterion) {
                 Duration::from_secs(86400),
                 Signing::Ready(issuer.clone()),
                 Arc::new,
+                Arc::new,
             )
         })
     });
@@ -223,6 +224,7 @@ fn benches(c: &mut Criterion) {
         Duration::from_secs(86400),
         Signing::Ready(issuer.clone()),
         Arc::new,
+        Arc::new,
     );
     c.bench_function("decision/warm cpu", |b| {
         b.iter(|| {
@@ -240,8 +242,8 @@ fn benches(c: &mut Criterion) {
             let user = mint::user_jwt(
                 &req,
                 &login.username,
-                &login.merged,
-                login.ttl,
+                &login.shape.merged,
+                login.shape.ttl,
                 &issuer.account,
                 &issuer.keypair,
                 now,

@@ -72,7 +72,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::callout::login::{Issuer, Login};
+use crate::callout::login::{Issuer, Login, Shape};
 use crate::callout::permissions::Merged;
 use crate::db::logins::TokenRow;
 use crate::keys::{KeyError, SeedCipher};
@@ -194,6 +194,7 @@ pub struct LoginCache {
     credentials: Cache<[u8; 16], [u8; 16]>,
     issuers: Cache<Box<str>, Arc<Issuer>>,
     permissions: Cache<Merged, Arc<Merged>>,
+    shapes: Cache<Arc<Shape>, Arc<Shape>>,
     touched_tokens: Cache<i64, ()>,
     hmac_key: [u8; 32],
     stats: CacheStats,
@@ -236,6 +237,10 @@ impl LoginCache {
                 .build(),
             issuers: Cache::builder().max_capacity(settings.max_signers).build(),
             permissions: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            shapes: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
@@ -295,8 +300,9 @@ impl LoginCache {
     fn fresh(&self, login: &Login, generation: u64, token: bool) -> bool {
         generation >= self.flushed_at.load(Ordering::SeqCst)
             && generation >= self.stamp(Scope::User(login.user_id))
-            && generation >= self.stamp(Scope::Account(login.account_id))
+            && generation >= self.stamp(Scope::Account(login.shape.account_id))
             && login
+                .shape
                 .role_id
                 .is_none_or(|r| generation >= self.stamp(Scope::Role(r)))
             && (!token || generation >= self.stamp(Scope::Tokens(login.user_id)))
@@ -477,6 +483,19 @@ impl LoginCache {
         m
     }
 
+    /// One shared copy per distinct login shape (role, account, signing key, merged rights).
+    pub fn intern_shape(&self, shape: Shape) -> Arc<Shape> {
+        let shape = Arc::new(shape);
+        if !self.logins_on.load(Ordering::Relaxed) {
+            return shape;
+        }
+        if let Some(shared) = self.shapes.get(&shape) {
+            return shared;
+        }
+        self.shapes.insert(shape.clone(), shape.clone());
+        shape
+    }
+
     /// Entry counts per cache (after moka's pending maintenance), for reports and benchmarks.
     pub fn entry_counts(&self) -> Vec<(&'static str, u64)> {
         self.by_username.run_pending_tasks();
@@ -485,6 +504,7 @@ impl LoginCache {
         self.credentials.run_pending_tasks();
         self.issuers.run_pending_tasks();
         self.permissions.run_pending_tasks();
+        self.shapes.run_pending_tasks();
         self.stamps.run_pending_tasks();
         vec![
             ("logins_by_username", self.by_username.entry_count()),
@@ -493,6 +513,7 @@ impl LoginCache {
             ("credentials", self.credentials.entry_count()),
             ("signing_keys", self.issuers.entry_count()),
             ("permission_sets", self.permissions.entry_count()),
+            ("login_shapes", self.shapes.entry_count()),
             ("stamps", self.stamps.entry_count()),
         ]
     }

@@ -262,6 +262,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_LOGIN_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub login_cache: bool,
 
+    /// Longest a cached login row is used (a backstop: changes drop it at once).
+    #[arg(long, env = "NATS_PG_AUTH_LOGIN_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub login_cache_ttl: Duration,
+
     /// Remember verified passwords (as a keyed hash, in memory only) so a reconnecting client
     /// does not pay bcrypt again. Turn off where a memory dump of the service is a bigger threat
     /// than a reconnect storm; see the trade-off in README.md.
@@ -287,6 +291,7 @@ impl ServeArgs {
     pub fn cache_settings(&self) -> crate::cache::CacheSettings {
         crate::cache::CacheSettings {
             logins: self.login_cache,
+            login_ttl: self.login_cache_ttl,
             credentials: self.credential_cache,
             credential_ttl: self.credential_cache_ttl,
             ..Default::default()

@@ -42,16 +42,12 @@ pub enum Signing {
     Unusable(String),
 }
 
-/// Everything the callout needs after the credential check. Never holds a seed.
-pub struct Login {
-    pub user_id: i64,
+/// What a login has in common with every other user of the same role, account and overrides
+/// (usually: all users of a role). Interned, so 100,000 cached users of one role hold one copy.
+pub struct Shape {
     pub role_id: Option<i64>,
     pub account_id: i64,
-    pub username: Arc<str>,
     pub account_name: Box<str>,
-    /// bcrypt or argon2id; None for token-only users.
-    pub password_hash: Option<Box<str>>,
-    pub user_active: bool,
     pub account_active: bool,
     /// The role belongs to another account (the schema refuses this; deny if it happens).
     pub foreign_role: bool,
@@ -64,21 +60,70 @@ pub struct Login {
     pub signing_key_pending: bool,
 }
 
+impl Signing {
+    /// What identifies the signing state (a public key has exactly one seed).
+    fn identity(&self) -> (u8, &str) {
+        match self {
+            Signing::Ready(i) => (0, &i.signing_public_key),
+            Signing::NotReady => (1, ""),
+            Signing::Unusable(why) => (2, why),
+        }
+    }
+}
+
+impl PartialEq for Shape {
+    fn eq(&self, o: &Self) -> bool {
+        self.role_id == o.role_id
+            && self.account_id == o.account_id
+            && self.account_name == o.account_name
+            && self.account_active == o.account_active
+            && self.foreign_role == o.foreign_role
+            && self.allowed_sources == o.allowed_sources
+            && self.allowed_connection_types == o.allowed_connection_types
+            && self.signing.identity() == o.signing.identity()
+            && self.merged == o.merged
+            && self.ttl == o.ttl
+            && self.signing_key_pending == o.signing_key_pending
+    }
+}
+
+impl Eq for Shape {}
+
+impl std::hash::Hash for Shape {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.role_id.hash(h);
+        self.account_id.hash(h);
+        self.signing.identity().hash(h);
+        self.merged.hash(h);
+        self.ttl.hash(h);
+    }
+}
+
+/// Everything the callout needs after the credential check. Never holds a seed.
+pub struct Login {
+    pub user_id: i64,
+    pub username: Arc<str>,
+    /// bcrypt or argon2id; None for token-only users.
+    pub password_hash: Option<Box<str>>,
+    pub user_active: bool,
+    pub shape: Arc<Shape>,
+}
+
 impl std::fmt::Debug for Login {
     // The hash stays out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Login")
             .field("user_id", &self.user_id)
             .field("username", &self.username)
-            .field("account_id", &self.account_id)
-            .field("role_id", &self.role_id)
+            .field("account_id", &self.shape.account_id)
+            .field("role_id", &self.shape.role_id)
             .finish_non_exhaustive()
     }
 }
 
 impl Login {
-    /// Builds a login from its row. `signing` and `intern` come from the cache (or build fresh
-    /// values when caching is off).
+    /// Builds a login from its row. `signing`, `intern` and `intern_shape` come from the cache
+    /// (or build fresh values when caching is off).
     pub fn prepare(
         row: LoginRow,
         defaults: &Defaults,
@@ -86,18 +131,15 @@ impl Login {
         max_ttl: Duration,
         signing: Signing,
         intern: impl FnOnce(Merged) -> Arc<Merged>,
+        intern_shape: impl FnOnce(Shape) -> Arc<Shape>,
     ) -> Login {
         let merged = intern(permissions::merge(&row, defaults));
         let ttl = permissions::ttl(&row, default_ttl, max_ttl);
-        Login {
-            user_id: row.user_id,
+        let shape = intern_shape(Shape {
             role_id: row.role_id,
             account_id: row.account_id,
             foreign_role: row.role_account_id.is_some_and(|a| a != row.account_id),
-            username: Arc::from(row.username),
             account_name: row.account_name.into_boxed_str(),
-            password_hash: row.password_hash.map(String::into_boxed_str),
-            user_active: row.user_active,
             account_active: row.account_active,
             allowed_sources: row.role_allowed_sources.filter(|s| !s.is_empty()),
             allowed_connection_types: row.role_allowed_connection_types.filter(|t| !t.is_empty()),
@@ -105,6 +147,13 @@ impl Login {
             merged,
             ttl,
             signing_key_pending: row.signing_key_pending,
+        });
+        Login {
+            user_id: row.user_id,
+            username: Arc::from(row.username),
+            password_hash: row.password_hash.map(String::into_boxed_str),
+            user_active: row.user_active,
+            shape,
         }
     }
 
@@ -112,6 +161,6 @@ impl Login {
     /// not-ready account becomes ready, and a newly added signing key becomes the one to use,
     /// when the sync records its push, which sends no notification.
     pub fn cacheable(&self) -> bool {
-        matches!(self.signing, Signing::Ready(_)) && !self.signing_key_pending
+        matches!(self.shape.signing, Signing::Ready(_)) && !self.shape.signing_key_pending
     }
 }

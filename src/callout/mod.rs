@@ -400,6 +400,7 @@ impl Callout {
             self.settings.max_ttl,
             signing,
             |m| self.cache.intern(m),
+            |shape| self.cache.intern_shape(shape),
         )
     }
 
@@ -594,26 +595,26 @@ impl Callout {
                 format!("user {:?} is inactive", login.username),
             ));
         }
-        if !login.account_active {
+        if !login.shape.account_active {
             return Err(Deny::new(
                 DenyReason::InactiveAccount,
-                format!("account {:?} is inactive", login.account_name),
+                format!("account {:?} is inactive", login.shape.account_name),
             ));
         }
-        if login.foreign_role {
+        if login.shape.foreign_role {
             // The schema refuses this; deny rather than hand out another tenant's role.
             return Err(Deny::new(
                 DenyReason::Internal,
                 format!(
                     "role {:?} of user {:?} belongs to another account",
-                    login.role_id, login.username
+                    login.shape.role_id, login.username
                 ),
             ));
         }
         let client = &req.claims.nats.client_info;
         permissions::check_connection(
-            login.allowed_sources.as_deref(),
-            login.allowed_connection_types.as_deref(),
+            login.shape.allowed_sources.as_deref(),
+            login.shape.allowed_connection_types.as_deref(),
             client.host.as_deref(),
             client.kind.as_deref(),
             client.client_type.as_deref(),
@@ -628,12 +629,12 @@ impl Callout {
                 "connection type not in the role's allowed_connection_types",
             ),
         })?;
-        let issuer = match &login.signing {
+        let issuer = match &login.shape.signing {
             Signing::Ready(issuer) => issuer,
             Signing::NotReady => {
                 return Err(Deny::new(
                     DenyReason::AccountNotReady,
-                    format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.account_name),
+                    format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.shape.account_name),
                 ))
             }
             Signing::Unusable(e) => {
@@ -641,19 +642,22 @@ impl Callout {
                     DenyReason::Internal,
                     format!(
                         "signing key of account {:?} unusable: {e}",
-                        login.account_name
+                        login.shape.account_name
                     ),
                 ))
             }
         };
         let ttl = match not_after {
-            Some(t) => login.ttl.min(Duration::from_secs((t - now).max(1) as u64)),
-            None => login.ttl,
+            Some(t) => login
+                .shape
+                .ttl
+                .min(Duration::from_secs((t - now).max(1) as u64)),
+            None => login.shape.ttl,
         };
         let user_jwt = mint::user_jwt(
             req,
             &login.username,
-            &login.merged,
+            &login.shape.merged,
             ttl,
             &issuer.account,
             &issuer.keypair,
@@ -663,7 +667,7 @@ impl Callout {
         Ok(Grant {
             user_jwt,
             username: login.username.to_string(),
-            account: login.account_name.to_string(),
+            account: login.shape.account_name.to_string(),
         })
     }
 }

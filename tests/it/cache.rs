@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nats_pg_auth::cache::{CacheStats, LoginCache, LISTENER_APPLICATION_NAME};
+use nats_pg_auth::cache::{CacheStats, LoginCache, UserLookup, LISTENER_APPLICATION_NAME};
 use nats_pg_auth::callout::Callout;
 
 use crate::common::{is_auth_refusal, wait_until, TestEnv};
@@ -337,4 +337,31 @@ async fn metrics_endpoint_counts_logins_and_cache_hits() {
     assert!(status.contains("200"), "{status} {body}");
     let (status, _) = crate::common::http_get(addr, "/nope").await;
     assert!(status.contains("404"), "{status}");
+}
+
+#[tokio::test]
+async fn users_of_one_role_share_one_cached_shape() {
+    let env = TestEnv::start().await;
+    acme(&env).await;
+    env.sql(
+        "INSERT INTO nats.users (account_id, role_id, username, password_hash)
+           SELECT a.id, r.id, 'bob', crypt('pw', gen_salt('bf', 4))
+           FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'acme'",
+    )
+    .await;
+    let cache = caches_live(&env).await;
+    assert!(logs_in(&env, "alice", "s3cret").await);
+    assert!(logs_in(&env, "bob", "pw").await);
+    let (UserLookup::Hit(alice), UserLookup::Hit(bob)) = (cache.user("alice"), cache.user("bob"))
+    else {
+        panic!("both logins cached");
+    };
+    assert!(
+        Arc::ptr_eq(&alice.shape, &bob.shape),
+        "one copy of role, account, signing key and rights for both"
+    );
+    assert_eq!(
+        &*alice.shape.merged.publish.allow,
+        &["sensors.>".to_string()]
+    );
 }

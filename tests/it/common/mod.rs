@@ -185,6 +185,7 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         kicks_per_second: 500,
         http_listen: "off".into(),
         login_cache: true,
+        login_cache_ttl: Duration::from_secs(30),
         credential_cache: true,
         credential_cache_ttl: Duration::from_secs(600),
         lockout_failures: 10,
