@@ -26,7 +26,8 @@
 //! Knobs (env): LOAD_QUICK=1, LOAD_ONLY=<names>, LOAD_SECONDS (per throughput phase, 5),
 //! LOAD_CONCURRENCY (clients in flight, 16), LOAD_SAMPLES (serial latency samples, 1000),
 //! LOAD_STORM (2000), LOAD_SYNC_ACCOUNTS (10000), LOAD_SYNC_SAMPLES (50), LOAD_RSS_USERS (100000),
-//! LOAD_LOG (service log filter, `nats_pg_auth=info,warn`; the log goes to a file).
+//! LOAD_LOG (service log filter, `nats_pg_auth=info,warn`; the log goes to a file), LOAD_KEEP=1
+//! (keep the run directory with logs and server files).
 
 mod common;
 
