@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{wait_until, TestEnv};
+use crate::common::TestEnv;
 
 #[tokio::test]
 async fn postgres_outage_denies_logins_then_recovers() {
@@ -69,21 +69,10 @@ async fn changes_made_while_nats_is_down_are_pushed_when_it_returns() {
                SELECT id, 'olga', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'during_outage';")
         .await;
     // The push fails and stays queued (not lost).
-    let pool = env.pool.clone();
-    wait_until(
+    env.wait_sql(
+        "SELECT sync_error IS NOT NULL FROM nats.accounts WHERE name = 'during_outage'",
         Duration::from_secs(15),
         "the failed push to be recorded",
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, bool>(
-                    "SELECT sync_error IS NOT NULL FROM nats.accounts WHERE name = 'during_outage'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap_or(false)
-            }
-        },
     )
     .await;
     env.nats.restart(false).await;

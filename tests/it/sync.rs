@@ -3,25 +3,18 @@
 
 use std::time::Duration;
 
-use crate::common::{wait_until, TestEnv};
+use crate::common::TestEnv;
 
 async fn insert_accounts(env: &TestEnv, n: usize) {
     env.sql(&format!(
         "INSERT INTO nats.accounts (name) SELECT 'bulk' || g FROM generate_series(1, {n}) g"
     ))
     .await;
-    let pool = env.pool.clone();
-    wait_until(Duration::from_secs(60), "every account to sync", || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM nats.accounts WHERE name LIKE 'bulk%' AND synced_at IS NULL",
-            )
-            .fetch_one(&pool)
-            .await
-            .is_ok_and(|n| n == 0)
-        }
-    })
+    env.wait_sql(
+        "SELECT count(*) = 0 FROM nats.accounts WHERE name LIKE 'bulk%' AND synced_at IS NULL",
+        Duration::from_secs(60),
+        "every account to sync",
+    )
     .await;
 }
 
@@ -31,19 +24,10 @@ async fn leader_idle(env: &TestEnv) {
     env.sql("INSERT INTO nats.accounts (name) VALUES ('first')")
         .await;
     env.wait_synced("first").await;
-    let pool = env.pool.clone();
-    wait_until(
+    env.wait_sql(
+        "SELECT count(*) = 0 FROM nats.sync_outbox",
         Duration::from_secs(10),
         "the startup sync to finish",
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM nats.sync_outbox")
-                    .fetch_one(&pool)
-                    .await
-                    .is_ok_and(|n| n == 0)
-            }
-        },
     )
     .await;
 }

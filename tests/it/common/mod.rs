@@ -304,6 +304,21 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
 
+    /// Waits until `sql` (one boolean value) is true, e.g. `SELECT count(*) = 0 FROM …`.
+    pub async fn wait_sql(&self, sql: &'static str, deadline: Duration, what: &str) {
+        let pool = self.pool.clone();
+        wait_until(deadline, what, || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, bool>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+
     pub async fn sql_err(&self, sql: &str) -> String {
         match sqlx::raw_sql(sql).execute(&self.pool).await {
             Ok(_) => panic!("SQL unexpectedly succeeded:\n{sql}"),
