@@ -88,18 +88,15 @@ impl Sessions {
     pub async fn listen(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let mut listener = match sqlx::postgres::PgListener::connect_with(&self.pool).await {
-                Ok(mut l) => match l.listen(KICK_CHANNEL).await {
-                    Ok(()) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot LISTEN for kick requests; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                },
+            let connected = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                l.listen(KICK_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = match connected.await {
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the kick listener connection; retrying");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot LISTEN for kick requests; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -148,20 +145,15 @@ impl Sessions {
                     connections = n,
                     "closed connections whose rights changed"
                 );
-                let (subject, detail) = match &request {
-                    KickRequest::User { username, .. } => (
-                        format!("user:{username}"),
-                        serde_json::json!({ "connections": n }),
-                    ),
-                    KickRequest::Role { role_id } => (
-                        format!("role:{role_id}"),
-                        serde_json::json!({ "connections": n }),
-                    ),
-                    KickRequest::TokenOwner { user_id } => (
-                        format!("user_id:{user_id}"),
-                        serde_json::json!({ "connections": n, "because": "token changed" }),
-                    ),
+                let subject = match &request {
+                    KickRequest::User { username, .. } => format!("user:{username}"),
+                    KickRequest::Role { role_id } => format!("role:{role_id}"),
+                    KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
                 };
+                let mut detail = serde_json::json!({ "connections": n });
+                if matches!(request, KickRequest::TokenOwner { .. }) {
+                    detail["because"] = "token changed".into();
+                }
                 crate::db::audit::record(
                     &self.pool,
                     crate::db::audit::kind::SESSIONS_KICKED,
