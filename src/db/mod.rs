@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod audit;
 pub mod identities;
 pub mod logins;
+pub mod notify;
 pub mod outbox;
 pub mod seeds;
 pub mod sharing;
