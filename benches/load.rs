@@ -814,10 +814,7 @@ fn rss_child() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut config = serve_config(&db, &nats, &cipher);
-        // Worst case: all users inside the login TTL at once (a storm), not a trickle that
-        // lets the oldest entries expire while the rest log in.
-        config.args.login_cache_ttl = Duration::from_secs(1800);
+        let config = serve_config(&db, &nats, &cipher);
         let service = Service::start(config);
         service.wait_live().await;
         let pool = PgPool::connect(&db).await.unwrap();

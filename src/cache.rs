@@ -1,40 +1,39 @@
-//! Caches of the login hot path, and how they are kept correct.
+//! The login copy and the caches of the login hot path, and how they are kept correct.
 //!
-//! A reconnect storm (a nats-server restart: thousands of clients at once, each answered
-//! inside the 2 s auth timeout) must not turn into thousands of Postgres round trips and
-//! bcrypt runs. What is cached:
+//! Every replica holds a **complete copy** of what a login needs: every user (with its role,
+//! account and the account's signing key, prepared as a [`Login`]) and every token. It is
+//! loaded when the change listener connects, kept current by change notifications, and
+//! reloaded whenever the listener comes back (notifications sent meanwhile are lost). While
+//! the listener is live the copy answers logins without Postgres — including "no such user"
+//! and "no such token". While Postgres is unreachable it answers them for up to
+//! `--db-outage-grace` (see `callout::copy`): the data plane keeps running while the control
+//! plane is down.
 //!
-//! | cache | key | value | bound |
+//! | part | key | value | bound |
 //! |---|---|---|---|
-//! | logins by username | username | prepared [`Login`] (merged permissions, TTL, signer) | 30 s TTL, 250k |
-//! | logins by token | SHA-256 of the token | `Login` + token row (expiry, revocation) | 30 s TTL, 250k |
-//! | unknown usernames | username | — | 2 s TTL, 100k |
+//! | users | username (+ id index) | prepared [`Login`] and the generation it was read at | every user |
+//! | tokens | SHA-256 of the token | owner, expiry, revocation | every token |
 //! | verified credentials | HMAC(process key, username, password), 128 bits | SHA-256 (128 bits) of the hash it verified against | 10 min TTL, 250k |
 //! | signing keys | signing public key | parsed `KeyPair` (no AES-GCM + seed parse per login) | 100k |
 //! | merged permission sets | the set itself | shared `Arc` (users of one role share one copy) | 10k |
 //!
-//! ## Invalidation
+//! ## Freshness
 //!
 //! Triggers send `NOTIFY nats_pg_auth_change` with `user:<id>`, `role:<id>`, `account:<id>` or
-//! `token:<user_id>`, and `NOTIFY nats_pg_auth_sync` with `<account id>` (signing keys added or
-//! retired, account changed). A listener (one dedicated connection, started by the callout)
-//! turns each into a *stamp*: a process-wide generation number bumped per notification and
-//! recorded for the user, role, account or user's tokens. Every cached login carries the
-//! generation read **before** its database read; it is served only while no stamp of its user,
-//! role or account (or a full flush) is newer. So a change is visible to the next login as soon
-//! as its notification is processed (sub-millisecond after COMMIT on loopback), and a read that
-//! raced with the change can never be cached past it: the classic "invalidate, then the slow
-//! reader inserts the old value" race is closed by the generation check.
+//! `token:<user_id>`, and `NOTIFY nats_pg_auth_sync` with `<account id>`. Each notification
+//! bumps a process-wide generation and *stamps* its scope with it, at once; the copy's
+//! maintainer then re-reads the users of the scope and stores them with the generation taken
+//! **before** that read. An entry is served only while no stamp of its user, role or account
+//! (or a flush) is newer than the entry, so a change is visible to the next login as soon as
+//! its notification is processed (sub-millisecond after COMMIT on loopback) — until the
+//! re-read lands, logins of that scope read Postgres. A read that raced with the change can
+//! never be served past it. "Unknown user" is answered from the copy only while every
+//! notification received has been applied.
 //!
-//! When the listener is not connected (startup, Postgres restart, lost connection), the row
-//! caches are bypassed entirely — nothing is served from them and nothing is inserted — and
-//! they are flushed when it is back (notifications sent meanwhile are lost). A health query
-//! every 15 s catches a connection that died silently. The 30 s TTL is only a backstop.
-//!
-//! A login read while its account has a signing key the server does not have yet (a new
-//! account, or a rotation waiting for its push) is never cached: the sync records the push
-//! (`synced_at`) without a notification, and that is when the row changes. Retiring a key is
-//! an `account_keys` change, which notifies.
+//! A login whose account has a signing key the server does not have yet (a new account, or a
+//! rotation waiting for its push) is not served from the copy while Postgres is up: the sync
+//! records the push (`synced_at`) without a notification. The maintainer re-reads such
+//! accounts every few seconds so the copy is right for an outage.
 //!
 //! ## The verified-credential cache (trade-off)
 //!
@@ -46,35 +45,25 @@
 //! - The key is HMAC-SHA256 under a random per-process key, never the password; the value is
 //!   SHA-256 of the stored hash it was checked against. Nothing is persisted; a process restart
 //!   empties it.
-//! - It is only trusted while the user's *current* `password_hash` (from a fresh or validly
-//!   cached row) is the one it verified against: a password change, even to the same password
-//!   (new salt), makes every old entry useless at once.
-//! - Cost: while an entry lives (10 min, size-bounded), a memory dump of the running service
-//!   lets an attacker test password guesses for that user at HMAC speed rather than bcrypt
-//!   speed — the HMAC key sits in the same memory. That is the price of answering a storm in
-//!   time; set it off (`CacheSettings::credentials`, or `LoginCache::set_credentials_enabled`)
-//!   where a memory dump is in the threat model and storms are not.
-//! - Failed checks are never cached; wrong passwords always pay bcrypt.
-//!
-//! Unknown usernames are remembered for 2 s (any `user:` notification drops them all, since a
-//! new user's name is not in the payload). This spares Postgres, not the CPU: an unknown user
-//! is still checked against a dummy bcrypt hash, so "no such user" and "wrong password" keep
-//! taking the same time.
+//! - It is only trusted while the user's *current* `password_hash` (from the copy or Postgres)
+//!   is the one it verified against: a password change, even to the same password (new salt),
+//!   makes every old entry useless at once.
+//! - The price: someone who can read this process's memory can test guesses for a cached
+//!   user at HMAC speed rather than bcrypt speed (the copy already holds every password hash
+//!   in memory). `--credential-cache false` turns it off.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::callout::login::{Issuer, Login, Shape};
 use crate::callout::permissions::Merged;
-use crate::db::logins::TokenRow;
+use crate::db::logins::{TokenPart, TokenRow};
 use crate::keys::{KeyError, SeedCipher};
 
 /// Channel of per-row change notifications (users, roles, accounts, tokens).
@@ -84,23 +73,23 @@ pub const SYNC_CHANNEL: &str = "nats_pg_auth_sync";
 /// `application_name` of the listener connection (visible in `pg_stat_activity`).
 pub const LISTENER_APPLICATION_NAME: &str = "nats-pg-auth cache listener";
 
-/// Sizes, lifetimes and switches of the caches.
+/// Sizes, lifetimes and switches.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Cache login rows (by username and by token) and unknown usernames.
+    /// Answer logins from the copy while Postgres is up. Off: every login reads Postgres (the
+    /// copy is still kept, for outages).
     pub logins: bool,
     /// Cache verified credentials (see the module docs for the trade-off).
     pub credentials: bool,
-    /// Backstop lifetime of a cached login; notifications normally drop it much sooner.
-    pub login_ttl: Duration,
-    pub max_logins: u64,
     pub credential_ttl: Duration,
     pub max_credentials: u64,
-    pub unknown_user_ttl: Duration,
-    pub max_unknown_users: u64,
     pub max_signers: u64,
     /// How often the listener connection is checked with a query.
     pub health_check_interval: Duration,
+    /// How long after Postgres became unreachable the copy still answers logins (0: never).
+    pub outage_grace: Duration,
+    /// Longest lifetime of a user JWT minted from the copy during an outage.
+    pub outage_ttl: Duration,
 }
 
 impl Default for CacheSettings {
@@ -108,21 +97,19 @@ impl Default for CacheSettings {
         Self {
             logins: true,
             credentials: true,
-            login_ttl: Duration::from_secs(30),
-            max_logins: 250_000,
             credential_ttl: Duration::from_secs(600),
             max_credentials: 250_000,
-            unknown_user_ttl: Duration::from_secs(2),
-            max_unknown_users: 100_000,
             max_signers: 100_000,
-            health_check_interval: Duration::from_secs(15),
+            health_check_interval: Duration::from_secs(5),
+            outage_grace: Duration::from_secs(3600),
+            outage_ttl: Duration::from_secs(300),
         }
     }
 }
 
 /// What a stamp applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Scope {
+pub enum Scope {
     User(i64),
     /// Tokens of a user (a token change does not touch the username entry).
     Tokens(i64),
@@ -130,24 +117,40 @@ enum Scope {
     Account(i64),
 }
 
-/// The generation read before a database read; pass it back when caching the result.
-#[derive(Debug, Clone, Copy)]
+/// The generation read before a database read; pass it back when storing the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
+
+impl Ticket {
+    pub fn value(self) -> u64 {
+        self.0
+    }
+}
 
 /// Result of a username lookup.
 pub enum UserLookup {
     Hit(Arc<Login>),
-    /// Recently seen not to exist.
+    /// Not in the copy, and every notification received has been applied.
+    Unknown,
+    /// Ask Postgres.
+    Miss,
+}
+
+/// Result of a token lookup.
+pub enum TokenLookup {
+    Hit(Arc<Login>, TokenRow),
     Unknown,
     Miss,
 }
 
-/// A token login: the user's login and the token's own row.
-type TokenLogin = (Arc<Login>, TokenRow);
-
-struct Stamped<T> {
-    value: T,
-    generation: u64,
+/// Result of a lookup in the copy during an outage.
+pub enum CopyLookup<T> {
+    Found(T),
+    Unknown,
+    /// A change was notified for it and could not be read before Postgres went away.
+    Stale,
+    /// No copy has been loaded yet.
+    NotLoaded,
 }
 
 /// Counters, for tests, benchmarks and logs.
@@ -162,8 +165,12 @@ pub struct CacheStats {
     pub credential_misses: AtomicU64,
     pub notifications: AtomicU64,
     pub flushes: AtomicU64,
-    /// Times the listener (re)connected and the caches went live.
+    /// Times the listener (re)connected and the copy went live.
     pub listener_connects: AtomicU64,
+    /// Full loads of the copy.
+    pub reloads: AtomicU64,
+    /// Logins answered from the copy because Postgres could not be asked.
+    pub logins_from_copy: AtomicU64,
 }
 
 impl CacheStats {
@@ -176,21 +183,212 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A user in the copy and the generation it was read at.
+struct Entry {
+    login: Arc<Login>,
+    generation: u64,
+}
+
+struct CopiedToken {
+    user_id: i64,
+    token_id: i64,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+    generation: u64,
+}
+
+/// The copy proper. One lock: a login reads its entry and the stamps that judge it together.
+#[derive(Default)]
+pub struct Table {
+    /// Keyed by the login's own `username` (one shared allocation).
+    by_name: HashMap<Arc<str>, Entry>,
+    by_id: HashMap<i64, Arc<str>>,
+    tokens: HashMap<[u8; 32], CopiedToken>,
+    tokens_of: HashMap<i64, Vec<[u8; 32]>>,
+    /// Users per account whose login cannot be served live (signing key not on the server).
+    unsettled: HashMap<i64, u32>,
+    stamps: HashMap<Scope, u64>,
+    flushed_at: u64,
+}
+
+impl Table {
+    fn stamp(&self, scope: Scope) -> u64 {
+        self.stamps.get(&scope).copied().unwrap_or(0)
+    }
+
+    /// A login read at `generation` is still what the database says.
+    fn fresh(&self, login: &Login, generation: u64, token: bool) -> bool {
+        generation >= self.flushed_at
+            && generation >= self.stamp(Scope::User(login.user_id))
+            && generation >= self.stamp(Scope::Account(login.shape.account_id))
+            && login
+                .shape
+                .role_id
+                .is_none_or(|r| generation >= self.stamp(Scope::Role(r)))
+            && (!token || generation >= self.stamp(Scope::Tokens(login.user_id)))
+    }
+
+    fn settle(&mut self, login: &Login, delta: i32) {
+        if login.cacheable() {
+            return;
+        }
+        let n = self.unsettled.entry(login.shape.account_id).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.unsettled.remove(&login.shape.account_id);
+        }
+    }
+
+    /// Stores a user read at `generation`, unless the copy already holds a newer read.
+    pub fn upsert(&mut self, login: Arc<Login>, generation: u64) {
+        if let Some(old_name) = self.by_id.get(&login.user_id).cloned() {
+            if self
+                .by_name
+                .get(&old_name)
+                .is_some_and(|e| e.generation > generation)
+            {
+                return;
+            }
+            if let Some(old) = self.by_name.remove(&old_name) {
+                self.settle(&old.login, -1);
+            }
+        }
+        // A username now held by another id: that user was renamed or deleted meanwhile.
+        if let Some(prev) = self.by_name.get(&*login.username) {
+            if prev.login.user_id != login.user_id {
+                if prev.generation > generation {
+                    return;
+                }
+                let prev_id = prev.login.user_id;
+                self.remove_user(prev_id);
+            }
+        }
+        self.settle(&login, 1);
+        self.by_id.insert(login.user_id, login.username.clone());
+        self.by_name
+            .insert(login.username.clone(), Entry { login, generation });
+    }
+
+    pub fn remove_user(&mut self, user_id: i64) {
+        if let Some(name) = self.by_id.remove(&user_id) {
+            if let Some(old) = self.by_name.remove(&name) {
+                self.settle(&old.login, -1);
+            }
+        }
+        if let Some(digests) = self.tokens_of.remove(&user_id) {
+            for d in digests {
+                self.tokens.remove(&d);
+            }
+        }
+    }
+
+    /// Replaces a user's tokens with the ones read at `generation`.
+    pub fn set_tokens(&mut self, user_id: i64, tokens: Vec<TokenPart>, generation: u64) {
+        if let Some(digests) = self.tokens_of.remove(&user_id) {
+            for d in digests {
+                self.tokens.remove(&d);
+            }
+        }
+        let mut digests = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let Ok(digest) = <[u8; 32]>::try_from(t.token_sha256.as_slice()) else {
+                continue; // the schema refuses other lengths
+            };
+            // A digest held by another user's row (moved between users): the newer read wins.
+            if let Some(prev) = self.tokens.get(&digest) {
+                if prev.user_id != user_id {
+                    if let Some(v) = self.tokens_of.get_mut(&prev.user_id) {
+                        v.retain(|d| d != &digest);
+                    }
+                }
+            }
+            self.tokens.insert(
+                digest,
+                CopiedToken {
+                    user_id,
+                    token_id: t.token_id,
+                    expires_at: t.token_expires_at,
+                    revoked_at: t.token_revoked_at,
+                    generation,
+                },
+            );
+            digests.push(digest);
+        }
+        if !digests.is_empty() {
+            digests.shrink_to_fit();
+            self.tokens_of.insert(user_id, digests);
+        }
+    }
+
+    pub fn users(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Drops the spare capacity a load left behind.
+    pub fn shrink(&mut self) {
+        self.by_name.shrink_to_fit();
+        self.by_id.shrink_to_fit();
+        self.tokens.shrink_to_fit();
+        self.tokens_of.shrink_to_fit();
+    }
+
+    /// The user ids of the copy in any of these roles or accounts.
+    fn ids_in(&self, roles: &HashSet<i64>, accounts: &HashSet<i64>) -> Vec<i64> {
+        if roles.is_empty() && accounts.is_empty() {
+            return Vec::new();
+        }
+        self.by_name
+            .values()
+            .filter(|e| {
+                accounts.contains(&e.login.shape.account_id)
+                    || e.login.shape.role_id.is_some_and(|r| roles.contains(&r))
+            })
+            .map(|e| e.login.user_id)
+            .collect()
+    }
+
+    fn login_of(&self, user_id: i64) -> Option<&Entry> {
+        self.by_id.get(&user_id).and_then(|n| self.by_name.get(n))
+    }
+
+    fn token_row(digest: &[u8; 32], t: &CopiedToken) -> TokenRow {
+        TokenRow {
+            token_id: t.token_id,
+            token_sha256: digest.to_vec(),
+            token_expires_at: t.expires_at,
+            token_revoked_at: t.revoked_at,
+        }
+    }
+}
+
+/// Why the copy is answering instead of Postgres (one per outage).
+struct Outage {
+    since: Instant,
+    logins: u64,
+}
+
 pub struct LoginCache {
     settings: CacheSettings,
     logins_on: AtomicBool,
     credentials_on: AtomicBool,
-    /// The listener is connected: notifications are being received.
+    /// The listener is connected and the copy was reloaded since: it is current.
     live: AtomicBool,
+    /// A copy has been loaded (at least once).
+    loaded: AtomicBool,
+    loaded_notify: tokio::sync::Notify,
     generation: AtomicU64,
-    flushed_at: AtomicU64,
-    users_changed_at: AtomicU64,
-    stamps: Cache<Scope, u64>,
-    /// Keyed by the login's own `username` (one shared allocation); the value carries the
-    /// generation it was read at.
-    by_username: Cache<Arc<str>, (Arc<Login>, u64)>,
-    by_token: Cache<[u8; 32], Arc<Stamped<TokenLogin>>>,
-    unknown_users: Cache<Box<str>, u64>,
+    /// Generation of the newest notification received.
+    notified: AtomicU64,
+    /// Every notification up to this generation is in the copy.
+    applied: AtomicU64,
+    table: RwLock<Table>,
+    /// When the copy stopped being kept current (listener lost); None while it is.
+    stale_since: Mutex<Option<Instant>>,
+    outage: Mutex<Option<Outage>>,
     credentials: Cache<[u8; 16], [u8; 16]>,
     issuers: Cache<Box<str>, Arc<Issuer>>,
     permissions: Cache<Merged, Arc<Merged>>,
@@ -205,32 +403,18 @@ impl LoginCache {
         use rand::RngCore;
         let mut hmac_key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut hmac_key);
-        let ttl = settings.login_ttl;
         Self {
             logins_on: AtomicBool::new(settings.logins),
             credentials_on: AtomicBool::new(settings.credentials),
             live: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
+            loaded_notify: tokio::sync::Notify::new(),
             generation: AtomicU64::new(1),
-            flushed_at: AtomicU64::new(0),
-            users_changed_at: AtomicU64::new(0),
-            // Unbounded on purpose: evicting a stamp early would resurrect a stale entry. A stamp
-            // outlives every entry it can invalidate (entries live `ttl`), so this holds at most
-            // "notifications in the last ttl + 10 s".
-            stamps: Cache::builder()
-                .time_to_live(ttl + Duration::from_secs(10))
-                .build(),
-            by_username: Cache::builder()
-                .max_capacity(settings.max_logins)
-                .time_to_live(ttl)
-                .build(),
-            by_token: Cache::builder()
-                .max_capacity(settings.max_logins)
-                .time_to_live(ttl)
-                .build(),
-            unknown_users: Cache::builder()
-                .max_capacity(settings.max_unknown_users)
-                .time_to_live(settings.unknown_user_ttl)
-                .build(),
+            notified: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            table: RwLock::new(Table::default()),
+            stale_since: Mutex::new(None),
+            outage: Mutex::new(None),
             credentials: Cache::builder()
                 .max_capacity(settings.max_credentials)
                 .time_to_live(settings.credential_ttl)
@@ -245,7 +429,7 @@ impl LoginCache {
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
             touched_tokens: Cache::builder()
-                .max_capacity(settings.max_logins)
+                .max_capacity(250_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             hmac_key,
@@ -262,12 +446,17 @@ impl LoginCache {
         &self.stats
     }
 
-    /// Turns the login caches on or off at run time (off also empties them).
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answer logins from the copy while Postgres is up (off: always read Postgres).
     pub fn set_logins_enabled(&self, on: bool) {
         self.logins_on.store(on, Ordering::SeqCst);
-        if !on {
-            self.flush();
-        }
     }
 
     /// Turns the verified-credential cache on or off at run time (off also empties it).
@@ -278,100 +467,117 @@ impl LoginCache {
         }
     }
 
-    /// True while change notifications are being received (the login caches are in use).
+    /// True while the copy is current (listener connected, copy reloaded since).
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// True once a copy has been loaded: only then can logins be answered.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a copy is loaded; false when `stop` came first.
+    pub async fn wait_loaded(&self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        loop {
+            let loaded = self.loaded_notify.notified();
+            if self.is_loaded() {
+                return true;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = loaded => {}
+            }
+        }
     }
 
     fn rows_usable(&self) -> bool {
         self.logins_on.load(Ordering::Relaxed) && self.live.load(Ordering::SeqCst)
     }
 
-    /// Take this before reading from the database; hand it to `put_*` with the result.
+    /// Nothing notified is missing from the copy: a name it does not hold does not exist.
+    fn complete(&self) -> bool {
+        self.applied.load(Ordering::SeqCst) >= self.notified.load(Ordering::SeqCst)
+    }
+
+    /// Take this before reading from the database; hand it back with the result.
     pub fn ticket(&self) -> Ticket {
         Ticket(self.generation.load(Ordering::SeqCst))
     }
 
-    fn stamp(&self, scope: Scope) -> u64 {
-        self.stamps.get(&scope).unwrap_or(0)
-    }
-
-    /// A login read at `generation` is still what the database says.
-    fn fresh(&self, login: &Login, generation: u64, token: bool) -> bool {
-        generation >= self.flushed_at.load(Ordering::SeqCst)
-            && generation >= self.stamp(Scope::User(login.user_id))
-            && generation >= self.stamp(Scope::Account(login.shape.account_id))
-            && login
-                .shape
-                .role_id
-                .is_none_or(|r| generation >= self.stamp(Scope::Role(r)))
-            && (!token || generation >= self.stamp(Scope::Tokens(login.user_id)))
-    }
-
-    // ---- logins by username --------------------------------------------------------------
+    // ---- the live path ---------------------------------------------------------------------
 
     pub fn user(&self, username: &str) -> UserLookup {
         if !self.rows_usable() {
             return UserLookup::Miss;
         }
-        if let Some((login, generation)) = self.by_username.get(username) {
-            if self.fresh(&login, generation, false) && &*login.username == username {
+        let t = self.read();
+        match t.by_name.get(username) {
+            Some(e) if t.fresh(&e.login, e.generation, false) && e.login.cacheable() => {
                 bump(&self.stats.login_hits);
-                return UserLookup::Hit(login);
+                return UserLookup::Hit(e.login.clone());
             }
-            self.by_username.invalidate(username);
-        }
-        if let Some(generation) = self.unknown_users.get(username) {
-            if generation >= self.flushed_at.load(Ordering::SeqCst)
-                && generation >= self.users_changed_at.load(Ordering::SeqCst)
-            {
+            Some(_) => {}
+            None if self.complete() => {
                 bump(&self.stats.unknown_user_hits);
                 return UserLookup::Unknown;
             }
-            self.unknown_users.invalidate(username);
+            None => {}
         }
         bump(&self.stats.login_misses);
         UserLookup::Miss
     }
 
+    /// Stores a login read from Postgres (when nothing newer is known about it).
     pub fn put_user(&self, username: &str, ticket: Ticket, login: &Arc<Login>) {
-        if !self.rows_usable() || !login.cacheable() || !self.fresh(login, ticket.0, false) {
-            return;
-        }
         if &*login.username != username {
             return;
         }
-        self.by_username
-            .insert(login.username.clone(), (login.clone(), ticket.0));
+        let mut t = self.write();
+        if t.fresh(login, ticket.0, false) {
+            t.upsert(login.clone(), ticket.0);
+        }
     }
 
+    /// Postgres said this username does not exist (as of `ticket`).
     pub fn put_unknown_user(&self, username: &str, ticket: Ticket) {
-        if !self.rows_usable()
-            || ticket.0 < self.flushed_at.load(Ordering::SeqCst)
-            || ticket.0 < self.users_changed_at.load(Ordering::SeqCst)
-        {
-            return;
+        let mut t = self.write();
+        let stale = t
+            .by_name
+            .get(username)
+            .filter(|e| e.generation < ticket.0)
+            .map(|e| e.login.user_id);
+        if let Some(id) = stale {
+            t.remove_user(id);
         }
-        self.unknown_users.insert(username.into(), ticket.0);
     }
 
-    // ---- logins by token -----------------------------------------------------------------
-
-    pub fn token(&self, digest: &[u8; 32]) -> Option<(Arc<Login>, TokenRow)> {
+    pub fn token(&self, digest: &[u8; 32]) -> TokenLookup {
         if !self.rows_usable() {
-            return None;
+            return TokenLookup::Miss;
         }
-        if let Some(e) = self.by_token.get(digest) {
-            if self.fresh(&e.value.0, e.generation, true) {
-                bump(&self.stats.token_hits);
-                return Some(e.value.clone());
+        let t = self.read();
+        match t.tokens.get(digest) {
+            Some(tok) => {
+                if let Some(e) = t.login_of(tok.user_id) {
+                    let g = tok.generation.min(e.generation);
+                    if t.fresh(&e.login, g, true) && e.login.cacheable() {
+                        bump(&self.stats.token_hits);
+                        return TokenLookup::Hit(e.login.clone(), Table::token_row(digest, tok));
+                    }
+                }
             }
-            self.by_token.invalidate(digest);
+            None if self.complete() => {
+                bump(&self.stats.token_hits);
+                return TokenLookup::Unknown;
+            }
+            None => {}
         }
         bump(&self.stats.token_misses);
-        None
+        TokenLookup::Miss
     }
 
+    /// Stores a token login read from Postgres.
     pub fn put_token(
         &self,
         digest: [u8; 32],
@@ -379,16 +585,31 @@ impl LoginCache {
         login: &Arc<Login>,
         token: &TokenRow,
     ) {
-        if !self.rows_usable() || !login.cacheable() || !self.fresh(login, ticket.0, true) {
+        let mut t = self.write();
+        if !t.fresh(login, ticket.0, true) {
             return;
         }
-        self.by_token.insert(
+        t.upsert(login.clone(), ticket.0);
+        if t.tokens
+            .get(&digest)
+            .is_some_and(|e| e.generation > ticket.0)
+        {
+            return;
+        }
+        t.tokens.insert(
             digest,
-            Arc::new(Stamped {
-                value: (login.clone(), token.clone()),
+            CopiedToken {
+                user_id: login.user_id,
+                token_id: token.token_id,
+                expires_at: token.token_expires_at,
+                revoked_at: token.token_revoked_at,
                 generation: ticket.0,
-            }),
+            },
         );
+        let of = t.tokens_of.entry(login.user_id).or_default();
+        if !of.contains(&digest) {
+            of.push(digest);
+        }
     }
 
     /// True at most once a minute per token: `last_used_at` is bookkeeping, not worth a write
@@ -399,6 +620,278 @@ impl LoginCache {
         }
         self.touched_tokens.insert(token_id, ());
         true
+    }
+
+    // ---- the outage path -------------------------------------------------------------------
+
+    /// The copy's answer for a username when Postgres cannot be asked.
+    pub fn copy_user(&self, username: &str) -> CopyLookup<Arc<Login>> {
+        if !self.is_loaded() {
+            return CopyLookup::NotLoaded;
+        }
+        let t = self.read();
+        match t.by_name.get(username) {
+            Some(e) if t.fresh(&e.login, e.generation, false) => CopyLookup::Found(e.login.clone()),
+            Some(_) => CopyLookup::Stale,
+            None => CopyLookup::Unknown,
+        }
+    }
+
+    /// The copy's answer for a token when Postgres cannot be asked.
+    pub fn copy_token(&self, digest: &[u8; 32]) -> CopyLookup<(Arc<Login>, TokenRow)> {
+        if !self.is_loaded() {
+            return CopyLookup::NotLoaded;
+        }
+        let t = self.read();
+        let Some(tok) = t.tokens.get(digest) else {
+            return CopyLookup::Unknown;
+        };
+        match t.login_of(tok.user_id) {
+            Some(e) if t.fresh(&e.login, tok.generation.min(e.generation), true) => {
+                CopyLookup::Found((e.login.clone(), Table::token_row(digest, tok)))
+            }
+            Some(_) => CopyLookup::Stale,
+            None => CopyLookup::Unknown,
+        }
+    }
+
+    /// How long ago the copy stopped being kept current (None: it is current).
+    pub fn stale_for(&self) -> Option<Duration> {
+        self.stale_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+
+    /// The copy may answer logins now: loaded, and not stale for longer than the grace.
+    pub fn within_grace(&self) -> bool {
+        let grace = self.settings.outage_grace;
+        self.is_loaded() && !grace.is_zero() && self.stale_for().is_none_or(|s| s <= grace)
+    }
+
+    /// Records a login answered from the copy; the first one of an outage logs and sets the
+    /// gauge.
+    pub fn served_from_copy(&self, why: &str) {
+        bump(&self.stats.logins_from_copy);
+        let mut o = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        match o.as_mut() {
+            Some(o) => o.logins += 1,
+            None => {
+                let t = self.read();
+                tracing::warn!(
+                    users = t.users(),
+                    tokens = t.token_count(),
+                    grace = %humantime::format_duration(self.settings.outage_grace),
+                    jwt_ttl = %humantime::format_duration(self.settings.outage_ttl),
+                    "Postgres unreachable ({why}): entering outage mode, answering logins from the in-memory copy"
+                );
+                *o = Some(Outage {
+                    since: Instant::now(),
+                    logins: 1,
+                });
+            }
+        }
+    }
+
+    /// True while logins are being answered from the copy because Postgres is unreachable.
+    pub fn in_outage(&self) -> bool {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn leave_outage(&self) {
+        if let Some(o) = self.outage.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            tracing::info!(
+                lasted = %humantime::format_duration(Duration::from_secs(o.since.elapsed().as_secs())),
+                logins_from_copy = o.logins,
+                "Postgres is back and the copy reloaded: leaving outage mode"
+            );
+        }
+    }
+
+    // ---- keeping the copy current ------------------------------------------------------------
+
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Marks every entry stale (the next login of anyone reads Postgres until the copy is
+    /// reloaded).
+    pub fn flush(&self) {
+        let g = self.next_generation();
+        self.notified.fetch_max(g, Ordering::SeqCst);
+        self.write().flushed_at = g;
+        bump(&self.stats.flushes);
+    }
+
+    /// Applies one notification: stamps its scope at once. Returns the scope the maintainer
+    /// must re-read, or None when the payload is not understood (then everything is stale and
+    /// the maintainer must reload).
+    pub fn on_notification(&self, channel: &str, payload: &str) -> Option<Scope> {
+        bump(&self.stats.notifications);
+        let id = |s: &str| s.trim().parse::<i64>().ok();
+        let scope = if channel == SYNC_CHANNEL {
+            id(payload).map(Scope::Account)
+        } else {
+            match payload.split_once(':') {
+                Some(("user", v)) => id(v).map(Scope::User),
+                Some(("token", v)) => id(v).map(Scope::Tokens),
+                Some(("role", v)) => id(v).map(Scope::Role),
+                Some(("account", v)) => id(v).map(Scope::Account),
+                _ => None,
+            }
+        };
+        match scope {
+            Some(scope) => {
+                let g = self.next_generation();
+                self.notified.fetch_max(g, Ordering::SeqCst);
+                self.write().stamps.insert(scope, g);
+            }
+            None => {
+                tracing::debug!(
+                    channel,
+                    payload,
+                    "unknown change notification; reloading the login copy"
+                );
+                self.flush();
+            }
+        }
+        scope
+    }
+
+    /// Installs a complete copy read at `ticket` (every stamp it covers is dropped).
+    pub fn install(&self, mut table: Table, ticket: Ticket) {
+        table.shrink();
+        {
+            let mut t = self.write();
+            table.stamps = std::mem::take(&mut t.stamps);
+            table.stamps.retain(|_, g| *g > ticket.0);
+            table.flushed_at = t.flushed_at;
+            *t = table;
+        }
+        self.applied.fetch_max(ticket.0, Ordering::SeqCst);
+        self.loaded.store(true, Ordering::SeqCst);
+        self.loaded_notify.notify_waiters();
+        bump(&self.stats.reloads);
+    }
+
+    /// Applies a partial re-read at `ticket` of the users `scopes` selected: `users` are the
+    /// users found (ids selected but not found were deleted), `tokens` all their tokens.
+    pub fn apply(
+        &self,
+        ticket: Ticket,
+        scopes: &HashSet<Scope>,
+        users: Vec<Arc<Login>>,
+        tokens: Vec<TokenPart>,
+    ) {
+        let g = ticket.0;
+        let mut t = self.write();
+        let found: HashSet<i64> = users.iter().map(|l| l.user_id).collect();
+        let roles: HashSet<i64> = scopes
+            .iter()
+            .filter_map(|s| {
+                if let Scope::Role(r) = s {
+                    Some(*r)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let accounts: HashSet<i64> = scopes
+            .iter()
+            .filter_map(|s| {
+                if let Scope::Account(a) = s {
+                    Some(*a)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let mut gone: Vec<i64> = scopes
+            .iter()
+            .filter_map(|s| match s {
+                Scope::User(u) | Scope::Tokens(u) => Some(*u),
+                _ => None,
+            })
+            .filter(|u| !found.contains(u))
+            .collect();
+        gone.extend(
+            t.ids_in(&roles, &accounts)
+                .into_iter()
+                .filter(|u| !found.contains(u)),
+        );
+        for id in gone {
+            let newer = t.login_of(id).is_some_and(|e| e.generation > g);
+            if !newer {
+                t.remove_user(id);
+            }
+        }
+        let mut tokens_of: HashMap<i64, Vec<TokenPart>> = HashMap::new();
+        for tok in tokens {
+            tokens_of.entry(tok.user_id).or_default().push(tok);
+        }
+        for login in users {
+            let id = login.user_id;
+            t.upsert(login, g);
+            t.set_tokens(id, tokens_of.remove(&id).unwrap_or_default(), g);
+        }
+        for s in scopes {
+            if t.stamps.get(s).is_some_and(|v| *v <= g) {
+                t.stamps.remove(s);
+            }
+        }
+        drop(t);
+        self.applied.fetch_max(g, Ordering::SeqCst);
+    }
+
+    /// Accounts whose users cannot be served live yet (their signing key is not on the server):
+    /// the maintainer re-reads them until they settle.
+    pub fn unsettled_accounts(&self) -> Vec<i64> {
+        self.read().unsettled.keys().copied().collect()
+    }
+
+    /// The listener connected and the copy was reloaded: it is current again.
+    pub fn set_live(&self) {
+        self.live.store(true, Ordering::SeqCst);
+        *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        bump(&self.stats.listener_connects);
+        self.leave_outage();
+    }
+
+    /// The listener is gone: the copy stays (it is what Postgres held) but is no longer kept
+    /// current, so live logins read Postgres and the outage grace starts counting.
+    pub fn set_disconnected(&self) {
+        self.live.store(false, Ordering::SeqCst);
+        let mut s = self.stale_since.lock().unwrap_or_else(|p| p.into_inner());
+        if s.is_none() {
+            *s = Some(Instant::now());
+        }
+    }
+
+    /// Entry counts, for reports and benchmarks.
+    pub fn entry_counts(&self) -> Vec<(&'static str, u64)> {
+        self.credentials.run_pending_tasks();
+        self.issuers.run_pending_tasks();
+        self.permissions.run_pending_tasks();
+        self.shapes.run_pending_tasks();
+        let t = self.read();
+        vec![
+            ("copy_users", t.users() as u64),
+            ("copy_tokens", t.token_count() as u64),
+            ("stamps", t.stamps.len() as u64),
+            ("credentials", self.credentials.entry_count()),
+            ("signing_keys", self.issuers.entry_count()),
+            ("permission_sets", self.permissions.entry_count()),
+            ("login_shapes", self.shapes.entry_count()),
+        ]
+    }
+
+    /// Users and tokens in the copy.
+    pub fn copy_size(&self) -> (usize, usize) {
+        let t = self.read();
+        (t.users(), t.token_count())
     }
 
     // ---- verified credentials ------------------------------------------------------------
@@ -472,9 +965,6 @@ impl LoginCache {
 
     /// One shared copy per distinct permission set.
     pub fn intern(&self, merged: Merged) -> Arc<Merged> {
-        if !self.logins_on.load(Ordering::Relaxed) {
-            return Arc::new(merged);
-        }
         if let Some(m) = self.permissions.get(&merged) {
             return m;
         }
@@ -486,167 +976,11 @@ impl LoginCache {
     /// One shared copy per distinct login shape (role, account, signing key, merged rights).
     pub fn intern_shape(&self, shape: Shape) -> Arc<Shape> {
         let shape = Arc::new(shape);
-        if !self.logins_on.load(Ordering::Relaxed) {
-            return shape;
-        }
         if let Some(shared) = self.shapes.get(&shape) {
             return shared;
         }
         self.shapes.insert(shape.clone(), shape.clone());
         shape
-    }
-
-    /// Entry counts per cache (after moka's pending maintenance), for reports and benchmarks.
-    pub fn entry_counts(&self) -> Vec<(&'static str, u64)> {
-        self.by_username.run_pending_tasks();
-        self.by_token.run_pending_tasks();
-        self.unknown_users.run_pending_tasks();
-        self.credentials.run_pending_tasks();
-        self.issuers.run_pending_tasks();
-        self.permissions.run_pending_tasks();
-        self.shapes.run_pending_tasks();
-        self.stamps.run_pending_tasks();
-        vec![
-            ("logins_by_username", self.by_username.entry_count()),
-            ("logins_by_token", self.by_token.entry_count()),
-            ("unknown_users", self.unknown_users.entry_count()),
-            ("credentials", self.credentials.entry_count()),
-            ("signing_keys", self.issuers.entry_count()),
-            ("permission_sets", self.permissions.entry_count()),
-            ("login_shapes", self.shapes.entry_count()),
-            ("stamps", self.stamps.entry_count()),
-        ]
-    }
-
-    // ---- invalidation ----------------------------------------------------------------------
-
-    fn next_generation(&self) -> u64 {
-        self.generation.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    fn invalidate(&self, scope: Scope) {
-        let g = self.next_generation();
-        self.stamps.insert(scope, g);
-        if matches!(scope, Scope::User(_)) {
-            self.users_changed_at.fetch_max(g, Ordering::SeqCst);
-        }
-    }
-
-    /// Drops every cached login and unknown username (credentials stay: they are checked
-    /// against the current hash anyway).
-    pub fn flush(&self) {
-        let g = self.next_generation();
-        self.flushed_at.fetch_max(g, Ordering::SeqCst);
-        self.by_username.invalidate_all();
-        self.by_token.invalidate_all();
-        self.unknown_users.invalidate_all();
-        bump(&self.stats.flushes);
-    }
-
-    /// Applies one notification.
-    pub fn on_notification(&self, channel: &str, payload: &str) {
-        bump(&self.stats.notifications);
-        let id = |s: &str| s.trim().parse::<i64>().ok();
-        let scope = if channel == SYNC_CHANNEL {
-            id(payload).map(Scope::Account)
-        } else {
-            match payload.split_once(':') {
-                Some(("user", v)) => id(v).map(Scope::User),
-                Some(("token", v)) => id(v).map(Scope::Tokens),
-                Some(("role", v)) => id(v).map(Scope::Role),
-                Some(("account", v)) => id(v).map(Scope::Account),
-                _ => None,
-            }
-        };
-        match scope {
-            Some(scope) => self.invalidate(scope),
-            None => {
-                tracing::debug!(
-                    channel,
-                    payload,
-                    "unknown change notification; flushing the login caches"
-                );
-                self.flush();
-            }
-        }
-    }
-
-    fn set_live(&self, live: bool) {
-        if live {
-            // Order matters: LISTEN is established, then flush, then serve. A read that starts
-            // after the flush sees every change that was not notified to us.
-            self.flush();
-            self.live.store(true, Ordering::SeqCst);
-            bump(&self.stats.listener_connects);
-        } else {
-            self.live.store(false, Ordering::SeqCst);
-            self.flush();
-        }
-    }
-
-    /// Receives change notifications until `shutdown`, on a connection of its own (not one of
-    /// the callout's pool). Reconnects with a backoff; the caches are bypassed while it is down.
-    pub async fn listen(self: Arc<Self>, pool: &PgPool, shutdown: CancellationToken) {
-        let options = (*pool.connect_options())
-            .clone()
-            .application_name(LISTENER_APPLICATION_NAME);
-        let own = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options);
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.listen_once(&own, &shutdown).await {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cache listener down; logins read Postgres directly until it is back");
-                }
-            }
-            self.set_live(false);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        self.set_live(false);
-        own.close().await;
-    }
-
-    /// One listener connection's life. Ok when it ended by shutdown or was lost cleanly.
-    async fn listen_once(
-        &self,
-        pool: &PgPool,
-        shutdown: &CancellationToken,
-    ) -> Result<(), sqlx::Error> {
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.eager_reconnect(false);
-        listener.listen_all([CHANGE_CHANNEL, SYNC_CHANNEL]).await?;
-        self.set_live(true);
-        tracing::debug!("cache listener connected; login caches live");
-        let mut health = tokio::time::interval(self.settings.health_check_interval);
-        health.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                n = listener.try_recv() => match n? {
-                    Some(note) => self.on_notification(note.channel(), note.payload()),
-                    None => {
-                        tracing::warn!("cache listener lost its connection; flushing the login caches");
-                        return Ok(());
-                    }
-                },
-                _ = health.tick() => {
-                    let check = sqlx::query("SELECT 1").execute(&mut listener);
-                    match tokio::time::timeout(Duration::from_secs(5), check).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(e),
-                        Err(_) => return Err(sqlx::Error::PoolTimedOut),
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -298,7 +298,27 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 cipher: common.cipher()?,
                 args,
             };
-            let app = Application::build(config).await?;
+            // A replica started while Postgres is down waits for it (it has no copy of the login
+            // data yet, so it could answer nothing anyway); every other error ends `serve`.
+            let mut waiting = false;
+            let app = loop {
+                match Application::build(config.clone()).await {
+                    Err(crate::app::AppError::Db(e @ db::DbError::Unreachable { .. })) => {
+                        if !waiting {
+                            tracing::warn!("{e} Retrying every 2s; this replica answers no logins until it has loaded a copy of the login data.");
+                            waiting = true;
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                        }
+                    }
+                    other => break other?,
+                }
+            };
+            if waiting {
+                tracing::info!("Postgres reachable; starting");
+            }
             app.run_until_stopped(shutdown).await?;
             Ok(())
         }

@@ -257,14 +257,22 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
-    /// Cache login rows (user + role + account) between logins. Changes still apply to the
-    /// next login: every change notifies and drops what it touches.
+    /// Answer logins from the in-memory copy of the login data while Postgres is up (every
+    /// change notifies and is applied at once). `false`: every login reads Postgres; the copy
+    /// is still kept, for outages.
     #[arg(long, env = "NATS_PG_AUTH_LOGIN_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub login_cache: bool,
 
-    /// Longest a cached login row is used (a backstop: changes drop it at once).
-    #[arg(long, env = "NATS_PG_AUTH_LOGIN_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
-    pub login_cache_ttl: Duration,
+    /// How long after Postgres became unreachable logins are still answered from the copy
+    /// (known users with the right password or a valid token; everyone else is refused).
+    /// `0` turns it off: no Postgres, no logins.
+    #[arg(long, env = "NATS_PG_AUTH_DB_OUTAGE_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub db_outage_grace: Duration,
+
+    /// Longest lifetime of a user JWT minted from the copy during an outage, so rights are
+    /// re-read soon after Postgres returns.
+    #[arg(long, env = "NATS_PG_AUTH_DB_OUTAGE_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub db_outage_ttl: Duration,
 
     /// Remember verified passwords (as a keyed hash, in memory only) so a reconnecting client
     /// does not pay bcrypt again. Turn off where a memory dump of the service is a bigger threat
@@ -291,7 +299,8 @@ impl ServeArgs {
     pub fn cache_settings(&self) -> crate::cache::CacheSettings {
         crate::cache::CacheSettings {
             logins: self.login_cache,
-            login_ttl: self.login_cache_ttl,
+            outage_grace: self.db_outage_grace,
+            outage_ttl: self.db_outage_ttl,
             credentials: self.credential_cache,
             credential_ttl: self.credential_cache_ttl,
             ..Default::default()

@@ -26,16 +26,22 @@ pub struct Probes {
 }
 
 impl Probes {
-    /// Ready when Postgres answers and both NATS connections are up: only then can logins be
-    /// answered.
-    async fn ready(&self) -> Result<(), String> {
+    /// Ready when both NATS connections are up and the login copy is loaded and usable: then
+    /// logins can be answered. Postgres being down does not make a replica unready while the
+    /// copy answers (the body says so); it does once `--db-outage-grace` has passed.
+    async fn ready(&self) -> Result<String, String> {
         if self.callout.connection_state() != State::Connected {
             return Err("callout connection to NATS is down".into());
         }
         if self.system.connection_state() != State::Connected {
             return Err("system connection to NATS is down".into());
         }
-        match tokio::time::timeout(
+        if let Some(cache) = &self.cache {
+            if !cache.is_loaded() {
+                return Err("no copy of the login data loaded yet (waiting for Postgres)".into());
+            }
+        }
+        let db = match tokio::time::timeout(
             Duration::from_secs(1),
             sqlx::query("SELECT 1").execute(&self.pool),
         )
@@ -44,6 +50,20 @@ impl Probes {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("Postgres: {e}")),
             Err(_) => Err("Postgres did not answer within 1s".into()),
+        };
+        let Some(cache) = &self.cache else {
+            return db.map(|()| "ready\n".to_owned());
+        };
+        match db {
+            Ok(()) if cache.is_live() => Ok("ready\nmode: live\n".into()),
+            Ok(()) => Ok("ready\nmode: catching up (login copy reloading; logins read Postgres)\n".into()),
+            Err(why) if cache.within_grace() => Ok(format!(
+                "ready\nmode: outage ({why}); logins answered from the copy, stale for {}s; restore Postgres\n",
+                cache.stale_for().map_or(0, |d| d.as_secs())
+            )),
+            Err(why) => Err(format!(
+                "{why}; the login copy is past --db-outage-grace (or off): logins are refused until Postgres is back"
+            )),
         }
     }
 }
@@ -81,7 +101,7 @@ pub async fn serve(listener: TcpListener, probes: Probes, shutdown: Cancellation
                 }
                 "/healthz" => ("200 OK", "ok\n".to_owned()),
                 "/readyz" => match probes.ready().await {
-                    Ok(()) => ("200 OK", "ready\n".to_owned()),
+                    Ok(body) => ("200 OK", body),
                     Err(why) => ("503 Service Unavailable", format!("{why}\n")),
                 },
                 _ => ("404 Not Found", "not found\n".to_owned()),

@@ -249,6 +249,42 @@ pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
         "nats_pg_auth_cache_listener_up {}",
         u8::from(cache.is_live())
     );
+    let (users, tokens) = cache.copy_size();
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_users gauge");
+    let _ = writeln!(out, "nats_pg_auth_copy_users {users}");
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_tokens gauge");
+    let _ = writeln!(out, "nats_pg_auth_copy_tokens {tokens}");
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_loaded gauge");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_copy_loaded {}",
+        u8::from(cache.is_loaded())
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_reloads_total counter");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_copy_reloads_total {}",
+        CacheStats::get(&s.reloads)
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_stale_seconds gauge");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_copy_stale_seconds {}",
+        cache.stale_for().map_or(0, |d| d.as_secs())
+    );
+    // 1 while logins are answered from the copy because Postgres is unreachable.
+    let _ = writeln!(out, "# TYPE nats_pg_auth_db_outage gauge");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_db_outage {}",
+        u8::from(cache.in_outage())
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_logins_from_copy_total counter");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_logins_from_copy_total {}",
+        CacheStats::get(&s.logins_from_copy)
+    );
     out
 }
 

@@ -5,6 +5,7 @@
 //! size), and a request that cannot start before the server's auth timeout is denied rather
 //! than queued forever.
 
+pub mod copy;
 pub mod credentials;
 pub mod lockout;
 pub mod login;
@@ -25,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{CacheSettings, LoginCache, UserLookup};
+use crate::cache::{CacheSettings, LoginCache, TokenLookup, UserLookup};
 use crate::db;
 use crate::db::logins::LoginRow;
 use crate::jwt;
@@ -201,12 +202,21 @@ impl Callout {
     }
 
     /// Subscribes and serves until `shutdown`; in-flight requests are finished before return.
-    /// Also runs the cache's change listener for as long as it serves.
+    /// Also keeps the login copy current for as long as it serves.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
         shutdown: CancellationToken,
     ) -> Result<(), async_nats::SubscribeError> {
+        // The copy first: a replica answers nothing until it holds every login (it may have to
+        // answer them without Postgres).
+        let listener_stop = shutdown.child_token();
+        let listener = tokio::spawn(self.clone().keep_copy(listener_stop.clone()));
+        if !self.cache.wait_loaded(&shutdown).await {
+            listener_stop.cancel();
+            let _ = listener.await;
+            return Ok(());
+        }
         let mut sub = client
             .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.into())
             .await?;
@@ -215,13 +225,6 @@ impl Callout {
             queue = QUEUE_GROUP,
             "auth callout listening"
         );
-        let listener_stop = shutdown.child_token();
-        let listener = {
-            let cache = self.cache.clone();
-            let pool = self.pool.clone();
-            let stop = listener_stop.clone();
-            tokio::spawn(async move { cache.listen(&pool, stop).await })
-        };
         let tracker = TaskTracker::new();
         loop {
             tokio::select! {
@@ -342,12 +345,12 @@ impl Callout {
         // A token with an expiry caps the JWT's lifetime, so the server itself disconnects the
         // client when the token expires (no UPDATE, hence no kick, happens at that moment).
         let mut not_after = None;
-        let login = if let Some(token) = token {
-            let (login, expires) = self
+        let (login, from_copy) = if let Some(token) = token {
+            let (login, expires, from_copy) = self
                 .check_token(SecretString::from(token), now, deadline)
                 .await?;
             not_after = expires;
-            login
+            (login, from_copy)
         } else {
             let user = opts.user.as_deref().filter(|u| !u.is_empty());
             let pass = opts.pass.expose().map(str::to_owned);
@@ -364,6 +367,12 @@ impl Callout {
                 }
             }
         };
+        if from_copy {
+            // Rights read from the copy may be out of date once Postgres is back: a short JWT
+            // brings the client back through the callout soon after.
+            let cap = now.saturating_add(self.cache.settings().outage_ttl.as_secs().max(1) as i64);
+            not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
+        }
         self.authorize(req, &login, now, not_after)
     }
 
@@ -410,7 +419,7 @@ impl Callout {
         username: &str,
         password: SecretString,
         deadline: Instant,
-    ) -> Result<Arc<Login>, Deny> {
+    ) -> Result<(Arc<Login>, bool), Deny> {
         let lock = &self.settings.lockout;
         if self.lockout.is_locked(username) {
             return Err(Deny::new(
@@ -459,40 +468,17 @@ impl Callout {
         username: &str,
         password: SecretString,
         deadline: Instant,
-    ) -> Result<Arc<Login>, Deny> {
-        let login = match self.cache.user(username) {
-            UserLookup::Hit(login) => Some(login),
-            UserLookup::Unknown => None,
-            UserLookup::Miss => {
-                let ticket = self.cache.ticket();
-                let slot = self.db_slot(deadline).await?;
-                let row = db::logins::by_username(&self.pool, username)
-                    .await
-                    .map_err(|e| {
-                        Deny::new(DenyReason::Internal, format!("user lookup failed: {e}"))
-                    })?;
-                // The slot bounds Postgres work only; hashing has its own lane.
-                drop(slot);
-                match row {
-                    Some(row) => {
-                        let login = Arc::new(self.prepare(row));
-                        self.cache.put_user(username, ticket, &login);
-                        Some(login)
-                    }
-                    None => {
-                        self.cache.put_unknown_user(username, ticket);
-                        None
-                    }
-                }
-            }
-        };
+    ) -> Result<(Arc<Login>, bool), Deny> {
+        let found = self.find_user(username, deadline).await?;
+        let from_copy = found.from_copy;
+        let login = found.value;
         let hash = login.as_ref().and_then(|l| l.password_hash.as_deref());
         let key = self
             .cache
             .credential_key(username, password.expose_secret());
         if let (Some(login), Some(hash)) = (&login, hash) {
             if self.cache.credential_verified(&key, hash) {
-                return Ok(login.clone());
+                return Ok((login.clone(), from_copy));
             }
         }
         let ok = self
@@ -512,7 +498,7 @@ impl Callout {
         match (&login, hash) {
             (Some(login), Some(hash)) if ok => {
                 self.cache.put_credential(key, hash);
-                Ok(login.clone())
+                Ok((login.clone(), from_copy))
             }
             (None, _) => Err(Deny::new(DenyReason::UnknownUser, "no such user")),
             _ => Err(Deny::new(
@@ -522,30 +508,105 @@ impl Callout {
         }
     }
 
+    /// The login of a username: from the copy when it is current, else from Postgres, else
+    /// (Postgres unreachable) from the copy within the outage grace.
+    async fn find_user(
+        &self,
+        username: &str,
+        deadline: Instant,
+    ) -> Result<copy::Found<Arc<Login>>, Deny> {
+        let live = |value| copy::Found {
+            value,
+            from_copy: false,
+        };
+        match self.cache.user(username) {
+            UserLookup::Hit(login) => return Ok(live(Some(login))),
+            UserLookup::Unknown => return Ok(live(None)),
+            UserLookup::Miss => {}
+        }
+        if self.skip_postgres() {
+            return self.from_copy(|| self.cache.copy_user(username), "still down");
+        }
+        let ticket = self.cache.ticket();
+        let slot = self.db_slot(deadline).await?;
+        let row = self
+            .db_read(deadline, db::logins::by_username(&self.pool, username))
+            .await;
+        // The slot bounds Postgres work only; hashing has its own lane.
+        drop(slot);
+        match row {
+            Ok(Some(row)) => {
+                let login = Arc::new(self.prepare(row));
+                self.cache.put_user(username, ticket, &login);
+                Ok(live(Some(login)))
+            }
+            Ok(None) => {
+                self.cache.put_unknown_user(username, ticket);
+                Ok(live(None))
+            }
+            Err(why) => self.from_copy(|| self.cache.copy_user(username), &why),
+        }
+    }
+
+    /// A Postgres read bounded by the client's deadline (and at most 1 s, leaving time to
+    /// answer from the copy when it fails).
+    async fn db_read<T>(
+        &self,
+        deadline: Instant,
+        read: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = left
+            .saturating_sub(Duration::from_millis(100))
+            .min(Duration::from_secs(1));
+        match tokio::time::timeout(limit, read).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+        }
+    }
+
     async fn check_token(
         &self,
         token: SecretString,
         now: i64,
         deadline: Instant,
-    ) -> Result<(Arc<Login>, Option<i64>), Deny> {
+    ) -> Result<(Arc<Login>, Option<i64>, bool), Deny> {
         let digest = credentials::token_digest(token.expose_secret());
         let found = match self.cache.token(&digest) {
-            Some(hit) => Some(hit),
-            None => {
+            TokenLookup::Hit(login, tok) => copy::Found {
+                value: Some((login, tok)),
+                from_copy: false,
+            },
+            TokenLookup::Unknown => copy::Found {
+                value: None,
+                from_copy: false,
+            },
+            TokenLookup::Miss if self.skip_postgres() => {
+                self.from_copy(|| self.cache.copy_token(&digest), "still down")?
+            }
+            TokenLookup::Miss => {
                 let ticket = self.cache.ticket();
-                let _slot = self.db_slot(deadline).await?;
-                let found = db::logins::by_token(&self.pool, &digest)
-                    .await
-                    .map_err(|e| {
-                        Deny::new(DenyReason::Internal, format!("token lookup failed: {e}"))
-                    })?;
-                found.map(|(row, tok)| {
-                    let login = Arc::new(self.prepare(row));
-                    self.cache.put_token(digest, ticket, &login, &tok);
-                    (login, tok)
-                })
+                let slot = self.db_slot(deadline).await?;
+                let read = self
+                    .db_read(deadline, db::logins::by_token(&self.pool, &digest))
+                    .await;
+                drop(slot);
+                match read {
+                    Ok(found) => copy::Found {
+                        value: found.map(|(row, tok)| {
+                            let login = Arc::new(self.prepare(row));
+                            self.cache.put_token(digest, ticket, &login, &tok);
+                            (login, tok)
+                        }),
+                        from_copy: false,
+                    },
+                    Err(why) => self.from_copy(|| self.cache.copy_token(&digest), &why)?,
+                }
             }
         };
+        let from_copy = found.from_copy;
+        let found = found.value;
         let Some((login, tok)) = found else {
             return Err(Deny::new(DenyReason::UnknownToken, "no such token"));
         };
@@ -578,7 +639,11 @@ impl Callout {
                 }
             });
         }
-        Ok((login, tok.token_expires_at.map(|t| t.timestamp())))
+        Ok((
+            login,
+            tok.token_expires_at.map(|t| t.timestamp()),
+            from_copy,
+        ))
     }
 
     /// Checks that the now-identified user may log in here, and mints its JWT.

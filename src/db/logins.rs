@@ -154,3 +154,273 @@ pub async fn touch_token(pool: &PgPool, token_id: i64) -> Result<(), sqlx::Error
     .await?;
     Ok(())
 }
+
+// ---- the login copy: everything every login needs, loaded in parts ----------------------------
+//
+// A full load of 1,000,000 users cannot afford `SELECT_LOGIN` (a lateral key lookup per user),
+// so the copy reads the four tables separately, in one REPEATABLE READ snapshot, and joins them
+// in memory: accounts (with the signing key the server has) and roles are few, users and tokens
+// stream. [`LoginRow::assemble`] builds the same row `SELECT_LOGIN` returns, so both paths make
+// their decisions from one definition.
+
+/// Which users a (partial) load reads: everything, or the users named by id, role or account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserFilter {
+    pub all: bool,
+    pub users: Vec<i64>,
+    pub roles: Vec<i64>,
+    pub accounts: Vec<i64>,
+}
+
+impl UserFilter {
+    pub fn all() -> Self {
+        Self {
+            all: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.users.is_empty() && self.roles.is_empty() && self.accounts.is_empty()
+    }
+
+    fn sql(&self) -> &'static str {
+        if self.all {
+            "TRUE"
+        } else {
+            "(u.id = ANY($1) OR u.role_id = ANY($2) OR u.account_id = ANY($3))"
+        }
+    }
+}
+
+/// The user's own columns.
+#[derive(Clone, sqlx::FromRow)]
+pub struct UserPart {
+    pub user_id: i64,
+    pub username: String,
+    pub password_hash: Option<String>,
+    pub user_active: bool,
+    pub user_pub_allow: Vec<String>,
+    pub user_pub_deny: Vec<String>,
+    pub user_sub_allow: Vec<String>,
+    pub user_sub_deny: Vec<String>,
+    pub user_max_subscriptions: Option<i64>,
+    pub user_max_data: Option<i64>,
+    pub user_max_payload: Option<i64>,
+    pub user_ttl_secs: Option<f64>,
+    pub role_id: Option<i64>,
+    pub account_id: i64,
+}
+
+impl UserPart {
+    /// True when nothing of the user changes what its role and account give (the usual case):
+    /// such users share one prepared shape per (role, account).
+    pub fn has_overrides(&self) -> bool {
+        !self.user_pub_allow.is_empty()
+            || !self.user_pub_deny.is_empty()
+            || !self.user_sub_allow.is_empty()
+            || !self.user_sub_deny.is_empty()
+            || self.user_max_subscriptions.is_some()
+            || self.user_max_data.is_some()
+            || self.user_max_payload.is_some()
+            || self.user_ttl_secs.is_some()
+    }
+}
+
+/// A role's columns, as `SELECT_LOGIN` names them.
+#[derive(Clone, sqlx::FromRow)]
+pub struct RolePart {
+    pub role_id: i64,
+    /// NULL: a role shared by every account.
+    pub role_account_id: Option<i64>,
+    pub role_pub_allow: Vec<String>,
+    pub role_pub_deny: Vec<String>,
+    pub role_sub_allow: Vec<String>,
+    pub role_sub_deny: Vec<String>,
+    pub role_allow_response: bool,
+    pub role_allow_response_max: Option<i32>,
+    pub role_allow_response_ttl_secs: Option<f64>,
+    pub role_max_subscriptions: Option<i64>,
+    pub role_max_data: Option<i64>,
+    pub role_max_payload: Option<i64>,
+    pub role_ttl_secs: Option<f64>,
+    pub role_allowed_sources: Option<Vec<IpNetwork>>,
+    pub role_allowed_connection_types: Option<Vec<String>>,
+}
+
+/// An account with the signing key the server has, as `SELECT_LOGIN` names them.
+#[derive(Clone, sqlx::FromRow)]
+pub struct AccountPart {
+    pub account_id: i64,
+    pub account_name: String,
+    pub account_active: bool,
+    pub account_public_key: Option<String>,
+    pub account_ttl_secs: Option<f64>,
+    pub signing_public_key: Option<String>,
+    pub signing_seed: Option<String>,
+    pub signing_key_pending: bool,
+}
+
+/// A token with its owner.
+#[derive(Clone, sqlx::FromRow)]
+pub struct TokenPart {
+    pub user_id: i64,
+    pub token_id: i64,
+    pub token_sha256: Vec<u8>,
+    pub token_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub token_revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl LoginRow {
+    /// The row `SELECT_LOGIN` would return for this user, role and account.
+    pub fn assemble(user: UserPart, role: Option<&RolePart>, account: &AccountPart) -> LoginRow {
+        LoginRow {
+            user_id: user.user_id,
+            username: user.username,
+            password_hash: user.password_hash,
+            user_active: user.user_active,
+            user_pub_allow: user.user_pub_allow,
+            user_pub_deny: user.user_pub_deny,
+            user_sub_allow: user.user_sub_allow,
+            user_sub_deny: user.user_sub_deny,
+            user_max_subscriptions: user.user_max_subscriptions,
+            user_max_data: user.user_max_data,
+            user_max_payload: user.user_max_payload,
+            user_ttl_secs: user.user_ttl_secs,
+            role_id: role.map(|r| r.role_id),
+            role_account_id: role.and_then(|r| r.role_account_id),
+            role_pub_allow: role.map(|r| r.role_pub_allow.clone()),
+            role_pub_deny: role.map(|r| r.role_pub_deny.clone()),
+            role_sub_allow: role.map(|r| r.role_sub_allow.clone()),
+            role_sub_deny: role.map(|r| r.role_sub_deny.clone()),
+            role_allow_response: role.map(|r| r.role_allow_response),
+            role_allow_response_max: role.and_then(|r| r.role_allow_response_max),
+            role_allow_response_ttl_secs: role.and_then(|r| r.role_allow_response_ttl_secs),
+            role_max_subscriptions: role.and_then(|r| r.role_max_subscriptions),
+            role_max_data: role.and_then(|r| r.role_max_data),
+            role_max_payload: role.and_then(|r| r.role_max_payload),
+            role_ttl_secs: role.and_then(|r| r.role_ttl_secs),
+            role_allowed_sources: role.and_then(|r| r.role_allowed_sources.clone()),
+            role_allowed_connection_types: role
+                .and_then(|r| r.role_allowed_connection_types.clone()),
+            account_id: account.account_id,
+            account_name: account.account_name.clone(),
+            account_active: account.account_active,
+            account_public_key: account.account_public_key.clone(),
+            account_ttl_secs: account.account_ttl_secs,
+            signing_public_key: account.signing_public_key.clone(),
+            signing_seed: account.signing_seed.clone(),
+            signing_key_pending: account.signing_key_pending,
+        }
+    }
+}
+
+/// What a load found besides the users (which are streamed to the caller).
+pub struct Loaded {
+    pub accounts: Vec<AccountPart>,
+    pub roles: Vec<RolePart>,
+    pub tokens: Vec<TokenPart>,
+    pub users: usize,
+}
+
+/// Reads the users `filter` selects, with their roles, accounts and tokens, from one snapshot.
+/// Accounts and roles come first; `on_user` sees each user as it arrives (nothing holds all
+/// of them as rows at once).
+pub async fn load(
+    pool: &PgPool,
+    filter: &UserFilter,
+    mut on_user: impl FnMut(UserPart, &[AccountPart], &[RolePart]),
+) -> Result<Loaded, sqlx::Error> {
+    use futures::TryStreamExt;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let f = filter.sql();
+    let accounts_sql = format!(
+        r#"SELECT a.id AS account_id, a.name AS account_name, a.active AS account_active,
+               a.public_key AS account_public_key,
+               EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
+               k.public_key AS signing_public_key, k.seed AS signing_seed,
+               EXISTS (
+                   SELECT 1 FROM nats.account_keys pk
+                   WHERE pk.account_id = a.id AND pk.kind = 'signing' AND pk.retired_at IS NULL
+                     AND (a.synced_at IS NULL OR pk.created_at > a.synced_at)
+               ) AS signing_key_pending
+        FROM nats.accounts a
+        LEFT JOIN LATERAL (
+            SELECT ak.public_key, ak.seed FROM nats.account_keys ak
+            WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.retired_at IS NULL
+              AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
+            ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
+        ) k ON true
+        WHERE a.id IN (SELECT u.account_id FROM nats.users u WHERE {f})
+        ORDER BY a.id"#
+    );
+    let roles_sql = format!(
+        r#"SELECT r.id AS role_id, r.account_id AS role_account_id,
+               r.publish_permissions AS role_pub_allow, r.publish_deny_permissions AS role_pub_deny,
+               r.subscribe_permissions AS role_sub_allow, r.subscribe_deny_permissions AS role_sub_deny,
+               r.allow_response AS role_allow_response, r.allow_response_max AS role_allow_response_max,
+               EXTRACT(EPOCH FROM r.allow_response_ttl)::float8 AS role_allow_response_ttl_secs,
+               r.max_subscriptions AS role_max_subscriptions, r.max_data AS role_max_data,
+               r.max_payload AS role_max_payload,
+               EXTRACT(EPOCH FROM r.user_jwt_ttl)::float8 AS role_ttl_secs,
+               r.allowed_sources AS role_allowed_sources,
+               r.allowed_connection_types AS role_allowed_connection_types
+        FROM nats.roles r
+        WHERE r.id IN (SELECT u.role_id FROM nats.users u WHERE {f})
+        ORDER BY r.id"#
+    );
+    let users_sql = format!(
+        r#"SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
+               u.publish_permissions AS user_pub_allow, u.publish_deny_permissions AS user_pub_deny,
+               u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
+               u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
+               u.max_payload AS user_max_payload,
+               EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs,
+               u.role_id, u.account_id
+        FROM nats.users u WHERE {f}"#
+    );
+    let tokens_sql = format!(
+        r#"SELECT t.user_id, t.id AS token_id, t.token_sha256, t.expires_at AS token_expires_at,
+               t.revoked_at AS token_revoked_at
+        FROM nats.user_tokens t
+        WHERE t.user_id IN (SELECT u.id FROM nats.users u WHERE {f})"#
+    );
+    macro_rules! bound {
+        ($q:expr) => {
+            if filter.all {
+                $q
+            } else {
+                $q.bind(&filter.users)
+                    .bind(&filter.roles)
+                    .bind(&filter.accounts)
+            }
+        };
+    }
+    let accounts: Vec<AccountPart> = bound!(sqlx::query_as(&accounts_sql))
+        .fetch_all(&mut *tx)
+        .await?;
+    let roles: Vec<RolePart> = bound!(sqlx::query_as(&roles_sql))
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut users = 0usize;
+    {
+        let mut rows = bound!(sqlx::query_as::<_, UserPart>(&users_sql)).fetch(&mut *tx);
+        while let Some(user) = rows.try_next().await? {
+            users += 1;
+            on_user(user, &accounts, &roles);
+        }
+    }
+    let tokens: Vec<TokenPart> = bound!(sqlx::query_as(&tokens_sql))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Loaded {
+        accounts,
+        roles,
+        tokens,
+        users,
+    })
+}

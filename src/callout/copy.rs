@@ -1,0 +1,289 @@
+//! Keeps the login copy (see [`crate::cache`]) complete and current, and answers from it when
+//! Postgres cannot be asked.
+//!
+//! One task per replica (`keep_copy`) owns the change listener ([`crate::db::notify`]):
+//! - on every (re)connect it loads the whole copy in one snapshot and installs it; only then
+//!   does the copy answer live logins again (notifications sent while disconnected were lost);
+//! - on every batch of notifications it stamps their scopes at once (those logins read
+//!   Postgres meanwhile) and re-reads the users of those scopes in one query per table;
+//! - every few seconds it re-reads accounts whose signing key is not on the server yet (their
+//!   push is recorded without a notification);
+//! - on disconnect the copy stays as it was and the outage grace starts counting.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::login::{Login, Shape};
+use super::{Callout, Deny, DenyReason};
+use crate::cache::{
+    CopyLookup, Scope, Table, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL,
+};
+use crate::db::logins::{AccountPart, LoginRow, RolePart, TokenPart, UserFilter, UserPart};
+use crate::db::notify::{self, Event, ListenSettings};
+
+/// Users without overrides of one (role, account) share one prepared shape during a load.
+type ShapeMemo = HashMap<(Option<i64>, i64), Arc<Shape>>;
+
+/// Result of a lookup: the login (None: no such user/token) and whether the copy answered
+/// because Postgres could not (the JWT lifetime is then capped).
+pub(super) struct Found<T> {
+    pub value: Option<T>,
+    pub from_copy: bool,
+}
+
+impl Callout {
+    /// Loads the copy and keeps it current until `stop`.
+    pub async fn keep_copy(self: Arc<Self>, stop: CancellationToken) {
+        let settings = ListenSettings {
+            name: LISTENER_APPLICATION_NAME,
+            channels: &[CHANGE_CHANNEL, SYNC_CHANNEL],
+            health_interval: self.cache.settings().health_check_interval,
+        };
+        let mut events = notify::spawn(&self.pool, settings, stop.clone());
+        let mut connected = false;
+        let mut need_reload = false;
+        let mut reload_failures = 0u32;
+        let mut pending: HashSet<Scope> = HashSet::new();
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut settle = tokio::time::interval(Duration::from_secs(2));
+        settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                ev = events.recv() => match ev {
+                    None => break,
+                    Some(Event::Connected) => {
+                        connected = true;
+                        need_reload = true;
+                        pending.clear();
+                    }
+                    Some(Event::Notes(notes)) => {
+                        for n in notes {
+                            match self.cache.on_notification(&n.channel, &n.payload) {
+                                Some(scope) => { pending.insert(scope); }
+                                None => need_reload = true,
+                            }
+                        }
+                    }
+                    Some(Event::Disconnected(_)) => {
+                        connected = false;
+                        self.cache.set_disconnected();
+                    }
+                },
+                _ = retry.tick() => {}
+                _ = settle.tick() => {
+                    if connected && !need_reload {
+                        pending.extend(self.cache.unsettled_accounts().into_iter().map(Scope::Account));
+                    }
+                }
+            }
+            if !connected {
+                continue;
+            }
+            if need_reload {
+                match self.reload().await {
+                    Ok((users, tokens, took)) => {
+                        need_reload = false;
+                        reload_failures = 0;
+                        pending.clear();
+                        // Notifications that queued up during the load stamp what they touch
+                        // before the copy answers again.
+                        while let Ok(ev) = events.try_recv() {
+                            match ev {
+                                Event::Notes(notes) => {
+                                    for n in notes {
+                                        match self.cache.on_notification(&n.channel, &n.payload) {
+                                            Some(scope) => {
+                                                pending.insert(scope);
+                                            }
+                                            None => need_reload = true,
+                                        }
+                                    }
+                                }
+                                Event::Connected => need_reload = true,
+                                Event::Disconnected(_) => {
+                                    connected = false;
+                                    self.cache.set_disconnected();
+                                }
+                            }
+                        }
+                        tracing::info!(
+                            users,
+                            tokens,
+                            took_ms = took.as_millis() as u64,
+                            "login copy loaded"
+                        );
+                        if connected && !need_reload {
+                            self.cache.set_live();
+                        }
+                    }
+                    Err(e) => {
+                        reload_failures += 1;
+                        if reload_failures == 1 {
+                            tracing::warn!(error = %e, "cannot load the login copy; retrying every second (logins read Postgres, or the previous copy while it is unreachable)");
+                        }
+                    }
+                }
+            } else if !pending.is_empty() {
+                match self.refresh(&pending).await {
+                    Ok(()) => pending.clear(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, scopes = pending.len(), "cannot re-read changed users; retrying (their logins read Postgres meanwhile)");
+                    }
+                }
+            }
+        }
+        self.cache.set_disconnected();
+    }
+
+    /// Reads everything and installs it as the copy.
+    pub async fn reload(&self) -> Result<(usize, usize, Duration), sqlx::Error> {
+        let started = Instant::now();
+        let ticket = self.cache.ticket();
+        let mut table = Table::default();
+        let mut memo = ShapeMemo::new();
+        let loaded =
+            crate::db::logins::load(&self.pool, &UserFilter::all(), |user, accounts, roles| {
+                if let Some(login) = self.build(user, accounts, roles, &mut memo) {
+                    table.upsert(Arc::new(login), ticket_value(ticket));
+                }
+            })
+            .await?;
+        for (user_id, tokens) in group_tokens(loaded.tokens) {
+            table.set_tokens(user_id, tokens, ticket_value(ticket));
+        }
+        let (users, tokens) = (table.users(), table.token_count());
+        self.cache.install(table, ticket);
+        Ok((users, tokens, started.elapsed()))
+    }
+
+    /// Re-reads the users the scopes select and applies them to the copy.
+    async fn refresh(&self, scopes: &HashSet<Scope>) -> Result<(), sqlx::Error> {
+        let ticket = self.cache.ticket();
+        let mut filter = UserFilter::default();
+        for s in scopes {
+            match *s {
+                Scope::User(u) | Scope::Tokens(u) => filter.users.push(u),
+                Scope::Role(r) => filter.roles.push(r),
+                Scope::Account(a) => filter.accounts.push(a),
+            }
+        }
+        let mut memo = ShapeMemo::new();
+        let mut users = Vec::new();
+        let loaded = crate::db::logins::load(&self.pool, &filter, |user, accounts, roles| {
+            if let Some(login) = self.build(user, accounts, roles, &mut memo) {
+                users.push(Arc::new(login));
+            }
+        })
+        .await?;
+        self.cache.apply(ticket, scopes, users, loaded.tokens);
+        Ok(())
+    }
+
+    /// Prepares one user of a load; users without overrides share their (role, account) shape.
+    fn build(
+        &self,
+        user: UserPart,
+        accounts: &[AccountPart],
+        roles: &[RolePart],
+        memo: &mut ShapeMemo,
+    ) -> Option<Login> {
+        // Both lists come ordered by id from one snapshot, so every user finds its account.
+        let account = accounts
+            .binary_search_by_key(&user.account_id, |a| a.account_id)
+            .ok()
+            .map(|i| &accounts[i])?;
+        let role = user.role_id.and_then(|r| {
+            roles
+                .binary_search_by_key(&r, |x| x.role_id)
+                .ok()
+                .map(|i| &roles[i])
+        });
+        if user.has_overrides() {
+            return Some(self.prepare(LoginRow::assemble(user, role, account)));
+        }
+        let key = (user.role_id, user.account_id);
+        let shape = match memo.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let login = self.prepare(LoginRow::assemble(user.clone(), role, account));
+                memo.insert(key, login.shape.clone());
+                login.shape.clone()
+            }
+        };
+        Some(Login {
+            user_id: user.user_id,
+            username: Arc::from(user.username),
+            password_hash: user.password_hash.map(String::into_boxed_str),
+            user_active: user.user_active,
+            shape,
+        })
+    }
+
+    /// Postgres is known to be unreachable and the copy is not current: go straight to the
+    /// copy instead of spending the client's auth timeout on a connect that will fail.
+    pub(super) fn skip_postgres(&self) -> bool {
+        self.cache.in_outage() && !self.cache.is_live()
+    }
+
+    /// The copy's answer when Postgres could not be asked (`why`).
+    pub(super) fn from_copy<T>(
+        &self,
+        lookup: impl FnOnce() -> CopyLookup<T>,
+        why: &str,
+    ) -> Result<Found<T>, Deny> {
+        if !self.cache.within_grace() {
+            let detail = if self.cache.settings().outage_grace.is_zero() {
+                format!("Postgres unreachable ({why}); answering from the copy is off (--db-outage-grace 0)")
+            } else if !self.cache.is_loaded() {
+                format!("Postgres unreachable ({why}) and no copy of the login data loaded yet")
+            } else {
+                format!(
+                    "Postgres unreachable ({why}) for longer than --db-outage-grace ({})",
+                    humantime::format_duration(self.cache.settings().outage_grace)
+                )
+            };
+            return Err(Deny::new(DenyReason::Internal, detail));
+        }
+        match lookup() {
+            CopyLookup::Found(v) => {
+                self.cache.served_from_copy(why);
+                Ok(Found {
+                    value: Some(v),
+                    from_copy: true,
+                })
+            }
+            CopyLookup::Unknown => {
+                self.cache.served_from_copy(why);
+                Ok(Found {
+                    value: None,
+                    from_copy: true,
+                })
+            }
+            CopyLookup::Stale => Err(Deny::new(
+                DenyReason::Internal,
+                format!("Postgres unreachable ({why}), and this user changed just before: refused until Postgres is back"),
+            )),
+            CopyLookup::NotLoaded => Err(Deny::new(
+                DenyReason::Internal,
+                format!("Postgres unreachable ({why}) and no copy of the login data loaded yet"),
+            )),
+        }
+    }
+}
+
+fn ticket_value(t: crate::cache::Ticket) -> u64 {
+    t.value()
+}
+
+fn group_tokens(tokens: Vec<TokenPart>) -> HashMap<i64, Vec<TokenPart>> {
+    let mut by_user: HashMap<i64, Vec<TokenPart>> = HashMap::new();
+    for t in tokens {
+        by_user.entry(t.user_id).or_default().push(t);
+    }
+    by_user
+}
