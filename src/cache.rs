@@ -27,8 +27,9 @@
 //! (or a flush) is newer than the entry, so a change is visible to the next login as soon as
 //! its notification is processed (sub-millisecond after COMMIT on loopback) — until the
 //! re-read lands, logins of that scope read Postgres. A read that raced with the change can
-//! never be served past it. "Unknown user" is answered from the copy only while every
-//! notification received has been applied.
+//! never be served past it. A name the copy does not hold is asked of Postgres (its INSERT's
+//! notification may still be on the way); Postgres' "no such user" is remembered for 2 s
+//! unless a user changes meanwhile.
 //!
 //! A login whose account has a signing key the server does not have yet (a new account, or a
 //! rotation waiting for its push) is not served from the copy while Postgres is up: the sync
@@ -130,7 +131,7 @@ impl Ticket {
 /// Result of a username lookup.
 pub enum UserLookup {
     Hit(Arc<Login>),
-    /// Not in the copy, and every notification received has been applied.
+    /// Postgres said so less than 2 s ago, and no user changed since.
     Unknown,
     /// Ask Postgres.
     Miss,
@@ -139,7 +140,6 @@ pub enum UserLookup {
 /// Result of a token lookup.
 pub enum TokenLookup {
     Hit(Arc<Login>, TokenRow),
-    Unknown,
     Miss,
 }
 
@@ -381,11 +381,11 @@ pub struct LoginCache {
     loaded: AtomicBool,
     loaded_notify: tokio::sync::Notify,
     generation: AtomicU64,
-    /// Generation of the newest notification received.
-    notified: AtomicU64,
-    /// Every notification up to this generation is in the copy.
-    applied: AtomicU64,
     table: RwLock<Table>,
+    /// Generation of the newest user notification (a user may have been inserted).
+    users_changed_at: AtomicU64,
+    /// Usernames Postgres said do not exist, with the generation of that answer (2 s).
+    unknown_users: Cache<Box<str>, u64>,
     /// When the copy stopped being kept current (listener lost); None while it is.
     stale_since: Mutex<Option<Instant>>,
     outage: Mutex<Option<Outage>>,
@@ -410,9 +410,12 @@ impl LoginCache {
             loaded: AtomicBool::new(false),
             loaded_notify: tokio::sync::Notify::new(),
             generation: AtomicU64::new(1),
-            notified: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
             table: RwLock::new(Table::default()),
+            users_changed_at: AtomicU64::new(0),
+            unknown_users: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(2))
+                .build(),
             stale_since: Mutex::new(None),
             outage: Mutex::new(None),
             credentials: Cache::builder()
@@ -495,11 +498,6 @@ impl LoginCache {
         self.logins_on.load(Ordering::Relaxed) && self.live.load(Ordering::SeqCst)
     }
 
-    /// Nothing notified is missing from the copy: a name it does not hold does not exist.
-    fn complete(&self) -> bool {
-        self.applied.load(Ordering::SeqCst) >= self.notified.load(Ordering::SeqCst)
-    }
-
     /// Take this before reading from the database; hand it back with the result.
     pub fn ticket(&self) -> Ticket {
         Ticket(self.generation.load(Ordering::SeqCst))
@@ -517,12 +515,19 @@ impl LoginCache {
                 bump(&self.stats.login_hits);
                 return UserLookup::Hit(e.login.clone());
             }
+            // Not in the copy: Postgres decides (the user may have been inserted a moment ago,
+            // its notification still on the way), unless it said "no such user" in the last
+            // 2 s and no user changed since.
             Some(_) => {}
-            None if self.complete() => {
-                bump(&self.stats.unknown_user_hits);
-                return UserLookup::Unknown;
+            None => {
+                if let Some(g) = self.unknown_users.get(username) {
+                    if g >= t.flushed_at && g >= self.users_changed_at.load(Ordering::SeqCst) {
+                        bump(&self.stats.unknown_user_hits);
+                        return UserLookup::Unknown;
+                    }
+                    self.unknown_users.invalidate(username);
+                }
             }
-            None => {}
         }
         bump(&self.stats.login_misses);
         UserLookup::Miss
@@ -550,6 +555,9 @@ impl LoginCache {
         if let Some(id) = stale {
             t.remove_user(id);
         }
+        if ticket.0 >= t.flushed_at && ticket.0 >= self.users_changed_at.load(Ordering::SeqCst) {
+            self.unknown_users.insert(username.into(), ticket.0);
+        }
     }
 
     pub fn token(&self, digest: &[u8; 32]) -> TokenLookup {
@@ -567,10 +575,7 @@ impl LoginCache {
                     }
                 }
             }
-            None if self.complete() => {
-                bump(&self.stats.token_hits);
-                return TokenLookup::Unknown;
-            }
+            // As for users: a token inserted a moment ago may not be in the copy yet.
             None => {}
         }
         bump(&self.stats.token_misses);
@@ -721,7 +726,6 @@ impl LoginCache {
     /// reloaded).
     pub fn flush(&self) {
         let g = self.next_generation();
-        self.notified.fetch_max(g, Ordering::SeqCst);
         self.write().flushed_at = g;
         bump(&self.stats.flushes);
     }
@@ -746,7 +750,9 @@ impl LoginCache {
         match scope {
             Some(scope) => {
                 let g = self.next_generation();
-                self.notified.fetch_max(g, Ordering::SeqCst);
+                if matches!(scope, Scope::User(_)) {
+                    self.users_changed_at.fetch_max(g, Ordering::SeqCst);
+                }
                 self.write().stamps.insert(scope, g);
             }
             None => {
@@ -771,7 +777,6 @@ impl LoginCache {
             table.flushed_at = t.flushed_at;
             *t = table;
         }
-        self.applied.fetch_max(ticket.0, Ordering::SeqCst);
         self.loaded.store(true, Ordering::SeqCst);
         self.loaded_notify.notify_waiters();
         bump(&self.stats.reloads);
@@ -843,7 +848,6 @@ impl LoginCache {
             }
         }
         drop(t);
-        self.applied.fetch_max(g, Ordering::SeqCst);
     }
 
     /// Accounts whose users cannot be served live yet (their signing key is not on the server):

@@ -140,6 +140,8 @@ pub struct Callout {
     lockout: lockout::Lockout,
     cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
+    /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
+    serving: std::sync::atomic::AtomicBool,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -183,12 +185,18 @@ impl Callout {
             lockout: lockout::Lockout::new(&settings.lockout),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
+            serving: std::sync::atomic::AtomicBool::new(false),
             pool,
             auth,
             cipher,
             settings,
             metrics,
         })
+    }
+
+    /// True while the callout subscription is in place (the copy is loaded).
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The login caches (stats, run-time switches).
@@ -220,6 +228,10 @@ impl Callout {
         let mut sub = client
             .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.into())
             .await?;
+        // The server must have the subscription before anyone relies on it being there.
+        let _ = client.flush().await;
+        self.serving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             subject = AUTH_SUBJECT,
             queue = QUEUE_GROUP,
@@ -239,6 +251,8 @@ impl Callout {
                 },
             }
         }
+        self.serving
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let _ = sub.unsubscribe().await;
         tracker.close();
         tracker.wait().await;
@@ -576,10 +590,6 @@ impl Callout {
         let found = match self.cache.token(&digest) {
             TokenLookup::Hit(login, tok) => copy::Found {
                 value: Some((login, tok)),
-                from_copy: false,
-            },
-            TokenLookup::Unknown => copy::Found {
-                value: None,
                 from_copy: false,
             },
             TokenLookup::Miss if self.skip_postgres() => {

@@ -119,7 +119,9 @@ pub async fn assign_keys(
 }
 
 /// Records a successful push. `built_at` is when the JWT was built (before its keys were read),
-/// so the callout only picks signing keys that are in the pushed JWT.
+/// so the callout only picks signing keys that are in the pushed JWT. When the push makes a
+/// signing key usable (a new account, a rotation), the login copies of every replica are told:
+/// their users can be signed for now, and must be, even if Postgres goes away next.
 pub async fn record_synced(
     pool: &PgPool,
     account_id: i64,
@@ -127,7 +129,15 @@ pub async fn record_synced(
     built_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL WHERE id = $1",
+        "WITH old AS (SELECT synced_at FROM nats.accounts WHERE id = $1 FOR UPDATE),
+              upd AS (UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL
+                      WHERE id = $1 RETURNING id)
+         SELECT pg_notify('nats_pg_auth_change', 'account:' || upd.id)
+         FROM upd, old
+         WHERE EXISTS (SELECT 1 FROM nats.account_keys k
+                       WHERE k.account_id = upd.id AND k.kind = 'signing'
+                         AND k.retired_at IS NULL AND k.created_at <= $3
+                         AND (old.synced_at IS NULL OR k.created_at > old.synced_at))",
     )
     .bind(account_id)
     .bind(jwt)

@@ -4,6 +4,7 @@ mod cache;
 mod common;
 mod init;
 mod login;
+mod outage;
 mod protocol;
 mod resilience;
 mod schema;

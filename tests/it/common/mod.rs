@@ -289,6 +289,13 @@ impl TestEnv {
         self.service = Some(tokio::spawn(async move {
             app.run_until_stopped(token).await.expect("service run");
         }));
+        // Logins are answered once the copy is loaded and the callout subscribed.
+        let callout = self.callout.clone().expect("callout");
+        wait_until(Duration::from_secs(10), "the callout to serve", || {
+            let callout = callout.clone();
+            async move { callout.is_serving() }
+        })
+        .await;
     }
 
     pub async fn stop_service(&mut self) {
