@@ -565,18 +565,15 @@ impl LoginCache {
             return TokenLookup::Miss;
         }
         let t = self.read();
-        match t.tokens.get(digest) {
-            Some(tok) => {
-                if let Some(e) = t.login_of(tok.user_id) {
-                    let g = tok.generation.min(e.generation);
-                    if t.fresh(&e.login, g, true) && e.login.cacheable() {
-                        bump(&self.stats.token_hits);
-                        return TokenLookup::Hit(e.login.clone(), Table::token_row(digest, tok));
-                    }
+        // A token not in the copy may have been inserted a moment ago: Postgres decides.
+        if let Some(tok) = t.tokens.get(digest) {
+            if let Some(e) = t.login_of(tok.user_id) {
+                let g = tok.generation.min(e.generation);
+                if t.fresh(&e.login, g, true) && e.login.cacheable() {
+                    bump(&self.stats.token_hits);
+                    return TokenLookup::Hit(e.login.clone(), Table::token_row(digest, tok));
                 }
             }
-            // As for users: a token inserted a moment ago may not be in the copy yet.
-            None => {}
         }
         bump(&self.stats.token_misses);
         TokenLookup::Miss

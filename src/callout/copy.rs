@@ -231,7 +231,7 @@ impl Callout {
     }
 
     /// The copy's answer when Postgres could not be asked (`why`).
-    pub(super) fn from_copy<T>(
+    pub(super) fn answer_from_copy<T>(
         &self,
         lookup: impl FnOnce() -> CopyLookup<T>,
         why: &str,

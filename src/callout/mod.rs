@@ -539,7 +539,7 @@ impl Callout {
             UserLookup::Miss => {}
         }
         if self.skip_postgres() {
-            return self.from_copy(|| self.cache.copy_user(username), "still down");
+            return self.answer_from_copy(|| self.cache.copy_user(username), "still down");
         }
         let ticket = self.cache.ticket();
         let slot = self.db_slot(deadline).await?;
@@ -558,7 +558,7 @@ impl Callout {
                 self.cache.put_unknown_user(username, ticket);
                 Ok(live(None))
             }
-            Err(why) => self.from_copy(|| self.cache.copy_user(username), &why),
+            Err(why) => self.answer_from_copy(|| self.cache.copy_user(username), &why),
         }
     }
 
@@ -593,7 +593,7 @@ impl Callout {
                 from_copy: false,
             },
             TokenLookup::Miss if self.skip_postgres() => {
-                self.from_copy(|| self.cache.copy_token(&digest), "still down")?
+                self.answer_from_copy(|| self.cache.copy_token(&digest), "still down")?
             }
             TokenLookup::Miss => {
                 let ticket = self.cache.ticket();
@@ -611,7 +611,7 @@ impl Callout {
                         }),
                         from_copy: false,
                     },
-                    Err(why) => self.from_copy(|| self.cache.copy_token(&digest), &why)?,
+                    Err(why) => self.answer_from_copy(|| self.cache.copy_token(&digest), &why)?,
                 }
             }
         };

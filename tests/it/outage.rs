@@ -139,7 +139,7 @@ async fn known_users_log_in_from_the_copy_while_postgres_is_unreachable() {
         assert!(is_auth_refusal(&err), "{why}: {err}");
     }
     for token in ["revoked-token", "no-such-token"] {
-        let err = env.connect_token(token).await.err().expect("refused");
+        let err = env.connect_token(token).await.expect_err("refused");
         assert!(is_auth_refusal(&err), "{token}: {err}");
     }
     assert!(c.in_outage(), "outage mode entered");
@@ -186,7 +186,7 @@ async fn grace_zero_means_no_logins_without_postgres() {
     .await;
     tenants(&env).await;
     let outage = Outage::begin(&env).await;
-    let err = env.connect_user("bob", "pw").await.err().expect("refused");
+    let err = env.connect_user("bob", "pw").await.expect_err("refused");
     assert!(is_auth_refusal(&err), "{err}");
     assert!(env.metrics.denied("internal_error") >= 1);
     outage.end().await;
