@@ -23,12 +23,18 @@ pub struct Probes {
     pub system: Client,
     /// The callout's caches, rendered with the other metrics.
     pub cache: Option<std::sync::Arc<crate::cache::LoginCache>>,
+    /// Set once the replica is stopping (asked to, or because an essential task died): why
+    /// /readyz fails from then on.
+    pub not_ready: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Probes {
     /// Ready when Postgres answers and both NATS connections are up: only then can logins be
     /// answered.
     async fn ready(&self) -> Result<(), String> {
+        if let Some(why) = self.not_ready.get() {
+            return Err(why.clone());
+        }
         if self.callout.connection_state() != State::Connected {
             return Err("callout connection to NATS is down".into());
         }

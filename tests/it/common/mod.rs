@@ -190,6 +190,8 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         credential_cache_ttl: Duration::from_secs(600),
         lockout_failures: 10,
         lockout_duration: Duration::from_secs(300),
+        shutdown_timeout: Duration::from_secs(10),
+        clock_skew: Duration::from_secs(5),
     }
 }
 
