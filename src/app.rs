@@ -269,6 +269,11 @@ impl Application {
         &self.pool
     }
 
+    /// The NATS connection the callout subscribes on (tests close it to end the subscription).
+    pub fn callout_client(&self) -> Client {
+        self.callout_client.clone()
+    }
+
     /// Runs the callout, the sync and the HTTP endpoints until `shutdown` is cancelled, then
     /// stops within `--shutdown-timeout`: the callout unsubscribes first and answers what it was
     /// already sent, the sync leader releases its lock, replies are flushed, connections closed.

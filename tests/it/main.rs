@@ -8,5 +8,6 @@ mod protocol;
 mod resilience;
 mod schema;
 mod sessions;
+mod shutdown;
 mod sync;
 mod tenancy;
