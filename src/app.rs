@@ -65,6 +65,8 @@ pub struct Application {
     metrics: Metrics,
     http: Option<tokio::net::TcpListener>,
     shutdown_timeout: Duration,
+    /// Cancelled when the NATS connections are closed on purpose (no "reconnecting" warning).
+    closing: CancellationToken,
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -97,6 +99,7 @@ fn connect_options(
     jwt: String,
     key: KeyPair,
     events: Option<watch::Sender<u64>>,
+    closing: CancellationToken,
 ) -> ConnectOptions {
     let key = Arc::new(key);
     let label = name.to_owned();
@@ -112,6 +115,7 @@ fn connect_options(
     .event_callback(move |event| {
         let events = events.clone();
         let label = label.clone();
+        let closing = closing.clone();
         async move {
             match &event {
                 Event::Connected => {
@@ -119,6 +123,9 @@ fn connect_options(
                     if let Some(tx) = events {
                         tx.send_modify(|n| *n += 1);
                     }
+                }
+                Event::Disconnected if closing.is_cancelled() => {
+                    tracing::debug!(connection = %label, "closed the NATS connection")
                 }
                 Event::Disconnected => {
                     tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
@@ -148,6 +155,7 @@ impl Application {
         }
 
         let metrics = Metrics::default();
+        let closing = CancellationToken::new();
         let auth = AuthIdentity {
             account_public_key: identities.public_key(IdentityKind::AuthAccount).to_owned(),
             signer: identities.keypair(&config.cipher, IdentityKind::AuthAccount)?,
@@ -183,6 +191,7 @@ impl Application {
             identities.jwt(IdentityKind::ServiceUser).to_owned(),
             service_user,
             None,
+            closing.clone(),
         )
         .connect(addrs.clone())
         .await
@@ -195,6 +204,7 @@ impl Application {
             identities.jwt(IdentityKind::SysUser).to_owned(),
             sys_user,
             Some(tx),
+            closing.clone(),
         )
         .connect(addrs)
         .await
@@ -248,6 +258,7 @@ impl Application {
             metrics,
             http,
             shutdown_timeout: args.shutdown_timeout,
+            closing,
         })
     }
 
@@ -375,6 +386,7 @@ impl Application {
         let grace = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_millis(500));
+        self.closing.cancel();
         let _ = tokio::time::timeout(grace, async {
             let _ = self.callout_client.drain().await;
             let _ = self.sys_client.drain().await;
