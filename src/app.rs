@@ -471,3 +471,39 @@ async fn check_seeds(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `run_until_stopped` says when a supervised task ends: which one, and why.
+    #[tokio::test]
+    async fn an_ended_or_panicking_task_is_named_with_its_reason() {
+        let mut set = tokio::task::JoinSet::new();
+        let mut names = std::collections::HashMap::new();
+        let sync = set.spawn(async {
+            if true {
+                panic!("boom");
+            }
+            Ok::<(), String>(())
+        });
+        names.insert(sync.id(), Task::Sync);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(
+            task_end(&mut names, done),
+            (Task::Sync, Some("it panicked: boom".to_owned()))
+        );
+        let callout = set.spawn(async { Err("subscription ended".to_owned()) });
+        names.insert(callout.id(), Task::Callout);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(
+            task_end(&mut names, done),
+            (Task::Callout, Some("subscription ended".to_owned()))
+        );
+        let http = set.spawn(async { Ok(()) });
+        names.insert(http.id(), Task::Http);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(task_end(&mut names, done), (Task::Http, None));
+        assert!(names.is_empty());
+    }
+}
