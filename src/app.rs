@@ -42,6 +42,9 @@ pub enum AppError {
     Http(std::net::SocketAddr, std::io::Error),
     #[error("the auth callout cannot subscribe: {0}")]
     Subscribe(String),
+    /// An essential task (callout, sync, HTTP) ended while nobody asked it to.
+    #[error("{0}")]
+    TaskDied(String),
 }
 
 /// Everything `serve` needs, already validated.
@@ -61,6 +64,9 @@ pub struct Application {
     nats_connected: watch::Receiver<u64>,
     metrics: Metrics,
     http: Option<tokio::net::TcpListener>,
+    shutdown_timeout: Duration,
+    /// Cancelled when the NATS connections are closed on purpose (no "reconnecting" warning).
+    closing: CancellationToken,
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -93,6 +99,7 @@ fn connect_options(
     jwt: String,
     key: KeyPair,
     events: Option<watch::Sender<u64>>,
+    closing: CancellationToken,
 ) -> ConnectOptions {
     let key = Arc::new(key);
     let label = name.to_owned();
@@ -108,6 +115,7 @@ fn connect_options(
     .event_callback(move |event| {
         let events = events.clone();
         let label = label.clone();
+        let closing = closing.clone();
         async move {
             match &event {
                 Event::Connected => {
@@ -115,6 +123,9 @@ fn connect_options(
                     if let Some(tx) = events {
                         tx.send_modify(|n| *n += 1);
                     }
+                }
+                Event::Disconnected if closing.is_cancelled() => {
+                    tracing::debug!(connection = %label, "closed the NATS connection")
                 }
                 Event::Disconnected => {
                     tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
@@ -144,6 +155,7 @@ impl Application {
         }
 
         let metrics = Metrics::default();
+        let closing = CancellationToken::new();
         let auth = AuthIdentity {
             account_public_key: identities.public_key(IdentityKind::AuthAccount).to_owned(),
             signer: identities.keypair(&config.cipher, IdentityKind::AuthAccount)?,
@@ -162,6 +174,7 @@ impl Application {
                 failures: args.lockout_failures,
                 duration: args.lockout_duration,
             },
+            clock_skew: args.clock_skew,
         };
         let callout = Callout::with_cache(
             pool.clone(),
@@ -178,6 +191,7 @@ impl Application {
             identities.jwt(IdentityKind::ServiceUser).to_owned(),
             service_user,
             None,
+            closing.clone(),
         )
         .connect(addrs.clone())
         .await
@@ -190,6 +204,7 @@ impl Application {
             identities.jwt(IdentityKind::SysUser).to_owned(),
             sys_user,
             Some(tx),
+            closing.clone(),
         )
         .connect(addrs)
         .await
@@ -242,6 +257,8 @@ impl Application {
             nats_connected,
             metrics,
             http,
+            shutdown_timeout: args.shutdown_timeout,
+            closing,
         })
     }
 
@@ -263,15 +280,37 @@ impl Application {
         &self.pool
     }
 
+    /// The NATS connection the callout subscribes on (tests close it to end the subscription).
+    pub fn callout_client(&self) -> Client {
+        self.callout_client.clone()
+    }
+
+    /// Runs the callout, the sync and the HTTP endpoints until `shutdown` is cancelled, then
+    /// stops within `--shutdown-timeout`: the callout unsubscribes first and answers what it was
+    /// already sent, the sync leader releases its lock, replies are flushed, connections closed.
+    /// If one of those tasks ends by itself (the callout's subscription closed, a panic), /readyz
+    /// fails at once, the rest stops the same way, and the error says which task and why.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), AppError> {
-        let callout = tokio::spawn(
-            self.callout
-                .clone()
-                .run(self.callout_client.clone(), shutdown.clone()),
-        );
-        let sync = self
-            .sync
-            .map(|sync| tokio::spawn(sync.run(self.nats_connected, shutdown.clone())));
+        let stop = shutdown.child_token();
+        let not_ready = Arc::new(std::sync::OnceLock::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut names = std::collections::HashMap::new();
+        let callout = self
+            .callout
+            .clone()
+            .run(self.callout_client.clone(), stop.clone());
+        let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
+        names.insert(callout.id(), Task::Callout);
+        if let Some(sync) = self.sync {
+            let sync = sync.run(self.nats_connected, stop.clone());
+            let handle = tasks.spawn(async move {
+                sync.await;
+                Ok(())
+            });
+            names.insert(handle.id(), Task::Sync);
+        }
+        // The HTTP endpoints outlive the others, so /readyz answers "stopping" meanwhile.
+        let http_stop = CancellationToken::new();
         if let Some(listener) = self.http {
             let probes = crate::http::Probes {
                 metrics: self.metrics.clone(),
@@ -279,24 +318,132 @@ impl Application {
                 callout: self.callout_client.clone(),
                 system: self.sys_client.clone(),
                 cache: Some(self.callout.cache().clone()),
+                not_ready: not_ready.clone(),
             };
-            tokio::spawn(crate::http::serve(listener, probes, shutdown.clone()));
+            let serve = crate::http::serve(listener, probes, http_stop.clone());
+            let handle = tasks.spawn(async move {
+                serve.await;
+                Ok(())
+            });
+            names.insert(handle.id(), Task::Http);
         }
-        shutdown.cancelled().await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        let grace = Duration::from_secs(5);
-        let result = match tokio::time::timeout(grace, callout).await {
-            Ok(Ok(Err(e))) => Err(AppError::Subscribe(e.to_string())),
-            _ => Ok(()),
+
+        let died = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            Some(done) = tasks.join_next_with_id() => Some(task_end(&mut names, done)),
         };
-        if let Some(sync) = sync {
-            let _ = tokio::time::timeout(grace, sync).await;
+        let failure = died.map(|(task, why)| {
+            let why = why.unwrap_or_else(|| "it returned".to_owned());
+            format!(
+                "{} stopped unexpectedly: {why}; exiting so that a supervisor restarts this replica",
+                task.as_str()
+            )
+        });
+        let timeout = self.shutdown_timeout;
+        match &failure {
+            Some(f) => {
+                tracing::error!("{f}");
+                let _ = not_ready.set(f.clone());
+            }
+            None => {
+                tracing::info!(
+                    timeout = %humantime::format_duration(timeout),
+                    "shutting down: no new callouts, answering those in flight, releasing the sync leadership"
+                );
+                let _ = not_ready.set("shutting down".to_owned());
+            }
         }
-        let _ = self.callout_client.drain().await;
-        let _ = self.sys_client.drain().await;
-        self.pool.close().await;
-        result
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let finished = tokio::time::timeout_at(deadline, async {
+            while names.values().any(|t| *t != Task::Http) {
+                match tasks.join_next_with_id().await {
+                    Some(done) => {
+                        if let (task, Some(why)) = task_end(&mut names, done) {
+                            tracing::warn!(
+                                "{} ended with an error while stopping: {why}",
+                                task.as_str()
+                            );
+                        }
+                    }
+                    None => break,
+                }
+            }
+        })
+        .await;
+        if finished.is_err() {
+            let left: Vec<&str> = names.values().map(|t| t.as_str()).collect();
+            tracing::warn!(
+                "{} not finished after --shutdown-timeout {}; exiting anyway",
+                left.join(", "),
+                humantime::format_duration(timeout)
+            );
+        }
+        http_stop.cancel();
+        tasks.abort_all();
+        // Replies still buffered go out; then the connections close. Bounded as well: neither
+        // NATS nor Postgres need be reachable now.
+        let grace = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(500));
+        self.closing.cancel();
+        let _ = tokio::time::timeout(grace, async {
+            let _ = self.callout_client.drain().await;
+            let _ = self.sys_client.drain().await;
+            self.pool.close().await;
+        })
+        .await;
+        match failure {
+            Some(f) => Err(AppError::TaskDied(f)),
+            None => Ok(()),
+        }
     }
+}
+
+/// The tasks `serve` cannot do without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    Callout,
+    Sync,
+    Http,
+}
+
+impl Task {
+    fn as_str(self) -> &'static str {
+        match self {
+            Task::Callout => "the auth callout",
+            Task::Sync => "the account sync",
+            Task::Http => "the HTTP endpoints",
+        }
+    }
+}
+
+/// Which task ended, and its error or panic, from what the join set returned.
+fn task_end(
+    names: &mut std::collections::HashMap<tokio::task::Id, Task>,
+    done: Result<(tokio::task::Id, Result<(), String>), tokio::task::JoinError>,
+) -> (Task, Option<String>) {
+    let (id, result) = match done {
+        Ok((id, Ok(()))) => (id, None),
+        Ok((id, Err(e))) => (id, Some(e)),
+        Err(e) => {
+            let id = e.id();
+            let why = if e.is_panic() {
+                let panic = e.into_panic();
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown payload".to_owned());
+                format!("it panicked: {text}")
+            } else {
+                "it was cancelled".to_owned()
+            };
+            (id, Some(why))
+        }
+    };
+    let task = names.remove(&id).unwrap_or(Task::Callout);
+    (task, result)
 }
 
 /// A wrong or missing key must fail at startup with one clear line, never at login time.
@@ -323,4 +470,40 @@ async fn check_seeds(
         crate::keys::keypair_from_stored(cipher, &seed, &pk)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `run_until_stopped` says when a supervised task ends: which one, and why.
+    #[tokio::test]
+    async fn an_ended_or_panicking_task_is_named_with_its_reason() {
+        let mut set = tokio::task::JoinSet::new();
+        let mut names = std::collections::HashMap::new();
+        let sync = set.spawn(async {
+            if true {
+                panic!("boom");
+            }
+            Ok::<(), String>(())
+        });
+        names.insert(sync.id(), Task::Sync);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(
+            task_end(&mut names, done),
+            (Task::Sync, Some("it panicked: boom".to_owned()))
+        );
+        let callout = set.spawn(async { Err("subscription ended".to_owned()) });
+        names.insert(callout.id(), Task::Callout);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(
+            task_end(&mut names, done),
+            (Task::Callout, Some("subscription ended".to_owned()))
+        );
+        let http = set.spawn(async { Ok(()) });
+        names.insert(http.id(), Task::Http);
+        let done = set.join_next_with_id().await.unwrap();
+        assert_eq!(task_end(&mut names, done), (Task::Http, None));
+        assert!(names.is_empty());
+    }
 }

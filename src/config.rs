@@ -292,6 +292,16 @@ pub struct ServeArgs {
     /// How long a verified password is remembered.
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub credential_cache_ttl: Duration,
+
+    /// On SIGTERM/SIGINT: longest the replica takes to stop taking callouts, answer the ones in
+    /// flight and release the sync leadership before it exits anyway.
+    #[arg(long, env = "NATS_PG_AUTH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Difference between this host's clock and nats-server's that is tolerated when checking
+    /// an authorization request's expiry. Requests expired beyond it get no answer (and a warning).
+    #[arg(long, env = "NATS_PG_AUTH_CLOCK_SKEW", default_value = "5s", value_parser = parse_duration)]
+    pub clock_skew: Duration,
 }
 
 impl ServeArgs {

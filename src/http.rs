@@ -23,13 +23,20 @@ pub struct Probes {
     pub system: Client,
     /// The callout's caches, rendered with the other metrics.
     pub cache: Option<std::sync::Arc<crate::cache::LoginCache>>,
+    /// Set once the replica is stopping (asked to, or because an essential task died): why
+    /// /readyz fails from then on.
+    pub not_ready: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Probes {
     /// Ready when both NATS connections are up and the login copy is loaded and usable: then
     /// logins can be answered. Postgres being down does not make a replica unready while the
-    /// copy answers (the body says so); it does once `--db-outage-grace` has passed.
+    /// copy answers (the body says so); it does once `--db-outage-grace` has passed. Not ready
+    /// while shutting down or after an essential task died.
     async fn ready(&self) -> Result<String, String> {
+        if let Some(why) = self.not_ready.get() {
+            return Err(why.clone());
+        }
         if self.callout.connection_state() != State::Connected {
             return Err("callout connection to NATS is down".into());
         }

@@ -105,6 +105,8 @@ pub struct CalloutSettings {
     pub concurrency: usize,
     pub hash_threads: usize,
     pub lockout: lockout::LockoutSettings,
+    /// Clock difference with nats-server tolerated on request expiry (`--clock-skew`).
+    pub clock_skew: Duration,
 }
 
 impl Default for CalloutSettings {
@@ -116,8 +118,18 @@ impl Default for CalloutSettings {
             concurrency: 12,
             hash_threads: 2,
             lockout: lockout::LockoutSettings::default(),
+            clock_skew: request::DEFAULT_CLOCK_SKEW,
         }
     }
+}
+
+/// Why `Callout::run` stopped serving without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the auth callout cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("the auth callout's subscription ended (the NATS client closed it); this replica answers no logins")]
+    SubscriptionEnded,
 }
 
 /// The AUTH identity the callout answers as.
@@ -142,6 +154,8 @@ pub struct Callout {
     boxes: Option<xbox::ServerBoxes>,
     /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
     serving: std::sync::atomic::AtomicBool,
+    /// Requests arriving already expired: a clock off from the servers'.
+    clock: request::ClockWatch,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -186,6 +200,7 @@ impl Callout {
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             serving: std::sync::atomic::AtomicBool::new(false),
+            clock: request::ClockWatch::default(),
             pool,
             auth,
             cipher,
@@ -209,13 +224,16 @@ impl Callout {
         self.passwords.hashes_computed()
     }
 
-    /// Subscribes and serves until `shutdown`; in-flight requests are finished before return.
-    /// Also keeps the login copy current for as long as it serves.
+    /// Loads the login copy, then subscribes and serves until `shutdown`. Then it stops taking
+    /// callouts first (UNSUB, flushed, so nats-server routes new requests to the other replicas
+    /// of the queue group), answers what was already delivered, and returns once every answer
+    /// is sent. An error when the subscription ends without `shutdown`. Keeps the login copy
+    /// current for as long as it serves.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
         shutdown: CancellationToken,
-    ) -> Result<(), async_nats::SubscribeError> {
+    ) -> Result<(), RunError> {
         // The copy first: a replica answers nothing until it holds every login (it may have to
         // answer them without Postgres).
         let listener_stop = shutdown.child_token();
@@ -238,26 +256,42 @@ impl Callout {
             "auth callout listening"
         );
         let tracker = TaskTracker::new();
-        loop {
+        let serve = |msg: Message| {
+            let this = self.clone();
+            let client = client.clone();
+            tracker.spawn(async move { this.handle(client, msg).await });
+        };
+        let ended = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                biased;
+                _ = shutdown.cancelled() => break false,
                 msg = sub.next() => match msg {
-                    Some(msg) => {
-                        let this = self.clone();
-                        let client = client.clone();
-                        tracker.spawn(async move { this.handle(client, msg).await });
-                    }
-                    None => break,
+                    Some(msg) => serve(msg),
+                    None => break true,
                 },
+            }
+        };
+        if !ended {
+            // UNSUB and flush; the stream then yields what was delivered before and ends.
+            // (The caller bounds how long this may take, e.g. when NATS is unreachable.)
+            tracing::info!("auth callout unsubscribed; answering the requests in flight");
+            if sub.drain().await.is_ok() {
+                let _ = client.flush().await;
+                while let Some(msg) = sub.next().await {
+                    serve(msg);
+                }
             }
         }
         self.serving
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let _ = sub.unsubscribe().await;
         tracker.close();
         tracker.wait().await;
+        let _ = client.flush().await;
         listener_stop.cancel();
         let _ = listener.await;
+        if ended && !shutdown.is_cancelled() {
+            return Err(RunError::SubscriptionEnded);
+        }
         Ok(())
     }
 
@@ -284,30 +318,32 @@ impl Callout {
             .as_ref()
             .and_then(|h| h.get(SERVER_XKEY_HEADER))
             .map(|v| v.as_str().to_owned());
-        let req = match request::verify_with(
+        let req = match request::verify_skewed(
             &msg.payload,
             header.as_deref(),
             &self.auth.xkey,
             self.boxes.as_ref(),
             &self.auth.account_public_key,
             now,
+            self.settings.clock_skew,
         ) {
             Ok(req) => req,
             Err(e) => {
                 self.metrics.count_bad_request(e.as_str());
+                if let request::RequestError::Expired { by_secs } = e {
+                    if let Some(warning) = self.clock.expired(by_secs, received) {
+                        tracing::warn!("{warning}");
+                    }
+                    return None;
+                }
                 tracing::warn!(kind = e.as_str(), "refusing authorization request: {e}");
                 return None;
             }
         };
         // Anything that waits (a Postgres slot, a hashing slot) waits at most until the server
-        // gives up on us (request exp), minus a margin to send the reply.
-        let budget = req
-            .claims
-            .exp
-            .map(|exp| Duration::from_secs((exp - now).max(1) as u64))
-            .unwrap_or(Duration::from_secs(2))
-            .saturating_sub(Duration::from_millis(250));
-        let deadline = received + budget;
+        // gives up on us (its auth timeout from when it sent the request), minus a margin to
+        // send the reply. Measured from our receive time, so a skewed clock does not shrink it.
+        let deadline = received + req.budget();
         let decision = self.decide(&req, now, deadline).await;
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");

@@ -3,7 +3,9 @@
 //! Order matters: open the xkey box (if any), then verify the JWT signature against its issuer
 //! (a server key), then the claims. Nothing from the request is trusted before the signature.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crypto_box::SalsaBox;
 use nkeys::XKey;
@@ -15,6 +17,14 @@ use crate::jwt::{self, claims::AuthorizationRequest, Claims};
 /// Header carrying the server's curve key when AUTH has an `xkey` (protocol doc §3.4).
 pub const SERVER_XKEY_HEADER: &str = "Nats-Server-Xkey";
 const XKV1: &[u8] = b"xkv1";
+
+/// Clock difference with nats-server tolerated by `verify` and `verify_with` (`--clock-skew`).
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(5);
+/// How long a request may take to answer when it does not say (nats-server's default auth
+/// timeout).
+const DEFAULT_WINDOW: Duration = Duration::from_secs(2);
+/// Kept free at the end of the window to send the reply.
+const REPLY_MARGIN: Duration = Duration::from_millis(250);
 
 /// Why a request was refused before any credential was looked at. `Copy` so it doubles as a
 /// metrics label.
@@ -32,8 +42,8 @@ pub enum RequestError {
     IssuerNotServer,
     #[error("audience is not nats-authorization-request")]
     BadAudience,
-    #[error("request has expired")]
-    Expired,
+    #[error("request expired {by_secs}s before it arrived, beyond the clock-skew tolerance")]
+    Expired { by_secs: u64 },
     #[error("request is for another callout account")]
     WrongAccount,
     #[error("claims are not an authorization request")]
@@ -51,7 +61,7 @@ impl RequestError {
             RequestError::BadJwt => "bad_jwt",
             RequestError::IssuerNotServer => "issuer_not_server",
             RequestError::BadAudience => "bad_audience",
-            RequestError::Expired => "expired",
+            RequestError::Expired { .. } => "expired",
             RequestError::WrongAccount => "wrong_account",
             RequestError::WrongType => "wrong_type",
             RequestError::MissingFields => "missing_fields",
@@ -74,6 +84,69 @@ impl VerifiedRequest {
     }
     pub fn server_id(&self) -> &str {
         &self.claims.nats.server_id.id
+    }
+
+    /// How long anything may wait for this request, counted from when it was received here.
+    /// nats-server waits its auth timeout (`exp - iat`, both its own clock) from when it sent the
+    /// request, so that length is used rather than `exp - now`, which a clock off by a few
+    /// seconds would shrink to nothing (or stretch). Minus a margin to send the reply.
+    pub fn budget(&self) -> Duration {
+        let window = match self.claims.exp {
+            Some(exp) if self.claims.iat > 0 && exp > self.claims.iat => {
+                Duration::from_secs((exp - self.claims.iat) as u64).min(Duration::from_secs(60))
+            }
+            _ => DEFAULT_WINDOW,
+        };
+        window.saturating_sub(REPLY_MARGIN).max(REPLY_MARGIN)
+    }
+}
+
+/// Requests that arrive already expired beyond the tolerance mean this host's clock is off from
+/// nats-server's (or replies are badly late). Counts them and says so in the log: at once, then
+/// at most once per `every`.
+pub struct ClockWatch {
+    every: Duration,
+    expired: AtomicU64,
+    /// When the last warning was logged, and how many expired requests came since.
+    last: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Default for ClockWatch {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(60))
+    }
+}
+
+impl ClockWatch {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            expired: AtomicU64::new(0),
+            last: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Records a request that was `by_secs` past its `exp` on arrival. Returns the warning to
+    /// log, when one is due.
+    pub fn expired(&self, by_secs: u64, at: Instant) -> Option<String> {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.1 += 1;
+        if last.0.is_some_and(|t| at.duration_since(t) < self.every) {
+            return None;
+        }
+        let count = std::mem::take(&mut last.1);
+        last.0 = Some(at);
+        Some(format!(
+            "authorization requests arrive already expired by {by_secs}s: this host's clock is off \
+             from nats-server's; fix NTP (they get no answer; {count} since the last warning; \
+             tolerance --clock-skew)"
+        ))
+    }
+
+    /// Requests refused because they arrived expired beyond the tolerance.
+    pub fn expired_total(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
     }
 }
 
@@ -105,6 +178,27 @@ pub fn verify_with(
     auth_account: &str,
     now: i64,
 ) -> Result<VerifiedRequest, RequestError> {
+    verify_skewed(
+        payload,
+        server_xkey_header,
+        our_xkey,
+        boxes,
+        auth_account,
+        now,
+        DEFAULT_CLOCK_SKEW,
+    )
+}
+
+/// As `verify_with`, tolerating `skew` between our clock and the server's when checking `exp`.
+pub fn verify_skewed(
+    payload: &[u8],
+    server_xkey_header: Option<&str>,
+    our_xkey: &XKey,
+    boxes: Option<&ServerBoxes>,
+    auth_account: &str,
+    now: i64,
+    skew: Duration,
+) -> Result<VerifiedRequest, RequestError> {
     let mut server_box = None;
     let (token, server_xkey) = if payload.starts_with(XKV1) {
         let header = server_xkey_header.ok_or(RequestError::MissingServerXkey)?;
@@ -132,9 +226,19 @@ pub fn verify_with(
     if claims.aud.as_deref() != Some("nats-authorization-request") {
         return Err(RequestError::BadAudience);
     }
-    // One second of slack for clock granularity: iat/exp are whole seconds.
-    if claims.exp.is_some_and(|exp| exp + 1 < now) {
-        return Err(RequestError::Expired);
+    // `exp` is nats-server's clock, `now` ours: tolerate `skew` between them, and at least one
+    // second for clock granularity (iat/exp are whole seconds). `iat` is not checked: a server
+    // clock ahead of ours is harmless, and `budget` does not depend on it. nats-server sets no
+    // `nbf` on requests.
+    let tolerance = i64::try_from(skew.as_secs_f64().ceil() as u64)
+        .unwrap_or(i64::MAX)
+        .max(1);
+    if let Some(exp) = claims.exp {
+        if now.saturating_sub(exp) > tolerance {
+            return Err(RequestError::Expired {
+                by_secs: now.saturating_sub(exp) as u64,
+            });
+        }
     }
     if claims.sub != auth_account {
         return Err(RequestError::WrongAccount);
@@ -159,4 +263,96 @@ pub fn verify_with(
         server_xkey,
         server_box,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nkeys::KeyPair;
+
+    /// A plain request from a server whose clock reads `server_now`, with a 2 s auth timeout.
+    fn request(auth: &str, server_now: i64) -> Vec<u8> {
+        let server = KeyPair::new_server();
+        let mut nats = AuthorizationRequest::default();
+        nats.server_id.id = server.public_key();
+        nats.user_nkey = KeyPair::new_user().public_key();
+        let claims = Claims {
+            aud: Some("nats-authorization-request".into()),
+            exp: Some(server_now + 2),
+            jti: String::new(),
+            iat: server_now,
+            iss: String::new(),
+            name: None,
+            nbf: None,
+            sub: auth.to_owned(),
+            nats,
+        };
+        jwt::encode(&claims, &server).unwrap().into_bytes()
+    }
+
+    fn check(server_clock_behind: i64, skew: Duration) -> Result<VerifiedRequest, RequestError> {
+        let auth = KeyPair::new_account().public_key();
+        let now = 1_800_000_000;
+        let payload = request(&auth, now - server_clock_behind);
+        verify_skewed(&payload, None, &XKey::new(), None, &auth, now, skew)
+    }
+
+    #[test]
+    fn skew_within_tolerance_is_accepted() {
+        // The server's clock is 6 s behind ours: its request expired 4 s ago by our clock.
+        let req = check(6, Duration::from_secs(5)).expect("within --clock-skew");
+        // The budget comes from the server's own window, not from `exp - now`.
+        assert_eq!(req.budget(), Duration::from_millis(1750));
+        // A server clock ahead of ours is fine too (iat in our future).
+        assert!(check(-30, Duration::from_secs(5)).is_ok());
+        // Default tolerance of `verify`.
+        assert!(check(6, DEFAULT_CLOCK_SKEW).is_ok());
+    }
+
+    #[test]
+    fn skew_beyond_tolerance_is_refused_and_counted() {
+        let err = check(20, Duration::from_secs(5)).err().expect("refused");
+        assert_eq!(err, RequestError::Expired { by_secs: 18 });
+        assert_eq!(err.as_str(), "expired");
+        // A zero tolerance still allows a second of granularity, no more.
+        assert!(check(3, Duration::ZERO).is_ok());
+        assert_eq!(
+            check(4, Duration::ZERO).err(),
+            Some(RequestError::Expired { by_secs: 2 })
+        );
+
+        let watch = ClockWatch::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let first = watch.expired(18, t0).expect("the first one is logged");
+        assert!(first.starts_with(
+            "authorization requests arrive already expired by 18s: this host's clock is off from nats-server's; fix NTP"
+        ));
+        assert!(watch.expired(18, t0 + Duration::from_secs(1)).is_none());
+        assert!(watch.expired(19, t0 + Duration::from_secs(59)).is_none());
+        let again = watch
+            .expired(19, t0 + Duration::from_secs(61))
+            .expect("again after a minute");
+        assert!(again.contains("3 since the last warning"), "{again}");
+        assert_eq!(watch.expired_total(), 4);
+    }
+
+    #[test]
+    fn budget_without_a_window_is_the_default_auth_timeout() {
+        let auth = KeyPair::new_account().public_key();
+        let now = 1_800_000_000;
+        let mut req = verify_skewed(
+            &request(&auth, now),
+            None,
+            &XKey::new(),
+            None,
+            &auth,
+            now,
+            DEFAULT_CLOCK_SKEW,
+        )
+        .unwrap();
+        req.claims.exp = None;
+        assert_eq!(req.budget(), Duration::from_millis(1750));
+        req.claims.exp = Some(now + 5);
+        assert_eq!(req.budget(), Duration::from_millis(4750));
+    }
 }

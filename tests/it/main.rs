@@ -9,5 +9,6 @@ mod protocol;
 mod resilience;
 mod schema;
 mod sessions;
+mod shutdown;
 mod sync;
 mod tenancy;

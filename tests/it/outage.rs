@@ -90,17 +90,19 @@ async fn known_users_log_in_from_the_copy_while_postgres_is_unreachable() {
     tenants(&env).await;
     // A change just before the outage is in the copy: dave's password changes, then Postgres
     // goes away.
+    let c = cache(&env);
+    let hash_of = |c: &LoginCache| match c.copy_user("dave") {
+        nats_pg_auth::cache::CopyLookup::Found(l) => l.password_hash.clone(),
+        _ => None,
+    };
+    let old_hash = hash_of(&c);
+    assert!(old_hash.is_some(), "dave is in the copy");
     env.sql("UPDATE nats.users SET password_hash = crypt('new-pw', gen_salt('bf', 4)) WHERE username = 'dave'")
         .await;
-    let c = cache(&env);
     wait_until(Duration::from_secs(5), "the change to be applied", || {
         let c = c.clone();
-        async move {
-            matches!(
-                c.copy_user("dave"),
-                nats_pg_auth::cache::CopyLookup::Found(_)
-            )
-        }
+        let old_hash = old_hash.clone();
+        async move { hash_of(&c).is_some_and(|h| Some(h) != old_hash) }
     })
     .await;
 
