@@ -23,6 +23,9 @@ pub enum CliError {
     App(#[from] AppError),
     #[error("{0}")]
     Other(String),
+    /// Postgres unreachable, with what that means for logins.
+    #[error("{0} Meanwhile every `serve` replica answers known users from its in-memory copy for --db-outage-grace (default 1h) after Postgres went away (see each replica's /readyz). Bring Postgres back before then, and do not restart replicas meanwhile: a restarted replica has no copy.")]
+    PostgresDown(DbError),
 }
 
 impl CliError {
@@ -35,6 +38,7 @@ impl CliError {
             ) => 64,
             CliError::App(AppError::NatsUrl { .. } | AppError::Key(_) | AppError::Init(_)) => 64,
             CliError::Db(DbError::Unreachable { .. })
+            | CliError::PostgresDown(_)
             | CliError::App(AppError::Db(DbError::Unreachable { .. })) => 69,
             _ => 70,
         }
@@ -127,7 +131,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
         Command::Status => {
-            let pool = db::connect(common.database_url()?, 2).await?;
+            let pool = match db::connect(common.database_url()?, 2).await {
+                Err(e @ DbError::Unreachable { .. }) => return Err(CliError::PostgresDown(e)),
+                other => other?,
+            };
             let identities = ServiceIdentities::load(&pool).await?;
             println!(
                 "operator {:?} {}",
