@@ -389,6 +389,8 @@ pub struct LoginCache {
     /// When the copy stopped being kept current (listener lost); None while it is.
     stale_since: Mutex<Option<Instant>>,
     outage: Mutex<Option<Outage>>,
+    /// `outage.is_some()`, readable without the lock on every login.
+    in_outage: AtomicBool,
     credentials: Cache<[u8; 16], [u8; 16]>,
     issuers: Cache<Box<str>, Arc<Issuer>>,
     permissions: Cache<Merged, Arc<Merged>>,
@@ -418,6 +420,7 @@ impl LoginCache {
                 .build(),
             stale_since: Mutex::new(None),
             outage: Mutex::new(None),
+            in_outage: AtomicBool::new(false),
             credentials: Cache::builder()
                 .max_capacity(settings.max_credentials)
                 .time_to_live(settings.credential_ttl)
@@ -691,24 +694,31 @@ impl LoginCache {
                     since: Instant::now(),
                     logins: 1,
                 });
+                self.in_outage.store(true, Ordering::SeqCst);
             }
         }
     }
 
     /// True while logins are being answered from the copy because Postgres is unreachable.
     pub fn in_outage(&self) -> bool {
-        self.outage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.in_outage.load(Ordering::SeqCst)
     }
 
-    fn leave_outage(&self) {
+    /// Postgres answered a login read. Ends an outage in which the copy never stopped being
+    /// current (the listener stayed up while the pool could not connect).
+    pub fn postgres_answered(&self) {
+        if self.in_outage() && self.is_live() {
+            self.leave_outage("Postgres answers again");
+        }
+    }
+
+    fn leave_outage(&self, why: &str) {
         if let Some(o) = self.outage.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.in_outage.store(false, Ordering::SeqCst);
             tracing::info!(
                 lasted = %humantime::format_duration(Duration::from_secs(o.since.elapsed().as_secs())),
                 logins_from_copy = o.logins,
-                "Postgres is back and the copy reloaded: leaving outage mode"
+                "{why}: leaving outage mode"
             );
         }
     }
@@ -858,7 +868,7 @@ impl LoginCache {
         self.live.store(true, Ordering::SeqCst);
         *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         bump(&self.stats.listener_connects);
-        self.leave_outage();
+        self.leave_outage("Postgres is back and the copy reloaded");
     }
 
     /// The listener is gone: the copy stays (it is what Postgres held) but is no longer kept
@@ -991,4 +1001,173 @@ fn hash_of(password_hash: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&full[..16]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callout::login::Signing;
+    use crate::callout::permissions::Lists;
+
+    fn shape(account_id: i64, role_id: Option<i64>) -> Arc<Shape> {
+        Arc::new(Shape {
+            role_id,
+            account_id,
+            account_name: "acme".into(),
+            account_active: true,
+            foreign_role: false,
+            allowed_sources: None,
+            allowed_connection_types: None,
+            // Not signable: tests of the copy itself, not of minting.
+            signing: Signing::NotReady,
+            merged: Arc::new(Merged {
+                publish: Lists::default(),
+                subscribe: Lists::default(),
+                response: None,
+                max_subscriptions: -1,
+                max_data: -1,
+                max_payload: -1,
+            }),
+            ttl: Duration::from_secs(60),
+            signing_key_pending: false,
+        })
+    }
+
+    fn login(id: i64, name: &str, hash: &str) -> Arc<Login> {
+        Arc::new(Login {
+            user_id: id,
+            username: Arc::from(name),
+            password_hash: Some(hash.into()),
+            user_active: true,
+            shape: shape(1, Some(7)),
+        })
+    }
+
+    fn token(user_id: i64, id: i64, byte: u8) -> TokenPart {
+        TokenPart {
+            user_id,
+            token_id: id,
+            token_sha256: vec![byte; 32],
+            token_expires_at: None,
+            token_revoked_at: None,
+        }
+    }
+
+    fn found_hash(c: &LoginCache, name: &str) -> Option<String> {
+        match c.copy_user(name) {
+            CopyLookup::Found(l) => l.password_hash.as_deref().map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    fn loaded(users: &[Arc<Login>]) -> LoginCache {
+        let c = LoginCache::new(CacheSettings::default());
+        let t = c.ticket();
+        let mut table = Table::default();
+        for u in users {
+            table.upsert(u.clone(), t.value());
+        }
+        table.set_tokens(1, vec![token(1, 10, 0xaa)], t.value());
+        c.install(table, t);
+        c
+    }
+
+    #[test]
+    fn an_older_read_never_replaces_a_newer_one() {
+        let mut t = Table::default();
+        t.upsert(login(1, "alice", "new"), 5);
+        t.upsert(login(1, "alice", "old"), 4);
+        assert_eq!(
+            t.by_name["alice"].login.password_hash.as_deref(),
+            Some("new")
+        );
+    }
+
+    #[test]
+    fn a_rename_drops_the_old_name_and_a_reused_name_drops_its_old_owner() {
+        let mut t = Table::default();
+        t.upsert(login(1, "alice", "h"), 1);
+        t.upsert(login(1, "alicia", "h"), 2);
+        assert!(!t.by_name.contains_key("alice"));
+        assert_eq!(t.users(), 1);
+        // Another user now holds the old name of user 1's new name.
+        t.upsert(login(2, "alicia", "h2"), 3);
+        assert_eq!(t.users(), 1);
+        assert!(!t.by_id.contains_key(&1));
+    }
+
+    #[test]
+    fn a_notified_change_is_stale_until_reread_and_a_deleted_user_disappears() {
+        let c = loaded(&[login(1, "alice", "h1"), login(2, "bob", "h2")]);
+        assert_eq!(found_hash(&c, "alice").as_deref(), Some("h1"));
+        assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Found(_)));
+
+        // alice changed, bob deleted: both stamped at once, re-read afterwards.
+        let alice = c.on_notification(CHANGE_CHANNEL, "user:1").unwrap();
+        let bob = c.on_notification(CHANGE_CHANNEL, "user:2").unwrap();
+        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
+        assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Stale));
+        let t = c.ticket();
+        c.apply(
+            t,
+            &HashSet::from([alice, bob]),
+            vec![login(1, "alice", "h1b")],
+            vec![token(1, 11, 0xbb)],
+        );
+        assert_eq!(found_hash(&c, "alice").as_deref(), Some("h1b"));
+        assert!(matches!(c.copy_user("bob"), CopyLookup::Unknown));
+        assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Unknown));
+        assert!(matches!(c.copy_token(&[0xbb; 32]), CopyLookup::Found(_)));
+    }
+
+    #[test]
+    fn a_change_during_a_reread_keeps_the_entry_stale() {
+        let c = loaded(&[login(1, "alice", "h1")]);
+        let scope = c.on_notification(CHANGE_CHANNEL, "user:1").unwrap();
+        let t = c.ticket();
+        // A second change commits while the re-read runs.
+        c.on_notification(CHANGE_CHANNEL, "user:1");
+        c.apply(
+            t,
+            &HashSet::from([scope]),
+            vec![login(1, "alice", "h2")],
+            vec![],
+        );
+        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
+    }
+
+    #[test]
+    fn a_role_change_reaches_users_and_an_unknown_payload_flushes() {
+        let c = loaded(&[login(1, "alice", "h1")]);
+        c.on_notification(CHANGE_CHANNEL, "role:7");
+        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
+        let c = loaded(&[login(1, "alice", "h1")]);
+        assert_eq!(c.on_notification(CHANGE_CHANNEL, "garbage"), None);
+        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
+    }
+
+    #[test]
+    fn the_grace_counts_from_when_the_copy_stopped_being_current() {
+        let c = LoginCache::new(CacheSettings {
+            outage_grace: Duration::from_millis(50),
+            ..Default::default()
+        });
+        assert!(!c.within_grace(), "nothing loaded");
+        let t = c.ticket();
+        c.install(Table::default(), t);
+        c.set_live();
+        assert!(c.within_grace());
+        c.set_disconnected();
+        assert!(c.within_grace());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!c.within_grace(), "past the grace");
+        c.set_live();
+        assert!(c.within_grace());
+        let off = LoginCache::new(CacheSettings {
+            outage_grace: Duration::ZERO,
+            ..Default::default()
+        });
+        off.install(Table::default(), off.ticket());
+        assert!(!off.within_grace(), "grace 0 turns it off");
+    }
 }

@@ -584,6 +584,9 @@ impl Callout {
             .await;
         // The slot bounds Postgres work only; hashing has its own lane.
         drop(slot);
+        if row.is_ok() {
+            self.cache.postgres_answered();
+        }
         match row {
             Ok(Some(row)) => {
                 let login = Arc::new(self.prepare(row));
@@ -638,6 +641,9 @@ impl Callout {
                     .db_read(deadline, db::logins::by_token(&self.pool, &digest))
                     .await;
                 drop(slot);
+                if read.is_ok() {
+                    self.cache.postgres_answered();
+                }
                 match read {
                     Ok(found) => copy::Found {
                         value: found.map(|(row, tok)| {
