@@ -14,7 +14,7 @@
 //! socket (`/proc/net/tcp` + `/proc/<pid>/fd`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,15 +97,15 @@ async fn login_everywhere(urls: &[String], cred: Cred) -> Result<(), String> {
 // The login loop
 // ------------------------------------------------------------------------------------------
 
+/// What the loop saw, per step. A login belongs to the step in which it *started* (one begun
+/// just before a replica is killed and refused 2 s later is that step's in-flight login);
+/// step 0 is the time between steps.
 #[derive(Default)]
 struct Stats {
-    attempts: AtomicU64,
-    ok: AtomicU64,
-    refused: AtomicU64,
-    unreachable: AtomicU64,
-    refused_at: [AtomicU64; SERVERS],
-    /// Every refusal: when, where, who, what the client saw.
-    refusals: Mutex<Vec<String>>,
+    step: AtomicU32,
+    per_step: Mutex<BTreeMap<u32, Counts>>,
+    /// Every refusal: (step, "when, where, who, what the client saw").
+    refusals: Mutex<Vec<(u32, String)>>,
     /// Users that logged in at least once.
     seen: Mutex<BTreeSet<&'static str>>,
 }
@@ -117,30 +117,37 @@ struct Counts {
     refused: u64,
     unreachable: u64,
     refused_at: [u64; SERVERS],
+    in_flight: u64,
 }
 
 impl Stats {
-    fn counts(&self) -> Counts {
-        Counts {
-            attempts: self.attempts.load(Ordering::SeqCst),
-            ok: self.ok.load(Ordering::SeqCst),
-            refused: self.refused.load(Ordering::SeqCst),
-            unreachable: self.unreachable.load(Ordering::SeqCst),
-            refused_at: std::array::from_fn(|i| self.refused_at[i].load(Ordering::SeqCst)),
-        }
+    fn update(&self, step: u32, f: impl FnOnce(&mut Counts)) {
+        f(self.per_step.lock().unwrap().entry(step).or_default());
     }
-}
 
-impl std::ops::Sub for Counts {
-    type Output = Counts;
-    fn sub(self, o: Counts) -> Counts {
-        Counts {
-            attempts: self.attempts - o.attempts,
-            ok: self.ok - o.ok,
-            refused: self.refused - o.refused,
-            unreachable: self.unreachable - o.unreachable,
-            refused_at: std::array::from_fn(|i| self.refused_at[i] - o.refused_at[i]),
+    fn of_step(&self, step: u32) -> Counts {
+        self.per_step
+            .lock()
+            .unwrap()
+            .get(&step)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Over all steps.
+    fn total(&self) -> Counts {
+        let mut t = Counts::default();
+        for c in self.per_step.lock().unwrap().values() {
+            t.attempts += c.attempts;
+            t.ok += c.ok;
+            t.refused += c.refused;
+            t.unreachable += c.unreachable;
+            t.in_flight += c.in_flight;
+            for i in 0..SERVERS {
+                t.refused_at[i] += c.refused_at[i];
+            }
         }
+        t
     }
 }
 
@@ -161,26 +168,39 @@ fn start_login_loop(
                     let n = next.fetch_add(1, Ordering::SeqCst);
                     let server = n % SERVERS;
                     let cred = LOOP_CREDS[(n / SERVERS) % LOOP_CREDS.len()];
-                    stats.attempts.fetch_add(1, Ordering::SeqCst);
-                    match login(&urls[server], cred).await {
-                        Ok(client) => {
-                            stats.ok.fetch_add(1, Ordering::SeqCst);
-                            stats.seen.lock().unwrap().insert(cred.user());
-                            drop(client);
-                        }
-                        Err((Refusal::Refused, e)) => {
-                            stats.refused.fetch_add(1, Ordering::SeqCst);
-                            stats.refused_at[server].fetch_add(1, Ordering::SeqCst);
-                            stats.refusals.lock().unwrap().push(format!(
-                                "t+{:.1}s server {server} {}: {e}",
+                    let step = stats.step.load(Ordering::SeqCst);
+                    let started = t0.elapsed();
+                    stats.update(step, |c| {
+                        c.attempts += 1;
+                        c.in_flight += 1;
+                    });
+                    let outcome = login(&urls[server], cred).await;
+                    if let Err((Refusal::Refused, e)) = &outcome {
+                        stats.refusals.lock().unwrap().push((
+                            step,
+                            format!(
+                                "started t+{:.1}s, refused t+{:.1}s: server {server} {}: {e}",
+                                started.as_secs_f64(),
                                 t0.elapsed().as_secs_f64(),
                                 cred.user()
-                            ));
-                        }
-                        Err((Refusal::Unreachable, _)) => {
-                            stats.unreachable.fetch_add(1, Ordering::SeqCst);
-                        }
+                            ),
+                        ));
                     }
+                    if outcome.is_ok() {
+                        stats.seen.lock().unwrap().insert(cred.user());
+                    }
+                    stats.update(step, |c| {
+                        c.in_flight -= 1;
+                        match &outcome {
+                            Ok(_) => c.ok += 1,
+                            Err((Refusal::Refused, _)) => {
+                                c.refused += 1;
+                                c.refused_at[server] += 1;
+                            }
+                            Err((Refusal::Unreachable, _)) => c.unreachable += 1,
+                        }
+                    });
+                    drop(outcome);
                     tokio::select! {
                         _ = stop.cancelled() => {}
                         _ = tokio::time::sleep(PACE) => {}
@@ -199,20 +219,17 @@ struct Step {
     n: u32,
     name: &'static str,
     start: Instant,
-    before: Counts,
-    refusals_before: usize,
     recoveries: Vec<String>,
 }
 
 impl Step {
     fn begin(n: u32, name: &'static str, stats: &Stats) -> Step {
         println!("\n=== step {n}: {name}");
+        stats.step.store(n, Ordering::SeqCst);
         Step {
             n,
             name,
             start: Instant::now(),
-            before: stats.counts(),
-            refusals_before: stats.refusals.lock().unwrap().len(),
             recoveries: Vec::new(),
         }
     }
@@ -223,13 +240,24 @@ impl Step {
             .push(format!("{what} {:.2}s", took.as_secs_f64()));
     }
 
-    fn end(self, stats: &Stats) -> Counts {
-        let c = stats.counts() - self.before;
+    /// Ends the step: later logins count as "between steps"; waits (bounded) for the step's
+    /// logins still in flight, then reports.
+    async fn end(self, stats: &Stats) -> Counts {
+        let took = self.start.elapsed();
+        stats.step.store(0, Ordering::SeqCst);
+        let n = self.n;
+        wait_until(
+            Duration::from_secs(15),
+            "the step's logins in flight to finish",
+            || async move { stats.of_step(n).in_flight == 0 },
+        )
+        .await;
+        let c = stats.of_step(n);
         println!(
             "--- step {} ({}) took {:.1}s: logins attempted {}, ok {}, refused {} (per server {:?}), unreachable {}",
             self.n,
             self.name,
-            self.start.elapsed().as_secs_f64(),
+            took.as_secs_f64(),
             c.attempts,
             c.ok,
             c.refused,
@@ -239,15 +267,23 @@ impl Step {
         if !self.recoveries.is_empty() {
             println!("    recoveries: {}", self.recoveries.join("; "));
         }
-        let refusals = stats.refusals.lock().unwrap();
-        let new = &refusals[self.refusals_before..];
-        for r in new.iter().take(20) {
-            println!("    refused: {r}");
-        }
-        if new.len() > 20 {
-            println!("    ... and {} more refusals", new.len() - 20);
-        }
+        print_refusals(stats, n);
         c
+    }
+}
+
+fn print_refusals(stats: &Stats, step: u32) {
+    let refusals = stats.refusals.lock().unwrap();
+    let mine: Vec<&String> = refusals
+        .iter()
+        .filter(|(s, _)| *s == step)
+        .map(|(_, r)| r)
+        .collect();
+    for r in mine.iter().take(20) {
+        println!("    refused: {r}");
+    }
+    if mine.len() > 20 {
+        println!("    ... and {} more refusals", mine.len() - 20);
     }
 }
 
@@ -511,6 +547,10 @@ fn run_cli(database_url: &str, args: &[std::ffi::OsString]) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"))
         .args(args)
         .env("DATABASE_URL", database_url)
+        // Seeds are written plain: the test reads the system user's seed itself (before the
+        // replicas start, which would encrypt them if the environment gives them a key).
+        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY")
+        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY_FILE")
         .output()
         .expect("run nats-pg-auth");
     assert!(
@@ -684,7 +724,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         }
         None => verdict.check(1, false, "fresh1 not usable on every server within 10 s"),
     }
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     verdict.check(
         1,
         c.refused == 0,
@@ -762,7 +802,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         Some(_) => step.recovered("killed replica restarted and ready", kill_at.elapsed()),
         None => verdict.check(2, false, "the restarted replica is not ready within 30 s"),
     }
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     verdict.check(
         2,
         c.refused <= WORKERS as u64,
@@ -821,10 +861,10 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
             "the client of the killed server did not reconnect to another within 15 s",
         ),
     }
-    let ok_before = stats.counts().ok;
+    let ok_before = stats.total().ok;
     let going_on = wait_for(Duration::from_secs(10), || {
         let stats = &stats;
-        async move { stats.counts().ok >= ok_before + 8 }
+        async move { stats.total().ok >= ok_before + 8 }
     })
     .await;
     verdict.check(
@@ -874,8 +914,17 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
             "the restarted server did not rejoin the cluster within 20 s",
         ),
     }
+    // Replicas whose NATS connections were on the killed server are connected elsewhere.
+    match wait_for(Duration::from_secs(10), || all_ready(&replicas)).await {
+        Some(_) => step.recovered("both replicas ready", kill_at.elapsed()),
+        None => verdict.check(
+            3,
+            false,
+            "the replicas are not ready 10 s after the restart",
+        ),
+    }
     drop(watcher);
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     let elsewhere: u64 = (0..SERVERS)
         .filter(|&i| i != victim_server)
         .map(|i| c.refused_at[i])
@@ -947,7 +996,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         format!("the deactivated user logs in again: {refused:?}"),
     );
     drop(victim);
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     verdict.check(
         4,
         c.refused == 0,
@@ -1139,7 +1188,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         None => verdict.check(5, false, "no replica leads 15 s after Postgres returned"),
     }
     drop(watcher);
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     verdict.check(
         5,
         c.refused == 0,
@@ -1170,13 +1219,13 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         status.code() == Some(0),
         format!("exit status {status}, not 0"),
     );
-    let attempts = stats.counts().attempts;
+    let attempts = stats.total().attempts;
     wait_until(
         Duration::from_secs(20),
         "the loop to go on after the exit",
         || {
             let stats = &stats;
-            async move { stats.counts().attempts >= attempts + 4 * SERVERS as u64 }
+            async move { stats.total().attempts >= attempts + 4 * SERVERS as u64 }
         },
     )
     .await;
@@ -1192,7 +1241,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         ),
         None => verdict.check(6, false, "the remaining replica does not lead"),
     }
-    let c = step.end(&stats);
+    let c = step.end(&stats).await;
     verdict.check(
         6,
         c.refused == 0,
@@ -1204,7 +1253,18 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     for w in workers {
         let _ = w.await;
     }
-    let total = stats.counts();
+    let between = stats.of_step(0);
+    println!(
+        "\nbetween steps: logins attempted {}, ok {}, refused {}, unreachable {}",
+        between.attempts, between.ok, between.refused, between.unreachable
+    );
+    print_refusals(&stats, 0);
+    verdict.check(
+        0,
+        between.refused == 0,
+        format!("{} loop logins refused between steps", between.refused),
+    );
+    let total = stats.total();
     println!(
         "\nchaos: {:.1}s in all; loop: {} logins, {} ok, {} refused, {} unreachable",
         t0.elapsed().as_secs_f64(),
