@@ -97,9 +97,10 @@ async fn login_everywhere(urls: &[String], cred: Cred) -> Result<(), String> {
 // The login loop
 // ------------------------------------------------------------------------------------------
 
-/// What the loop saw, per step. A login belongs to the step in which it *started* (one begun
-/// just before a replica is killed and refused 2 s later is that step's in-flight login);
-/// step 0 is the time between steps.
+/// What the loop saw, per step; step 0 is the time between steps. A step begins only once the
+/// logins started between steps have finished, and reports only once its own have, so each
+/// login's whole flight lies in one period: a login in flight when a replica or server is
+/// killed, and refused 2 s later, counts in the step that killed it.
 #[derive(Default)]
 struct Stats {
     step: AtomicU32,
@@ -223,9 +224,15 @@ struct Step {
 }
 
 impl Step {
-    fn begin(n: u32, name: &'static str, stats: &Stats) -> Step {
+    async fn begin(n: u32, name: &'static str, stats: &Stats) -> Step {
         println!("\n=== step {n}: {name}");
         stats.step.store(n, Ordering::SeqCst);
+        wait_until(
+            Duration::from_secs(15),
+            "the logins in flight between steps to finish",
+            || async move { stats.of_step(0).in_flight == 0 },
+        )
+        .await;
         Step {
             n,
             name,
@@ -569,6 +576,18 @@ async fn all_ready(replicas: &[ServiceProcess]) -> bool {
     true
 }
 
+/// Ready and reading Postgres again: `/readyz` answers 200 and its body does not report
+/// outage mode or a copy still catching up.
+async fn all_live(replicas: &[ServiceProcess]) -> bool {
+    for r in replicas {
+        match r.readyz().await {
+            Ok(body) if !body.contains("outage") && !body.contains("catching up") => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 // ------------------------------------------------------------------------------------------
 // The test
 // ------------------------------------------------------------------------------------------
@@ -699,7 +718,8 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         1,
         "password and token logins on every server; a new account everywhere within 2 s",
         &stats,
-    );
+    )
+    .await;
     for cred in LOOP_CREDS {
         let r = login_everywhere(&urls, cred).await;
         verdict.check(1, r.is_ok(), format!("login: {r:?}"));
@@ -735,7 +755,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     // 2. SIGKILL the leading replica: at most the in-flight logins fail, the other replica
     //    leads within 5 s, an account inserted after the kill is on every server.
     // =====================================================================================
-    let mut step = Step::begin(2, "SIGKILL the leading replica", &stats);
+    let mut step = Step::begin(2, "SIGKILL the leading replica", &stats).await;
     let killed = {
         let start = Instant::now();
         loop {
@@ -833,7 +853,8 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         3,
         "SIGKILL nats-server 1, restart it with an emptied resolver dir",
         &stats,
-    );
+    )
+    .await;
     let killed_port = cluster.servers[victim_server].port;
     let kill_at = Instant::now();
     cluster.servers[victim_server].stop();
@@ -929,10 +950,14 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
         .filter(|&i| i != victim_server)
         .map(|i| c.refused_at[i])
         .sum();
+    // A login whose callout request was on its way through the killed server (to a replica
+    // connected there) is lost with it: the in-flight ones may fail, as in step 2.
     verdict.check(
         3,
-        elsewhere == 0,
-        format!("{elsewhere} loop logins refused on the servers that stayed up"),
+        elsewhere <= WORKERS as u64,
+        format!(
+            "{elsewhere} loop logins refused on the servers that stayed up; at most the {WORKERS} in flight may fail"
+        ),
     );
     verdict.check(
         3,
@@ -957,7 +982,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     for c in [&victim, &near, &far] {
         settle(c).await;
     }
-    let mut step = Step::begin(4, "deactivate a user connected to server 2", &stats);
+    let mut step = Step::begin(4, "deactivate a user connected to server 2", &stats).await;
     sql(
         &pool,
         "UPDATE nats.users SET active = false WHERE username = 'victim'",
@@ -1019,11 +1044,15 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     let (watcher, mut watcher_events) = connect_watching(&order, BOB).await;
     settle(&watcher).await;
     let globex = account_key(&pool, "globex").await;
+    // The change is to globex, the account of two loop users (bob, dave): a change made just
+    // before the outage must be pushed once Postgres is back, and must not lock the account's
+    // users out of the copy meanwhile.
     let mut step = Step::begin(
         5,
         "stop Postgres for 20 s, restart nats-server 0 during it",
         &stats,
-    );
+    )
+    .await;
     sql(
         &pool,
         "UPDATE nats.accounts SET max_connections = 4242 WHERE name = 'globex'",
@@ -1167,15 +1196,16 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
             ),
         ),
     }
-    match wait_for(Duration::from_secs(30), || all_ready(&replicas)).await {
+    // Ready is not enough: a replica answering from its copy is ready too (`mode: outage`).
+    match wait_for(Duration::from_secs(30), || all_live(&replicas)).await {
         Some(_) => step.recovered(
-            "both replicas ready after Postgres returned",
+            "both replicas out of outage mode after Postgres returned",
             up_at.elapsed(),
         ),
         None => verdict.check(
             5,
             false,
-            "the replicas are not ready 30 s after Postgres returned",
+            "the replicas are not back to normal (ready, not in outage mode) 30 s after Postgres returned",
         ),
     }
     match wait_for(Duration::from_secs(15), || {
@@ -1198,7 +1228,7 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     // =====================================================================================
     // 6. SIGTERM a replica mid-loop: exit code 0, no login refused.
     // =====================================================================================
-    let mut step = Step::begin(6, "SIGTERM a replica mid-loop", &stats);
+    let mut step = Step::begin(6, "SIGTERM a replica mid-loop", &stats).await;
     // The leader, so its leadership must be handed over too.
     let lead = leader(&pool, pg.port, &replicas).await;
     let target = lead.unwrap_or(0);
