@@ -6,7 +6,7 @@
 //! servers) runs throughout while the steps kill and restart replicas, servers and Postgres.
 //!
 //! Every wait has a deadline; every step prints what the loop saw (logins attempted, refused,
-//! unreachable) and how long each recovery took. A step's expectations are collected rather than
+//! unreachable: the server itself was down) and how long each recovery took. A step's expectations are collected rather than
 //! panicking at once, so one run reports every step; the test fails at the end if any did not
 //! hold. Which replica leads is read from Postgres and the kernel, not from the replicas' own
 //! words: the backend holding the sync advisory lock names its client port
@@ -58,7 +58,7 @@ impl Cred {
     }
 }
 
-// Tenants: account acme (alice, carol, erin's account is fresh1...), account globex.
+// Users, with their accounts. The loop logs in as the first four.
 const ALICE: Cred = Cred::Password("alice", "alice-pw"); // acme
 const CAROL: Cred = Cred::Token("carol", "carol-token"); // acme, token only
 const BOB: Cred = Cred::Password("bob", "bob-pw"); // globex
