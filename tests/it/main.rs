@@ -1,6 +1,7 @@
 //! Integration tests: real Postgres, real nats-server, the real service, async-nats clients.
 
 mod cache;
+mod chaos;
 mod common;
 mod init;
 mod login;
