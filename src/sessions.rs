@@ -2,30 +2,81 @@
 //! them (protocol doc §5.1: `$SYS.REQ.SERVER.PING.CONNZ` to find them, `…<server>.KICK` to
 //! close them). Run by the sync leader only, so each change is acted on once.
 //!
-//! Triggers send `NOTIFY nats_pg_auth_kick` with the user (or role, or token owner) whose
-//! rights changed. A kicked client reconnects through the callout and comes back with current
-//! rights, or not at all. Kicks are rate-limited so a role change for 10,000 users does not
-//! stampede the servers or the callout.
+//! Triggers insert a row into `nats.kick_requests` (the user, role or token owner whose rights
+//! changed; migration 0003) and `NOTIFY nats_pg_auth_kick` to wake the leader. The leader reads
+//! pending rows in id order when it starts, on every wake-up (and after its listener
+//! reconnects), and every [`POLL`]; a row is deleted only once it has been carried out, so a
+//! change made while no replica leads is acted on when one does. A kicked client reconnects
+//! through the callout and comes back with current rights, or not at all. Kicks are
+//! rate-limited so a role change for 10,000 users does not stampede the servers or the callout.
+//!
+//! **Logins in flight.** A login whose callout read the row before the change committed, but
+//! whose connection was admitted after the kick scanned CONNZ, would keep the old rights for a
+//! whole JWT lifetime. Such a connection started before the scan (its callout read the row
+//! before the commit, and the scan runs after it) and is admitted within the auth timeout of
+//! its start. So each request is scanned once more [`RESCAN_AFTER`] (auth timeout 2 s plus a
+//! margin) after its first scan, kicking only the target's connections that **started before
+//! the first scan** on that server (the server's own `now` from the first CONNZ reply, so no
+//! clock skew between the service and the servers enters). A client kicked by the first scan
+//! reconnects after it, so its fresh connection (current rights) is left alone; a connection
+//! that was still in its callout during the first scan is kicked, whichever rights it got
+//! (harmless: it reconnects). Re-scans of one target coalesce (the latest first scan wins), and
+//! at most [`MAX_RESCANS`] targets wait at a time. The row is deleted after the re-scan.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::Client;
+use chrono::{DateTime, FixedOffset};
 use futures::StreamExt;
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::notify;
 
 pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";
+/// Pending kick requests are also looked for this often (a request whose scan failed, e.g.
+/// while NATS was away, is retried then).
+pub const POLL: Duration = Duration::from_secs(5);
+/// The second scan of a request: the default auth timeout (2 s) plus a margin.
+pub const RESCAN_AFTER: Duration = Duration::from_millis(2500);
+/// At most this many targets wait for a re-scan; beyond, requests get only their first scan.
+pub const MAX_RESCANS: usize = 10_000;
+/// First scans and re-scans running at once (each asks every server for CONNZ).
+const SCANS_AT_ONCE: usize = 16;
+/// Rows read per look at the table.
+const PICK_UP: i64 = 1000;
 
 /// What a trigger asks for.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(untagged)]
 pub enum KickRequest {
     User { account_id: i64, username: String },
     Role { role_id: i64 },
     TokenOwner { user_id: i64 },
+}
+
+impl KickRequest {
+    /// From a `nats.kick_requests` row (the table's check allows exactly one shape).
+    fn from_row(
+        account_id: Option<i64>,
+        username: Option<String>,
+        role_id: Option<i64>,
+        user_id: Option<i64>,
+    ) -> Option<Self> {
+        match (account_id, username, role_id, user_id) {
+            (Some(account_id), Some(username), _, _) => Some(KickRequest::User {
+                account_id,
+                username,
+            }),
+            (_, _, Some(role_id), _) => Some(KickRequest::Role { role_id }),
+            (_, _, _, Some(user_id)) => Some(KickRequest::TokenOwner { user_id }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +87,18 @@ pub enum KickError {
     Nats(String),
 }
 
+/// Per server (id): the server's clock at the first scan of a request.
+type ScanTimes = HashMap<String, DateTime<FixedOffset>>;
+
+/// A re-scan waiting for the auth timeout to pass.
+struct Rescan {
+    due: Instant,
+    /// Kick only connections that started before this, per server.
+    before: ScanTimes,
+    /// The request rows it settles.
+    ids: Vec<i64>,
+}
+
 pub struct Sessions {
     pool: PgPool,
     client: Client,
@@ -44,6 +107,11 @@ pub struct Sessions {
     interval: Duration,
     /// How long to collect CONNZ replies from the servers of a cluster.
     gather: Duration,
+    /// Request rows this leader is carrying out (not read again until done).
+    in_progress: std::sync::Mutex<HashSet<i64>>,
+    rescans: std::sync::Mutex<HashMap<KickRequest, Rescan>>,
+    rescan_added: Notify,
+    scans: Semaphore,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +129,8 @@ struct ServerInfo {
 #[derive(Debug, Deserialize)]
 struct ConnzData {
     #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
     connections: Vec<Conn>,
 }
 
@@ -69,6 +139,25 @@ struct Conn {
     cid: u64,
     #[serde(default)]
     authorized_user: Option<String>,
+    #[serde(default)]
+    start: Option<String>,
+}
+
+/// A connection of a target user.
+#[derive(Debug)]
+struct Found {
+    server: String,
+    cid: u64,
+    start: Option<DateTime<FixedOffset>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RequestRow {
+    id: i64,
+    account_id: Option<i64>,
+    username: Option<String>,
+    role_id: Option<i64>,
+    user_id: Option<i64>,
 }
 
 impl Sessions {
@@ -80,96 +169,286 @@ impl Sessions {
             next_slot: Mutex::new(Instant::now()),
             interval: Duration::from_secs(1) / kicks_per_second.max(1),
             gather: Duration::from_millis(250),
+            in_progress: Default::default(),
+            rescans: Default::default(),
+            rescan_added: Notify::new(),
+            scans: Semaphore::new(SCANS_AT_ONCE),
         }
     }
 
-    /// Receives kick requests until `stop`, on a connection of its own: a long sync burst on
-    /// the leader must not hold a revocation back. Each request is handled in its own task.
-    pub async fn listen(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !stop.is_cancelled() {
-            let connected = async {
-                let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-                l.listen(KICK_CHANNEL).await?;
-                Ok::<_, sqlx::Error>(l)
-            };
-            let mut listener = match connected.await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot LISTEN for kick requests; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+    /// Carries out kick requests until `stop` (the end of this replica's leadership). Listens
+    /// on a connection of its own: a long sync burst on the leader must not hold a revocation
+    /// back. Each request is handled in its own task.
+    pub async fn run(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        let mut events = notify::spawn(
+            &self.pool,
+            notify::ListenSettings {
+                name: "nats-pg-auth kicks",
+                channels: &[KICK_CHANNEL],
+                health_interval: Duration::from_secs(5),
+            },
+            stop.clone(),
+        );
+        // State of an earlier term of leadership (its tasks ended with it): its rows are still
+        // in the table and are carried out again, in full.
+        self.lock_in_progress().clear();
+        self.rescans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tokio::spawn(self.clone().run_rescans(stop.clone()));
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                event = events.recv() => match event {
+                    // (Re)connected: requests made while nobody listened are in the table.
+                    Some(notify::Event::Connected) | Some(notify::Event::Notes(_)) => {
+                        self.pick_up(&stop).await
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    n = listener.try_recv() => match n {
-                        Ok(Some(note)) => {
-                            let this = self.clone();
-                            let payload = note.payload().to_owned();
-                            tokio::spawn(async move { this.on_notification(&payload).await });
-                        }
-                        // Reconnected by sqlx; kicks sent meanwhile are lost (the JWT TTL bounds
-                        // how long a missed one matters).
-                        Ok(None) => tracing::warn!("kick listener reconnected; kick requests sent meanwhile were missed"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "kick listener lost; reconnecting");
-                            break;
-                        }
-                    },
-                }
+                    // The poll below carries on meanwhile.
+                    Some(notify::Event::Disconnected(_)) => {}
+                    None => return,
+                },
+                _ = poll.tick() => self.pick_up(&stop).await,
             }
         }
     }
 
-    /// Handles one notification payload; errors are logged, never fatal.
-    pub async fn on_notification(&self, payload: &str) {
-        let request: KickRequest = match serde_json::from_str(payload) {
-            Ok(r) => r,
+    /// Starts every pending request not already being carried out; requests for the same
+    /// target read together are carried out once.
+    async fn pick_up(self: &std::sync::Arc<Self>, stop: &CancellationToken) {
+        let busy: Vec<i64> = self.in_progress_ids();
+        let rows: Vec<RequestRow> = match sqlx::query_as(
+            "SELECT id, account_id, username, role_id, user_id FROM nats.kick_requests \
+             WHERE NOT (id = ANY($1)) ORDER BY id LIMIT $2",
+        )
+        .bind(&busy)
+        .bind(PICK_UP)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring malformed kick notification");
+                tracing::warn!(error = %e, "cannot read kick requests; retrying");
                 return;
             }
         };
-        match self.kick(&request).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(
-                    ?request,
-                    connections = n,
-                    "closed connections whose rights changed"
-                );
-                let subject = match &request {
-                    KickRequest::User { username, .. } => format!("user:{username}"),
-                    KickRequest::Role { role_id } => format!("role:{role_id}"),
-                    KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
-                };
-                let mut detail = serde_json::json!({ "connections": n });
-                if matches!(request, KickRequest::TokenOwner { .. }) {
-                    detail["because"] = "token changed".into();
+        let mut jobs: BTreeMap<KickRequest, Vec<i64>> = BTreeMap::new();
+        let mut malformed = Vec::new();
+        for row in rows {
+            match KickRequest::from_row(row.account_id, row.username, row.role_id, row.user_id) {
+                Some(r) => jobs.entry(r).or_default().push(row.id),
+                None => malformed.push(row.id),
+            }
+        }
+        if !malformed.is_empty() {
+            let _ = self.delete_rows(&malformed).await;
+        }
+        // In id order of each target's first row.
+        let mut jobs: Vec<(KickRequest, Vec<i64>)> = jobs.into_iter().collect();
+        jobs.sort_by_key(|(_, ids)| ids[0]);
+        for (request, ids) in jobs {
+            self.lock_in_progress().extend(ids.iter().copied());
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = this.carry_out(request, ids) => {}
                 }
-                crate::db::audit::record(
-                    &self.pool,
-                    crate::db::audit::kind::SESSIONS_KICKED,
-                    &subject,
-                    detail,
-                )
-                .await;
+            });
+        }
+    }
+
+    /// First scan of a request; schedules its re-scan (which deletes the rows).
+    async fn carry_out(&self, request: KickRequest, ids: Vec<i64>) {
+        let first = {
+            let _permit = self.scans.acquire().await;
+            self.scan_and_kick(&request, None).await
+        };
+        match first {
+            Ok((n, times)) => {
+                self.report(&request, n, false).await;
+                self.schedule_rescan(request, ids, times).await;
             }
             Err(e) => {
-                tracing::warn!(?request, error = %e, "could not close connections; they keep their rights until their JWT expires")
+                tracing::warn!(?request, error = %e, "could not close connections; retrying in a few seconds");
+                self.release(&ids);
             }
         }
     }
 
-    /// Closes the affected connections; returns how many were kicked.
-    pub async fn kick(&self, request: &KickRequest) -> Result<usize, KickError> {
+    async fn schedule_rescan(&self, request: KickRequest, ids: Vec<i64>, times: ScanTimes) {
+        let due = Instant::now() + RESCAN_AFTER;
+        let scheduled = {
+            let mut rescans = self.rescans.lock().unwrap_or_else(|p| p.into_inner());
+            let full = rescans.len() >= MAX_RESCANS;
+            match rescans.get_mut(&request) {
+                Some(r) => {
+                    // Coalesce: the later first scan covers the earlier one's in-flight logins
+                    // too (they started even earlier).
+                    r.due = r.due.max(due);
+                    for (server, at) in times {
+                        let e = r.before.entry(server).or_insert(at);
+                        *e = (*e).max(at);
+                    }
+                    r.ids.extend(ids.iter().copied());
+                    true
+                }
+                None if !full => {
+                    rescans.insert(
+                        request.clone(),
+                        Rescan {
+                            due,
+                            before: times,
+                            ids: ids.clone(),
+                        },
+                    );
+                    true
+                }
+                None => false,
+            }
+        };
+        if scheduled {
+            self.rescan_added.notify_one();
+        } else {
+            tracing::warn!(
+                ?request,
+                "too many kick re-scans waiting; this request gets none"
+            );
+            self.settle(&ids).await;
+        }
+    }
+
+    /// Runs re-scans when they are due, until `stop`.
+    async fn run_rescans(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = self
+                .rescans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|r| r.due)
+                .min();
+            let sleep = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + POLL));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.rescan_added.notified() => continue,
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            let due: Vec<(KickRequest, Rescan)> = {
+                let mut rescans = self.rescans.lock().unwrap_or_else(|p| p.into_inner());
+                let keys: Vec<KickRequest> = rescans
+                    .iter()
+                    .filter(|(_, r)| r.due <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| rescans.remove(&k).map(|r| (k, r)))
+                    .collect()
+            };
+            for (request, rescan) in due {
+                let this = self.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = this.rescan(request, rescan) => {}
+                    }
+                });
+            }
+        }
+    }
+
+    async fn rescan(&self, request: KickRequest, rescan: Rescan) {
+        let result = {
+            let _permit = self.scans.acquire().await;
+            self.scan_and_kick(&request, Some(&rescan.before)).await
+        };
+        match result {
+            Ok((n, _)) => self.report(&request, n, true).await,
+            // The first scan was done; a login in flight keeps its rights until its JWT ends.
+            Err(e) => {
+                tracing::warn!(?request, error = %e, "could not re-scan for logins that were in flight")
+            }
+        }
+        self.settle(&rescan.ids).await;
+    }
+
+    /// Deletes carried-out request rows.
+    async fn settle(&self, ids: &[i64]) {
+        if let Err(e) = self.delete_rows(ids).await {
+            tracing::warn!(error = %e, "cannot delete carried-out kick requests; they will be carried out again");
+        }
+        self.release(ids);
+    }
+
+    async fn delete_rows(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM nats.kick_requests WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn lock_in_progress(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.in_progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_progress_ids(&self) -> Vec<i64> {
+        self.lock_in_progress().iter().copied().collect()
+    }
+
+    fn release(&self, ids: &[i64]) {
+        let mut in_progress = self.lock_in_progress();
+        for id in ids {
+            in_progress.remove(id);
+        }
+    }
+
+    async fn report(&self, request: &KickRequest, n: usize, rescan: bool) {
+        if n == 0 {
+            return;
+        }
+        tracing::info!(
+            ?request,
+            connections = n,
+            rescan,
+            "closed connections whose rights changed"
+        );
+        let subject = match request {
+            KickRequest::User { username, .. } => format!("user:{username}"),
+            KickRequest::Role { role_id } => format!("role:{role_id}"),
+            KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
+        };
+        let mut detail = serde_json::json!({ "connections": n });
+        if matches!(request, KickRequest::TokenOwner { .. }) {
+            detail["because"] = "token changed".into();
+        }
+        if rescan {
+            detail["logins_in_flight"] = true.into();
+        }
+        crate::db::audit::record(
+            &self.pool,
+            crate::db::audit::kind::SESSIONS_KICKED,
+            &subject,
+            detail,
+        )
+        .await;
+    }
+
+    /// Closes the affected connections; returns how many were kicked and, per server, its
+    /// clock when it answered. With `before` (a re-scan), only connections that started before
+    /// the given time on their server are kicked (a server missing from it: its clock minus
+    /// [`RESCAN_AFTER`]).
+    async fn scan_and_kick(
+        &self,
+        request: &KickRequest,
+        before: Option<&ScanTimes>,
+    ) -> Result<(usize, ScanTimes), KickError> {
         // account public key -> usernames
         let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let rows: Vec<(String, String)> = match request {
@@ -187,15 +466,26 @@ impl Sessions {
             targets.entry(account).or_default().insert(user);
         }
         let mut kicked = 0;
+        let mut times = ScanTimes::new();
         for (account, users) in targets {
-            for (server, cid) in self.find(&account, &users).await? {
+            let (found, now) = self.find(&account, &users).await?;
+            for (server, at) in &now {
+                let e = times.entry(server.clone()).or_insert(*at);
+                *e = (*e).min(*at);
+            }
+            for conn in found {
+                if let Some(before) = before {
+                    if !started_before(&conn, before, &now) {
+                        continue;
+                    }
+                }
                 self.wait_for_slot().await;
-                if self.kick_one(&server, cid).await {
+                if self.kick_one(&conn.server, conn.cid).await {
                     kicked += 1;
                 }
             }
         }
-        Ok(kicked)
+        Ok((kicked, times))
     }
 
     /// (account key, username) of the users holding a role, or of one user.
@@ -215,12 +505,13 @@ impl Sessions {
         .await
     }
 
-    /// Asks every server for the account's connections and keeps those of `users`.
+    /// Asks every server for the account's connections and keeps those of `users`; also
+    /// returns each answering server's clock.
     async fn find(
         &self,
         account: &str,
         users: &BTreeSet<String>,
-    ) -> Result<Vec<(String, u64)>, KickError> {
+    ) -> Result<(Vec<Found>, ScanTimes), KickError> {
         let inbox = self.client.new_inbox();
         let mut sub = self
             .client
@@ -234,23 +525,32 @@ impl Sessions {
             .await
             .map_err(|e| KickError::Nats(e.to_string()))?;
         let mut found = Vec::new();
+        let mut times = ScanTimes::new();
         let deadline = Instant::now() + self.gather;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
             let Ok(reply) = serde_json::from_slice::<ConnzReply>(&msg.payload) else {
                 continue;
             };
-            for conn in reply.data.map(|d| d.connections).unwrap_or_default() {
+            let Some(data) = reply.data else { continue };
+            if let Some(now) = data.now.as_deref().and_then(parse_time) {
+                times.insert(reply.server.id.clone(), now);
+            }
+            for conn in data.connections {
                 if conn
                     .authorized_user
                     .as_ref()
                     .is_some_and(|u| users.contains(u))
                 {
-                    found.push((reply.server.id.clone(), conn.cid));
+                    found.push(Found {
+                        server: reply.server.id.clone(),
+                        cid: conn.cid,
+                        start: conn.start.as_deref().and_then(parse_time),
+                    });
                 }
             }
         }
         let _ = sub.unsubscribe().await;
-        Ok(found)
+        Ok((found, times))
     }
 
     async fn kick_one(&self, server: &str, cid: u64) -> bool {
@@ -282,27 +582,85 @@ impl Sessions {
     }
 }
 
+fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_rfc3339(s).ok()
+}
+
+/// Whether a connection found by a re-scan started before the first scan on its server (see
+/// the module notes). Unknown start: kicked (it reconnects).
+fn started_before(conn: &Found, first_scan: &ScanTimes, now: &ScanTimes) -> bool {
+    let Some(start) = conn.start else {
+        return true;
+    };
+    let threshold = first_scan.get(&conn.server).copied().or_else(|| {
+        now.get(&conn.server)
+            .map(|n| *n - chrono::Duration::from_std(RESCAN_AFTER).unwrap_or_default())
+    });
+    threshold.is_none_or(|t| start < t)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::KickRequest;
+    use super::*;
 
     #[test]
-    fn trigger_payloads_parse() {
+    fn request_rows_map_to_requests() {
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"account_id":3,"username":"alice"}"#).unwrap(),
-            KickRequest::User {
+            KickRequest::from_row(Some(3), Some("alice".into()), None, None),
+            Some(KickRequest::User {
                 account_id: 3,
                 username: "alice".into()
-            }
+            })
         );
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"role_id":7}"#).unwrap(),
-            KickRequest::Role { role_id: 7 }
+            KickRequest::from_row(None, None, Some(7), None),
+            Some(KickRequest::Role { role_id: 7 })
         );
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"user_id":9}"#).unwrap(),
-            KickRequest::TokenOwner { user_id: 9 }
+            KickRequest::from_row(None, None, None, Some(9)),
+            Some(KickRequest::TokenOwner { user_id: 9 })
         );
-        assert!(serde_json::from_str::<KickRequest>(r#"{"bogus":1}"#).is_err());
+        assert_eq!(KickRequest::from_row(None, None, None, None), None);
+    }
+
+    #[test]
+    fn a_rescan_kicks_only_connections_older_than_the_first_scan() {
+        let t = |s: &str| parse_time(s).unwrap();
+        // CONNZ reports local time with an offset; comparisons are by instant.
+        let first: ScanTimes = [("N1".to_owned(), t("2026-11-24T05:00:00.500+01:00"))].into();
+        let now: ScanTimes = [
+            ("N1".to_owned(), t("2026-11-24T04:00:03Z")),
+            ("N2".to_owned(), t("2026-11-24T04:00:03Z")),
+        ]
+        .into();
+        let conn = |server: &str, start: Option<&str>| Found {
+            server: server.into(),
+            cid: 1,
+            start: start.map(t),
+        };
+        // In flight during the first scan (started before it): kicked.
+        assert!(started_before(
+            &conn("N1", Some("2026-11-24T04:00:00.100Z")),
+            &first,
+            &now
+        ));
+        // The user's reconnect after the first kick: left alone.
+        assert!(!started_before(
+            &conn("N1", Some("2026-11-24T04:00:01Z")),
+            &first,
+            &now
+        ));
+        // A server that did not answer the first scan: its clock now minus RESCAN_AFTER.
+        assert!(started_before(
+            &conn("N2", Some("2026-11-24T04:00:00.400Z")),
+            &first,
+            &now
+        ));
+        assert!(!started_before(
+            &conn("N2", Some("2026-11-24T04:00:00.600Z")),
+            &first,
+            &now
+        ));
+        assert!(started_before(&conn("N1", None), &first, &now));
     }
 }

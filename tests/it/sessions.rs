@@ -221,3 +221,43 @@ async fn a_token_that_expires_ends_the_connection_when_it_expires() {
     );
     still_connected(&mut wevents);
 }
+
+#[tokio::test]
+async fn a_kick_requested_while_no_replica_leads_is_carried_out_when_a_leader_starts() {
+    let (mut env, mut wevents, _w) = setup().await;
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    // No replica runs: nobody hears a NOTIFY now. Alice's connection stays up meanwhile.
+    env.stop_service().await;
+    env.sql("UPDATE nats.users SET active = false WHERE username = 'alice'")
+        .await;
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.kick_requests")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1, "the request is kept");
+    let started = Instant::now();
+    env.start_service(crate::common::serve_args(env.url()))
+        .await;
+    let took = disconnected_within(
+        &mut events,
+        Duration::from_secs(10),
+        "alice, deactivated while no replica led",
+    )
+    .await;
+    eprintln!(
+        "kick carried out {took:?} after a leader started ({:?} since start)",
+        started.elapsed()
+    );
+    env.wait_sql(
+        "SELECT count(*) = 0 FROM nats.kick_requests",
+        Duration::from_secs(10),
+        "the carried-out request to be deleted",
+    )
+    .await;
+    let err = env
+        .connect_user("alice", "s3cret")
+        .await
+        .expect_err("inactive alice stays out");
+    assert!(is_auth_refusal(&err));
+    still_connected(&mut wevents);
+}
