@@ -143,7 +143,7 @@ async fn a_leader_that_loses_its_lock_stops_pushing_within_a_second_mid_drain() 
     let lost_at = Instant::now();
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'nats-pg-auth sync leader') t",
+         WHERE application_name = 'nats-pg-auth sync leader' AND datname = current_database()) t",
     )
     .fetch_one(&env.pool)
     .await
@@ -155,18 +155,33 @@ async fn a_leader_that_loses_its_lock_stops_pushing_within_a_second_mid_drain() 
     let at_loss = synced_bulk(&env.pool).await;
     // Watch the pushes being recorded. The replica competes again 2 s after standing down,
     // so anything recorded in this window comes from the term that lost the lock.
-    let (mut last, mut last_change) = (at_loss, Duration::ZERO);
+    // The term's wake-up listener closes when it stands down: that is when it noticed.
+    let (mut last, mut last_change, mut stood_down) = (at_loss, Duration::ZERO, None);
     while lost_at.elapsed() < Duration::from_millis(1900) {
         let n = synced_bulk(&env.pool).await;
         if n != last {
             last = n;
             last_change = lost_at.elapsed();
         }
+        if stood_down.is_none() {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'nats-pg-auth sync' AND datname = current_database()",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if listening == 0 {
+                stood_down = Some(lost_at.elapsed());
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
-        "lock lost with {at_loss}/{total} pushed; last push recorded {last_change:?} later ({last} pushed)"
+        "lock lost with {at_loss}/{total} pushed; stood down after {stood_down:?}; \
+         last push recorded {last_change:?} after the loss ({last} pushed)"
     );
+    assert!(stood_down.is_some(), "the leader stood down");
     assert!(
         total - last > 200,
         "the drain was still long when the lock went ({last}/{total} pushed): the test proves nothing"
