@@ -20,8 +20,13 @@
 //! clock skew between the service and the servers enters). A client kicked by the first scan
 //! reconnects after it, so its fresh connection (current rights) is left alone; a connection
 //! that was still in its callout during the first scan is kicked, whichever rights it got
-//! (harmless: it reconnects). Re-scans of one target coalesce (the latest first scan wins), and
-//! at most [`MAX_RESCANS`] targets wait at a time. The row is deleted after the re-scan.
+//! (harmless: it reconnects). The row is deleted after the re-scan.
+//!
+//! **Batches.** The rows read at one look form one batch: every target they name is resolved
+//! to (account, usernames), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
+//! scans in flight over all batches), and the batch gets one re-scan. A burst (10,000 users
+//! deactivated) is a few batches, not 10,000 scans. At most [`MAX_IN_PROGRESS`] rows are
+//! being carried out at a time; more wait in the table.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -31,7 +36,7 @@ use chrono::{DateTime, FixedOffset};
 use futures::StreamExt;
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,10 +48,10 @@ pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";
 pub const POLL: Duration = Duration::from_secs(5);
 /// The second scan of a request: the default auth timeout (2 s) plus a margin.
 pub const RESCAN_AFTER: Duration = Duration::from_millis(2500);
-/// At most this many targets wait for a re-scan; beyond, requests get only their first scan.
-pub const MAX_RESCANS: usize = 10_000;
-/// First scans and re-scans running at once (each asks every server for CONNZ).
-const SCANS_AT_ONCE: usize = 16;
+/// At most this many request rows are being carried out (scanned, waiting for their re-scan).
+pub const MAX_IN_PROGRESS: usize = 10_000;
+/// Account scans (CONNZ on every server, then the kicks) running at once, over all batches.
+pub const SCANS_AT_ONCE: usize = 32;
 /// Rows read per look at the table.
 const PICK_UP: i64 = 1000;
 
@@ -90,15 +95,6 @@ pub enum KickError {
 /// Per server (id): the server's clock at the first scan of a request.
 type ScanTimes = HashMap<String, DateTime<FixedOffset>>;
 
-/// A re-scan waiting for the auth timeout to pass.
-struct Rescan {
-    due: Instant,
-    /// Kick only connections that started before this, per server.
-    before: ScanTimes,
-    /// The request rows it settles.
-    ids: Vec<i64>,
-}
-
 pub struct Sessions {
     pool: PgPool,
     client: Client,
@@ -109,8 +105,6 @@ pub struct Sessions {
     gather: Duration,
     /// Request rows this leader is carrying out (not read again until done).
     in_progress: std::sync::Mutex<HashSet<i64>>,
-    rescans: std::sync::Mutex<HashMap<KickRequest, Rescan>>,
-    rescan_added: Notify,
     scans: Semaphore,
 }
 
@@ -148,6 +142,7 @@ struct Conn {
 struct Found {
     server: String,
     cid: u64,
+    user: String,
     start: Option<DateTime<FixedOffset>>,
 }
 
@@ -170,8 +165,6 @@ impl Sessions {
             interval: Duration::from_secs(1) / kicks_per_second.max(1),
             gather: Duration::from_millis(250),
             in_progress: Default::default(),
-            rescans: Default::default(),
-            rescan_added: Notify::new(),
             scans: Semaphore::new(SCANS_AT_ONCE),
         }
     }
@@ -192,11 +185,6 @@ impl Sessions {
         // State of an earlier term of leadership (its tasks ended with it): its rows are still
         // in the table and are carried out again, in full.
         self.lock_in_progress().clear();
-        self.rescans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        tokio::spawn(self.clone().run_rescans(stop.clone()));
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -216,16 +204,19 @@ impl Sessions {
         }
     }
 
-    /// Starts every pending request not already being carried out; requests for the same
-    /// target read together are carried out once.
+    /// Starts the pending requests not already being carried out, as one batch.
     async fn pick_up(self: &std::sync::Arc<Self>, stop: &CancellationToken) {
         let busy: Vec<i64> = self.in_progress_ids();
+        let room = MAX_IN_PROGRESS.saturating_sub(busy.len()) as i64;
+        if room == 0 {
+            return;
+        }
         let rows: Vec<RequestRow> = match sqlx::query_as(
             "SELECT id, account_id, username, role_id, user_id FROM nats.kick_requests \
              WHERE NOT (id = ANY($1)) ORDER BY id LIMIT $2",
         )
         .bind(&busy)
-        .bind(PICK_UP)
+        .bind(PICK_UP.min(room))
         .fetch_all(&self.pool)
         .await
         {
@@ -235,147 +226,59 @@ impl Sessions {
                 return;
             }
         };
-        let mut jobs: BTreeMap<KickRequest, Vec<i64>> = BTreeMap::new();
+        let mut requests = Vec::new();
+        let mut ids = Vec::new();
         let mut malformed = Vec::new();
         for row in rows {
             match KickRequest::from_row(row.account_id, row.username, row.role_id, row.user_id) {
-                Some(r) => jobs.entry(r).or_default().push(row.id),
+                Some(r) => {
+                    if !requests.contains(&r) {
+                        requests.push(r);
+                    }
+                    ids.push(row.id);
+                }
                 None => malformed.push(row.id),
             }
         }
         if !malformed.is_empty() {
             let _ = self.delete_rows(&malformed).await;
         }
-        // In id order of each target's first row.
-        let mut jobs: Vec<(KickRequest, Vec<i64>)> = jobs.into_iter().collect();
-        jobs.sort_by_key(|(_, ids)| ids[0]);
-        for (request, ids) in jobs {
-            self.lock_in_progress().extend(ids.iter().copied());
-            let this = self.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = this.carry_out(request, ids) => {}
-                }
-            });
+        if ids.is_empty() {
+            return;
         }
+        self.lock_in_progress().extend(ids.iter().copied());
+        let this = self.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = this.carry_out(requests, ids) => {}
+            }
+        });
     }
 
-    /// First scan of a request; schedules its re-scan (which deletes the rows).
-    async fn carry_out(&self, request: KickRequest, ids: Vec<i64>) {
-        let first = {
-            let _permit = self.scans.acquire().await;
-            self.scan_and_kick(&request, None).await
-        };
-        match first {
-            Ok((n, times)) => {
-                self.report(&request, n, false).await;
-                self.schedule_rescan(request, ids, times).await;
+    /// First scan of a batch, its re-scan after the auth timeout, then the rows are deleted.
+    async fn carry_out(&self, requests: Vec<KickRequest>, ids: Vec<i64>) {
+        let times = match self.scan_and_kick(&requests, None).await {
+            Ok((kicked, times)) => {
+                self.report(kicked, false).await;
+                times
             }
             Err(e) => {
-                tracing::warn!(?request, error = %e, "could not close connections; retrying in a few seconds");
+                tracing::warn!(?requests, error = %e, "could not close connections; retrying in a few seconds");
                 self.release(&ids);
-            }
-        }
-    }
-
-    async fn schedule_rescan(&self, request: KickRequest, ids: Vec<i64>, times: ScanTimes) {
-        let due = Instant::now() + RESCAN_AFTER;
-        let scheduled = {
-            let mut rescans = self.rescans.lock().unwrap_or_else(|p| p.into_inner());
-            let full = rescans.len() >= MAX_RESCANS;
-            match rescans.get_mut(&request) {
-                Some(r) => {
-                    // Coalesce: the later first scan covers the earlier one's in-flight logins
-                    // too (they started even earlier).
-                    r.due = r.due.max(due);
-                    for (server, at) in times {
-                        let e = r.before.entry(server).or_insert(at);
-                        *e = (*e).max(at);
-                    }
-                    r.ids.extend(ids.iter().copied());
-                    true
-                }
-                None if !full => {
-                    rescans.insert(
-                        request.clone(),
-                        Rescan {
-                            due,
-                            before: times,
-                            ids: ids.clone(),
-                        },
-                    );
-                    true
-                }
-                None => false,
+                return;
             }
         };
-        if scheduled {
-            self.rescan_added.notify_one();
-        } else {
-            tracing::warn!(
-                ?request,
-                "too many kick re-scans waiting; this request gets none"
-            );
-            self.settle(&ids).await;
-        }
-    }
-
-    /// Runs re-scans when they are due, until `stop`.
-    async fn run_rescans(self: std::sync::Arc<Self>, stop: CancellationToken) {
-        loop {
-            let next = self
-                .rescans
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .map(|r| r.due)
-                .min();
-            let sleep = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + POLL));
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.rescan_added.notified() => continue,
-                _ = sleep => {}
-            }
-            let now = Instant::now();
-            let due: Vec<(KickRequest, Rescan)> = {
-                let mut rescans = self.rescans.lock().unwrap_or_else(|p| p.into_inner());
-                let keys: Vec<KickRequest> = rescans
-                    .iter()
-                    .filter(|(_, r)| r.due <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                keys.into_iter()
-                    .filter_map(|k| rescans.remove(&k).map(|r| (k, r)))
-                    .collect()
-            };
-            for (request, rescan) in due {
-                let this = self.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = this.rescan(request, rescan) => {}
-                    }
-                });
-            }
-        }
-    }
-
-    async fn rescan(&self, request: KickRequest, rescan: Rescan) {
-        let result = {
-            let _permit = self.scans.acquire().await;
-            self.scan_and_kick(&request, Some(&rescan.before)).await
-        };
-        match result {
-            Ok((n, _)) => self.report(&request, n, true).await,
+        tokio::time::sleep(RESCAN_AFTER).await;
+        match self.scan_and_kick(&requests, Some(&times)).await {
+            Ok((kicked, _)) => self.report(kicked, true).await,
             // The first scan was done; a login in flight keeps its rights until its JWT ends.
             Err(e) => {
-                tracing::warn!(?request, error = %e, "could not re-scan for logins that were in flight")
+                tracing::warn!(?requests, error = %e, "could not re-scan for logins that were in flight")
             }
         }
-        self.settle(&rescan.ids).await;
+        self.settle(&ids).await;
     }
 
     /// Deletes carried-out request rows.
@@ -409,83 +312,110 @@ impl Sessions {
         }
     }
 
-    async fn report(&self, request: &KickRequest, n: usize, rescan: bool) {
-        if n == 0 {
-            return;
+    async fn report(&self, kicked: BTreeMap<KickRequest, usize>, rescan: bool) {
+        for (request, n) in kicked {
+            if n == 0 {
+                continue;
+            }
+            tracing::info!(
+                ?request,
+                connections = n,
+                rescan,
+                "closed connections whose rights changed"
+            );
+            let subject = match &request {
+                KickRequest::User { username, .. } => format!("user:{username}"),
+                KickRequest::Role { role_id } => format!("role:{role_id}"),
+                KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
+            };
+            let mut detail = serde_json::json!({ "connections": n });
+            if matches!(request, KickRequest::TokenOwner { .. }) {
+                detail["because"] = "token changed".into();
+            }
+            if rescan {
+                detail["logins_in_flight"] = true.into();
+            }
+            crate::db::audit::record(
+                &self.pool,
+                crate::db::audit::kind::SESSIONS_KICKED,
+                &subject,
+                detail,
+            )
+            .await;
         }
-        tracing::info!(
-            ?request,
-            connections = n,
-            rescan,
-            "closed connections whose rights changed"
-        );
-        let subject = match request {
-            KickRequest::User { username, .. } => format!("user:{username}"),
-            KickRequest::Role { role_id } => format!("role:{role_id}"),
-            KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
-        };
-        let mut detail = serde_json::json!({ "connections": n });
-        if matches!(request, KickRequest::TokenOwner { .. }) {
-            detail["because"] = "token changed".into();
-        }
-        if rescan {
-            detail["logins_in_flight"] = true.into();
-        }
-        crate::db::audit::record(
-            &self.pool,
-            crate::db::audit::kind::SESSIONS_KICKED,
-            &subject,
-            detail,
-        )
-        .await;
     }
 
-    /// Closes the affected connections; returns how many were kicked and, per server, its
-    /// clock when it answered. With `before` (a re-scan), only connections that started before
-    /// the given time on their server are kicked (a server missing from it: its clock minus
+    /// Closes the connections the requests concern; returns how many were kicked per request
+    /// and, per server, its clock when it answered. Each account is scanned once, accounts
+    /// concurrently. With `before` (a re-scan), only connections that started before the given
+    /// time on their server are kicked (a server missing from it: its clock minus
     /// [`RESCAN_AFTER`]).
     async fn scan_and_kick(
         &self,
-        request: &KickRequest,
+        requests: &[KickRequest],
         before: Option<&ScanTimes>,
-    ) -> Result<(usize, ScanTimes), KickError> {
-        // account public key -> usernames
-        let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let rows: Vec<(String, String)> = match request {
-            KickRequest::User { account_id, username } => {
-                sqlx::query_as("SELECT public_key, $2::text FROM nats.accounts WHERE id = $1 AND public_key IS NOT NULL")
-                    .bind(account_id)
-                    .bind(username)
-                    .fetch_all(&self.pool)
-                    .await?
+    ) -> Result<(BTreeMap<KickRequest, usize>, ScanTimes), KickError> {
+        // account public key -> username -> the (first) request that names it, by index
+        let mut targets: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for (index, request) in requests.iter().enumerate() {
+            let rows: Vec<(String, String)> = match request {
+                KickRequest::User { account_id, username } => {
+                    sqlx::query_as("SELECT public_key, $2::text FROM nats.accounts WHERE id = $1 AND public_key IS NOT NULL")
+                        .bind(account_id)
+                        .bind(username)
+                        .fetch_all(&self.pool)
+                        .await?
+                }
+                KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
+                KickRequest::TokenOwner { user_id } => {
+                    self.users_where(None, Some(*user_id)).await?
+                }
+            };
+            for (account, user) in rows {
+                targets
+                    .entry(account)
+                    .or_default()
+                    .entry(user)
+                    .or_insert(index);
             }
-            KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
-            KickRequest::TokenOwner { user_id } => self.users_where(None, Some(*user_id)).await?,
-        };
-        for (account, user) in rows {
-            targets.entry(account).or_default().insert(user);
         }
-        let mut kicked = 0;
-        let mut times = ScanTimes::new();
-        for (account, users) in targets {
-            let (found, now) = self.find(&account, &users).await?;
-            for (server, at) in &now {
-                let e = times.entry(server.clone()).or_insert(*at);
-                *e = (*e).min(*at);
-            }
-            for conn in found {
-                if let Some(before) = before {
-                    if !started_before(&conn, before, &now) {
-                        continue;
+        let scans: Vec<Result<(Vec<usize>, ScanTimes), KickError>> = futures::stream::iter(targets)
+            .map(|(account, users)| async move {
+                let _permit = self.scans.acquire().await;
+                let names: BTreeSet<String> = users.keys().cloned().collect();
+                let (found, now) = self.find(&account, &names).await?;
+                let mut kicked = Vec::new();
+                for conn in found {
+                    if let Some(before) = before {
+                        if !started_before(&conn, before, &now) {
+                            continue;
+                        }
+                    }
+                    self.wait_for_slot().await;
+                    if self.kick_one(&conn.server, conn.cid).await {
+                        if let Some(request) = users.get(&conn.user) {
+                            kicked.push(*request);
+                        }
                     }
                 }
-                self.wait_for_slot().await;
-                if self.kick_one(&conn.server, conn.cid).await {
-                    kicked += 1;
-                }
+                Ok((kicked, now))
+            })
+            .buffer_unordered(SCANS_AT_ONCE)
+            .collect()
+            .await;
+        let mut counts: BTreeMap<KickRequest, usize> = BTreeMap::new();
+        let mut times = ScanTimes::new();
+        for scan in scans {
+            let (kicked, now) = scan?;
+            for index in kicked {
+                *counts.entry(requests[index].clone()).or_default() += 1;
+            }
+            for (server, at) in now {
+                let e = times.entry(server).or_insert(at);
+                *e = (*e).min(at);
             }
         }
-        Ok((kicked, times))
+        Ok((counts, times))
     }
 
     /// (account key, username) of the users holding a role, or of one user.
@@ -536,14 +466,11 @@ impl Sessions {
                 times.insert(reply.server.id.clone(), now);
             }
             for conn in data.connections {
-                if conn
-                    .authorized_user
-                    .as_ref()
-                    .is_some_and(|u| users.contains(u))
-                {
+                if let Some(user) = conn.authorized_user.filter(|u| users.contains(u)) {
                     found.push(Found {
                         server: reply.server.id.clone(),
                         cid: conn.cid,
+                        user,
                         start: conn.start.as_deref().and_then(parse_time),
                     });
                 }
@@ -636,6 +563,7 @@ mod tests {
         let conn = |server: &str, start: Option<&str>| Found {
             server: server.into(),
             cid: 1,
+            user: "alice".into(),
             start: start.map(t),
         };
         // In flight during the first scan (started before it): kicked.

@@ -202,9 +202,9 @@ impl Sync {
         // A new leader cannot know what the server holds: push everything once.
         self.enqueue_all("sync leader started").await;
         nats_connected.mark_unchanged();
-        let mut reconcile = tokio::time::interval(self.settings.reconcile_interval);
-        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        reconcile.tick().await;
+        // Reconcile runs beside the drain (with 10,000 accounts a round takes seconds), and
+        // only queues outbox rows.
+        tokio::spawn(self.clone().reconcile_every(leading.clone()));
         loop {
             self.drain(&leading).await;
             if leading.is_cancelled() {
@@ -245,17 +245,27 @@ impl Sync {
                         }
                     }
                 }
-                _ = reconcile.tick() => {
-                    tokio::select! {
-                        _ = leading.cancelled() => break,
-                        _ = self.reconcile() => {}
-                    }
-                }
             }
         }
         // Releases the lock (or finds it already gone).
         leading.cancel();
         let _ = watch.await;
+    }
+
+    async fn reconcile_every(self: std::sync::Arc<Self>, leading: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = leading.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = leading.cancelled() => return,
+                _ = self.reconcile() => {}
+            }
+        }
     }
 
     async fn enqueue_all(&self, reason: &str) {
