@@ -79,9 +79,14 @@ pub async fn fail(
 
 /// Queues a push of every account (after a (re)connect to NATS, or when becoming leader), as
 /// bulk rows: claimed after every change an admin made, so those are not stuck behind it.
+/// Accounts with an unclaimed push pending already get one; they are skipped (a leadership
+/// that changes hands twice does not queue every account twice).
 pub async fn enqueue_all(pool: &PgPool, reason: &str) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
-        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) SELECT id, 'upsert', $1, true FROM nats.accounts",
+        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) \
+         SELECT a.id, 'upsert', $1, true FROM nats.accounts a \
+         WHERE NOT EXISTS (SELECT 1 FROM nats.sync_outbox o \
+                           WHERE o.account_id = a.id AND o.op = 'upsert' AND o.attempts = 0)",
     )
     .bind(reason)
     .execute(pool)
