@@ -39,14 +39,14 @@ async fn each_new_account_is_pushed_once() {
     leader_idle(&env).await;
     let before = env.metrics.pushes();
     insert_accounts(&env, 40).await;
-    // Give a redundant second push (the sync's own key writes queueing one) time to show.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let left: Vec<(String, i32)> =
-        sqlx::query_as("SELECT reason, attempts FROM nats.sync_outbox ORDER BY id")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert!(left.is_empty(), "nothing left to push: {left:?}");
+    // A redundant second push (the sync's own key writes queueing one) would be queued before
+    // the first push ends, so the outbox cannot drain without it.
+    env.wait_sql(
+        "SELECT NOT EXISTS (SELECT 1 FROM nats.sync_outbox)",
+        Duration::from_secs(20),
+        "every new account to be pushed",
+    )
+    .await;
     assert_eq!(
         env.metrics.pushes() - before,
         40,
