@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{EnvOptions, TestEnv};
+use crate::common::{DbOutage, EnvOptions, TestEnv};
 
 /// Issue 7: every replica keeps a complete copy of what a login needs and answers from it while
 /// Postgres is unreachable (`--db-outage-grace`), so a known user gets in; the copy still
@@ -19,23 +19,8 @@ async fn postgres_outage_known_user_gets_in_from_the_copy_unknown_and_wrong_pass
     env.connect_user("alice", "s3cret")
         .await
         .expect("alice logs in before the outage");
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    let admin = sqlx::PgPool::connect(&crate::common::admin_url())
-        .await
-        .unwrap();
     // Take the database away from every client, the service's pool and listeners included.
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
-        .bind(&db)
-        .execute(&admin)
-        .await
-        .unwrap();
+    let outage = DbOutage::begin(&env).await;
 
     env.connect_user("alice", "s3cret")
         .await
@@ -71,10 +56,7 @@ async fn postgres_outage_known_user_gets_in_from_the_copy_unknown_and_wrong_pass
         "logins answered from the copy are counted on /metrics:\n{metrics}"
     );
 
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    outage.end().await;
     env.wait_login(
         "alice",
         "s3cret",

@@ -956,3 +956,40 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Takes the test database away from every client (the service's pool and listener included)
+/// until `end` gives it back.
+pub struct DbOutage {
+    admin: sqlx::PgPool,
+    db: String,
+}
+
+impl DbOutage {
+    pub async fn begin(env: &TestEnv) -> DbOutage {
+        let db: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(&db)
+            .execute(&admin)
+            .await
+            .unwrap();
+        DbOutage { admin, db }
+    }
+
+    pub async fn end(self) {
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.db
+        ))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+    }
+}
