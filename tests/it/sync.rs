@@ -13,7 +13,7 @@ async fn insert_accounts(env: &TestEnv, n: usize) {
     .await;
     env.wait_sql(
         "SELECT count(*) = 0 FROM nats.accounts WHERE name LIKE 'bulk%' AND synced_at IS NULL",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         "every account to sync",
     )
     .await;
