@@ -1245,10 +1245,15 @@ async fn chaos_cluster_keeps_logins_going_through_replica_server_and_postgres_lo
     }
     drop(watcher);
     let c = step.end(&stats).await;
+    // A nats-server is killed in this step: a login whose request was on its way through it is
+    // lost (the client sees the auth timeout), as in step 3. Postgres being down refuses none.
     verdict.check(
         5,
-        c.refused == 0,
-        format!("{} loop logins refused", c.refused),
+        c.refused <= WORKERS as u64,
+        format!(
+            "{} loop logins refused; at most the {WORKERS} in flight through the restarted server may fail",
+            c.refused
+        ),
     );
 
     // =====================================================================================
