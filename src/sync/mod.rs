@@ -147,8 +147,15 @@ impl Sync {
         shutdown: CancellationToken,
     ) {
         let mut logged_follower = false;
+        // One line per outage, not one every 2 s for as long as it lasts.
+        let mut logged_unreachable = false;
         while !shutdown.is_cancelled() {
-            match Leadership::try_acquire(&self.settings.database_url).await {
+            let attempt = Leadership::try_acquire(&self.settings.database_url).await;
+            if attempt.is_ok() && logged_unreachable {
+                tracing::info!("sync reaches Postgres again");
+                logged_unreachable = false;
+            }
+            match attempt {
                 Ok(Some(leadership)) => {
                     tracing::info!("this replica is the sync leader");
                     logged_follower = false;
@@ -160,8 +167,12 @@ impl Sync {
                         logged_follower = true;
                     }
                 }
+                Err(e) if !logged_unreachable => {
+                    logged_unreachable = true;
+                    tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; pushes and kicks wait (nothing is lost), retrying every 2s")
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; retrying in 2s")
+                    tracing::debug!(error = %e, "sync still cannot reach Postgres")
                 }
             }
             tokio::select! {
