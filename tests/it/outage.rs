@@ -196,3 +196,46 @@ async fn a_user_changed_in_bulk_is_reread_with_its_role() {
     );
     outage.end().await;
 }
+
+#[tokio::test]
+async fn a_replica_started_while_postgres_is_down_says_so_waits_and_then_serves() {
+    let mut env = TestEnv::start().await;
+    tenants(&env).await;
+    // Only the process answers logins in this test.
+    env.stop_service().await;
+    let outage = DbOutage::begin(&env).await;
+    let mut replica = crate::common::ServeProcess::spawn(&env, "late", &[]);
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to say it waits",
+        || {
+            let log = replica.log();
+            async move { log.contains("answers no logins until it has loaded a copy") }
+        },
+    )
+    .await;
+    let err = env
+        .connect_user("bob", "pw")
+        .await
+        .expect_err("nothing answers without a copy");
+    assert!(is_auth_refusal(&err), "{err}");
+    outage.end().await;
+    replica.wait_ready(Duration::from_secs(20)).await;
+    env.wait_login(
+        "bob",
+        "pw",
+        Duration::from_secs(10),
+        "bob logs in through the late replica",
+    )
+    .await;
+    let log = replica.log();
+    assert_eq!(
+        log.matches("answers no logins until it has loaded a copy")
+            .count(),
+        1,
+        "said once, not once per retry:\n{log}"
+    );
+    replica.signal("TERM");
+    let status = replica.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+}
