@@ -24,6 +24,10 @@ pub enum PushError {
     Refused(String),
     #[error("unexpected reply from nats-server: {0}")]
     BadReply(String),
+    #[error("refused to push: {0}")]
+    Forbidden(String),
+    #[error("cannot check the JWT before pushing it: {0}")]
+    Check(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +99,59 @@ async fn expect_200(
 /// Pushes one account JWT.
 pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
     expect_200(client, CLAIMS_UPDATE, jwt, timeout).await
+}
+
+/// Pushes the JWT of the tenant account `account_id`, after checking that its subject is that
+/// account's own identity key (`nats.account_keys`, kind `identity`) and not a key of the
+/// service (operator, SYS, AUTH, ...). `nats.accounts.public_key` is only a copy: whoever could
+/// point it at the AUTH account would otherwise have the sync push an AUTH JWT without its
+/// `authorization` block (the callout off for everyone), or make the account's signing keys SYS
+/// signing keys.
+pub async fn update_account(
+    pool: &sqlx::PgPool,
+    account_id: i64,
+    client: &Client,
+    jwt: &str,
+    settings: &super::SyncSettings,
+) -> Result<(), PushError> {
+    let subject = crate::jwt::decode_unverified::<serde_json::Value>(jwt)
+        .map_err(|e| PushError::Check(e.to_string()))?
+        .sub;
+    check_account_subject(pool, account_id, &subject).await?;
+    update(client, jwt, settings.push_timeout).await
+}
+
+/// Ok when `subject` may be the subject of account `account_id`'s JWT (see `update_account`).
+pub async fn check_account_subject(
+    pool: &sqlx::PgPool,
+    account_id: i64,
+    subject: &str,
+) -> Result<(), PushError> {
+    let (identity, service): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT (SELECT public_key FROM nats.account_keys WHERE account_id = $1 AND kind = 'identity'), \
+                (SELECT kind FROM nats.service_identities WHERE public_key = $2)",
+    )
+    .bind(account_id)
+    .bind(subject)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| PushError::Check(e.to_string()))?;
+    if let Some(kind) = service {
+        return Err(PushError::Forbidden(format!(
+            "the account's public_key {subject} is the service's own {kind} key; \
+             nats.accounts.public_key must be the account's identity key (nats.account_keys)"
+        )));
+    }
+    match identity {
+        Some(identity) if identity == subject => Ok(()),
+        Some(identity) => Err(PushError::Forbidden(format!(
+            "the account's public_key {subject} is not its identity key {identity} \
+             (nats.accounts.public_key is written by the service only)"
+        ))),
+        None => Err(PushError::Forbidden(format!(
+            "the account has no identity key in nats.account_keys, so {subject} cannot be its key"
+        ))),
+    }
 }
 
 /// Deletes accounts with a generic JWT signed by the operator (built by the caller).

@@ -1,10 +1,11 @@
--- Proves the checks and triggers of migrations/0001_schema.sql. Needs a FRESH database with the
--- migration applied (it inserts rows and stops if nats.accounts is not empty):
+-- Proves the checks and triggers of migrations/0001_schema.sql and the roles of 0005. Needs a
+-- FRESH database with every migration applied (it inserts rows and stops if nats.accounts is
+-- not empty), by a role that may create roles:
 --
 --   URL=$(scripts/pg.sh start /tmp/pgdev 55432)            # or any Postgres >= 15
 --   psql "$URL" -c 'CREATE DATABASE schema_checks'
 --   DB=${URL%/*}/schema_checks
---   psql "$DB" -v ON_ERROR_STOP=1 -f migrations/0001_schema.sql
+--   for f in migrations/*.sql; do psql "$DB" -v ON_ERROR_STOP=1 -f "$f"; done
 --   psql "$DB" -v ON_ERROR_STOP=1 -f tests/sql/schema_checks.sql
 --
 -- Every rejected statement is printed with the error an admin would see. Any surprise stops the
@@ -362,4 +363,76 @@ SELECT pg_temp.expect_notifications('role and user delete', ARRAY[
   'nats_pg_auth_change role:' || (SELECT role_id FROM ids)]);
 
 SELECT dblink_disconnect('listener');
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 5. Roles and row-level security (migrations/0005), as the real roles (SET ROLE)'
+-- ---------------------------------------------------------------------------------------------
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'schema_checks_acme_admin') THEN
+    CREATE ROLE schema_checks_acme_admin;
+  END IF;
+  GRANT nats_pg_auth_tenant TO schema_checks_acme_admin;
+END $$;
+INSERT INTO nats.accounts (name, max_connections) VALUES ('r-acme', 10), ('r-globex', 10);
+INSERT INTO nats.roles (account_id, name) SELECT id, 'r-role' FROM nats.accounts WHERE name = 'r-acme';
+INSERT INTO nats.roles (account_id, name) SELECT id, 'g-role' FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.users (account_id, username, password_hash)
+  SELECT id, 'g-user', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.account_exports (account_id, name, subject, type, token_req)
+  SELECT id, 'g-private', 'gp.>', 'stream', true FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.account_admins (account_id, role_name)
+  SELECT id, 'schema_checks_acme_admin' FROM nats.accounts WHERE name = 'r-acme';
+CREATE TEMP TABLE r AS SELECT
+  (SELECT id FROM nats.accounts WHERE name = 'r-acme') AS acme,
+  (SELECT id FROM nats.accounts WHERE name = 'r-globex') AS globex,
+  (SELECT id FROM nats.roles WHERE name = 'g-role') AS g_role,
+  (SELECT id FROM nats.account_exports WHERE name = 'g-private') AS g_export;
+GRANT SELECT ON r TO PUBLIC;
+
+SET ROLE schema_checks_acme_admin;
+INSERT INTO nats.users (account_id, role_id, username, password_hash)
+  SELECT a.id, r.id, 'r-bob', crypt('pw', gen_salt('bf', 4))
+  FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'r-acme';
+SELECT pg_temp.expect((SELECT array_agg(username) FROM nats.users) = '{r-bob}', 'tenant admin sees only its own users');
+SELECT pg_temp.expect((SELECT array_agg(name) FROM nats.accounts) = '{r-acme}', 'tenant admin sees only its own account');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.account_exports) = 0, 'tenant admin does not see other tenants'' exports');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET max_connections = 1000$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET active = false$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET public_key = 'A'$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.accounts (name) VALUES ('mine')$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.account_keys$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.service_identities$$, 'permission denied');
+SELECT pg_temp.expect_error($$TRUNCATE nats.users$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.users (account_id, username) SELECT globex, 'intruder' FROM r$$, 'row-level security');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET role_id = (SELECT g_role FROM r) WHERE username = 'r-bob'$$, 'belongs to account');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_export_grants (export_id, importer_account_id) SELECT g_export, acme FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT acme, 'delete', 'x' FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$SELECT nats.rotate_signing_key('r-globex')$$, 'no account named');
+SELECT nats.rotate_signing_key('r-acme');
+INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
+  SELECT acme, 'steal', 'gp.>', globex, 'stream' FROM r;   -- allowed; the sync leaves it out (no grant)
+RESET ROLE;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.users WHERE username = 'g-user' AND active) = 1, 'globex untouched');
+DELETE FROM nats.sync_outbox;
+
+SET ROLE nats_pg_auth_admin;
+UPDATE nats.accounts SET max_connections = 20 WHERE name = 'r-globex';
+INSERT INTO nats.account_export_grants (export_id, importer_account_id) SELECT g_export, acme FROM r;
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET public_key = 'A'$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET jwt = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET synced_at = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET sync_error = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.account_keys SET retired_at = now()$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.account_keys$$, 'permission denied');
+SELECT pg_temp.expect_error($$DELETE FROM nats.sync_outbox$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT acme, 'delete', 'x' FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$INSERT INTO nats.audit_log (kind) VALUES ('x')$$, 'permission denied');
+SELECT pg_temp.expect_error($$TRUNCATE nats.users$$, 'permission denied');
+RESET ROLE;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox o, r WHERE o.account_id = r.acme AND o.op = 'upsert') = 1,
+                      'the grant queued the importer (as the admin, through a trigger running as the owner)');
+
 \echo '== all schema checks passed'
