@@ -631,7 +631,7 @@ impl Sync {
         }
         let token = jwt::encode(claims, &self.signer())?;
         self.last_iat.lock().await.insert(row.id, claims.iat);
-        publish::update_account(&self.pool, row.id, &self.client, &token, &self.settings).await?;
+        publish::update_account(row, &self.client, &token, &self.settings).await?;
         Ok(token)
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use async_nats::Client;
 use serde::Deserialize;
 
+use crate::db::accounts::AccountRow;
+
 pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
 pub const CLAIMS_DELETE: &str = "$SYS.REQ.CLAIMS.DELETE";
 pub const CLAIMS_LIST: &str = "$SYS.REQ.CLAIMS.LIST";
@@ -101,15 +103,14 @@ pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(),
     expect_200(client, CLAIMS_UPDATE, jwt, timeout).await
 }
 
-/// Pushes the JWT of the tenant account `account_id`, after checking that its subject is that
+/// Pushes the JWT of the tenant account `row`, after checking that its subject is that
 /// account's own identity key (`nats.account_keys`, kind `identity`) and not a key of the
 /// service (operator, SYS, AUTH, ...). `nats.accounts.public_key` is only a copy: whoever could
 /// point it at the AUTH account would otherwise have the sync push an AUTH JWT without its
 /// `authorization` block (the callout off for everyone), or make the account's signing keys SYS
-/// signing keys.
+/// signing keys. Both facts come with the row (`db::accounts::load`): no extra query.
 pub async fn update_account(
-    pool: &sqlx::PgPool,
-    account_id: i64,
+    row: &AccountRow,
     client: &Client,
     jwt: &str,
     settings: &super::SyncSettings,
@@ -117,32 +118,23 @@ pub async fn update_account(
     let subject = crate::jwt::decode_unverified::<serde_json::Value>(jwt)
         .map_err(|e| PushError::Check(e.to_string()))?
         .sub;
-    check_account_subject(pool, account_id, &subject).await?;
+    check_account_subject(row, &subject)?;
     update(client, jwt, settings.push_timeout).await
 }
 
-/// Ok when `subject` may be the subject of account `account_id`'s JWT (see `update_account`).
-pub async fn check_account_subject(
-    pool: &sqlx::PgPool,
-    account_id: i64,
-    subject: &str,
-) -> Result<(), PushError> {
-    let (identity, service): (Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT (SELECT public_key FROM nats.account_keys WHERE account_id = $1 AND kind = 'identity'), \
-                (SELECT kind FROM nats.service_identities WHERE public_key = $2)",
-    )
-    .bind(account_id)
-    .bind(subject)
-    .fetch_one(pool)
-    .await
-    .map_err(|e| PushError::Check(e.to_string()))?;
-    if let Some(kind) = service {
+/// Ok when `subject` may be the subject of the JWT of the account `row` (see `update_account`).
+pub fn check_account_subject(row: &AccountRow, subject: &str) -> Result<(), PushError> {
+    let service_kind = row
+        .public_key_service_kind
+        .as_deref()
+        .filter(|_| row.public_key.as_deref() == Some(subject));
+    if let Some(kind) = service_kind {
         return Err(PushError::Forbidden(format!(
             "the account's public_key {subject} is the service's own {kind} key; \
              nats.accounts.public_key must be the account's identity key (nats.account_keys)"
         )));
     }
-    match identity {
+    match row.identity_key.as_deref() {
         Some(identity) if identity == subject => Ok(()),
         Some(identity) => Err(PushError::Forbidden(format!(
             "the account's public_key {subject} is not its identity key {identity} \
