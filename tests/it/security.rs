@@ -146,12 +146,15 @@ async fn an_account_key_pointed_at_a_service_identity_or_another_key_is_never_pu
 }
 
 #[tokio::test]
-async fn an_outbox_delete_of_a_live_account_is_refused() {
+async fn an_outbox_delete_of_a_live_account_or_a_service_key_is_refused() {
     let env = TestEnv::start().await;
     env.acme().await;
     let acme = env.account_key("acme").await;
+    let ids = ServiceIdentities::load(&env.pool).await.unwrap();
+    let operator = ids.public_key(IdentityKind::Operator).to_owned();
     env.sql(&format!(
-        "INSERT INTO nats.sync_outbox (account_public_key, op, reason) VALUES ('{acme}', 'delete', 'forged');
+        "INSERT INTO nats.sync_outbox (account_public_key, op, reason)
+           VALUES ('{acme}', 'delete', 'forged'), ('{operator}', 'delete', 'forged');
          SELECT pg_notify('nats_pg_auth_sync', '0');"
     ))
     .await;
@@ -164,6 +167,14 @@ async fn an_outbox_delete_of_a_live_account_is_refused() {
     let detail = audit_row(&env, "account_delete_refused", &acme).await;
     assert!(
         detail["reason"].as_str().unwrap().contains("still has it"),
+        "{detail}"
+    );
+    let detail = audit_row(&env, "account_delete_refused", &operator).await;
+    assert!(
+        detail["reason"]
+            .as_str()
+            .unwrap()
+            .contains("key of the service"),
         "{detail}"
     );
     let sys = env.system_client().await;
