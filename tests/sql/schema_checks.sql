@@ -75,6 +75,18 @@ SELECT dblink_connect('listener', format('host=%s port=%s dbname=%s user=%s',
 SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_change');
 SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_sync');
 
+-- Forgets every notification sent so far. Delivery to the listener is asynchronous (and slow
+-- on a loaded machine): wait until nothing more arrives for a while.
+CREATE FUNCTION pg_temp.drain_notifications() RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  quiet int := 0;
+BEGIN
+  WHILE quiet < 3 LOOP
+    PERFORM pg_sleep(0.05);
+    IF EXISTS (SELECT 1 FROM dblink_get_notify('listener')) THEN quiet := 0; ELSE quiet := quiet + 1; END IF;
+  END LOOP;
+END $$;
+
 -- Notifications received since the last call must be exactly `expected` (as a set: Postgres
 -- folds identical notifications of one transaction into one). Entries are 'channel payload'.
 CREATE FUNCTION pg_temp.expect_notifications(what text, expected text[]) RETURNS void
@@ -246,7 +258,7 @@ SELECT pg_temp.expect(true, 'argon2id, NULL (token-only), a global role, queue g
 -- ---------------------------------------------------------------------------------------------
 -- As if the sync had pushed everything; forget the notifications section 2 sent.
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- The sync recording a push writes only service-owned columns: no push, no notification, and
 -- updated_at stays put.
@@ -302,7 +314,7 @@ SELECT pg_temp.expect_error($$INSERT INTO nats.account_keys (account_id, kind, p
     SELECT id, 'identity', 'A' || repeat('E', 55), 's' FROM nats.accounts WHERE name = 'acme'$$,
   'account_keys_one_identity');
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- Deleting an account: one delete row carrying its public key; nothing queued for it by the
 -- cascaded deletes of its keys, exports and users; its importers are queued (their import is gone).
@@ -314,13 +326,13 @@ SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox WHERE op = 'upsert'
 SELECT pg_temp.expect(pg_temp.outbox('beta') = 1, 'the importer of the deleted exporter is queued');
 SELECT pg_temp.expect((SELECT count(*) FROM nats.account_imports) = 0, 'imports from the deleted account are gone');
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 INSERT INTO nats.accounts (name) VALUES ('never-synced');
 DELETE FROM nats.sync_outbox;
 DELETE FROM nats.accounts WHERE name = 'never-synced';
 SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox) = 0, 'an account deleted before it had keys queues nothing');
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- ---------------------------------------------------------------------------------------------
 \echo '== 4. Change notifications'
