@@ -141,7 +141,7 @@ impl Application {
         let args = &config.args;
         let addrs = nats_addrs(&args.nats_url)?;
         let pool = db::connect(&config.database_url, args.db_pool_size).await?;
-        db::migrate(&pool).await?;
+        db::ensure_migrated(&pool).await?;
         let identities = ServiceIdentities::load(&pool).await?;
         check_seeds(&pool, &config.cipher, &identities).await?;
         if config.cipher.has_key() {

@@ -102,7 +102,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         Command::Init(args) => {
             let cipher = common.cipher()?;
             let pool = db::connect(common.database_url()?, 2).await?;
-            db::migrate(&pool).await?;
+            db::ensure_migrated(&pool).await?;
             let report = init::init(&pool, &cipher, &args.operator_name).await?;
             init::write_fragment(
                 &report.identities,

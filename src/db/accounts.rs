@@ -23,6 +23,10 @@ pub struct AccountRow {
     pub max_jetstream_consumers: i64,
     pub public_key: Option<String>,
     pub jwt: Option<String>,
+    /// The account's identity key in `nats.account_keys` (the only valid JWT subject).
+    pub identity_key: Option<String>,
+    /// When `public_key` is a key of the service itself, its kind (`auth_account`, ...).
+    pub public_key_service_kind: Option<String>,
     pub updated_at: DateTime<Utc>,
     /// Database time when the row was read; recorded as `synced_at` after a good push.
     pub read_at: DateTime<Utc>,
@@ -55,8 +59,13 @@ pub async fn load(pool: &PgPool, id: i64) -> Result<Option<AccountRow>, sqlx::Er
         "SELECT id, name, description, active, max_connections, max_leafnodes, max_subscriptions, \
                 max_data, max_payload, max_imports, max_exports, allow_wildcard_exports, \
                 max_jetstream_memory_storage, max_jetstream_disk_storage, max_jetstream_streams, \
-                max_jetstream_consumers, public_key, jwt, updated_at, clock_timestamp() AS read_at \
-         FROM nats.accounts WHERE id = $1",
+                max_jetstream_consumers, public_key, jwt, \
+                (SELECT k.public_key FROM nats.account_keys k \
+                  WHERE k.account_id = a.id AND k.kind = 'identity') AS identity_key, \
+                (SELECT s.kind FROM nats.service_identities s \
+                  WHERE s.public_key = a.public_key) AS public_key_service_kind, \
+                updated_at, clock_timestamp() AS read_at \
+         FROM nats.accounts a WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)

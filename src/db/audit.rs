@@ -2,8 +2,9 @@
 //! later "when was acme's key rotated, who got kicked, why was bob locked out?".
 //!
 //! Rows hold names, public keys and counts, never a secret. Writing one is best effort: a
-//! failed audit write is logged and the action it records still stands. Old rows are the
-//! admin's to prune (`DELETE FROM nats.audit_log WHERE at < now() - interval '90 days'`).
+//! failed audit write is logged and the action it records still stands. Old rows are pruned by
+//! the schema owner (`DELETE FROM nats.audit_log WHERE at < now() - interval '90 days'`): the
+//! admin and tenant roles cannot write this table.
 
 use sqlx::PgPool;
 
@@ -14,6 +15,7 @@ pub mod kind {
     pub const OPERATOR_KEY_ADOPTED: &str = "operator_signing_key_adopted";
     pub const SESSIONS_KICKED: &str = "sessions_kicked";
     pub const USER_LOCKED_OUT: &str = "user_locked_out";
+    pub const ACCOUNT_DELETE_REFUSED: &str = "account_delete_refused";
 }
 
 pub async fn record(pool: &PgPool, kind: &str, subject: &str, detail: serde_json::Value) {

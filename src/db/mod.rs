@@ -55,3 +55,28 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// For `serve` and `init`: runs the migrations only when some are not applied yet. So the
+/// service can run as `nats_pg_auth_service`, which may not run DDL, against a schema that
+/// `migrate` (run by the schema owner) brought up to date.
+pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if exists {
+        let applied: Result<Vec<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await;
+        if let Ok(applied) = applied {
+            if MIGRATOR
+                .iter()
+                .filter(|m| m.migration_type.is_up_migration())
+                .all(|m| applied.contains(&m.version))
+            {
+                return Ok(());
+            }
+        }
+    }
+    migrate(pool).await
+}

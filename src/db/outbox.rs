@@ -24,30 +24,60 @@ pub struct OutboxRow {
     pub account_public_key: Option<String>,
     pub op: String,
     pub attempts: i32,
+    /// Why a delete row must not be carried out (see `claim`); None for every other row.
+    #[sqlx(default)]
+    pub refused: Option<String>,
 }
 
 /// Claims up to `limit` due rows, changes before bulk re-pushes, oldest first, skipping rows of
 /// the accounts in `busy` (being pushed right now).
+///
+/// A delete row removes an account from nats-server. One naming a key of the service (operator,
+/// SYS, AUTH, ...) or a key some account still has is never carried out: the row comes back
+/// without its key (the sync drops such rows) and the refusal is logged and kept in the
+/// audit log. Only the service writes this table, but a row is not proof of who wrote it.
 pub async fn claim(
     pool: &PgPool,
     limit: i64,
     lease: Duration,
     busy: &[i64],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    sqlx::query_as(
+    let mut rows: Vec<OutboxRow> = sqlx::query_as(
         "UPDATE nats.sync_outbox o SET attempts = o.attempts + 1, \
                 next_attempt_at = now() + make_interval(secs => $2) \
          WHERE o.id IN (SELECT id FROM nats.sync_outbox \
                         WHERE next_attempt_at <= now() \
                           AND (account_id IS NULL OR NOT account_id = ANY($3)) \
                         ORDER BY bulk, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING o.id, o.account_id, o.account_public_key, o.op, o.attempts",
+         RETURNING o.id, o.account_id, o.account_public_key, o.op, o.attempts, \
+           CASE WHEN o.op <> 'delete' OR o.account_public_key IS NULL THEN NULL \
+                WHEN EXISTS (SELECT 1 FROM nats.service_identities s \
+                              WHERE s.public_key = o.account_public_key) \
+                  THEN 'it is a key of the service itself' \
+                WHEN EXISTS (SELECT 1 FROM nats.account_keys k \
+                              WHERE k.kind = 'identity' AND k.public_key = o.account_public_key) \
+                  OR EXISTS (SELECT 1 FROM nats.accounts a WHERE a.public_key = o.account_public_key) \
+                  THEN 'an account of the database still has it' END AS refused",
     )
     .bind(limit)
     .bind(lease.as_secs_f64())
     .bind(busy)
     .fetch_all(pool)
-    .await
+    .await?;
+    for row in rows.iter_mut() {
+        if let Some(why) = &row.refused {
+            let key = row.account_public_key.take().unwrap_or_default();
+            tracing::warn!(account = %key, outbox_id = row.id, reason = %why, "refused to delete an account from nats-server");
+            super::audit::record(
+                pool,
+                super::audit::kind::ACCOUNT_DELETE_REFUSED,
+                &key,
+                serde_json::json!({ "outbox_id": row.id, "reason": why }),
+            )
+            .await;
+        }
+    }
+    Ok(rows)
 }
 
 pub async fn complete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {

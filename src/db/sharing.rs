@@ -45,16 +45,34 @@ pub async fn exports_of(pool: &PgPool, account_id: i64) -> Result<Vec<ExportRow>
     .await
 }
 
+/// Imports of an account. An `exporter_public_key` that is the identity key of an account of
+/// this database is treated as that account (`exporter_account_id`): its exports, grants and
+/// activation rules apply, so naming a local exporter by key cannot smuggle in a token.
 pub async fn imports_of(pool: &PgPool, account_id: i64) -> Result<Vec<ImportRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT i.id, i.name, i.subject, i.exporter_account_id, \
+        "SELECT i.id, i.name, i.subject, COALESCE(i.exporter_account_id, k.account_id) AS exporter_account_id, \
                 COALESCE(e.public_key, i.exporter_public_key) AS exporter_key, \
                 i.local_subject, i.type AS kind, i.share, i.allow_trace, i.token, i.sync_error \
          FROM nats.account_imports i LEFT JOIN nats.accounts e ON e.id = i.exporter_account_id \
+         LEFT JOIN nats.account_keys k ON k.public_key = i.exporter_public_key AND k.kind = 'identity' \
          WHERE i.account_id = $1 ORDER BY i.name",
     )
     .bind(account_id)
     .fetch_all(pool)
+    .await
+}
+
+/// True when the exporter granted export `export_id` to the account holding import `import_id`
+/// (`nats.account_export_grants`).
+pub async fn granted(pool: &PgPool, export_id: i64, import_id: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM nats.account_export_grants g \
+                        JOIN nats.account_imports i ON i.account_id = g.importer_account_id \
+                        WHERE g.export_id = $1 AND i.id = $2)",
+    )
+    .bind(export_id)
+    .bind(import_id)
+    .fetch_one(pool)
     .await
 }
 

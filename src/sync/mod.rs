@@ -714,7 +714,7 @@ impl Sync {
         let token = jwt::encode(claims, &self.signer())?;
         self.last_iat.lock().await.insert(row.id, claims.iat);
         still_leading(leading)?;
-        publish::update(&self.client, &token, self.settings.push_timeout).await?;
+        publish::update_account(row, &self.client, &token, &self.settings).await?;
         Ok(token)
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use async_nats::Client;
 use serde::Deserialize;
 
+use crate::db::accounts::AccountRow;
+
 pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
 pub const CLAIMS_DELETE: &str = "$SYS.REQ.CLAIMS.DELETE";
 pub const CLAIMS_LIST: &str = "$SYS.REQ.CLAIMS.LIST";
@@ -24,6 +26,10 @@ pub enum PushError {
     Refused(String),
     #[error("unexpected reply from nats-server: {0}")]
     BadReply(String),
+    #[error("refused to push: {0}")]
+    Forbidden(String),
+    #[error("cannot check the JWT before pushing it: {0}")]
+    Check(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +101,49 @@ async fn expect_200(
 /// Pushes one account JWT.
 pub async fn update(client: &Client, jwt: &str, timeout: Duration) -> Result<(), PushError> {
     expect_200(client, CLAIMS_UPDATE, jwt, timeout).await
+}
+
+/// Pushes the JWT of the tenant account `row`, after checking that its subject is that
+/// account's own identity key (`nats.account_keys`, kind `identity`) and not a key of the
+/// service (operator, SYS, AUTH, ...). `nats.accounts.public_key` is only a copy: whoever could
+/// point it at the AUTH account would otherwise have the sync push an AUTH JWT without its
+/// `authorization` block (the callout off for everyone), or make the account's signing keys SYS
+/// signing keys. Both facts come with the row (`db::accounts::load`): no extra query.
+pub async fn update_account(
+    row: &AccountRow,
+    client: &Client,
+    jwt: &str,
+    settings: &super::SyncSettings,
+) -> Result<(), PushError> {
+    let subject = crate::jwt::decode_unverified::<serde_json::Value>(jwt)
+        .map_err(|e| PushError::Check(e.to_string()))?
+        .sub;
+    check_account_subject(row, &subject)?;
+    update(client, jwt, settings.push_timeout).await
+}
+
+/// Ok when `subject` may be the subject of the JWT of the account `row` (see `update_account`).
+pub fn check_account_subject(row: &AccountRow, subject: &str) -> Result<(), PushError> {
+    let service_kind = row
+        .public_key_service_kind
+        .as_deref()
+        .filter(|_| row.public_key.as_deref() == Some(subject));
+    if let Some(kind) = service_kind {
+        return Err(PushError::Forbidden(format!(
+            "the account's public_key {subject} is the service's own {kind} key; \
+             nats.accounts.public_key must be the account's identity key (nats.account_keys)"
+        )));
+    }
+    match row.identity_key.as_deref() {
+        Some(identity) if identity == subject => Ok(()),
+        Some(identity) => Err(PushError::Forbidden(format!(
+            "the account's public_key {subject} is not its identity key {identity} \
+             (nats.accounts.public_key is written by the service only)"
+        ))),
+        None => Err(PushError::Forbidden(format!(
+            "the account has no identity key in nats.account_keys, so {subject} cannot be its key"
+        ))),
+    }
 }
 
 /// Deletes accounts with a generic JWT signed by the operator (built by the caller).

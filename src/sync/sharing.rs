@@ -139,6 +139,16 @@ async fn resolve(
             )));
         }
     }
+    if export.token_req && !sharing::granted(pool, export.id, row.id).await? {
+        // Private: only accounts the exporter granted it to. A token supplied in the import
+        // row does not replace the grant (it may be an activation copied from an earlier JWT).
+        return Ok(Err(format!(
+            "export {:?} of the exporting account is private (token_req) and not granted to \
+             this account: the exporter's side must add a row to nats.account_export_grants \
+             (export_id {}, importer_account_id = this account)",
+            export.name, export.id
+        )));
+    }
     if export.token_req && import.token.is_none() {
         match activation(pool, cipher, exporter_id, &exporter, importer, row).await? {
             Ok(token) => import.token = Some(token),

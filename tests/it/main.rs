@@ -9,6 +9,7 @@ mod outage;
 mod protocol;
 mod resilience;
 mod schema;
+mod security;
 mod sessions;
 mod shutdown;
 mod sync;

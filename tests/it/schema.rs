@@ -82,3 +82,29 @@ async fn outbox_queues_admin_changes_only() {
         "deleting a synced account queues a delete with its key"
     );
 }
+
+/// tests/sql/schema_checks.sql (checks, triggers, notifications and the roles of migration
+/// 0005, as the real roles with SET ROLE) on a fresh database with every migration applied.
+#[tokio::test]
+async fn sql_schema_checks_pass() {
+    let url = crate::common::fresh_database().await;
+    let pool = nats_pg_auth::db::connect(&url, 2).await.unwrap();
+    nats_pg_auth::db::migrate(&pool).await.unwrap();
+    pool.close().await;
+    let psql = std::env::var("PSQL").unwrap_or_else(|_| "psql".into());
+    let out = std::process::Command::new(&psql)
+        .arg(&url)
+        .args(["-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sql/schema_checks.sql"
+        ))
+        .output()
+        .unwrap_or_else(|e| panic!("run {psql} (set PSQL to its path): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("all schema checks passed"),
+        "schema_checks.sql failed:\n{stdout}\n{stderr}"
+    );
+}

@@ -16,7 +16,7 @@ async fn tenant(env: &TestEnv, account: &str, user: &str) {
     env.wait_synced(account).await;
 }
 
-async fn import_error(env: &TestEnv, name: &str) -> Option<String> {
+pub(crate) async fn import_error(env: &TestEnv, name: &str) -> Option<String> {
     sqlx::query_scalar("SELECT sync_error FROM nats.account_imports WHERE name = $1")
         .bind(name)
         .fetch_one(&env.pool)
@@ -26,7 +26,7 @@ async fn import_error(env: &TestEnv, name: &str) -> Option<String> {
 
 /// Waits until the import is in the importer's pushed JWT (`want_error` false), or has been
 /// left out with a `sync_error` (true).
-async fn wait_import_state(env: &TestEnv, name: &str, want_error: bool) {
+pub(crate) async fn wait_import_state(env: &TestEnv, name: &str, want_error: bool) {
     let pool = env.pool.clone();
     let name = name.to_owned();
     wait_until(Duration::from_secs(5), "the import to be synced", || {
@@ -132,6 +132,9 @@ async fn token_required_export_works_through_a_minted_activation_and_stops_when_
     env.sql(
         "INSERT INTO nats.account_exports (account_id, name, subject, type, token_req)
            SELECT id, 'private', 'private.>', 'stream', true FROM nats.accounts WHERE name = 'provider';
+         INSERT INTO nats.account_export_grants (export_id, importer_account_id)
+           SELECT e.id, c.id FROM nats.account_exports e, nats.accounts c
+           WHERE e.name = 'private' AND c.name = 'consumer';
          INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
            SELECT c.id, 'private-in', 'private.>', p.id, 'stream'
            FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';",
@@ -176,6 +179,108 @@ async fn token_required_export_works_through_a_minted_activation_and_stops_when_
             .await
             .is_err(),
         "no delivery after delete"
+    );
+}
+
+/// Whether a message published by `prov` on `subject` reaches `sub` within `wait`.
+async fn delivered(
+    prov: &async_nats::Client,
+    sub: &mut async_nats::Subscriber,
+    subject: &str,
+    wait: Duration,
+) -> bool {
+    prov.publish(subject.to_owned(), "x".into()).await.unwrap();
+    crate::common::settle(prov).await;
+    tokio::time::timeout(wait, sub.next()).await.is_ok()
+}
+
+#[tokio::test]
+async fn a_private_export_is_importable_only_with_the_exporters_grant() {
+    let env = TestEnv::start().await;
+    tenant(&env, "provider", "prov").await;
+    tenant(&env, "consumer", "cons").await;
+    env.sql(
+        "INSERT INTO nats.account_exports (account_id, name, subject, type, token_req)
+           SELECT id, 'private', 'private.>', 'stream', true FROM nats.accounts WHERE name = 'provider';
+         INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
+           SELECT c.id, 'private-in', 'private.>', p.id, 'stream'
+           FROM nats.accounts c, nats.accounts p WHERE c.name = 'consumer' AND p.name = 'provider';",
+    )
+    .await;
+    // No grant: left out, with a reason; nothing crosses.
+    wait_import_state(&env, "private-in", true).await;
+    let err = import_error(&env, "private-in").await.unwrap();
+    assert!(
+        err.contains("not granted") && err.contains("account_export_grants"),
+        "{err}"
+    );
+    let cons = env.connect_user("cons", "pw").await.unwrap();
+    let mut sub = cons.subscribe("private.>").await.unwrap();
+    crate::common::settle(&cons).await;
+    let prov = env.connect_user("prov", "pw").await.unwrap();
+    assert!(!delivered(&prov, &mut sub, "private.a", Duration::from_millis(500)).await);
+
+    // The exporter grants it: in the consumer's JWT within 2 s, and messages flow.
+    let start = std::time::Instant::now();
+    env.sql(
+        "INSERT INTO nats.account_export_grants (export_id, importer_account_id)
+           SELECT e.id, c.id FROM nats.account_exports e, nats.accounts c
+           WHERE e.name = 'private' AND c.name = 'consumer'",
+    )
+    .await;
+    wait_import_state(&env, "private-in", false).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "granted after {:?}",
+        start.elapsed()
+    );
+    let jwt: String = sqlx::query_scalar("SELECT jwt FROM nats.accounts WHERE name = 'consumer'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let activation = nats_pg_auth::jwt::decode_unverified::<serde_json::Value>(&jwt)
+        .unwrap()
+        .nats["imports"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ok = false;
+    for _ in 0..20 {
+        if delivered(&prov, &mut sub, "private.b", Duration::from_millis(200)).await {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "delivered once granted");
+
+    // Withdrawn: the import goes away again.
+    env.sql("DELETE FROM nats.account_export_grants").await;
+    wait_import_state(&env, "private-in", true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while tokio::time::timeout(Duration::from_millis(100), sub.next())
+        .await
+        .is_ok()
+    {}
+    assert!(
+        !delivered(&prov, &mut sub, "private.c", Duration::from_millis(700)).await,
+        "no delivery once the grant is gone"
+    );
+
+    // The activation minted earlier does not replace the grant, not even with the exporter
+    // named by its key (as if it were another deployment's account).
+    let provider_key = env.account_key("provider").await;
+    env.sql(&format!(
+        "INSERT INTO nats.account_imports (account_id, name, subject, exporter_public_key, type, token)
+           SELECT id, 'private-by-key', 'private.>', '{provider_key}', 'stream', '{activation}'
+           FROM nats.accounts WHERE name = 'consumer'"
+    ))
+    .await;
+    wait_import_state(&env, "private-by-key", true).await;
+    let err = import_error(&env, "private-by-key").await.unwrap();
+    assert!(err.contains("not granted"), "{err}");
+    assert!(
+        !delivered(&prov, &mut sub, "private.d", Duration::from_millis(700)).await,
+        "no delivery through a copied activation"
     );
 }
 

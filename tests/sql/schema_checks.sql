@@ -1,10 +1,11 @@
--- Proves the checks and triggers of migrations/0001_schema.sql. Needs a FRESH database with the
--- migration applied (it inserts rows and stops if nats.accounts is not empty):
+-- Proves the checks and triggers of migrations/0001_schema.sql and the roles of 0005. Needs a
+-- FRESH database with every migration applied (it inserts rows and stops if nats.accounts is
+-- not empty), by a role that may create roles:
 --
 --   URL=$(scripts/pg.sh start /tmp/pgdev 55432)            # or any Postgres >= 15
 --   psql "$URL" -c 'CREATE DATABASE schema_checks'
 --   DB=${URL%/*}/schema_checks
---   psql "$DB" -v ON_ERROR_STOP=1 -f migrations/0001_schema.sql
+--   for f in migrations/*.sql; do psql "$DB" -v ON_ERROR_STOP=1 -f "$f"; done
 --   psql "$DB" -v ON_ERROR_STOP=1 -f tests/sql/schema_checks.sql
 --
 -- Every rejected statement is printed with the error an admin would see. Any surprise stops the
@@ -73,6 +74,18 @@ SELECT dblink_connect('listener', format('host=%s port=%s dbname=%s user=%s',
   current_setting('port'), current_database(), current_user));
 SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_change');
 SELECT dblink_exec('listener', 'LISTEN nats_pg_auth_sync');
+
+-- Forgets every notification sent so far. Delivery to the listener is asynchronous (and slow
+-- on a loaded machine): wait until nothing more arrives for a while.
+CREATE FUNCTION pg_temp.drain_notifications() RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  quiet int := 0;
+BEGIN
+  WHILE quiet < 3 LOOP
+    PERFORM pg_sleep(0.05);
+    IF EXISTS (SELECT 1 FROM dblink_get_notify('listener')) THEN quiet := 0; ELSE quiet := quiet + 1; END IF;
+  END LOOP;
+END $$;
 
 -- Notifications received since the last call must be exactly `expected` (as a set: Postgres
 -- folds identical notifications of one transaction into one). Entries are 'channel payload'.
@@ -245,7 +258,7 @@ SELECT pg_temp.expect(true, 'argon2id, NULL (token-only), a global role, queue g
 -- ---------------------------------------------------------------------------------------------
 -- As if the sync had pushed everything; forget the notifications section 2 sent.
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- The sync recording a push writes only service-owned columns: no push, no notification, and
 -- updated_at stays put.
@@ -301,7 +314,7 @@ SELECT pg_temp.expect_error($$INSERT INTO nats.account_keys (account_id, kind, p
     SELECT id, 'identity', 'A' || repeat('E', 55), 's' FROM nats.accounts WHERE name = 'acme'$$,
   'account_keys_one_identity');
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- Deleting an account: one delete row carrying its public key; nothing queued for it by the
 -- cascaded deletes of its keys, exports and users; its importers are queued (their import is gone).
@@ -313,13 +326,13 @@ SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox WHERE op = 'upsert'
 SELECT pg_temp.expect(pg_temp.outbox('beta') = 1, 'the importer of the deleted exporter is queued');
 SELECT pg_temp.expect((SELECT count(*) FROM nats.account_imports) = 0, 'imports from the deleted account are gone');
 DELETE FROM nats.sync_outbox;
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 INSERT INTO nats.accounts (name) VALUES ('never-synced');
 DELETE FROM nats.sync_outbox;
 DELETE FROM nats.accounts WHERE name = 'never-synced';
 SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox) = 0, 'an account deleted before it had keys queues nothing');
-SELECT dblink_get_notify('listener');
+SELECT pg_temp.drain_notifications();
 
 -- ---------------------------------------------------------------------------------------------
 \echo '== 4. Change notifications'
@@ -362,4 +375,76 @@ SELECT pg_temp.expect_notifications('role and user delete', ARRAY[
   'nats_pg_auth_change role:' || (SELECT role_id FROM ids)]);
 
 SELECT dblink_disconnect('listener');
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 5. Roles and row-level security (migrations/0005), as the real roles (SET ROLE)'
+-- ---------------------------------------------------------------------------------------------
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'schema_checks_acme_admin') THEN
+    CREATE ROLE schema_checks_acme_admin;
+  END IF;
+  GRANT nats_pg_auth_tenant TO schema_checks_acme_admin;
+END $$;
+INSERT INTO nats.accounts (name, max_connections) VALUES ('r-acme', 10), ('r-globex', 10);
+INSERT INTO nats.roles (account_id, name) SELECT id, 'r-role' FROM nats.accounts WHERE name = 'r-acme';
+INSERT INTO nats.roles (account_id, name) SELECT id, 'g-role' FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.users (account_id, username, password_hash)
+  SELECT id, 'g-user', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.account_exports (account_id, name, subject, type, token_req)
+  SELECT id, 'g-private', 'gp.>', 'stream', true FROM nats.accounts WHERE name = 'r-globex';
+INSERT INTO nats.account_admins (account_id, role_name)
+  SELECT id, 'schema_checks_acme_admin' FROM nats.accounts WHERE name = 'r-acme';
+CREATE TEMP TABLE r AS SELECT
+  (SELECT id FROM nats.accounts WHERE name = 'r-acme') AS acme,
+  (SELECT id FROM nats.accounts WHERE name = 'r-globex') AS globex,
+  (SELECT id FROM nats.roles WHERE name = 'g-role') AS g_role,
+  (SELECT id FROM nats.account_exports WHERE name = 'g-private') AS g_export;
+GRANT SELECT ON r TO PUBLIC;
+
+SET ROLE schema_checks_acme_admin;
+INSERT INTO nats.users (account_id, role_id, username, password_hash)
+  SELECT a.id, r.id, 'r-bob', crypt('pw', gen_salt('bf', 4))
+  FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id WHERE a.name = 'r-acme';
+SELECT pg_temp.expect((SELECT array_agg(username) FROM nats.users) = '{r-bob}', 'tenant admin sees only its own users');
+SELECT pg_temp.expect((SELECT array_agg(name) FROM nats.accounts) = '{r-acme}', 'tenant admin sees only its own account');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.account_exports) = 0, 'tenant admin does not see other tenants'' exports');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET max_connections = 1000$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET active = false$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET public_key = 'A'$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.accounts (name) VALUES ('mine')$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.account_keys$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.service_identities$$, 'permission denied');
+SELECT pg_temp.expect_error($$TRUNCATE nats.users$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.users (account_id, username) SELECT globex, 'intruder' FROM r$$, 'row-level security');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET role_id = (SELECT g_role FROM r) WHERE username = 'r-bob'$$, 'belongs to account');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_export_grants (export_id, importer_account_id) SELECT g_export, acme FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT acme, 'delete', 'x' FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$SELECT nats.rotate_signing_key('r-globex')$$, 'no account named');
+SELECT nats.rotate_signing_key('r-acme');
+INSERT INTO nats.account_imports (account_id, name, subject, exporter_account_id, type)
+  SELECT acme, 'steal', 'gp.>', globex, 'stream' FROM r;   -- allowed; the sync leaves it out (no grant)
+RESET ROLE;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.users WHERE username = 'g-user' AND active) = 1, 'globex untouched');
+DELETE FROM nats.sync_outbox;
+
+SET ROLE nats_pg_auth_admin;
+UPDATE nats.accounts SET max_connections = 20 WHERE name = 'r-globex';
+INSERT INTO nats.account_export_grants (export_id, importer_account_id) SELECT g_export, acme FROM r;
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET public_key = 'A'$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET jwt = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET synced_at = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET sync_error = NULL$$, 'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.account_keys SET retired_at = now()$$, 'permission denied');
+SELECT pg_temp.expect_error($$SELECT seed FROM nats.account_keys$$, 'permission denied');
+SELECT pg_temp.expect_error($$DELETE FROM nats.sync_outbox$$, 'permission denied');
+SELECT pg_temp.expect_error($$INSERT INTO nats.sync_outbox (account_id, op, reason) SELECT acme, 'delete', 'x' FROM r$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$INSERT INTO nats.audit_log (kind) VALUES ('x')$$, 'permission denied');
+SELECT pg_temp.expect_error($$TRUNCATE nats.users$$, 'permission denied');
+RESET ROLE;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox o, r WHERE o.account_id = r.acme AND o.op = 'upsert') = 1,
+                      'the grant queued the importer (as the admin, through a trigger running as the owner)');
+
 \echo '== all schema checks passed'

@@ -209,6 +209,9 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
 /// One complete deployment: database, nats-server and the service.
 pub struct TestEnv {
     pub database_url: String,
+    /// What the service connects with: `database_url`, or a login role of
+    /// `nats_pg_auth_service` (`EnvOptions::service_role`).
+    pub service_url: String,
     pub pool: PgPool,
     pub nats: NatsServer,
     pub metrics: Metrics,
@@ -225,6 +228,8 @@ pub struct EnvOptions {
     pub encryption_key: Option<[u8; 32]>,
     pub nats_extra: String,
     pub tweak: fn(&mut ServeArgs),
+    /// Run `init` and `serve` as a login role granted `nats_pg_auth_service` (not superuser).
+    pub service_role: bool,
 }
 
 impl Default for EnvOptions {
@@ -233,6 +238,7 @@ impl Default for EnvOptions {
             encryption_key: None,
             nats_extra: String::new(),
             tweak: |_| {},
+            service_role: false,
         }
     }
 }
@@ -255,10 +261,21 @@ impl TestEnv {
             .await
             .expect("connect test database");
         db::migrate(&pool).await.expect("migrate");
+        let service_url = if opts.service_role {
+            create_login_role(&pool, &database_url, "nats_pg_auth_service")
+                .await
+                .1
+        } else {
+            database_url.clone()
+        };
         let cipher = SeedCipher::new(opts.encryption_key);
-        let report = init::init(&pool, &cipher, "test-operator")
+        let init_pool = db::connect(&service_url, 2)
+            .await
+            .expect("connect for init");
+        let report = init::init(&init_pool, &cipher, "test-operator")
             .await
             .expect("init");
+        init_pool.close().await;
         let dir = tempfile::tempdir().unwrap();
         let resolver_dir = dir.path().join("jwt");
         init::write_fragment(
@@ -272,6 +289,7 @@ impl TestEnv {
         (opts.tweak)(&mut args);
         let mut env = TestEnv {
             database_url,
+            service_url,
             pool,
             nats,
             metrics: Metrics::default(),
@@ -288,7 +306,7 @@ impl TestEnv {
 
     pub async fn start_service(&mut self, args: ServeArgs) {
         let config = ServeConfig {
-            database_url: self.database_url.clone(),
+            database_url: self.service_url.clone(),
             cipher: self.cipher.clone(),
             args,
         };
@@ -992,4 +1010,29 @@ impl DbOutage {
         .await
         .unwrap();
     }
+}
+
+/// `url` with its user replaced (and a password added), e.g. for a login role made by a test.
+pub fn url_with_user(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
+    let host_part = rest.split_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://{user}:{password}@{host_part}")
+}
+
+/// Creates a LOGIN role (cluster-wide, unique name) granted `member_of`; returns its name and a
+/// URL of `database_url`'s database that connects as it.
+pub async fn create_login_role(
+    admin: &PgPool,
+    database_url: &str,
+    member_of: &str,
+) -> (String, String) {
+    let name = format!("npa_role_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {name} LOGIN PASSWORD 'pw' IN ROLE {member_of}"
+    ))
+    .execute(admin)
+    .await
+    .expect("create a login role");
+    let url = url_with_user(database_url, &name, "pw");
+    (name, url)
 }
