@@ -103,9 +103,12 @@ JOIN nats.accounts a ON a.id = u.account_id
 LEFT JOIN nats.roles r ON r.id = u.role_id
 LEFT JOIN LATERAL (
     -- Newest key the server knows: a key added after the last successful push is not in the
-    -- account JWT on the server yet, and a user JWT signed by it would be refused.
+    -- account JWT on the server yet, and a user JWT signed by it would be refused. A key that
+    -- retires in the future (a graceful rotation) is still in the server's JWT until then, and
+    -- is what signs while the push of its successor has not landed.
     SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-    WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.retired_at IS NULL
+    WHERE ak.account_id = a.id AND ak.kind = 'signing'
+      AND (ak.retired_at IS NULL OR ak.retired_at > now())
       AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
     ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
 ) k ON true
@@ -349,8 +352,10 @@ pub async fn load(
                ) AS signing_key_pending
         FROM nats.accounts a
         LEFT JOIN LATERAL (
+            -- As in SELECT_LOGIN: a key retiring in the future still signs until then.
             SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-            WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.retired_at IS NULL
+            WHERE ak.account_id = a.id AND ak.kind = 'signing'
+              AND (ak.retired_at IS NULL OR ak.retired_at > now())
               AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
             ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
         ) k ON true
