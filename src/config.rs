@@ -59,6 +59,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process; boxing `ServeArgs` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the `nats` schema.
