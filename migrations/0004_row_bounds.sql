@@ -133,13 +133,15 @@ ALTER TABLE nats.roles ADD CONSTRAINT allow_response_ttl_at_most_1_day
 -- Nanoseconds in the exporter's account JWT (an int64 holds about 292 years).
 ALTER TABLE nats.account_exports ADD CONSTRAINT export_response_threshold_at_most_1_day
   CHECK (response_threshold <= interval '1 day') NOT VALID;
--- 'infinity' / '-infinity' timestamps cannot be read by the service's clock types.
+-- 'infinity' / '-infinity' and years past 262143 cannot be read by the service's clock types
+-- (decoding one panicked); years up to 9999 are plenty.
 ALTER TABLE nats.user_tokens ADD CONSTRAINT token_expires_at_finite
-  CHECK (isfinite(expires_at)) NOT VALID;
+  CHECK (isfinite(expires_at) AND expires_at < '10000-01-01') NOT VALID;
 ALTER TABLE nats.user_tokens ADD CONSTRAINT token_revoked_at_finite
-  CHECK (isfinite(revoked_at)) NOT VALID;
+  CHECK (isfinite(revoked_at) AND revoked_at < '10000-01-01') NOT VALID;
 ALTER TABLE nats.account_keys ADD CONSTRAINT account_key_times_finite
-  CHECK (isfinite(created_at) AND isfinite(retired_at)) NOT VALID;
+  CHECK (isfinite(created_at) AND created_at < '10000-01-01'
+         AND isfinite(retired_at) AND retired_at < '10000-01-01') NOT VALID;
 
 DO $$
 DECLARE

@@ -280,3 +280,37 @@ async fn a_huge_response_threshold_no_longer_stops_the_pushes() {
     )
     .await;
 }
+
+/// `'infinity'` timestamps cannot be represented by the service's clock types (decoding one
+/// panicked). New rows are refused by the schema; rows older than that bound are read as what
+/// they mean: never (expires/revoked), or long ago for `'-infinity'`.
+#[tokio::test]
+async fn infinite_token_timestamps_from_before_the_bound_are_read_as_never_or_long_ago() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    env.sql(
+        "ALTER TABLE nats.user_tokens DROP CONSTRAINT token_expires_at_finite;
+         ALTER TABLE nats.user_tokens DROP CONSTRAINT token_revoked_at_finite;
+         INSERT INTO nats.user_tokens (user_id, token_sha256, expires_at, revoked_at)
+           SELECT id, digest('tok-forever', 'sha256'), 'infinity', 'infinity' FROM nats.users WHERE username = 'alice';
+         INSERT INTO nats.user_tokens (user_id, token_sha256, revoked_at)
+           SELECT id, digest('tok-revoked-always', 'sha256'), '-infinity' FROM nats.users WHERE username = 'alice';",
+    )
+    .await;
+    env.connect_token("tok-forever")
+        .await
+        .expect("'infinity' means never expires, never revoked");
+    let err = env
+        .connect_token("tok-revoked-always")
+        .await
+        .expect_err("'-infinity' revoked means revoked");
+    assert!(is_auth_refusal(&err), "{err}");
+    // A fresh copy (as after a restart) reads them too.
+    let mut env = env;
+    env.stop_service().await;
+    env.start_service(crate::common::serve_args(env.url()))
+        .await;
+    env.connect_token("tok-forever")
+        .await
+        .expect("the copy's load reads 'infinity' too");
+}

@@ -227,6 +227,10 @@ async fn rows_that_would_jam_the_machinery_are_refused() {
             "UPDATE nats.user_tokens SET revoked_at = '-infinity'".into(),
             "token_revoked_at_finite",
         ),
+        (
+            "UPDATE nats.user_tokens SET expires_at = '200000-01-01'".into(),
+            "token_expires_at_finite",
+        ),
     ] {
         refused(&pool, &sql, &[constraint]).await;
     }
