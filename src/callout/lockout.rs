@@ -134,9 +134,11 @@ impl Lockout {
                 entry: None,
                 limit: 0,
                 done: false,
+                waited: false,
             });
         };
         let entry = entries.get_with(self.key(username), || Arc::new(Entry::default()));
+        let mut waited = false;
         loop {
             let changed = entry.changed.notified();
             tokio::pin!(changed);
@@ -154,6 +156,7 @@ impl Lockout {
                         entry: Some(entry.clone()),
                         limit: self.failures,
                         done: false,
+                        waited,
                     });
                 }
             }
@@ -163,6 +166,7 @@ impl Lockout {
             {
                 return Err(Refused::Busy);
             }
+            waited = true;
         }
     }
 
@@ -190,6 +194,7 @@ pub struct Attempt {
     entry: Option<Arc<Entry>>,
     limit: u32,
     done: bool,
+    waited: bool,
 }
 
 enum Outcome {
@@ -199,6 +204,11 @@ enum Outcome {
 }
 
 impl Attempt {
+    /// True when it had to wait for other checks of the username to finish first.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+
     /// A wrong password (or unknown user); true when this one started the lockout.
     pub fn failed(mut self) -> bool {
         self.finish(Outcome::Failed)
@@ -354,14 +364,20 @@ mod tests {
             let l = l.clone();
             tasks.push(tokio::spawn(async move {
                 let attempt = l.attempt("shared", soon()).await?;
+                let waited = attempt.waited();
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 attempt.succeeded();
-                Ok::<(), Refused>(())
+                Ok::<bool, Refused>(waited)
             }));
         }
+        let mut waited = 0;
         for t in tasks {
-            t.await.unwrap().expect("admitted");
+            waited += usize::from(t.await.unwrap().expect("admitted"));
         }
+        assert_eq!(
+            waited, 8,
+            "2 at once; the others waited (and may skip hashing)"
+        );
         // With no slot freed before the deadline, an attempt gives up as Busy.
         let a = l.attempt("shared", soon()).await.unwrap();
         let b = l.attempt("shared", soon()).await.unwrap();

@@ -500,6 +500,14 @@ impl Callout {
                     "other password checks of this username were in flight until the auth timeout",
                 )),
             };
+        // A check of the same password that finished while this one waited for its slot (a
+        // reconnect storm of clients sharing a username) makes hashing again unnecessary.
+        if let (true, Some(login), Some(hash)) = (attempt.waited(), &login, hash) {
+            if self.cache.credential_verified(&key, hash) {
+                attempt.succeeded();
+                return Ok((login.clone(), from_copy));
+            }
+        }
         let ok = match self
             .passwords
             .verify(password, hash.map(str::to_owned), deadline)
