@@ -465,3 +465,46 @@ impl ServeArgs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["nats-pg-auth", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn hash_limits_default_to_the_schema_bounds_and_are_validated() {
+        let a = serve(&[]);
+        assert_eq!(
+            a.hash_limits(),
+            crate::callout::credentials::HashLimits::default()
+        );
+        assert_eq!(a.hash_limits().max_bcrypt_cost, 14);
+        let a = serve(&[
+            "--max-bcrypt-cost",
+            "12",
+            "--max-argon2-memory-kib",
+            "65536",
+        ]);
+        assert_eq!(a.hash_limits().max_bcrypt_cost, 12);
+        assert_eq!(a.hash_limits().max_argon2_memory_kib, 65536);
+        a.validate().expect("valid");
+        for bad in [
+            &["--max-bcrypt-cost", "3"][..],
+            &["--max-bcrypt-cost", "32"],
+            &["--max-argon2-iterations", "0"],
+            &["--max-argon2-parallelism", "0"],
+            &["--max-argon2-memory-kib", "4"],
+        ] {
+            let err = serve(bad).validate().expect_err("refused");
+            assert!(err.to_string().contains("--max-"), "{bad:?}: {err}");
+        }
+    }
+}
