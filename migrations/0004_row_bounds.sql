@@ -2,7 +2,8 @@
 -- able to stall, crash or blind the service for every tenant with one row:
 --   1. a password hash chooses its own work factor (bcrypt cost, argon2id memory/time/lanes):
 --      bounded here, and again by the service before it hashes (--max-bcrypt-cost, ...);
---   2. text that travels in NOTIFY payloads (8000 bytes at most) is bounded: usernames;
+--   2. text that travels (kick requests, logs, formerly NOTIFY payloads of 8000 bytes at most)
+--      is bounded: usernames;
 --   3. intervals the service converts to nanoseconds or a Duration are bounded, timestamps it
 --      reads must be finite ('infinity' cannot be represented by the service's clock types);
 --   4. TRUNCATE, which skips every row trigger (no push, no cache drop, no kick, no delete on
@@ -109,9 +110,11 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
--- 2. NOTIFY payloads: the kick trigger sends {"account_id":…,"username":…}; Postgres refuses a
---    payload of 8000 bytes or more, and with it the UPDATE/DELETE that sent it (the user could
---    then never be changed or deleted, nor its account). 256 characters are at most 1024 bytes.
+-- 2. Text that travels: a username is copied into kick requests (0003), log lines and audit
+--    rows. Before 0003 the kick trigger sent {"account_id":…,"username":…} as a NOTIFY payload,
+--    which Postgres refuses at 8000 bytes, and with it the UPDATE/DELETE that sent it (the user
+--    could then never be changed or deleted, nor its account). 256 characters are at most 1024
+--    bytes, whatever carries them.
 -- ---------------------------------------------------------------------------------------------
 ALTER TABLE nats.users ADD CONSTRAINT username_at_most_256_characters
   CHECK (length(username) <= 256) NOT VALID;

@@ -140,6 +140,8 @@ pub enum UserLookup {
 /// Result of a token lookup.
 pub enum TokenLookup {
     Hit(Arc<Login>, TokenRow),
+    /// Postgres said so less than 2 s ago, and no token changed since.
+    Unknown,
     Miss,
 }
 
@@ -147,7 +149,8 @@ pub enum TokenLookup {
 pub enum CopyLookup<T> {
     Found(T),
     Unknown,
-    /// A change was notified for it and could not be read before Postgres went away.
+    /// A change of this user (or its tokens) was notified and could not be read before
+    /// Postgres went away.
     Stale,
     /// No copy has been loaded yet.
     NotLoaded,
@@ -161,6 +164,7 @@ pub struct CacheStats {
     pub token_hits: AtomicU64,
     pub token_misses: AtomicU64,
     pub unknown_user_hits: AtomicU64,
+    pub unknown_token_hits: AtomicU64,
     pub credential_hits: AtomicU64,
     pub credential_misses: AtomicU64,
     pub notifications: AtomicU64,
@@ -225,6 +229,15 @@ impl Table {
                 .shape
                 .role_id
                 .is_none_or(|r| generation >= self.stamp(Scope::Role(r)))
+            && (!token || generation >= self.stamp(Scope::Tokens(login.user_id)))
+    }
+
+    /// Outage rule: with Postgres gone, a change notified but not yet re-read cannot be read
+    /// any more. For the user itself (or its tokens) that means refusing it; a role- or
+    /// account-wide change (often a limit that changes no login) must not lock out every user
+    /// of the account for the whole outage, so those serve the copy as it was.
+    fn fresh_for_outage(&self, login: &Login, generation: u64, token: bool) -> bool {
+        generation >= self.stamp(Scope::User(login.user_id))
             && (!token || generation >= self.stamp(Scope::Tokens(login.user_id)))
     }
 
@@ -386,6 +399,11 @@ pub struct LoginCache {
     users_changed_at: AtomicU64,
     /// Usernames Postgres said do not exist, with the generation of that answer (2 s).
     unknown_users: Cache<Box<str>, u64>,
+    /// Generation of the newest token notification (a token may have been inserted).
+    tokens_changed_at: AtomicU64,
+    /// Token digests Postgres said do not exist (2 s): a client retrying a wrong token costs
+    /// no query.
+    unknown_tokens: Cache<[u8; 32], u64>,
     /// When the copy stopped being kept current (listener lost); None while it is.
     stale_since: Mutex<Option<Instant>>,
     outage: Mutex<Option<Outage>>,
@@ -414,6 +432,11 @@ impl LoginCache {
             generation: AtomicU64::new(1),
             table: RwLock::new(Table::default()),
             users_changed_at: AtomicU64::new(0),
+            tokens_changed_at: AtomicU64::new(0),
+            unknown_tokens: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(2))
+                .build(),
             unknown_users: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(2))
@@ -568,18 +591,38 @@ impl LoginCache {
             return TokenLookup::Miss;
         }
         let t = self.read();
-        // A token not in the copy may have been inserted a moment ago: Postgres decides.
-        if let Some(tok) = t.tokens.get(digest) {
-            if let Some(e) = t.login_of(tok.user_id) {
-                let g = tok.generation.min(e.generation);
-                if t.fresh(&e.login, g, true) && e.login.cacheable() {
-                    bump(&self.stats.token_hits);
-                    return TokenLookup::Hit(e.login.clone(), Table::token_row(digest, tok));
+        // A token not in the copy may have been inserted a moment ago: Postgres decides,
+        // unless it said "no such token" in the last 2 s and no token changed since.
+        match t.tokens.get(digest) {
+            Some(tok) => {
+                if let Some(e) = t.login_of(tok.user_id) {
+                    let g = tok.generation.min(e.generation);
+                    if t.fresh(&e.login, g, true) && e.login.cacheable() {
+                        bump(&self.stats.token_hits);
+                        return TokenLookup::Hit(e.login.clone(), Table::token_row(digest, tok));
+                    }
+                }
+            }
+            None => {
+                if let Some(g) = self.unknown_tokens.get(digest) {
+                    if g >= t.flushed_at && g >= self.tokens_changed_at.load(Ordering::SeqCst) {
+                        bump(&self.stats.unknown_token_hits);
+                        return TokenLookup::Unknown;
+                    }
+                    self.unknown_tokens.invalidate(digest);
                 }
             }
         }
         bump(&self.stats.token_misses);
         TokenLookup::Miss
+    }
+
+    /// Postgres said this token does not exist (as of `ticket`).
+    pub fn put_unknown_token(&self, digest: [u8; 32], ticket: Ticket) {
+        let flushed_at = self.read().flushed_at;
+        if ticket.0 >= flushed_at && ticket.0 >= self.tokens_changed_at.load(Ordering::SeqCst) {
+            self.unknown_tokens.insert(digest, ticket.0);
+        }
     }
 
     /// Stores a token login read from Postgres.
@@ -636,7 +679,9 @@ impl LoginCache {
         }
         let t = self.read();
         match t.by_name.get(username) {
-            Some(e) if t.fresh(&e.login, e.generation, false) => CopyLookup::Found(e.login.clone()),
+            Some(e) if t.fresh_for_outage(&e.login, e.generation, false) => {
+                CopyLookup::Found(e.login.clone())
+            }
             Some(_) => CopyLookup::Stale,
             None => CopyLookup::Unknown,
         }
@@ -652,7 +697,7 @@ impl LoginCache {
             return CopyLookup::Unknown;
         };
         match t.login_of(tok.user_id) {
-            Some(e) if t.fresh(&e.login, tok.generation.min(e.generation), true) => {
+            Some(e) if t.fresh_for_outage(&e.login, tok.generation.min(e.generation), true) => {
                 CopyLookup::Found((e.login.clone(), Table::token_row(digest, tok)))
             }
             Some(_) => CopyLookup::Stale,
@@ -757,9 +802,11 @@ impl LoginCache {
         match scope {
             Some(scope) => {
                 let g = self.next_generation();
-                if matches!(scope, Scope::User(_)) {
-                    self.users_changed_at.fetch_max(g, Ordering::SeqCst);
-                }
+                match scope {
+                    Scope::User(_) => self.users_changed_at.fetch_max(g, Ordering::SeqCst),
+                    Scope::Tokens(_) => self.tokens_changed_at.fetch_max(g, Ordering::SeqCst),
+                    _ => 0,
+                };
                 self.write().stamps.insert(scope, g);
             }
             None => {
@@ -1137,13 +1184,19 @@ mod tests {
     }
 
     #[test]
-    fn a_role_change_reaches_users_and_an_unknown_payload_flushes() {
-        let c = loaded(&[login(1, "alice", "h1")]);
-        c.on_notification(CHANGE_CHANNEL, "role:7");
-        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
-        let c = loaded(&[login(1, "alice", "h1")]);
-        assert_eq!(c.on_notification(CHANGE_CHANNEL, "garbage"), None);
-        assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
+    fn an_unread_role_or_account_change_does_not_lock_its_users_out_during_an_outage() {
+        for payload in ["role:7", "account:1", "garbage"] {
+            let c = loaded(&[login(1, "alice", "h1")]);
+            c.set_live();
+            c.on_notification(CHANGE_CHANNEL, payload);
+            // Live: the change is not served stale (the login reads Postgres).
+            assert!(matches!(c.user("alice"), UserLookup::Miss), "{payload}");
+            // Postgres gone before the re-read: the copy as it was.
+            assert!(
+                matches!(c.copy_user("alice"), CopyLookup::Found(_)),
+                "{payload}"
+            );
+        }
     }
 
     #[test]

@@ -222,6 +222,7 @@ pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
         ("logins_by_token", "hit", &s.token_hits),
         ("logins_by_token", "miss", &s.token_misses),
         ("unknown_users", "hit", &s.unknown_user_hits),
+        ("unknown_tokens", "hit", &s.unknown_token_hits),
         ("credentials", "hit", &s.credential_hits),
         ("credentials", "miss", &s.credential_misses),
     ] {

@@ -2,30 +2,86 @@
 //! them (protocol doc §5.1: `$SYS.REQ.SERVER.PING.CONNZ` to find them, `…<server>.KICK` to
 //! close them). Run by the sync leader only, so each change is acted on once.
 //!
-//! Triggers send `NOTIFY nats_pg_auth_kick` with the user (or role, or token owner) whose
-//! rights changed. A kicked client reconnects through the callout and comes back with current
-//! rights, or not at all. Kicks are rate-limited so a role change for 10,000 users does not
-//! stampede the servers or the callout.
+//! Triggers insert a row into `nats.kick_requests` (the user, role or token owner whose rights
+//! changed; migration 0003) and `NOTIFY nats_pg_auth_kick` to wake the leader. The leader reads
+//! pending rows in id order when it starts, on every wake-up (and after its listener
+//! reconnects), and every [`POLL`]; a row is deleted only once it has been carried out, so a
+//! change made while no replica leads is acted on when one does. A kicked client reconnects
+//! through the callout and comes back with current rights, or not at all. Kicks are
+//! rate-limited so a role change for 10,000 users does not stampede the servers or the callout.
+//!
+//! **Logins in flight.** A login whose callout read the row before the change committed, but
+//! whose connection was admitted after the kick scanned CONNZ, would keep the old rights for a
+//! whole JWT lifetime. Such a connection started before the scan (its callout read the row
+//! before the commit, and the scan runs after it) and is admitted within the auth timeout of
+//! its start. So each request is scanned once more [`RESCAN_AFTER`] (auth timeout 2 s plus a
+//! margin) after its first scan, kicking only the target's connections that **started before
+//! the first scan** on that server (the server's own `now` from the first CONNZ reply, so no
+//! clock skew between the service and the servers enters). A client kicked by the first scan
+//! reconnects after it, so its fresh connection (current rights) is left alone; a connection
+//! that was still in its callout during the first scan is kicked, whichever rights it got
+//! (harmless: it reconnects). The row is deleted after the re-scan.
+//!
+//! **Batches.** The rows read at one look form one batch: every target they name is resolved
+//! to (account, usernames), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
+//! scans in flight over all batches), and the batch gets one re-scan. A burst (10,000 users
+//! deactivated) is a few batches, not 10,000 scans. At most [`MAX_IN_PROGRESS`] rows are
+//! being carried out at a time; more wait in the table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::Client;
+use chrono::{DateTime, FixedOffset};
 use futures::StreamExt;
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::notify;
 
 pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";
+/// Pending kick requests are also looked for this often (a request whose scan failed, e.g.
+/// while NATS was away, is retried then).
+pub const POLL: Duration = Duration::from_secs(5);
+/// The second scan of a request: the default auth timeout (2 s) plus a margin.
+pub const RESCAN_AFTER: Duration = Duration::from_millis(2500);
+/// At most this many request rows are being carried out (scanned, waiting for their re-scan).
+pub const MAX_IN_PROGRESS: usize = 10_000;
+/// Account scans (CONNZ on every server, then the kicks) running at once, over all batches.
+pub const SCANS_AT_ONCE: usize = 32;
+/// Rows read per look at the table.
+const PICK_UP: i64 = 1000;
 
 /// What a trigger asks for.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(untagged)]
 pub enum KickRequest {
     User { account_id: i64, username: String },
     Role { role_id: i64 },
     TokenOwner { user_id: i64 },
+}
+
+impl KickRequest {
+    /// From a `nats.kick_requests` row (the table's check allows exactly one shape).
+    fn from_row(
+        account_id: Option<i64>,
+        username: Option<String>,
+        role_id: Option<i64>,
+        user_id: Option<i64>,
+    ) -> Option<Self> {
+        match (account_id, username, role_id, user_id) {
+            (Some(account_id), Some(username), _, _) => Some(KickRequest::User {
+                account_id,
+                username,
+            }),
+            (_, _, Some(role_id), _) => Some(KickRequest::Role { role_id }),
+            (_, _, _, Some(user_id)) => Some(KickRequest::TokenOwner { user_id }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +92,9 @@ pub enum KickError {
     Nats(String),
 }
 
+/// Per server (id): the server's clock at the first scan of a request.
+type ScanTimes = HashMap<String, DateTime<FixedOffset>>;
+
 pub struct Sessions {
     pool: PgPool,
     client: Client,
@@ -44,6 +103,9 @@ pub struct Sessions {
     interval: Duration,
     /// How long to collect CONNZ replies from the servers of a cluster.
     gather: Duration,
+    /// Request rows this leader is carrying out (not read again until done).
+    in_progress: std::sync::Mutex<HashSet<i64>>,
+    scans: Semaphore,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +123,8 @@ struct ServerInfo {
 #[derive(Debug, Deserialize)]
 struct ConnzData {
     #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
     connections: Vec<Conn>,
 }
 
@@ -69,6 +133,26 @@ struct Conn {
     cid: u64,
     #[serde(default)]
     authorized_user: Option<String>,
+    #[serde(default)]
+    start: Option<String>,
+}
+
+/// A connection of a target user.
+#[derive(Debug)]
+struct Found {
+    server: String,
+    cid: u64,
+    user: String,
+    start: Option<DateTime<FixedOffset>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RequestRow {
+    id: i64,
+    account_id: Option<i64>,
+    username: Option<String>,
+    role_id: Option<i64>,
+    user_id: Option<i64>,
 }
 
 impl Sessions {
@@ -80,122 +164,258 @@ impl Sessions {
             next_slot: Mutex::new(Instant::now()),
             interval: Duration::from_secs(1) / kicks_per_second.max(1),
             gather: Duration::from_millis(250),
+            in_progress: Default::default(),
+            scans: Semaphore::new(SCANS_AT_ONCE),
         }
     }
 
-    /// Receives kick requests until `stop`, on a connection of its own: a long sync burst on
-    /// the leader must not hold a revocation back. Each request is handled in its own task.
-    pub async fn listen(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !stop.is_cancelled() {
-            let connected = async {
-                let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-                l.listen(KICK_CHANNEL).await?;
-                Ok::<_, sqlx::Error>(l)
-            };
-            let mut listener = match connected.await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot LISTEN for kick requests; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+    /// Carries out kick requests until `stop` (the end of this replica's leadership). Listens
+    /// on a connection of its own: a long sync burst on the leader must not hold a revocation
+    /// back. Each request is handled in its own task.
+    pub async fn run(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        let mut events = notify::spawn(
+            &self.pool,
+            notify::ListenSettings {
+                name: "nats-pg-auth kicks",
+                channels: &[KICK_CHANNEL],
+                health_interval: Duration::from_secs(5),
+            },
+            stop.clone(),
+        );
+        // State of an earlier term of leadership (its tasks ended with it): its rows are still
+        // in the table and are carried out again, in full.
+        self.lock_in_progress().clear();
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                event = events.recv() => match event {
+                    // (Re)connected: requests made while nobody listened are in the table.
+                    Some(notify::Event::Connected) | Some(notify::Event::Notes(_)) => {
+                        self.pick_up(&stop).await
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    n = listener.try_recv() => match n {
-                        Ok(Some(note)) => {
-                            let this = self.clone();
-                            let payload = note.payload().to_owned();
-                            tokio::spawn(async move { this.on_notification(&payload).await });
-                        }
-                        // Reconnected by sqlx; kicks sent meanwhile are lost (the JWT TTL bounds
-                        // how long a missed one matters).
-                        Ok(None) => tracing::warn!("kick listener reconnected; kick requests sent meanwhile were missed"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "kick listener lost; reconnecting");
-                            break;
-                        }
-                    },
-                }
+                    // The poll below carries on meanwhile.
+                    Some(notify::Event::Disconnected(_)) => {}
+                    None => return,
+                },
+                _ = poll.tick() => self.pick_up(&stop).await,
             }
         }
     }
 
-    /// Handles one notification payload; errors are logged, never fatal.
-    pub async fn on_notification(&self, payload: &str) {
-        let request: KickRequest = match serde_json::from_str(payload) {
-            Ok(r) => r,
+    /// Starts the pending requests not already being carried out, as one batch.
+    async fn pick_up(self: &std::sync::Arc<Self>, stop: &CancellationToken) {
+        let busy: Vec<i64> = self.in_progress_ids();
+        let room = MAX_IN_PROGRESS.saturating_sub(busy.len()) as i64;
+        if room == 0 {
+            return;
+        }
+        let rows: Vec<RequestRow> = match sqlx::query_as(
+            "SELECT id, account_id, username, role_id, user_id FROM nats.kick_requests \
+             WHERE NOT (id = ANY($1)) ORDER BY id LIMIT $2",
+        )
+        .bind(&busy)
+        .bind(PICK_UP.min(room))
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring malformed kick notification");
+                tracing::warn!(error = %e, "cannot read kick requests; retrying");
                 return;
             }
         };
-        match self.kick(&request).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(
-                    ?request,
-                    connections = n,
-                    "closed connections whose rights changed"
-                );
-                let subject = match &request {
-                    KickRequest::User { username, .. } => format!("user:{username}"),
-                    KickRequest::Role { role_id } => format!("role:{role_id}"),
-                    KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
-                };
-                let mut detail = serde_json::json!({ "connections": n });
-                if matches!(request, KickRequest::TokenOwner { .. }) {
-                    detail["because"] = "token changed".into();
+        let mut requests = Vec::new();
+        let mut ids = Vec::new();
+        let mut malformed = Vec::new();
+        for row in rows {
+            match KickRequest::from_row(row.account_id, row.username, row.role_id, row.user_id) {
+                Some(r) => {
+                    if !requests.contains(&r) {
+                        requests.push(r);
+                    }
+                    ids.push(row.id);
                 }
-                crate::db::audit::record(
-                    &self.pool,
-                    crate::db::audit::kind::SESSIONS_KICKED,
-                    &subject,
-                    detail,
-                )
-                .await;
+                None => malformed.push(row.id),
+            }
+        }
+        if !malformed.is_empty() {
+            let _ = self.delete_rows(&malformed).await;
+        }
+        if ids.is_empty() {
+            return;
+        }
+        self.lock_in_progress().extend(ids.iter().copied());
+        let this = self.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = this.carry_out(requests, ids) => {}
+            }
+        });
+    }
+
+    /// First scan of a batch, its re-scan after the auth timeout, then the rows are deleted.
+    async fn carry_out(&self, requests: Vec<KickRequest>, ids: Vec<i64>) {
+        let times = match self.scan_and_kick(&requests, None).await {
+            Ok((kicked, times)) => {
+                self.report(kicked, false).await;
+                times
             }
             Err(e) => {
-                tracing::warn!(?request, error = %e, "could not close connections; they keep their rights until their JWT expires")
+                tracing::warn!(?requests, error = %e, "could not close connections; retrying in a few seconds");
+                self.release(&ids);
+                return;
             }
+        };
+        tokio::time::sleep(RESCAN_AFTER).await;
+        match self.scan_and_kick(&requests, Some(&times)).await {
+            Ok((kicked, _)) => self.report(kicked, true).await,
+            // The first scan was done; a login in flight keeps its rights until its JWT ends.
+            Err(e) => {
+                tracing::warn!(?requests, error = %e, "could not re-scan for logins that were in flight")
+            }
+        }
+        self.settle(&ids).await;
+    }
+
+    /// Deletes carried-out request rows.
+    async fn settle(&self, ids: &[i64]) {
+        if let Err(e) = self.delete_rows(ids).await {
+            tracing::warn!(error = %e, "cannot delete carried-out kick requests; they will be carried out again");
+        }
+        self.release(ids);
+    }
+
+    async fn delete_rows(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM nats.kick_requests WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn lock_in_progress(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.in_progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_progress_ids(&self) -> Vec<i64> {
+        self.lock_in_progress().iter().copied().collect()
+    }
+
+    fn release(&self, ids: &[i64]) {
+        let mut in_progress = self.lock_in_progress();
+        for id in ids {
+            in_progress.remove(id);
         }
     }
 
-    /// Closes the affected connections; returns how many were kicked.
-    pub async fn kick(&self, request: &KickRequest) -> Result<usize, KickError> {
-        // account public key -> usernames
-        let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let rows: Vec<(String, String)> = match request {
-            KickRequest::User { account_id, username } => {
-                sqlx::query_as("SELECT public_key, $2::text FROM nats.accounts WHERE id = $1 AND public_key IS NOT NULL")
-                    .bind(account_id)
-                    .bind(username)
-                    .fetch_all(&self.pool)
-                    .await?
+    async fn report(&self, kicked: BTreeMap<KickRequest, usize>, rescan: bool) {
+        for (request, n) in kicked {
+            if n == 0 {
+                continue;
             }
-            KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
-            KickRequest::TokenOwner { user_id } => self.users_where(None, Some(*user_id)).await?,
-        };
-        for (account, user) in rows {
-            targets.entry(account).or_default().insert(user);
+            tracing::info!(
+                ?request,
+                connections = n,
+                rescan,
+                "closed connections whose rights changed"
+            );
+            let subject = match &request {
+                KickRequest::User { username, .. } => format!("user:{username}"),
+                KickRequest::Role { role_id } => format!("role:{role_id}"),
+                KickRequest::TokenOwner { user_id } => format!("user_id:{user_id}"),
+            };
+            let mut detail = serde_json::json!({ "connections": n });
+            if matches!(request, KickRequest::TokenOwner { .. }) {
+                detail["because"] = "token changed".into();
+            }
+            if rescan {
+                detail["logins_in_flight"] = true.into();
+            }
+            crate::db::audit::record(
+                &self.pool,
+                crate::db::audit::kind::SESSIONS_KICKED,
+                &subject,
+                detail,
+            )
+            .await;
         }
-        let mut kicked = 0;
-        for (account, users) in targets {
-            for (server, cid) in self.find(&account, &users).await? {
-                self.wait_for_slot().await;
-                if self.kick_one(&server, cid).await {
-                    kicked += 1;
+    }
+
+    /// Closes the connections the requests concern; returns how many were kicked per request
+    /// and, per server, its clock when it answered. Each account is scanned once, accounts
+    /// concurrently. With `before` (a re-scan), only connections that started before the given
+    /// time on their server are kicked (a server missing from it: its clock minus
+    /// [`RESCAN_AFTER`]).
+    async fn scan_and_kick(
+        &self,
+        requests: &[KickRequest],
+        before: Option<&ScanTimes>,
+    ) -> Result<(BTreeMap<KickRequest, usize>, ScanTimes), KickError> {
+        // account public key -> username -> the (first) request that names it, by index
+        let mut targets: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for (index, request) in requests.iter().enumerate() {
+            let rows: Vec<(String, String)> = match request {
+                KickRequest::User { account_id, username } => {
+                    sqlx::query_as("SELECT public_key, $2::text FROM nats.accounts WHERE id = $1 AND public_key IS NOT NULL")
+                        .bind(account_id)
+                        .bind(username)
+                        .fetch_all(&self.pool)
+                        .await?
                 }
+                KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
+                KickRequest::TokenOwner { user_id } => {
+                    self.users_where(None, Some(*user_id)).await?
+                }
+            };
+            for (account, user) in rows {
+                targets
+                    .entry(account)
+                    .or_default()
+                    .entry(user)
+                    .or_insert(index);
             }
         }
-        Ok(kicked)
+        let scans: Vec<Result<(Vec<usize>, ScanTimes), KickError>> = futures::stream::iter(targets)
+            .map(|(account, users)| async move {
+                let _permit = self.scans.acquire().await;
+                let names: BTreeSet<String> = users.keys().cloned().collect();
+                let (found, now) = self.find(&account, &names).await?;
+                let mut kicked = Vec::new();
+                for conn in found {
+                    if let Some(before) = before {
+                        if !started_before(&conn, before, &now) {
+                            continue;
+                        }
+                    }
+                    self.wait_for_slot().await;
+                    if self.kick_one(&conn.server, conn.cid).await {
+                        if let Some(request) = users.get(&conn.user) {
+                            kicked.push(*request);
+                        }
+                    }
+                }
+                Ok((kicked, now))
+            })
+            .buffer_unordered(SCANS_AT_ONCE)
+            .collect()
+            .await;
+        let mut counts: BTreeMap<KickRequest, usize> = BTreeMap::new();
+        let mut times = ScanTimes::new();
+        for scan in scans {
+            let (kicked, now) = scan?;
+            for index in kicked {
+                *counts.entry(requests[index].clone()).or_default() += 1;
+            }
+            for (server, at) in now {
+                let e = times.entry(server).or_insert(at);
+                *e = (*e).min(at);
+            }
+        }
+        Ok((counts, times))
     }
 
     /// (account key, username) of the users holding a role, or of one user.
@@ -215,12 +435,13 @@ impl Sessions {
         .await
     }
 
-    /// Asks every server for the account's connections and keeps those of `users`.
+    /// Asks every server for the account's connections and keeps those of `users`; also
+    /// returns each answering server's clock.
     async fn find(
         &self,
         account: &str,
         users: &BTreeSet<String>,
-    ) -> Result<Vec<(String, u64)>, KickError> {
+    ) -> Result<(Vec<Found>, ScanTimes), KickError> {
         let inbox = self.client.new_inbox();
         let mut sub = self
             .client
@@ -234,23 +455,29 @@ impl Sessions {
             .await
             .map_err(|e| KickError::Nats(e.to_string()))?;
         let mut found = Vec::new();
+        let mut times = ScanTimes::new();
         let deadline = Instant::now() + self.gather;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
             let Ok(reply) = serde_json::from_slice::<ConnzReply>(&msg.payload) else {
                 continue;
             };
-            for conn in reply.data.map(|d| d.connections).unwrap_or_default() {
-                if conn
-                    .authorized_user
-                    .as_ref()
-                    .is_some_and(|u| users.contains(u))
-                {
-                    found.push((reply.server.id.clone(), conn.cid));
+            let Some(data) = reply.data else { continue };
+            if let Some(now) = data.now.as_deref().and_then(parse_time) {
+                times.insert(reply.server.id.clone(), now);
+            }
+            for conn in data.connections {
+                if let Some(user) = conn.authorized_user.filter(|u| users.contains(u)) {
+                    found.push(Found {
+                        server: reply.server.id.clone(),
+                        cid: conn.cid,
+                        user,
+                        start: conn.start.as_deref().and_then(parse_time),
+                    });
                 }
             }
         }
         let _ = sub.unsubscribe().await;
-        Ok(found)
+        Ok((found, times))
     }
 
     async fn kick_one(&self, server: &str, cid: u64) -> bool {
@@ -282,27 +509,86 @@ impl Sessions {
     }
 }
 
+fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_rfc3339(s).ok()
+}
+
+/// Whether a connection found by a re-scan started before the first scan on its server (see
+/// the module notes). Unknown start: kicked (it reconnects).
+fn started_before(conn: &Found, first_scan: &ScanTimes, now: &ScanTimes) -> bool {
+    let Some(start) = conn.start else {
+        return true;
+    };
+    let threshold = first_scan.get(&conn.server).copied().or_else(|| {
+        now.get(&conn.server)
+            .map(|n| *n - chrono::Duration::from_std(RESCAN_AFTER).unwrap_or_default())
+    });
+    threshold.is_none_or(|t| start < t)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::KickRequest;
+    use super::*;
 
     #[test]
-    fn trigger_payloads_parse() {
+    fn request_rows_map_to_requests() {
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"account_id":3,"username":"alice"}"#).unwrap(),
-            KickRequest::User {
+            KickRequest::from_row(Some(3), Some("alice".into()), None, None),
+            Some(KickRequest::User {
                 account_id: 3,
                 username: "alice".into()
-            }
+            })
         );
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"role_id":7}"#).unwrap(),
-            KickRequest::Role { role_id: 7 }
+            KickRequest::from_row(None, None, Some(7), None),
+            Some(KickRequest::Role { role_id: 7 })
         );
         assert_eq!(
-            serde_json::from_str::<KickRequest>(r#"{"user_id":9}"#).unwrap(),
-            KickRequest::TokenOwner { user_id: 9 }
+            KickRequest::from_row(None, None, None, Some(9)),
+            Some(KickRequest::TokenOwner { user_id: 9 })
         );
-        assert!(serde_json::from_str::<KickRequest>(r#"{"bogus":1}"#).is_err());
+        assert_eq!(KickRequest::from_row(None, None, None, None), None);
+    }
+
+    #[test]
+    fn a_rescan_kicks_only_connections_older_than_the_first_scan() {
+        let t = |s: &str| parse_time(s).unwrap();
+        // CONNZ reports local time with an offset; comparisons are by instant.
+        let first: ScanTimes = [("N1".to_owned(), t("2026-11-24T05:00:00.500+01:00"))].into();
+        let now: ScanTimes = [
+            ("N1".to_owned(), t("2026-11-24T04:00:03Z")),
+            ("N2".to_owned(), t("2026-11-24T04:00:03Z")),
+        ]
+        .into();
+        let conn = |server: &str, start: Option<&str>| Found {
+            server: server.into(),
+            cid: 1,
+            user: "alice".into(),
+            start: start.map(t),
+        };
+        // In flight during the first scan (started before it): kicked.
+        assert!(started_before(
+            &conn("N1", Some("2026-11-24T04:00:00.100Z")),
+            &first,
+            &now
+        ));
+        // The user's reconnect after the first kick: left alone.
+        assert!(!started_before(
+            &conn("N1", Some("2026-11-24T04:00:01Z")),
+            &first,
+            &now
+        ));
+        // A server that did not answer the first scan: its clock now minus RESCAN_AFTER.
+        assert!(started_before(
+            &conn("N2", Some("2026-11-24T04:00:00.400Z")),
+            &first,
+            &now
+        ));
+        assert!(!started_before(
+            &conn("N2", Some("2026-11-24T04:00:00.600Z")),
+            &first,
+            &now
+        ));
+        assert!(started_before(&conn("N1", None), &first, &now));
     }
 }

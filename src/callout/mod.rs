@@ -667,6 +667,10 @@ impl Callout {
                 value: Some((login, tok)),
                 from_copy: false,
             },
+            TokenLookup::Unknown => copy::Found {
+                value: None,
+                from_copy: false,
+            },
             TokenLookup::Miss if self.skip_postgres() => {
                 self.answer_from_copy(|| self.cache.copy_token(&digest), "still down")?
             }
@@ -679,6 +683,9 @@ impl Callout {
                 drop(slot);
                 if read.is_ok() {
                     self.cache.postgres_answered();
+                }
+                if let Ok(None) = &read {
+                    self.cache.put_unknown_token(digest, ticket);
                 }
                 match read {
                     Ok(found) => copy::Found {

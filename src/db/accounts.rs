@@ -63,12 +63,6 @@ pub async fn load(pool: &PgPool, id: i64) -> Result<Option<AccountRow>, sqlx::Er
     .await
 }
 
-pub async fn all_ids(pool: &PgPool) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
-    sqlx::query_as("SELECT id, public_key FROM nats.accounts ORDER BY id")
-        .fetch_all(pool)
-        .await
-}
-
 /// Keys of an account that are still valid (signing keys not retired, plus the identity).
 pub async fn live_keys(pool: &PgPool, account_id: i64) -> Result<Vec<AccountKeyRow>, sqlx::Error> {
     sqlx::query_as(

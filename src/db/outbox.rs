@@ -79,23 +79,19 @@ pub async fn fail(
 
 /// Queues a push of every account (after a (re)connect to NATS, or when becoming leader), as
 /// bulk rows: claimed after every change an admin made, so those are not stuck behind it.
+/// Accounts with an unclaimed push pending already get one; they are skipped (a leadership
+/// that changes hands twice does not queue every account twice).
 pub async fn enqueue_all(pool: &PgPool, reason: &str) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
-        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) SELECT id, 'upsert', $1, true FROM nats.accounts",
+        "INSERT INTO nats.sync_outbox (account_id, op, reason, bulk) \
+         SELECT a.id, 'upsert', $1, true FROM nats.accounts a \
+         WHERE NOT EXISTS (SELECT 1 FROM nats.sync_outbox o \
+                           WHERE o.account_id = a.id AND o.op = 'upsert' AND o.attempts = 0)",
     )
     .bind(reason)
     .execute(pool)
     .await?
     .rows_affected())
-}
-
-pub async fn enqueue(pool: &PgPool, account_id: i64, reason: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO nats.sync_outbox (account_id, op, reason) VALUES ($1, 'upsert', $2)")
-        .bind(account_id)
-        .bind(reason)
-        .execute(pool)
-        .await?;
-    Ok(())
 }
 
 /// Makes every pending row due now (after a reconnect to NATS). Only called between drains,
@@ -118,4 +114,37 @@ pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error>
     .await?;
     // Saturating: `from_secs_f64` panics on values a Duration cannot hold.
     Ok(secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)))
+}
+
+/// Queues a push of one account unless one is already pending (coalesces like the triggers,
+/// and wakes the leader).
+pub async fn enqueue_coalesced(
+    pool: &PgPool,
+    account_id: i64,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT nats.enqueue_account_sync($1, $2)")
+        .bind(account_id)
+        .bind(reason)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Up to `limit` accounts after id `after`, in id order, that have no pending outbox row:
+/// (id, public key, JWT last pushed).
+pub async fn settled_accounts(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(i64, Option<String>, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.id, a.public_key, a.jwt FROM nats.accounts a \
+         WHERE a.id > $1 AND NOT EXISTS (SELECT 1 FROM nats.sync_outbox o WHERE o.account_id = a.id) \
+         ORDER BY a.id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }

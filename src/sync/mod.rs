@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::Client;
+use futures::StreamExt;
 use nkeys::KeyPair;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, outbox::OutboxRow};
+use crate::db::{self, notify, outbox::OutboxRow};
 use crate::jwt::{self, claims::DeleteAccountsClaims, Claims};
 use crate::keys::{self, SeedCipher};
 use leader::Leadership;
@@ -65,6 +65,20 @@ enum AccountSyncError {
     Jwt(#[from] jwt::JwtError),
     #[error("cannot generate keys: {0}")]
     Nkeys(String),
+    /// Leadership ended (lock lost, or shutdown) before the push or its bookkeeping: the rows
+    /// keep their lease and the next leader does the work.
+    #[error("no longer the sync leader")]
+    NotLeader,
+}
+
+/// Fails when this replica no longer leads: checked right before every publish and every
+/// write of a sync result.
+fn still_leading(leading: &CancellationToken) -> Result<(), AccountSyncError> {
+    if leading.is_cancelled() {
+        Err(AccountSyncError::NotLeader)
+    } else {
+        Ok(())
+    }
 }
 
 /// One push: the outbox rows it settles and how often they were tried.
@@ -133,8 +147,15 @@ impl Sync {
         shutdown: CancellationToken,
     ) {
         let mut logged_follower = false;
+        // One line per outage, not one every 2 s for as long as it lasts.
+        let mut logged_unreachable = false;
         while !shutdown.is_cancelled() {
-            match Leadership::try_acquire(&self.settings.database_url).await {
+            let attempt = Leadership::try_acquire(&self.settings.database_url).await;
+            if attempt.is_ok() && logged_unreachable {
+                tracing::info!("sync reaches Postgres again");
+                logged_unreachable = false;
+            }
+            match attempt {
                 Ok(Some(leadership)) => {
                     tracing::info!("this replica is the sync leader");
                     logged_follower = false;
@@ -146,8 +167,12 @@ impl Sync {
                         logged_follower = true;
                     }
                 }
+                Err(e) if !logged_unreachable => {
+                    logged_unreachable = true;
+                    tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; pushes and kicks wait (nothing is lost), retrying every 2s")
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "sync cannot reach Postgres for leader election; retrying in 2s")
+                    tracing::debug!(error = %e, "sync still cannot reach Postgres")
                 }
             }
             tokio::select! {
@@ -159,63 +184,61 @@ impl Sync {
 
     async fn lead(
         self: &std::sync::Arc<Self>,
-        mut leadership: Leadership,
+        leadership: Leadership,
         nats_connected: &mut watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l.listen(SYNC_CHANNEL).await {
-                Ok(()) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot LISTEN for sync work; giving up leadership");
-                    leadership.release().await;
-                    return;
-                }
+        // Everything this term of leadership runs stops when `leading` is cancelled: by the
+        // lock watch when the lock connection fails (within ~1.2 s), or on shutdown.
+        let leading = shutdown.child_token();
+        let watch = tokio::spawn(leadership.watch(leading.clone()));
+        let mut wake = notify::spawn(
+            &self.pool,
+            notify::ListenSettings {
+                name: "nats-pg-auth sync",
+                channels: &[SYNC_CHANNEL],
+                health_interval: Duration::from_secs(5),
             },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the sync listener connection; giving up leadership");
-                leadership.release().await;
-                return;
-            }
-        };
+            leading.clone(),
+        );
         // Session control listens on its own connection, for as long as this replica leads.
-        let sessions_stop = shutdown.child_token();
-        let _stop_sessions_with_leadership = sessions_stop.clone().drop_guard();
         if let Some(sessions) = &self.sessions {
-            tokio::spawn(sessions.clone().listen(sessions_stop));
+            tokio::spawn(sessions.clone().run(leading.clone()));
+        }
+        // Rows a former leader claimed keep its lease; there is one leader, so nobody else is
+        // pushing them now: make them due at once instead of after the lease.
+        if let Err(e) = db::outbox::retry_now(&self.pool).await {
+            tracing::warn!(error = %e, "cannot reset the leases of a former leader; its rows return after them");
         }
         // A new leader cannot know what the server holds: push everything once.
         self.enqueue_all("sync leader started").await;
         nats_connected.mark_unchanged();
-        let mut reconcile = tokio::time::interval(self.settings.reconcile_interval);
-        reconcile.tick().await;
-        let mut lock_check = tokio::time::interval(Duration::from_secs(5));
+        // Reconcile runs beside the drain (with 10,000 accounts a round takes seconds), and
+        // only queues outbox rows.
+        tokio::spawn(self.clone().reconcile_every(leading.clone()));
         loop {
-            self.drain().await;
+            self.drain(&leading).await;
+            if leading.is_cancelled() {
+                break;
+            }
             let wait = match db::outbox::next_due_in(&self.pool).await {
                 Ok(Some(d)) => d.clamp(Duration::from_millis(20), Duration::from_secs(5)),
                 Ok(None) => Duration::from_secs(5),
                 Err(_) => Duration::from_secs(1),
             };
             tokio::select! {
-                _ = shutdown.cancelled() => break,
-                n = listener.try_recv() => {
-                    if let Ok(Some(_)) = &n {
-                        // A burst (10,000 accounts inserted: one notification each) is one
-                        // wake-up, not 10,000 rounds of outbox queries: the outbox holds the
-                        // work, so the notifications only need taking off the buffer.
-                        while listener.next_buffered().is_some() {}
-                    }
-                    if let Ok(None) = n {
-                        // The listener reconnected: notifications may have been missed, but the
-                        // outbox rows are durable, and the drain at the top of the loop finds them.
-                        tracing::debug!("sync listener reconnected");
-                    }
-                    if let Err(e) = n {
-                        tracing::warn!(error = %e, "sync listener lost; polling the outbox");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
+                _ = leading.cancelled() => break,
+                event = wake.recv() => match event {
+                    // A burst (10,000 accounts inserted: one notification each) is one batch,
+                    // one wake-up: the outbox holds the work.
+                    Some(notify::Event::Notes(_)) => {}
+                    // (Re)connected: notifications sent meanwhile were missed, but the outbox
+                    // rows are durable, and the drain at the top of the loop finds them.
+                    Some(notify::Event::Connected) => {}
+                    // Until it is back, the loop polls the outbox (at most every 5 s).
+                    Some(notify::Event::Disconnected(_)) => {}
+                    None => break,
+                },
                 _ = tokio::time::sleep(wait) => {}
                 changed = nats_connected.changed() => {
                     if changed.is_ok() {
@@ -233,16 +256,27 @@ impl Sync {
                         }
                     }
                 }
-                _ = reconcile.tick() => self.reconcile().await,
-                _ = lock_check.tick() => {
-                    if !leadership.still_held().await {
-                        tracing::warn!("lost the sync leader lock connection; standing down");
-                        return;
-                    }
-                }
             }
         }
-        leadership.release().await;
+        // Releases the lock (or finds it already gone).
+        leading.cancel();
+        let _ = watch.await;
+    }
+
+    async fn reconcile_every(self: std::sync::Arc<Self>, leading: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = leading.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = leading.cancelled() => return,
+                _ = self.reconcile() => {}
+            }
+        }
     }
 
     async fn enqueue_all(&self, reason: &str) {
@@ -255,8 +289,16 @@ impl Sync {
     /// claimed in small chunks as pushes finish, so a change queued during a burst waits for a
     /// free slot, not for the burst; an account is never pushed twice at once (two concurrent
     /// pushes could land out of order and leave the older JWT on the server).
-    pub async fn drain(self: &std::sync::Arc<Self>) {
-        if let Err(e) = self.refresh_operator_key().await {
+    ///
+    /// Stops as soon as `leading` is cancelled (the lock is lost, or shutdown): nothing more is
+    /// claimed, and pushes in flight are aborted; each also checks the token right before it
+    /// publishes and before it records its result. Their rows keep their lease, and the next
+    /// leader makes them due at once.
+    pub async fn drain(self: &std::sync::Arc<Self>, leading: &CancellationToken) {
+        if leading.is_cancelled() {
+            return;
+        }
+        if let Err(e) = self.refresh_operator_key(leading).await {
             tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
         }
         let parallelism = self.settings.parallelism.max(1);
@@ -266,6 +308,10 @@ impl Sync {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut busy: BTreeSet<i64> = BTreeSet::new();
         loop {
+            if leading.is_cancelled() {
+                in_flight.abort_all();
+                return;
+            }
             // Claim when a chunk of slots is free (one query per chunk, not per push), or when
             // nothing is in flight; rows of busy accounts are looked at again after a push ends.
             let room = parallelism - in_flight.len();
@@ -278,15 +324,16 @@ impl Sync {
                         // `rotate-operator-key --finish` stores the new key and queues every
                         // account in one transaction: rows claimed now are signed with the key
                         // that queued them.
-                        if let Err(e) = self.refresh_operator_key().await {
+                        if let Err(e) = self.refresh_operator_key(leading).await {
                             tracing::warn!(error = %e, "cannot check the operator signing key; keeping the current one");
                         }
-                        for job in self.jobs(rows).await {
+                        for job in self.jobs(rows, leading).await {
                             if let Some(id) = job.account_id() {
                                 busy.insert(id);
                             }
                             let this = self.clone();
-                            in_flight.spawn(async move { this.push_job(job).await });
+                            let leading = leading.clone();
+                            in_flight.spawn(async move { this.push_job(job, &leading).await });
                         }
                         continue;
                     }
@@ -296,11 +343,19 @@ impl Sync {
                     }
                 }
             }
-            match in_flight.join_next().await {
+            let joined = tokio::select! {
+                _ = leading.cancelled() => {
+                    in_flight.abort_all();
+                    return;
+                }
+                joined = in_flight.join_next() => joined,
+            };
+            match joined {
                 Some(Ok(Some(id))) => {
                     busy.remove(&id);
                 }
                 Some(Ok(None)) => {}
+                Some(Err(e)) if e.is_cancelled() => {}
                 Some(Err(e)) => {
                     // A push task panicked: its rows keep their lease and come back after it.
                     tracing::error!(error = %e, "an account push failed unexpectedly; its rows are retried after their lease");
@@ -313,16 +368,19 @@ impl Sync {
 
     /// Groups claimed rows into pushes: several rows of one account collapse into one push, and
     /// a delete wins over upserts of the same account key (the row is gone).
-    async fn jobs(&self, rows: Vec<OutboxRow>) -> Vec<Job> {
+    async fn jobs(&self, rows: Vec<OutboxRow>, leading: &CancellationToken) -> Vec<Job> {
         let mut upserts: BTreeMap<i64, (Vec<i64>, i32)> = BTreeMap::new();
         let mut deletes: BTreeMap<String, (Option<i64>, Vec<i64>, i32)> = BTreeMap::new();
         let mut orphans = Vec::new();
         for mut row in rows {
             if let ("rotate" | "rotate_emergency", Some(id)) = (row.op.as_str(), row.account_id) {
-                match self.rotate(id, row.op == "rotate_emergency", row.id).await {
+                match self
+                    .rotate(id, row.op == "rotate_emergency", row.id, leading)
+                    .await
+                {
                     Ok(()) => row.op = "upsert".into(),
                     Err(e) => {
-                        self.finish(&[row.id], row.attempts, Err((Some(id), e)))
+                        self.finish(&[row.id], row.attempts, Err((Some(id), e)), leading)
                             .await;
                         continue;
                     }
@@ -371,16 +429,21 @@ impl Sync {
     }
 
     /// Pushes one job and records the outcome; returns the account it held.
-    async fn push_job(&self, job: Job) -> Option<i64> {
+    async fn push_job(&self, job: Job, leading: &CancellationToken) -> Option<i64> {
         match job {
             Job::Upsert {
                 account_id,
                 ids,
                 attempts,
             } => {
-                let result = self.upsert(account_id).await;
-                self.finish(&ids, attempts, result.map_err(|e| (Some(account_id), e)))
-                    .await;
+                let result = self.upsert(account_id, leading).await;
+                self.finish(
+                    &ids,
+                    attempts,
+                    result.map_err(|e| (Some(account_id), e)),
+                    leading,
+                )
+                .await;
                 Some(account_id)
             }
             Job::Delete {
@@ -389,8 +452,8 @@ impl Sync {
                 ids,
                 attempts,
             } => {
-                let result = self.delete(&public_key).await;
-                self.finish(&ids, attempts, result.map_err(|e| (None, e)))
+                let result = self.delete(&public_key, leading).await;
+                self.finish(&ids, attempts, result.map_err(|e| (None, e)), leading)
                     .await;
                 account_id
             }
@@ -402,7 +465,13 @@ impl Sync {
         ids: &[i64],
         attempts: i32,
         result: Result<(), (Option<i64>, AccountSyncError)>,
+        leading: &CancellationToken,
     ) {
+        if leading.is_cancelled() {
+            // Not ours to settle any more: the rows keep their lease and the next leader
+            // pushes them again (the reconcile also repairs a JWT pushed but not recorded).
+            return;
+        }
         match result {
             Ok(()) => {
                 self.metrics.count_push(true);
@@ -435,7 +504,10 @@ impl Sync {
 
     /// Picks up a new operator signing key (after `rotate-operator-key --finish`) and pushes the
     /// re-signed SYS and AUTH JWTs; tenant accounts were queued by the rotation itself.
-    async fn refresh_operator_key(&self) -> Result<(), AccountSyncError> {
+    async fn refresh_operator_key(
+        &self,
+        leading: &CancellationToken,
+    ) -> Result<(), AccountSyncError> {
         let row: Option<(String, String)> = sqlx::query_as(
             "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator_signing'",
         )
@@ -454,6 +526,7 @@ impl Sync {
         .fetch_all(&self.pool)
         .await?;
         for token in own {
+            still_leading(leading)?;
             publish::update(&self.client, &token, self.settings.push_timeout).await?;
         }
         *self
@@ -479,6 +552,7 @@ impl Sync {
         account_id: i64,
         emergency: bool,
         outbox_id: i64,
+        leading: &CancellationToken,
     ) -> Result<(), AccountSyncError> {
         let has_keys: Option<Option<String>> =
             sqlx::query_scalar("SELECT public_key FROM nats.accounts WHERE id = $1")
@@ -522,6 +596,7 @@ impl Sync {
             .bind(outbox_id)
             .execute(&mut *tx)
             .await?;
+        still_leading(leading)?;
         tx.commit().await?;
         tracing::info!(account_id, emergency, signing_key = %key.public_key(), "signing key rotated");
         let name: Option<String> =
@@ -547,7 +622,11 @@ impl Sync {
     }
 
     /// Builds and pushes one account; gives it keys first when SQL created it without.
-    async fn upsert(&self, account_id: i64) -> Result<(), AccountSyncError> {
+    async fn upsert(
+        &self,
+        account_id: i64,
+        leading: &CancellationToken,
+    ) -> Result<(), AccountSyncError> {
         let Some(mut row) = db::accounts::load(&self.pool, account_id).await? else {
             return Ok(()); // deleted since; its delete row does the rest
         };
@@ -562,6 +641,7 @@ impl Sync {
             };
             let (ipk, iseed) = seal(&identity)?;
             let (spk, sseed) = seal(&signing)?;
+            still_leading(leading)?;
             db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed))
                 .await?;
             // Importers that named this account before it had keys can now be completed.
@@ -590,7 +670,7 @@ impl Sync {
         claims.nats.exports = exports;
         claims.nats.imports = plan.imports;
         let mut import_errors = plan.errors;
-        let pushed = match self.push(&row, &mut claims).await {
+        let pushed = match self.push(&row, &mut claims, leading).await {
             // The server refused the JWT and it carries imports: they are the part an admin
             // can get wrong in ways we do not check (overlaps, remote tokens). Push the account
             // without them so it keeps working, and say why on each import row.
@@ -598,7 +678,7 @@ impl Sync {
                 if !claims.nats.imports.is_empty() =>
             {
                 claims.nats.imports.clear();
-                let token = self.push(&row, &mut claims).await?;
+                let token = self.push(&row, &mut claims, leading).await?;
                 let note = format!(
                     "left out: nats-server refused the account JWT with its imports: {msg}"
                 );
@@ -609,6 +689,7 @@ impl Sync {
             }
             other => other?,
         };
+        still_leading(leading)?;
         for (id, err) in import_errors {
             db::sharing::set_import_error(&self.pool, id, err.as_deref()).await?;
         }
@@ -622,6 +703,7 @@ impl Sync {
         &self,
         row: &db::accounts::AccountRow,
         claims: &mut Claims<crate::jwt::claims::AccountClaims>,
+        leading: &CancellationToken,
     ) -> Result<String, AccountSyncError> {
         let previous = self.last_iat.lock().await.get(&row.id).copied();
         let stored = row.jwt.as_deref().and_then(jwt::iat_of);
@@ -631,11 +713,16 @@ impl Sync {
         }
         let token = jwt::encode(claims, &self.signer())?;
         self.last_iat.lock().await.insert(row.id, claims.iat);
+        still_leading(leading)?;
         publish::update(&self.client, &token, self.settings.push_timeout).await?;
         Ok(token)
     }
 
-    async fn delete(&self, public_key: &str) -> Result<(), AccountSyncError> {
+    async fn delete(
+        &self,
+        public_key: &str,
+        leading: &CancellationToken,
+    ) -> Result<(), AccountSyncError> {
         if self.system_accounts.contains(public_key) {
             return Ok(());
         }
@@ -655,6 +742,7 @@ impl Sync {
             },
         };
         let token = jwt::encode(&claims, &signer)?;
+        still_leading(leading)?;
         publish::delete(&self.client, &token, self.settings.push_timeout).await?;
         tracing::info!(account = public_key, "account deleted from nats-server");
         db::audit::record(
@@ -667,8 +755,16 @@ impl Sync {
         Ok(())
     }
 
-    /// Drift repair: queues every synced account the server does not list, and every account
-    /// whose retired signing key has expired since its last push (so the key leaves its JWT).
+    /// Drift repair: queues every account whose retired signing key has expired since its last
+    /// push (so the key leaves its JWT), and every account the server does not serve exactly
+    /// the JWT the database recorded as pushed (`nats.accounts.jwt`): missing, or another one
+    /// (a stale JWT a former leader pushed late, a restored resolver directory, a push by
+    /// hand). Accounts with pending outbox rows are skipped: they are about to be pushed.
+    ///
+    /// Bounded for many accounts: [`RECONCILE_BATCH`] accounts are read at a time, and at most
+    /// [`RECONCILE_CONCURRENCY`] `CLAIMS.LOOKUP` requests are in flight. In a cluster the
+    /// lookup is answered by the first server that replies (normally the one this replica is
+    /// connected to); the full resolver spreads a repaired JWT to the others.
     async fn reconcile(&self) {
         let retired = sqlx::query(
             "INSERT INTO nats.sync_outbox (account_id, op, reason) \
@@ -681,39 +777,85 @@ impl Sync {
         if let Err(e) = retired {
             tracing::warn!(error = %e, "cannot queue accounts with expired signing keys");
         }
-        let on_server: BTreeSet<String> = match publish::list(
-            &self.client,
-            self.settings.push_timeout,
-        )
-        .await
-        {
-            Ok(list) => list.into_iter().collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, "reconcile skipped: cannot list the server's accounts");
-                return;
-            }
-        };
-        let accounts = match db::accounts::all_ids(&self.pool).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "reconcile skipped: cannot read accounts");
-                return;
-            }
-        };
-        let mut missing = 0;
-        for (id, pk) in accounts {
-            if pk.as_ref().is_none_or(|pk| !on_server.contains(pk)) {
-                missing += 1;
-                let _ = db::outbox::enqueue(&self.pool, id, "reconcile: missing on server").await;
+        let started = std::time::Instant::now();
+        let (mut checked, mut missing, mut stale) = (0usize, 0usize, 0usize);
+        let mut after = 0i64;
+        loop {
+            let batch = match db::outbox::settled_accounts(&self.pool, after, RECONCILE_BATCH).await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconcile stopped: cannot read accounts");
+                    return;
+                }
+            };
+            let Some(last) = batch.last() else { break };
+            after = last.0;
+            let timeout = self.settings.push_timeout;
+            let verdicts: Vec<Result<Option<(i64, Drift)>, publish::PushError>> =
+                futures::stream::iter(batch)
+                    .map(|(id, public_key, recorded)| async move {
+                        let (Some(public_key), Some(recorded)) = (public_key, recorded) else {
+                            return Ok(Some((id, Drift::Missing)));
+                        };
+                        Ok(
+                            match publish::lookup(&self.client, &public_key, timeout).await? {
+                                None => Some((id, Drift::Missing)),
+                                Some(served) if served != recorded => Some((id, Drift::Stale)),
+                                Some(_) => None,
+                            },
+                        )
+                    })
+                    .buffer_unordered(RECONCILE_CONCURRENCY)
+                    .collect()
+                    .await;
+            for verdict in verdicts {
+                checked += 1;
+                let (id, drift) = match verdict {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconcile stopped: cannot look up the server's accounts");
+                        return;
+                    }
+                };
+                let reason = match drift {
+                    Drift::Missing => {
+                        missing += 1;
+                        "reconcile: missing on server"
+                    }
+                    Drift::Stale => {
+                        stale += 1;
+                        "reconcile: server serves another JWT"
+                    }
+                };
+                if let Err(e) = db::outbox::enqueue_coalesced(&self.pool, id, reason).await {
+                    tracing::warn!(error = %e, "reconcile cannot queue a push; retrying next time");
+                }
             }
         }
-        if missing > 0 {
+        if missing + stale > 0 {
             tracing::info!(
+                checked,
                 missing,
-                "reconcile queued accounts the server does not have"
+                stale,
+                took = ?started.elapsed(),
+                "reconcile queued accounts the server does not serve as recorded"
             );
+        } else {
+            tracing::debug!(checked, took = ?started.elapsed(), "reconcile: the server serves every account as recorded");
         }
     }
+}
+
+/// Accounts read per reconcile query.
+const RECONCILE_BATCH: i64 = 500;
+/// `CLAIMS.LOOKUP` requests in flight during a reconcile.
+const RECONCILE_CONCURRENCY: usize = 32;
+
+enum Drift {
+    Missing,
+    Stale,
 }
 
 fn backoff(attempts: i32) -> Duration {

@@ -225,11 +225,16 @@ async fn an_unknown_user_becomes_known_as_soon_as_it_is_inserted() {
     let env = TestEnv::start().await;
     acme(&env).await;
     let cache = caches_live(&env).await;
-    assert!(!logs_in(&env, "bob", "pw").await);
-    assert!(!logs_in(&env, "bob", "pw").await);
+    // A notification still on its way (acme's own UPDATE) may void the first negative answer,
+    // so allow a few attempts; each is refused, and soon one is answered without Postgres.
+    let mut attempts = 0;
+    while CacheStats::get(&cache.stats().unknown_user_hits) == 0 && attempts < 5 {
+        assert!(!logs_in(&env, "bob", "pw").await);
+        attempts += 1;
+    }
     assert!(
         CacheStats::get(&cache.stats().unknown_user_hits) >= 1,
-        "the second attempt is answered from the negative cache"
+        "a repeated attempt is answered from the negative cache"
     );
     env.add_watcher("acme", "bob").await;
     within_two_seconds(Instant::now(), "new user accepted", true, || {

@@ -2,6 +2,7 @@
 
 mod bounds;
 mod cache;
+mod chaos;
 mod common;
 mod init;
 mod login;

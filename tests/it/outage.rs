@@ -6,46 +6,7 @@ use std::time::Duration;
 
 use nats_pg_auth::cache::{CacheStats, LoginCache};
 
-use crate::common::{is_auth_refusal, user_info, wait_until, EnvOptions, TestEnv};
-
-/// Takes the test database away from every client (the service's pool and listener included)
-/// and returns a closure-like handle to give it back.
-struct Outage {
-    admin: sqlx::PgPool,
-    db: String,
-}
-
-impl Outage {
-    async fn begin(env: &TestEnv) -> Outage {
-        let db: String = sqlx::query_scalar("SELECT current_database()")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        let admin = sqlx::PgPool::connect(&crate::common::admin_url())
-            .await
-            .unwrap();
-        sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
-            .bind(&db)
-            .execute(&admin)
-            .await
-            .unwrap();
-        Outage { admin, db }
-    }
-
-    async fn end(self) {
-        sqlx::query(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            self.db
-        ))
-        .execute(&self.admin)
-        .await
-        .unwrap();
-    }
-}
+use crate::common::{is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions, TestEnv};
 
 fn cache(env: &TestEnv) -> Arc<LoginCache> {
     env.callout.as_ref().expect("service").cache().clone()
@@ -107,7 +68,7 @@ async fn known_users_log_in_from_the_copy_while_postgres_is_unreachable() {
     .await;
 
     let acme_key = env.account_key("acme").await;
-    let outage = Outage::begin(&env).await;
+    let outage = DbOutage::begin(&env).await;
     // Bob never logged in before: the copy holds him anyway.
     let bob = env
         .connect_user("bob", "pw")
@@ -187,7 +148,7 @@ async fn grace_zero_means_no_logins_without_postgres() {
     })
     .await;
     tenants(&env).await;
-    let outage = Outage::begin(&env).await;
+    let outage = DbOutage::begin(&env).await;
     let err = env.connect_user("bob", "pw").await.expect_err("refused");
     assert!(is_auth_refusal(&err), "{err}");
     assert!(env.metrics.denied("internal_error") >= 1);
@@ -225,7 +186,7 @@ async fn a_user_changed_in_bulk_is_reread_with_its_role() {
         },
     )
     .await;
-    let outage = Outage::begin(&env).await;
+    let outage = DbOutage::begin(&env).await;
     let dave = env.connect_user("dave", "pw").await.expect("dave");
     let info = user_info(&dave).await;
     let allow = info["permissions"]["publish"]["allow"].to_string();
@@ -234,4 +195,47 @@ async fn a_user_changed_in_bulk_is_reread_with_its_role() {
         "new role rights from the copy: {allow}"
     );
     outage.end().await;
+}
+
+#[tokio::test]
+async fn a_replica_started_while_postgres_is_down_says_so_waits_and_then_serves() {
+    let mut env = TestEnv::start().await;
+    tenants(&env).await;
+    // Only the process answers logins in this test.
+    env.stop_service().await;
+    let outage = DbOutage::begin(&env).await;
+    let mut replica = crate::common::ServeProcess::spawn(&env, "late", &[]);
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to say it waits",
+        || {
+            let log = replica.log();
+            async move { log.contains("answers no logins until it has loaded a copy") }
+        },
+    )
+    .await;
+    let err = env
+        .connect_user("bob", "pw")
+        .await
+        .expect_err("nothing answers without a copy");
+    assert!(is_auth_refusal(&err), "{err}");
+    outage.end().await;
+    replica.wait_ready(Duration::from_secs(20)).await;
+    env.wait_login(
+        "bob",
+        "pw",
+        Duration::from_secs(10),
+        "bob logs in through the late replica",
+    )
+    .await;
+    let log = replica.log();
+    assert_eq!(
+        log.matches("answers no logins until it has loaded a copy")
+            .count(),
+        1,
+        "said once, not once per retry:\n{log}"
+    );
+    replica.signal("TERM");
+    let status = replica.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
 }

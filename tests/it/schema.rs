@@ -181,8 +181,8 @@ async fn password_hash_work_factors_are_bounded() {
     refused(&pool, &argon("m=19456,t=2,p=4"), &["p=4 is outside 1..2"]).await;
 }
 
-/// Rows that jammed the machinery: a username that pushes the kick NOTIFY past 8000 bytes made
-/// its user impossible to update or delete; centuries (or 'infinity') in intervals overflowed
+/// Rows that jammed the machinery: a username that pushed the kick NOTIFY past 8000 bytes made
+/// its user impossible to update or delete (kicks are rows since 0003; the bound stays); centuries (or 'infinity') in intervals overflowed
 /// the service's conversions; 'infinity' timestamps cannot be read by the service.
 #[tokio::test]
 async fn rows_that_would_jam_the_machinery_are_refused() {

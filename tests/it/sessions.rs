@@ -221,3 +221,106 @@ async fn a_token_that_expires_ends_the_connection_when_it_expires() {
     );
     still_connected(&mut wevents);
 }
+
+#[tokio::test]
+async fn a_kick_requested_while_no_replica_leads_is_carried_out_when_a_leader_starts() {
+    let (mut env, mut wevents, _w) = setup().await;
+    let (_alice, mut events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    // No replica runs: nobody hears a NOTIFY now. Alice's connection stays up meanwhile.
+    env.stop_service().await;
+    env.sql("UPDATE nats.users SET active = false WHERE username = 'alice'")
+        .await;
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.kick_requests")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1, "the request is kept");
+    let started = Instant::now();
+    env.start_service(crate::common::serve_args(env.url()))
+        .await;
+    let took = disconnected_within(
+        &mut events,
+        Duration::from_secs(10),
+        "alice, deactivated while no replica led",
+    )
+    .await;
+    eprintln!(
+        "kick carried out {took:?} after a leader started ({:?} since start)",
+        started.elapsed()
+    );
+    env.wait_sql(
+        "SELECT count(*) = 0 FROM nats.kick_requests",
+        Duration::from_secs(10),
+        "the carried-out request to be deleted",
+    )
+    .await;
+    let err = env
+        .connect_user("alice", "s3cret")
+        .await
+        .expect_err("inactive alice stays out");
+    assert!(is_auth_refusal(&err));
+    still_connected(&mut wevents);
+}
+
+#[tokio::test]
+async fn a_rescan_after_the_auth_timeout_closes_what_the_first_scan_missed_but_not_reconnects() {
+    let (env, mut wevents, _w) = setup().await;
+    env.add_watcher("acme", "bob").await;
+    let (_alice, mut alice_events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    let (_bob, mut bob_events) = env.connect_user_events("bob", "pw").await.unwrap();
+    env.sql(
+        "UPDATE nats.roles SET publish_permissions = '{sensors.>,alerts.>}' WHERE name = 'sensor'",
+    )
+    .await;
+    disconnected_within(
+        &mut alice_events,
+        Duration::from_secs(2),
+        "alice (role changed)",
+    )
+    .await;
+    let first_scan = Instant::now();
+    // Bob's connection stands for a login that was in flight during the first scan: it started
+    // before the scan but the scan did not see it as the role's. (He gets the role now, with
+    // his own kick trigger off, so only the role request's re-scan can close it.)
+    env.sql(
+        "BEGIN;
+         ALTER TABLE nats.users DISABLE TRIGGER users_kick;
+         UPDATE nats.users SET role_id = (SELECT id FROM nats.roles WHERE name = 'sensor') WHERE username = 'bob';
+         ALTER TABLE nats.users ENABLE TRIGGER users_kick;
+         COMMIT;",
+    )
+    .await;
+    // Alice reconnects at once, after the first scan: the re-scan must leave her alone.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), alice_events.recv()).await {
+            Ok(Some(Event::Connected)) => break,
+            Ok(Some(_)) => continue,
+            _ => panic!("alice did not reconnect before the re-scan"),
+        }
+    }
+    let took = disconnected_within(
+        &mut bob_events,
+        Duration::from_secs(5),
+        "bob, by the re-scan",
+    )
+    .await;
+    let after = first_scan.elapsed();
+    eprintln!("re-scan closed the missed connection {after:?} after the first scan");
+    assert!(
+        after >= Duration::from_secs(2),
+        "closed by the re-scan, not earlier ({took:?})"
+    );
+    env.wait_sql(
+        "SELECT count(*) = 0 FROM nats.kick_requests",
+        Duration::from_secs(5),
+        "the request to be settled after its re-scan",
+    )
+    .await;
+    while let Ok(e) = alice_events.try_recv() {
+        assert!(
+            !matches!(e, Event::Disconnected),
+            "alice's reconnect (after the first scan) was kicked by the re-scan"
+        );
+    }
+    still_connected(&mut wevents);
+}

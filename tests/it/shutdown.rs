@@ -133,7 +133,7 @@ async fn sigterm_mid_login_loop_exits_zero_and_no_login_is_refused() {
     )
     .await;
     env.wait_sql(
-        "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND granted",
+        "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         Duration::from_secs(10),
         "the other replica to take the sync leadership",
     )

@@ -48,7 +48,7 @@ pub async fn fresh_database() -> String {
     format!("{base}/{name}{query}")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -71,7 +71,12 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server that includes `fragment` (from `init`). `extra` is appended to nats.conf.
     pub async fn start(dir: &Path, resolver_dir: &Path, extra: &str) -> NatsServer {
-        let port = free_port();
+        Self::start_on(free_port(), dir, resolver_dir, extra).await
+    }
+
+    /// Like `start`, on a given client port (a cluster's members must know each other's ports
+    /// before the first one starts).
+    pub async fn start_on(port: u16, dir: &Path, resolver_dir: &Path, extra: &str) -> NatsServer {
         let conf = dir.join("nats.conf");
         std::fs::write(
             &conf,
@@ -121,6 +126,11 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn stop(&mut self) {
@@ -551,21 +561,39 @@ pub async fn settle(client: &Client) {
 
 /// GET over plain HTTP/1.1; returns (status line, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("HTTP GET {addr}{path}: {e}"))
+}
+
+/// GET over plain HTTP/1.1 (`Connection: close`, 5 s at most); returns (status line, body), or
+/// why there is no answer (nothing listening, say).
+pub async fn try_http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<(String, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .expect("HTTP connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+        .map_err(|_| "no answer within 5s".to_owned())?
+        .map_err(|e| e.to_string())?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
+    Ok((
         head.lines().next().unwrap_or("").to_owned(),
         body.to_owned(),
-    )
+    ))
 }
 
 /// Waits for an audit row of `kind` about `subject` and returns its detail.
@@ -588,6 +616,266 @@ pub async fn audit_row(env: &TestEnv, kind: &str, subject: &str) -> serde_json::
             "no audit row {kind} for {subject}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// nats-servers on loopback forming one cluster: a full mesh of routes, each member with its
+/// own directory, resolver directory and `init` fragment.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` members under `base` (`base/nats<i>`). `fragment(i, resolver_dir, out)` writes
+    /// member `i`'s configuration fragment (what `init` / `export-config` produce) to `out`.
+    pub async fn start(
+        base: &Path,
+        n: usize,
+        mut fragment: impl FnMut(usize, &Path, &Path),
+    ) -> NatsCluster {
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut servers = Vec::with_capacity(n);
+        for i in 0..n {
+            let dir = base.join(format!("nats{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let resolver_dir = dir.join("jwt");
+            fragment(i, &resolver_dir, &dir.join("fragment.conf"));
+            let routes = route_ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let extra = format!(
+                "cluster {{\n  name: test_cluster\n  listen: 127.0.0.1:{}\n  routes: [{routes}]\n}}",
+                route_ports[i]
+            );
+            servers.push(NatsServer::start_on(client_ports[i], &dir, &resolver_dir, &extra).await);
+        }
+        NatsCluster { servers }
+    }
+
+    /// Every member's URL, comma separated (what `--nats-url` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A Postgres cluster of the test's own (`scripts/pg.sh`), for tests that stop and start it;
+/// the suite's shared Postgres must never be stopped. Stopped (and its directory removed) on drop.
+pub struct PgProcess {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PgProcess {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg.sh")
+    }
+
+    /// Creates and starts a cluster on a free port, in a fresh directory directly under /tmp
+    /// (as root, pg.sh hands that directory to the `postgres` user, who must reach it).
+    pub async fn start() -> PgProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("npa-pg.")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let pg = PgProcess {
+            port: free_port(),
+            dir,
+        };
+        pg.start_again().await;
+        pg
+    }
+
+    /// Starts the (stopped) cluster again on the same port.
+    pub async fn start_again(&self) {
+        let out = tokio::process::Command::new(Self::script())
+            .arg("start")
+            .arg(self.dir.path())
+            .arg(self.port.to_string())
+            .output()
+            .await
+            .expect("run scripts/pg.sh");
+        assert!(
+            out.status.success(),
+            "pg.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it (fast shutdown: connections are closed at once).
+    pub async fn stop(&self) {
+        let out = tokio::process::Command::new(Self::script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .output()
+            .await
+            .expect("run scripts/pg.sh");
+        assert!(
+            out.status.success(),
+            "pg.sh stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// URL of database `db` as the superuser.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PgProcess {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The real `nats-pg-auth serve` binary as a child process (so it can be SIGKILLed or
+/// SIGTERMed), logging to `<dir>/<name>.log`, its HTTP endpoints on a fixed free port.
+/// Killed on drop.
+pub struct ServiceProcess {
+    pub name: String,
+    pub http: std::net::SocketAddr,
+    log: PathBuf,
+    database_url: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ServiceProcess {
+    /// Starts `serve --nats-url <nats_urls> --http-listen <free port> <extra...>`.
+    pub fn start(
+        name: &str,
+        dir: &Path,
+        database_url: &str,
+        nats_urls: &str,
+        extra: &[&str],
+    ) -> ServiceProcess {
+        let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args = vec![
+            "serve".to_owned(),
+            "--nats-url".to_owned(),
+            nats_urls.to_owned(),
+            "--http-listen".to_owned(),
+            http.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = ServiceProcess {
+            name: name.to_owned(),
+            http,
+            log: dir.join(format!("{name}.log")),
+            database_url: database_url.to_owned(),
+            args,
+            child: None,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"))
+            .args(&self.args)
+            .env("DATABASE_URL", &self.database_url)
+            .env(
+                "RUST_LOG",
+                std::env::var("NATS_PG_AUTH_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start nats-pg-auth serve");
+        self.child = Some(child);
+    }
+
+    /// Starts it again with the same arguments (and HTTP port) after it exited or was killed.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (SIGTERM, say) without waiting.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self.pid().expect("process running") as i32;
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), signal)
+            .expect("signal the service");
+    }
+
+    /// The exit status once it has exited; None while it runs (or when it was never started).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.is_some() && self.try_exit().is_none()
+    }
+
+    /// Waits (up to `deadline`) for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_exit() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "{} did not exit within {deadline:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `/readyz`: Ok(body) on 200, Err(status line and body, or why nothing answered).
+    pub async fn readyz(&self) -> Result<String, String> {
+        match try_http_get(self.http, "/readyz").await {
+            Ok((status, body)) if status.contains(" 200 ") => Ok(body),
+            Ok((status, body)) => Err(format!("{status}: {}", body.trim())),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -670,5 +958,42 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Takes the test database away from every client (the service's pool and listener included)
+/// until `end` gives it back.
+pub struct DbOutage {
+    admin: sqlx::PgPool,
+    db: String,
+}
+
+impl DbOutage {
+    pub async fn begin(env: &TestEnv) -> DbOutage {
+        let db: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(&db)
+            .execute(&admin)
+            .await
+            .unwrap();
+        DbOutage { admin, db }
+    }
+
+    pub async fn end(self) {
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.db
+        ))
+        .execute(&self.admin)
+        .await
+        .unwrap();
     }
 }
