@@ -145,21 +145,36 @@ impl Application {
         let identities = ServiceIdentities::load(&pool).await?;
         check_seeds(&pool, &config.cipher, &identities).await?;
         if config.cipher.has_key() {
-            // Seeds written before a key was configured (or by pb-nats) get encrypted now.
-            let n = crate::db::seeds::reencrypt(&pool, &config.cipher, &config.cipher, true)
+            // Seeds of a keyless start (or pb-nats) get encrypted the first time a key is
+            // configured. Once seeds are encrypted, a plain one was written by someone else: it
+            // is left as it is and refused at use.
+            match crate::db::seeds::encrypt_keyless_start(&pool, &config.cipher)
                 .await
-                .map_err(AppError::Seeds)?;
-            if n > 0 {
-                tracing::info!(seeds = n, "encrypted seeds that were stored in plain text");
+                .map_err(AppError::Seeds)?
+            {
+                crate::db::seeds::PlainSeeds::Encrypted(0) => {}
+                crate::db::seeds::PlainSeeds::Encrypted(n) => {
+                    tracing::info!(seeds = n, "encrypted seeds that were stored in plain text")
+                }
+                crate::db::seeds::PlainSeeds::Foreign(keys) => tracing::warn!(
+                    public_keys = %keys.join(","),
+                    "{} seed(s) are stored in plain text although the others are encrypted: this service did not write them; they are not encrypted and not used (delete them, or encrypt them with `nats-pg-auth rotate-encryption-key` if they were written on purpose)",
+                    keys.len()
+                ),
             }
         }
+        // From here on every seed is opened by a cipher that refuses plain seeds when it has a
+        // key: the service itself never writes one then.
+        let cipher = config.cipher.refusing_plain();
+        let identities = ServiceIdentities::load(&pool).await?;
+        check_seeds(&pool, &cipher, &identities).await?;
 
         let metrics = Metrics::default();
         let closing = CancellationToken::new();
         let auth = AuthIdentity {
             account_public_key: identities.public_key(IdentityKind::AuthAccount).to_owned(),
-            signer: identities.keypair(&config.cipher, IdentityKind::AuthAccount)?,
-            xkey: identities.xkey(&config.cipher)?,
+            signer: identities.keypair(&cipher, IdentityKind::AuthAccount)?,
+            xkey: identities.xkey(&cipher)?,
         };
         let settings = CalloutSettings {
             default_ttl: args.default_ttl,
@@ -170,6 +185,7 @@ impl Application {
             },
             concurrency: args.callout_concurrency,
             hash_threads: args.hash_threads,
+            hash_limits: args.hash_limits(),
             lockout: LockoutSettings {
                 failures: args.lockout_failures,
                 duration: args.lockout_duration,
@@ -179,13 +195,13 @@ impl Application {
         let callout = Callout::with_cache(
             pool.clone(),
             auth,
-            config.cipher.clone(),
+            cipher.clone(),
             settings,
             args.cache_settings(),
             metrics.clone(),
         );
 
-        let service_user = identities.keypair(&config.cipher, IdentityKind::ServiceUser)?;
+        let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
         let callout_client = connect_options(
             "nats-pg-auth callout",
             identities.jwt(IdentityKind::ServiceUser).to_owned(),
@@ -198,7 +214,7 @@ impl Application {
         .map_err(|e| AppError::Nats(e.to_string()))?;
 
         let (tx, nats_connected) = watch::channel(0u64);
-        let sys_user = identities.keypair(&config.cipher, IdentityKind::SysUser)?;
+        let sys_user = identities.keypair(&cipher, IdentityKind::SysUser)?;
         let sys_client = connect_options(
             "nats-pg-auth system",
             identities.jwt(IdentityKind::SysUser).to_owned(),
@@ -218,8 +234,8 @@ impl Application {
             Some(
                 Sync::new(
                     pool.clone(),
-                    config.cipher.clone(),
-                    identities.keypair(&config.cipher, IdentityKind::OperatorSigning)?,
+                    cipher.clone(),
+                    identities.keypair(&cipher, IdentityKind::OperatorSigning)?,
                     system_accounts,
                     sys_client.clone(),
                     SyncSettings {

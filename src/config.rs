@@ -59,6 +59,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process; boxing `ServeArgs` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the `nats` schema.
@@ -236,6 +238,34 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 2)]
     pub hash_threads: usize,
 
+    /// Highest bcrypt cost a stored password hash may ask for (4..31). A hash above it is refused
+    /// at login without hashing: a hash sets its own work factor, and one row at cost 31 would
+    /// otherwise cost a day of CPU per login attempt. Keep it in step with
+    /// `nats.password_hash_limits()` (the schema's bound, 14 unless replaced).
+    #[arg(long, env = "NATS_PG_AUTH_MAX_BCRYPT_COST", default_value_t = 14)]
+    pub max_bcrypt_cost: u32,
+
+    /// Highest argon2id memory (`m`, in KiB) a stored password hash may ask for; above it the
+    /// login is refused without hashing. Each hashing thread may use this much memory.
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_MAX_ARGON2_MEMORY_KIB",
+        default_value_t = 1_048_576
+    )]
+    pub max_argon2_memory_kib: u32,
+
+    /// Highest argon2id iteration count (`t`) a stored password hash may ask for.
+    #[arg(long, env = "NATS_PG_AUTH_MAX_ARGON2_ITERATIONS", default_value_t = 10)]
+    pub max_argon2_iterations: u32,
+
+    /// Highest argon2id parallelism (`p`, lanes) a stored password hash may ask for.
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_MAX_ARGON2_PARALLELISM",
+        default_value_t = 16
+    )]
+    pub max_argon2_parallelism: u32,
+
     /// Run the account sync (leader elected by a Postgres advisory lock). Turn off for
     /// callout-only replicas.
     #[arg(long, env = "NATS_PG_AUTH_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
@@ -305,6 +335,16 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The password hash work factors these flags allow.
+    pub fn hash_limits(&self) -> crate::callout::credentials::HashLimits {
+        crate::callout::credentials::HashLimits {
+            max_bcrypt_cost: self.max_bcrypt_cost,
+            max_argon2_memory_kib: self.max_argon2_memory_kib,
+            max_argon2_iterations: self.max_argon2_iterations,
+            max_argon2_parallelism: self.max_argon2_parallelism,
+        }
+    }
+
     /// The cache settings these flags ask for (the rest keep their defaults).
     pub fn cache_settings(&self) -> crate::cache::CacheSettings {
         crate::cache::CacheSettings {
@@ -395,6 +435,21 @@ impl ServeArgs {
                     .into(),
             ));
         }
+        if !(4..=31).contains(&self.max_bcrypt_cost) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-bcrypt-cost {} is not a bcrypt cost (4..31)",
+                self.max_bcrypt_cost
+            )));
+        }
+        if self.max_argon2_memory_kib < 8
+            || self.max_argon2_iterations == 0
+            || self.max_argon2_parallelism == 0
+        {
+            return Err(ConfigError::Invalid(
+                "--max-argon2-memory-kib must be at least 8, --max-argon2-iterations and --max-argon2-parallelism at least 1"
+                    .into(),
+            ));
+        }
         if self.http_addr().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "--http-listen {:?} is not an address like 127.0.0.1:9464 (or `off`)",
@@ -408,5 +463,48 @@ impl ServeArgs {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["nats-pg-auth", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn hash_limits_default_to_the_schema_bounds_and_are_validated() {
+        let a = serve(&[]);
+        assert_eq!(
+            a.hash_limits(),
+            crate::callout::credentials::HashLimits::default()
+        );
+        assert_eq!(a.hash_limits().max_bcrypt_cost, 14);
+        let a = serve(&[
+            "--max-bcrypt-cost",
+            "12",
+            "--max-argon2-memory-kib",
+            "65536",
+        ]);
+        assert_eq!(a.hash_limits().max_bcrypt_cost, 12);
+        assert_eq!(a.hash_limits().max_argon2_memory_kib, 65536);
+        a.validate().expect("valid");
+        for bad in [
+            &["--max-bcrypt-cost", "3"][..],
+            &["--max-bcrypt-cost", "32"],
+            &["--max-argon2-iterations", "0"],
+            &["--max-argon2-parallelism", "0"],
+            &["--max-argon2-memory-kib", "4"],
+        ] {
+            let err = serve(bad).validate().expect_err("refused");
+            assert!(err.to_string().contains("--max-"), "{bad:?}: {err}");
+        }
     }
 }

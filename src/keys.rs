@@ -49,6 +49,12 @@ pub enum KeyError {
     BadKey(String),
     #[error("cannot encrypt the seed of {public_key}")]
     Encrypt { public_key: String },
+    #[error(
+        "the seed of {public_key} is stored in plain text although an encryption key is \
+         configured: this service never writes one so (someone else wrote it); refused. If it was \
+         written on purpose, encrypt it with `nats-pg-auth rotate-encryption-key`"
+    )]
+    Plain { public_key: String },
 }
 
 /// [`KeyError`] without its data: for matching and metrics labels.
@@ -60,6 +66,7 @@ pub enum KeyErrorKind {
     Mismatch,
     BadKey,
     Encrypt,
+    Plain,
 }
 
 impl KeyError {
@@ -71,6 +78,7 @@ impl KeyError {
             KeyError::Mismatch { .. } => KeyErrorKind::Mismatch,
             KeyError::BadKey(_) => KeyErrorKind::BadKey,
             KeyError::Encrypt { .. } => KeyErrorKind::Encrypt,
+            KeyError::Plain { .. } => KeyErrorKind::Plain,
         }
     }
 }
@@ -201,10 +209,14 @@ pub fn is_encrypted(stored: &str) -> bool {
 }
 
 /// Seals and opens stored seeds. Without a key, seeds are stored and read in plain; with one,
-/// new seeds are encrypted and plain ones are still read (so a key can be introduced later).
+/// new seeds are encrypted and plain ones are still read (so a key can be introduced later:
+/// the CLI verbs and `serve`'s start-up encryption of a keyless database). A cipher made
+/// [`SeedCipher::refusing_plain`] (what `serve` runs with once started) refuses plain seeds when
+/// it has a key: the service never writes one then, so one is foreign.
 #[derive(Clone)]
 pub struct SeedCipher {
     aead: Option<Aes256Gcm>,
+    refuse_plain: bool,
 }
 
 impl fmt::Debug for SeedCipher {
@@ -221,12 +233,27 @@ impl SeedCipher {
             let k = Zeroizing::new(k);
             Aes256Gcm::new(k.as_ref().into())
         });
-        Self { aead }
+        Self {
+            aead,
+            refuse_plain: false,
+        }
     }
 
     /// A cipher with no key: seeds are stored in plain.
     pub fn plain() -> Self {
-        Self { aead: None }
+        Self {
+            aead: None,
+            refuse_plain: false,
+        }
+    }
+
+    /// The same key, but [`SeedCipher::open`] refuses plain seeds when there is a key
+    /// ([`KeyError::Plain`]). Without a key it changes nothing.
+    pub fn refusing_plain(&self) -> Self {
+        Self {
+            aead: self.aead.clone(),
+            refuse_plain: true,
+        }
     }
 
     /// Whether [`SeedCipher::seal`] encrypts.
@@ -264,6 +291,11 @@ impl SeedCipher {
     /// The seed of `public_key` from its stored value (plain `S…` or `enc:v1:`).
     pub fn open(&self, stored: &str, public_key: &str) -> Result<SecretString, KeyError> {
         if stored.starts_with('S') {
+            if self.refuse_plain && self.aead.is_some() {
+                return Err(KeyError::Plain {
+                    public_key: public_key.to_owned(),
+                });
+            }
             return Ok(SecretString::from(stored.to_owned()));
         }
         let Some(encoded) = stored.strip_prefix(PREFIX_V1) else {
@@ -363,6 +395,31 @@ mod tests {
         let err = key(2).open(&stored, &pk).expect_err("must not open");
         assert_eq!(err.kind(), KeyErrorKind::WrongKey);
         assert!(err.to_string().contains(&pk));
+    }
+
+    /// With a key, `serve` only ever writes encrypted seeds: a plain one was written by someone
+    /// else (an admin pasting a seed they know) and must not sign anything.
+    #[test]
+    fn a_cipher_refusing_plain_refuses_plain_seeds_only_when_it_has_a_key() {
+        let kp = new_account();
+        let seed = kp.seed().expect("seed");
+        let pk = kp.public_key();
+        let strict = key(4).refusing_plain();
+        let err = keypair_from_stored(&strict, &seed, &pk).expect_err("plain refused");
+        assert_eq!(err.kind(), KeyErrorKind::Plain);
+        assert!(err.to_string().contains(&pk) && err.to_string().contains("plain text"));
+        assert!(!err.to_string().contains(&seed), "never quotes the seed");
+        // Encrypted seeds open as before; without a key plain seeds are the normal case.
+        let (_, sealed) = seal_keypair(&strict, &kp).expect("seals");
+        assert_eq!(
+            keypair_from_stored(&strict, &sealed, &pk)
+                .expect("opens")
+                .public_key(),
+            pk
+        );
+        assert!(keypair_from_stored(&SeedCipher::plain().refusing_plain(), &seed, &pk).is_ok());
+        // The lenient cipher (CLI verbs, start-up encryption) still reads plain seeds.
+        assert!(keypair_from_stored(&key(4), &seed, &pk).is_ok());
     }
 
     #[test]

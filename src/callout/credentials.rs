@@ -17,10 +17,13 @@ use tokio::sync::Semaphore;
 /// so that "no such user" and "wrong password" take the same time.
 const FALLBACK_BCRYPT: &str = "$2b$10$Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashError {
     /// The stored hash is neither bcrypt nor argon2id (or is corrupt): an admin must fix the row.
     UnsupportedHash,
+    /// The stored hash asks for more work than the service allows (`--max-bcrypt-cost`,
+    /// `--max-argon2-*`); it was refused without hashing. Says which parameter, in words.
+    OutOfBounds(String),
     /// The blocking task died (panic) — ours, not the caller's.
     Worker,
     /// No hashing slot came free before the deadline (the server would have given up anyway).
@@ -35,11 +38,114 @@ pub const HASH_THREAD_NICE: i32 = 10;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The work factors a stored hash may ask for. A hash sets its own cost: without bounds one row
+/// (`$2b$31$…`: a day per check; `m=4294967295`: terabytes) stalls or aborts the service on
+/// every login attempt for that username. Checked before any hashing; the schema has the same
+/// bounds (`nats.password_hash_limits()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashLimits {
+    pub max_bcrypt_cost: u32,
+    /// argon2id `m`, in KiB.
+    pub max_argon2_memory_kib: u32,
+    /// argon2id `t`.
+    pub max_argon2_iterations: u32,
+    /// argon2id `p`.
+    pub max_argon2_parallelism: u32,
+}
+
+/// bcrypt's own floor (and the schema's).
+pub const MIN_BCRYPT_COST: u32 = 4;
+
+impl Default for HashLimits {
+    fn default() -> Self {
+        Self {
+            max_bcrypt_cost: 14,
+            max_argon2_memory_kib: 1_048_576,
+            max_argon2_iterations: 10,
+            max_argon2_parallelism: 16,
+        }
+    }
+}
+
+impl HashLimits {
+    /// Why `hash` may not be computed under these limits (None: it may). Only the parameters
+    /// are looked at; a malformed hash is left to the verifier to refuse.
+    pub fn problem(&self, hash: &str) -> Option<String> {
+        if let Some(rest) = ["$2a$", "$2b$", "$2y$", "$2x$"]
+            .iter()
+            .find_map(|p| hash.strip_prefix(p))
+        {
+            let digits = rest.split('$').next().unwrap_or_default();
+            let cost = (!digits.is_empty()
+                && digits.len() <= 2
+                && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u32>().ok())
+            .flatten();
+            let Some(cost) = cost else {
+                return Some("bcrypt cost is not a number of one or two digits".into());
+            };
+            if !(MIN_BCRYPT_COST..=self.max_bcrypt_cost).contains(&cost) {
+                return Some(format!(
+                    "bcrypt cost {cost} is outside {MIN_BCRYPT_COST}..{} (--max-bcrypt-cost)",
+                    self.max_bcrypt_cost
+                ));
+            }
+            return None;
+        }
+        if hash.starts_with("$argon2id$") {
+            use argon2::password_hash::PasswordHash;
+            // Unparseable: the verifier refuses it as unsupported, without hashing.
+            let parsed = PasswordHash::new(hash).ok()?;
+            let param = |name: &str| -> Option<u64> {
+                parsed
+                    .params
+                    .get_str(name)
+                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
+            };
+            let checks = [
+                (
+                    "m",
+                    "memory",
+                    self.max_argon2_memory_kib,
+                    "--max-argon2-memory-kib",
+                ),
+                (
+                    "t",
+                    "iterations",
+                    self.max_argon2_iterations,
+                    "--max-argon2-iterations",
+                ),
+                (
+                    "p",
+                    "parallelism",
+                    self.max_argon2_parallelism,
+                    "--max-argon2-parallelism",
+                ),
+            ];
+            for (name, what, max, flag) in checks {
+                // argon2's defaults apply to a missing parameter; those are within any limit
+                // worth setting, but say so rather than guess: refuse it.
+                let Some(v) = param(name) else {
+                    return Some(format!("argon2id {what} ({name}=) is missing"));
+                };
+                if v == 0 || v > u64::from(max) {
+                    return Some(format!(
+                        "argon2id {what} {name}={v} is outside 1..{max} ({flag})"
+                    ));
+                }
+            }
+            return None;
+        }
+        None
+    }
+}
+
 /// The hashing lane: at most `threads` hashes at once, on threads of its own (named
 /// `npa-hash`, at low priority). Only password checks that miss the credential cache come
 /// here; token and cached logins never wait on it.
 #[derive(Clone)]
 pub struct PasswordVerifier {
+    limits: HashLimits,
     lane: Arc<Semaphore>,
     computed: Arc<AtomicU64>,
     jobs: std::sync::mpsc::Sender<Job>,
@@ -47,6 +153,11 @@ pub struct PasswordVerifier {
 
 impl PasswordVerifier {
     pub fn new(threads: usize) -> Self {
+        Self::with_limits(threads, HashLimits::default())
+    }
+
+    /// A lane whose hashes must stay within `limits` (refused without hashing otherwise).
+    pub fn with_limits(threads: usize, limits: HashLimits) -> Self {
         let threads = threads.max(1);
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
@@ -78,6 +189,7 @@ impl PasswordVerifier {
             }
         }
         Self {
+            limits,
             lane: Arc::new(Semaphore::new(threads)),
             computed: Arc::new(AtomicU64::new(0)),
             jobs,
@@ -98,6 +210,10 @@ impl PasswordVerifier {
         hash: Option<String>,
         deadline: Instant,
     ) -> Result<bool, HashError> {
+        // Before taking a slot: an out-of-bounds hash costs nothing.
+        if let Some(problem) = hash.as_deref().and_then(|h| self.limits.problem(h)) {
+            return Err(HashError::OutOfBounds(problem));
+        }
         let _permit = tokio::time::timeout_at(deadline.into(), self.lane.acquire())
             .await
             .map_err(|_| HashError::Busy)?
@@ -106,9 +222,10 @@ impl PasswordVerifier {
         let hash = hash.unwrap_or_else(|| FALLBACK_BCRYPT.to_owned());
         self.computed.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let limits = self.limits;
         self.jobs
             .send(Box::new(move || {
-                let _ = tx.send(verify_blocking(password.expose_secret(), &hash));
+                let _ = tx.send(verify_within(password.expose_secret(), &hash, &limits));
             }))
             .map_err(|_| HashError::Worker)?;
         // A panicking job drops `tx`: reported as Worker.
@@ -117,8 +234,16 @@ impl PasswordVerifier {
     }
 }
 
-/// Synchronous check; public for benchmarks.
+/// Synchronous check under the default [`HashLimits`]; public for benchmarks.
 pub fn verify_blocking(password: &str, hash: &str) -> Result<bool, HashError> {
+    verify_within(password, hash, &HashLimits::default())
+}
+
+/// Synchronous check; never calls bcrypt/argon2 with parameters outside `limits`.
+pub fn verify_within(password: &str, hash: &str, limits: &HashLimits) -> Result<bool, HashError> {
+    if let Some(problem) = limits.problem(hash) {
+        return Err(HashError::OutOfBounds(problem));
+    }
     if hash.starts_with("$2a$")
         || hash.starts_with("$2b$")
         || hash.starts_with("$2y$")
@@ -186,6 +311,103 @@ mod tests {
             verify_blocking("x", "$2b$10$short"),
             Err(HashError::UnsupportedHash)
         );
+    }
+
+    /// A hash sets its own work factor: outside the limits it is refused before bcrypt/argon2
+    /// runs. Without the check, `$2b$31$` takes a day and `m=4294967295` aborts the process.
+    #[test]
+    fn out_of_bounds_work_factors_are_refused_without_hashing() {
+        let limits = HashLimits::default();
+        let salt_and_hash = "Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K";
+        let started = std::time::Instant::now();
+        for cost in ["31", "15", "03", "99", "+9", "1x"] {
+            let h = format!("$2b${cost}${salt_and_hash}");
+            assert!(
+                matches!(
+                    verify_within("x", &h, &limits),
+                    Err(HashError::OutOfBounds(_))
+                ),
+                "{h}"
+            );
+        }
+        for params in [
+            "m=4294967295,t=1,p=1",
+            "m=1048577,t=1,p=1",
+            "m=19456,t=11,p=1",
+            "m=19456,t=2,p=17",
+            "m=19456,t=0,p=1",
+        ] {
+            let h = format!("$argon2id$v=19${params}$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA");
+            let got = verify_within("x", &h, &limits);
+            assert!(
+                matches!(got, Err(HashError::OutOfBounds(_))),
+                "{h}: {got:?}"
+            );
+        }
+        let huge =
+            "$argon2id$v=19$m=99999999999999999999999,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(verify_within("x", huge, &limits).is_err());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "nothing was hashed"
+        );
+        // The message says which parameter and which flag.
+        let Err(HashError::OutOfBounds(why)) =
+            verify_within("x", &format!("$2b$31${salt_and_hash}"), &limits)
+        else {
+            panic!("refused")
+        };
+        assert!(
+            why.contains("cost 31") && why.contains("--max-bcrypt-cost"),
+            "{why}"
+        );
+
+        // Within the limits they are verified as before; a lower limit refuses them.
+        let h = bcrypt::hash("s3cret", 5).unwrap();
+        assert_eq!(verify_within("s3cret", &h, &limits), Ok(true));
+        let strict = HashLimits {
+            max_bcrypt_cost: 4,
+            max_argon2_memory_kib: 1024,
+            ..limits
+        };
+        assert!(matches!(
+            verify_within("s3cret", &h, &strict),
+            Err(HashError::OutOfBounds(_))
+        ));
+        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let a = argon2::Argon2::default()
+            .hash_password(b"s3cret", &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string(); // m=19456,t=2,p=1
+        assert_eq!(verify_within("s3cret", &a, &limits), Ok(true));
+        assert!(matches!(
+            verify_within("s3cret", &a, &strict),
+            Err(HashError::OutOfBounds(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_lane_refuses_out_of_bounds_hashes_without_computing() {
+        let v = PasswordVerifier::with_limits(
+            1,
+            HashLimits {
+                max_bcrypt_cost: 5,
+                ..HashLimits::default()
+            },
+        );
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let h6 = bcrypt::hash("pw", 6).unwrap();
+        let got = v
+            .verify(SecretString::from("pw".to_owned()), Some(h6), deadline)
+            .await;
+        assert!(matches!(got, Err(HashError::OutOfBounds(_))), "{got:?}");
+        assert_eq!(v.hashes_computed(), 0);
+        let h5 = bcrypt::hash("pw", 5).unwrap();
+        let got = v
+            .verify(SecretString::from("pw".to_owned()), Some(h5), deadline)
+            .await;
+        assert_eq!(got, Ok(true));
+        assert_eq!(v.hashes_computed(), 1);
     }
 
     #[test]

@@ -13,11 +13,11 @@
 //! `--lockout-failures 0` where that matters more.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
+use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
 pub struct LockoutSettings {
@@ -36,25 +36,74 @@ impl Default for LockoutSettings {
     }
 }
 
+/// Why an attempt may not check a password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `failures` wrong passwords within the window: refused without checking.
+    Locked,
+    /// So many checks of this username are in flight that one more could exceed the limit,
+    /// and none finished before the deadline.
+    Busy,
+}
+
+/// Per username: wrong passwords in the current window and checks in flight.
+#[derive(Default)]
+struct State {
+    failures: u32,
+    in_flight: u32,
+    /// The first failure of the window; the window (and a lockout) ends `duration` after it.
+    since: Option<Instant>,
+}
+
+impl State {
+    fn expire(&mut self, window: Duration) {
+        if self.since.is_some_and(|t| t.elapsed() >= window) {
+            self.failures = 0;
+            self.since = None;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    state: Mutex<State>,
+    /// An attempt finished (or the count was cleared): waiting attempts look again.
+    changed: Notify,
+}
+
+impl Entry {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Checking and counting are one step: an attempt is admitted only while wrong passwords plus
+/// checks already in flight stay below the limit, so a parallel burst of N wrong passwords
+/// gets at most `failures` of them checked (the others wait for a slot, then are refused as
+/// locked out). Admitted attempts that turn out right (or fail for another reason) give their
+/// slot back.
 pub struct Lockout {
     failures: u32,
-    /// Keyed hash of the username (a client picks the username, up to 4 KB: never store it) ->
-    /// wrong passwords since the entry was created (it expires after `duration`).
-    counts: Option<Cache<u64, Arc<AtomicU32>>>,
+    window: Duration,
+    /// Keyed hash of the username (a client picks the username, up to 4 KB: never store it).
+    entries: Option<Cache<u64, Arc<Entry>>>,
     hasher: RandomState,
 }
 
 impl Lockout {
     pub fn new(settings: &LockoutSettings) -> Self {
-        let counts = (settings.failures > 0 && !settings.duration.is_zero()).then(|| {
+        let entries = (settings.failures > 0 && !settings.duration.is_zero()).then(|| {
+            // An entry idle for a whole window has nothing left to say (its window, which
+            // started at or before its last use, is over).
             Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(settings.duration)
+                .time_to_idle(settings.duration)
                 .build()
         });
         Self {
             failures: settings.failures,
-            counts,
+            window: settings.duration,
+            entries,
             hasher: RandomState::new(),
         }
     }
@@ -65,28 +114,142 @@ impl Lockout {
 
     /// True while `username` is locked out.
     pub fn is_locked(&self, username: &str) -> bool {
-        self.counts
+        let Some(entry) = self
+            .entries
             .as_ref()
-            .and_then(|c| c.get(&self.key(username)))
-            .is_some_and(|n| n.load(Ordering::Relaxed) >= self.failures)
-    }
-
-    /// Counts a wrong password; true when this one started the lockout.
-    pub fn failed(&self, username: &str) -> bool {
-        let Some(counts) = &self.counts else {
+            .and_then(|e| e.get(&self.key(username)))
+        else {
             return false;
         };
-        let n = counts
-            .get_with(self.key(username), || Arc::new(AtomicU32::new(0)))
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        n == self.failures
+        let mut s = entry.state();
+        s.expire(self.window);
+        s.failures >= self.failures
     }
 
-    /// A successful login forgets earlier failures.
+    /// Admits one password check of `username`, counted before it runs. Waits (until
+    /// `deadline`) while the checks in flight could still push the count to the limit.
+    pub async fn attempt(&self, username: &str, deadline: Instant) -> Result<Attempt, Refused> {
+        let Some(entries) = &self.entries else {
+            return Ok(Attempt {
+                entry: None,
+                limit: 0,
+                done: false,
+                waited: false,
+            });
+        };
+        let entry = entries.get_with(self.key(username), || Arc::new(Entry::default()));
+        let mut waited = false;
+        loop {
+            let changed = entry.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a finish between the look and the wait is not lost.
+            changed.as_mut().enable();
+            {
+                let mut s = entry.state();
+                s.expire(self.window);
+                if s.failures >= self.failures {
+                    return Err(Refused::Locked);
+                }
+                if s.failures + s.in_flight < self.failures {
+                    s.in_flight += 1;
+                    return Ok(Attempt {
+                        entry: Some(entry.clone()),
+                        limit: self.failures,
+                        done: false,
+                        waited,
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return Err(Refused::Busy);
+            }
+            waited = true;
+        }
+    }
+
+    /// A successful login (also one answered by the credential cache) forgets earlier failures.
     pub fn succeeded(&self, username: &str) {
-        if let Some(counts) = &self.counts {
-            counts.invalidate(&self.key(username));
+        if let Some(entry) = self
+            .entries
+            .as_ref()
+            .and_then(|e| e.get(&self.key(username)))
+        {
+            {
+                let mut s = entry.state();
+                s.failures = 0;
+                s.since = None;
+            }
+            entry.changed.notify_waiters();
+        }
+    }
+}
+
+/// One admitted password check. Report how it went with [`Attempt::failed`] or
+/// [`Attempt::succeeded`]; dropped without either (an internal error, an overloaded lane),
+/// it counts as nothing and gives its slot back.
+pub struct Attempt {
+    entry: Option<Arc<Entry>>,
+    limit: u32,
+    done: bool,
+    waited: bool,
+}
+
+enum Outcome {
+    Failed,
+    Succeeded,
+    Neither,
+}
+
+impl Attempt {
+    /// True when it had to wait for other checks of the username to finish first.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+
+    /// A wrong password (or unknown user); true when this one started the lockout.
+    pub fn failed(mut self) -> bool {
+        self.finish(Outcome::Failed)
+    }
+
+    /// The right password: earlier failures are forgotten.
+    pub fn succeeded(mut self) {
+        self.finish(Outcome::Succeeded);
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> bool {
+        self.done = true;
+        let Some(entry) = &self.entry else {
+            return false;
+        };
+        let started = {
+            let mut s = entry.state();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            match outcome {
+                Outcome::Failed => {
+                    s.since.get_or_insert_with(Instant::now);
+                    s.failures = s.failures.saturating_add(1);
+                    s.failures == self.limit
+                }
+                Outcome::Succeeded => {
+                    s.failures = 0;
+                    s.since = None;
+                    false
+                }
+                Outcome::Neither => false,
+            }
+        };
+        entry.changed.notify_waiters();
+        started
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Outcome::Neither);
         }
     }
 }
@@ -95,32 +258,133 @@ impl Lockout {
 mod tests {
     use super::*;
 
-    #[test]
-    fn locks_after_n_failures_and_success_resets() {
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn locks_after_n_failures_and_success_resets() {
         let l = Lockout::new(&LockoutSettings {
             failures: 3,
             duration: Duration::from_secs(60),
         });
-        assert!(!l.failed("a"));
-        assert!(!l.failed("a"));
-        l.succeeded("a");
-        assert!(!l.failed("a"));
-        assert!(!l.failed("a"));
+        assert!(!l.attempt("a", soon()).await.unwrap().failed());
+        assert!(!l.attempt("a", soon()).await.unwrap().failed());
+        l.attempt("a", soon()).await.unwrap().succeeded();
+        assert!(!l.attempt("a", soon()).await.unwrap().failed());
+        assert!(!l.attempt("a", soon()).await.unwrap().failed());
+        l.succeeded("b");
         assert!(!l.is_locked("a"));
-        assert!(l.failed("a"), "the third failure starts the lockout");
+        assert!(
+            l.attempt("a", soon()).await.unwrap().failed(),
+            "the third failure starts the lockout"
+        );
         assert!(l.is_locked("a"));
+        assert_eq!(l.attempt("a", soon()).await.err(), Some(Refused::Locked));
         assert!(!l.is_locked("b"), "per username");
+        // An attempt dropped without an outcome (an internal error) counts as nothing.
+        drop(l.attempt("c", soon()).await.unwrap());
+        assert!(!l.is_locked("c"));
     }
 
-    #[test]
-    fn zero_turns_it_off() {
+    #[tokio::test]
+    async fn zero_turns_it_off() {
         let l = Lockout::new(&LockoutSettings {
             failures: 0,
             duration: Duration::from_secs(60),
         });
         for _ in 0..100 {
-            assert!(!l.failed("a"));
+            assert!(!l.attempt("a", soon()).await.unwrap().failed());
         }
         assert!(!l.is_locked("a"));
+    }
+
+    #[tokio::test]
+    async fn the_window_starts_at_the_first_failure() {
+        let l = Lockout::new(&LockoutSettings {
+            failures: 2,
+            duration: Duration::from_millis(300),
+        });
+        l.attempt("a", soon()).await.unwrap().failed();
+        l.attempt("a", soon()).await.unwrap().failed();
+        assert!(l.is_locked("a"));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!l.is_locked("a"), "over after the window");
+        assert!(!l.attempt("a", soon()).await.unwrap().failed());
+    }
+
+    /// Check-then-act would let a parallel burst past the limit: all of them look before any
+    /// has failed. Counted on admission, at most `failures` checks run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_parallel_burst_gets_at_most_the_limit_checked() {
+        let l = Arc::new(Lockout::new(&LockoutSettings {
+            failures: 3,
+            duration: Duration::from_secs(60),
+        }));
+        let checked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = vec![];
+        for _ in 0..40 {
+            let l = l.clone();
+            let checked = checked.clone();
+            tasks.push(tokio::spawn(async move {
+                match l.attempt("victim", soon()).await {
+                    Ok(attempt) => {
+                        checked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // The "hash": long enough for every other attempt to arrive meanwhile.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        attempt.failed();
+                        None
+                    }
+                    Err(r) => Some(r),
+                }
+            }));
+        }
+        let mut refused = 0;
+        for t in tasks {
+            if let Some(r) = t.await.unwrap() {
+                assert_eq!(r, Refused::Locked);
+                refused += 1;
+            }
+        }
+        assert_eq!(checked.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(refused, 37);
+        assert!(l.is_locked("victim"));
+    }
+
+    /// Right passwords in parallel (a reconnect storm of clients sharing a username) are not
+    /// refused: they wait for a slot, and a success frees everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_right_passwords_wait_for_a_slot_and_all_get_in() {
+        let l = Arc::new(Lockout::new(&LockoutSettings {
+            failures: 2,
+            duration: Duration::from_secs(60),
+        }));
+        let mut tasks = vec![];
+        for _ in 0..10 {
+            let l = l.clone();
+            tasks.push(tokio::spawn(async move {
+                let attempt = l.attempt("shared", soon()).await?;
+                let waited = attempt.waited();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                attempt.succeeded();
+                Ok::<bool, Refused>(waited)
+            }));
+        }
+        let mut waited = 0;
+        for t in tasks {
+            waited += usize::from(t.await.unwrap().expect("admitted"));
+        }
+        assert_eq!(
+            waited, 8,
+            "2 at once; the others waited (and may skip hashing)"
+        );
+        // With no slot freed before the deadline, an attempt gives up as Busy.
+        let a = l.attempt("shared", soon()).await.unwrap();
+        let b = l.attempt("shared", soon()).await.unwrap();
+        let waited = l
+            .attempt("shared", Instant::now() + Duration::from_millis(50))
+            .await;
+        assert_eq!(waited.err(), Some(Refused::Busy));
+        drop((a, b));
     }
 }

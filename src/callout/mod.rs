@@ -104,6 +104,8 @@ pub struct CalloutSettings {
     pub defaults: Defaults,
     pub concurrency: usize,
     pub hash_threads: usize,
+    /// Work factors a stored password hash may ask for (`--max-bcrypt-cost`, `--max-argon2-*`).
+    pub hash_limits: credentials::HashLimits,
     pub lockout: lockout::LockoutSettings,
     /// Clock difference with nats-server tolerated on request expiry (`--clock-skew`).
     pub clock_skew: Duration,
@@ -117,6 +119,7 @@ impl Default for CalloutSettings {
             defaults: Defaults::default(),
             concurrency: 12,
             hash_threads: 2,
+            hash_limits: credentials::HashLimits::default(),
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,
         }
@@ -195,7 +198,7 @@ impl Callout {
     ) -> Arc<Self> {
         Arc::new(Self {
             limiter: Arc::new(Semaphore::new(settings.concurrency.max(1))),
-            passwords: PasswordVerifier::new(settings.hash_threads),
+            passwords: PasswordVerifier::with_limits(settings.hash_threads, settings.hash_limits),
             lockout: lockout::Lockout::new(&settings.lockout),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
@@ -392,8 +395,9 @@ impl Callout {
             .expose()
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
-        // A token with an expiry caps the JWT's lifetime, so the server itself disconnects the
-        // client when the token expires (no UPDATE, hence no kick, happens at that moment).
+        // A token with an expiry (or a revocation in the future) caps the JWT's lifetime, so the
+        // server itself disconnects the client at that moment (no UPDATE, hence no kick, happens
+        // then).
         let mut not_after = None;
         let (login, from_copy) = if let Some(token) = token {
             let (login, expires, from_copy) = self
@@ -463,62 +467,17 @@ impl Callout {
         )
     }
 
-    /// The password check behind the lockout: a locked-out username is refused without hashing.
+    /// The password check behind the lockout: a locked-out username is refused without hashing,
+    /// and every check that hashes is counted before it runs (see [`lockout::Lockout`]).
     async fn check_password(
         &self,
         username: &str,
         password: SecretString,
         deadline: Instant,
     ) -> Result<(Arc<Login>, bool), Deny> {
-        let lock = &self.settings.lockout;
         if self.lockout.is_locked(username) {
-            return Err(Deny::new(
-                DenyReason::LockedOut,
-                format!(
-                    "{} wrong passwords within {}; refused until that time has passed",
-                    lock.failures,
-                    humantime::format_duration(lock.duration)
-                ),
-            ));
+            return Err(self.locked_out());
         }
-        let result = self.verify_password(username, password, deadline).await;
-        match &result {
-            Ok(_) => self.lockout.succeeded(username),
-            Err(d) if matches!(d.reason, DenyReason::BadPassword | DenyReason::UnknownUser) => {
-                if self.lockout.failed(username) {
-                    let pool = self.pool.clone();
-                    // The client picks the username (up to 4 KB); the audit row keeps a prefix.
-                    let user: String = username.chars().take(200).collect();
-                    let failures = lock.failures;
-                    let seconds = lock.duration.as_secs();
-                    tokio::spawn(async move {
-                        crate::db::audit::record(
-                            &pool,
-                            crate::db::audit::kind::USER_LOCKED_OUT,
-                            &user,
-                            serde_json::json!({ "failures": failures, "seconds": seconds }),
-                        )
-                        .await
-                    });
-                    tracing::warn!(
-                        user = username,
-                        failures = lock.failures,
-                        "user locked out for {} after repeated wrong passwords (its logins are refused without checking; see --lockout-failures)",
-                        humantime::format_duration(lock.duration)
-                    );
-                }
-            }
-            Err(_) => {}
-        }
-        result
-    }
-
-    async fn verify_password(
-        &self,
-        username: &str,
-        password: SecretString,
-        deadline: Instant,
-    ) -> Result<(Arc<Login>, bool), Deny> {
         let found = self.find_user(username, deadline).await?;
         let from_copy = found.from_copy;
         let login = found.value;
@@ -528,34 +487,111 @@ impl Callout {
             .credential_key(username, password.expose_secret());
         if let (Some(login), Some(hash)) = (&login, hash) {
             if self.cache.credential_verified(&key, hash) {
+                self.lockout.succeeded(username);
                 return Ok((login.clone(), from_copy));
             }
         }
-        let ok = self
+        let attempt =
+            match self.lockout.attempt(username, deadline).await {
+                Ok(a) => a,
+                Err(lockout::Refused::Locked) => return Err(self.locked_out()),
+                Err(lockout::Refused::Busy) => return Err(Deny::new(
+                    DenyReason::Overloaded,
+                    "other password checks of this username were in flight until the auth timeout",
+                )),
+            };
+        // A check of the same password that finished while this one waited for its slot (a
+        // reconnect storm of clients sharing a username) makes hashing again unnecessary.
+        if let (true, Some(login), Some(hash)) = (attempt.waited(), &login, hash) {
+            if self.cache.credential_verified(&key, hash) {
+                attempt.succeeded();
+                return Ok((login.clone(), from_copy));
+            }
+        }
+        let ok = match self
             .passwords
             .verify(password, hash.map(str::to_owned), deadline)
             .await
-            .map_err(|e| match e {
-                credentials::HashError::Busy => Deny::new(
+        {
+            Ok(ok) => ok,
+            // Dropping `attempt` gives its slot back: not a wrong password.
+            Err(credentials::HashError::Busy) => {
+                return Err(Deny::new(
                     DenyReason::Overloaded,
                     "no free password hashing slot before the auth timeout",
-                ),
-                e => Deny::new(
+                ))
+            }
+            Err(credentials::HashError::OutOfBounds(why)) => {
+                return Err(Deny::new(
+                    DenyReason::Internal,
+                    format!("password hash of user {username:?} refused without hashing: {why}; replace nats.users.password_hash"),
+                ))
+            }
+            Err(e) => {
+                return Err(Deny::new(
                     DenyReason::Internal,
                     format!("password hash of user {username:?} cannot be checked ({e:?}); fix nats.users.password_hash"),
-                ),
-            })?;
+                ))
+            }
+        };
         match (&login, hash) {
             (Some(login), Some(hash)) if ok => {
+                attempt.succeeded();
                 self.cache.put_credential(key, hash);
                 Ok((login.clone(), from_copy))
             }
-            (None, _) => Err(Deny::new(DenyReason::UnknownUser, "no such user")),
-            _ => Err(Deny::new(
-                DenyReason::BadPassword,
-                "password does not match",
-            )),
+            (None, _) => {
+                self.count_failure(username, attempt);
+                Err(Deny::new(DenyReason::UnknownUser, "no such user"))
+            }
+            _ => {
+                self.count_failure(username, attempt);
+                Err(Deny::new(
+                    DenyReason::BadPassword,
+                    "password does not match",
+                ))
+            }
         }
+    }
+
+    fn locked_out(&self) -> Deny {
+        let lock = &self.settings.lockout;
+        Deny::new(
+            DenyReason::LockedOut,
+            format!(
+                "{} wrong passwords within {}; refused until that time has passed",
+                lock.failures,
+                humantime::format_duration(lock.duration)
+            ),
+        )
+    }
+
+    /// A wrong password or unknown user; the one that starts a lockout is logged and audited.
+    fn count_failure(&self, username: &str, attempt: lockout::Attempt) {
+        if !attempt.failed() {
+            return;
+        }
+        let lock = &self.settings.lockout;
+        let pool = self.pool.clone();
+        // The client picks the username (up to 4 KB); the audit row keeps a prefix.
+        let user: String = username.chars().take(200).collect();
+        let failures = lock.failures;
+        let seconds = lock.duration.as_secs();
+        tokio::spawn(async move {
+            crate::db::audit::record(
+                &pool,
+                crate::db::audit::kind::USER_LOCKED_OUT,
+                &user,
+                serde_json::json!({ "failures": failures, "seconds": seconds }),
+            )
+            .await
+        });
+        tracing::warn!(
+            user = username,
+            failures = lock.failures,
+            "user locked out for {} after repeated wrong passwords (its logins are refused without checking; see --lockout-failures)",
+            humantime::format_duration(lock.duration)
+        );
     }
 
     /// The login of a username: from the copy when it is current, else from Postgres, else
@@ -698,11 +734,14 @@ impl Callout {
                 }
             });
         }
-        Ok((
-            login,
-            tok.token_expires_at.map(|t| t.timestamp()),
-            from_copy,
-        ))
+        // A revocation or expiry set in the future ends the JWT then: no UPDATE (hence no kick)
+        // happens at that moment, so the server must disconnect the client by itself.
+        let ends = [tok.token_expires_at, tok.token_revoked_at]
+            .into_iter()
+            .flatten()
+            .map(|t| t.timestamp())
+            .min();
+        Ok((login, ends, from_copy))
     }
 
     /// Checks that the now-identified user may log in here, and mints its JWT.

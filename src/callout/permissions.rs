@@ -47,6 +47,15 @@ pub struct Merged {
     pub max_payload: i64,
 }
 
+/// Seconds as Postgres sends them (`EXTRACT(EPOCH FROM interval)::float8`) as a Duration:
+/// None for nothing, zero, negative or NaN; saturating for huge values and `'infinity'`
+/// (Postgres 17), where `Duration::from_secs_f64` would panic. The schema bounds these
+/// columns; rows older than the bounds must still not take the login task down.
+pub fn secs(s: Option<f64>) -> Option<Duration> {
+    let s = s.filter(|s| *s > 0.0)?; // NaN compares false
+    Some(Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
+}
+
 /// Sorted, de-duplicated union. Sorting makes the JWT deterministic for equal inputs.
 fn union(a: Option<&[String]>, b: &[String]) -> Vec<String> {
     a.unwrap_or_default()
@@ -83,11 +92,7 @@ pub fn merge(login: &LoginRow, defaults: &Defaults) -> Merged {
             0 => 1,
             n => i64::from(n),
         },
-        ttl: login
-            .role_allow_response_ttl_secs
-            .filter(|s| *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or_default(),
+        ttl: secs(login.role_allow_response_ttl_secs).unwrap_or_default(),
     });
     let limit = |user: Option<i64>, role: Option<i64>| user.or(role).unwrap_or(-1);
     Merged {
@@ -109,9 +114,7 @@ pub fn ttl(login: &LoginRow, default: Duration, max: Duration) -> Duration {
         login.account_ttl_secs,
     ]
     .into_iter()
-    .flatten()
-    .find(|s| *s > 0.0)
-    .map(Duration::from_secs_f64)
+    .find_map(secs)
     .unwrap_or(default);
     chosen.min(max).max(Duration::from_secs(1))
 }
@@ -296,6 +299,35 @@ pub(crate) mod tests {
         assert_eq!(ttl(&l, d, max), Duration::from_secs(2));
         l.user_ttl_secs = Some(86400.0 * 30.0);
         assert_eq!(ttl(&l, d, max), max);
+    }
+
+    /// `'infinity'` intervals (Postgres 17) and centuries arrive as huge or infinite seconds;
+    /// `Duration::from_secs_f64` panics on them, which took the login task down.
+    #[test]
+    fn infinite_and_huge_intervals_saturate_instead_of_panicking() {
+        let d = Duration::from_secs(3600);
+        let max = Duration::from_secs(7200);
+        for huge in [f64::INFINITY, 1e300, f64::MAX] {
+            let mut l = login();
+            l.account_ttl_secs = Some(huge);
+            assert_eq!(ttl(&l, d, max), max, "{huge}");
+            l.role_allow_response = Some(true);
+            l.role_allow_response_ttl_secs = Some(huge);
+            let r = merge(&l, &Defaults::default()).response.unwrap();
+            assert_eq!(r.ttl, Duration::MAX, "{huge}");
+        }
+        let mut l = login();
+        l.user_ttl_secs = Some(f64::NAN);
+        l.role_ttl_secs = Some(f64::NEG_INFINITY);
+        l.account_ttl_secs = Some(60.0);
+        assert_eq!(
+            ttl(&l, d, max),
+            Duration::from_secs(60),
+            "NaN and -inf are skipped"
+        );
+        assert_eq!(secs(Some(f64::NAN)), None);
+        assert_eq!(secs(Some(0.0)), None);
+        assert_eq!(secs(Some(1.5)), Some(Duration::from_millis(1500)));
     }
 
     #[test]

@@ -72,6 +72,24 @@ pub struct TokenRow {
     pub token_revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// A token's `expires_at` / `revoked_at` as the service can hold them. chrono (through sqlx)
+/// panics on `'infinity'` and on years past 262143, which Postgres allows; the schema refuses
+/// them now (migration 0004), and rows older than that are read as what they mean: beyond year
+/// 9999 is never, before 1970 is long ago.
+macro_rules! token_time {
+    ($col:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $col,
+            " >= '10000-01-01' THEN NULL WHEN ",
+            $col,
+            " < 'epoch' THEN 'epoch'::timestamptz ELSE ",
+            $col,
+            " END"
+        )
+    };
+}
+
 const SELECT_LOGIN: &str = r#"
 SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
        u.publish_permissions AS user_pub_allow, u.publish_deny_permissions AS user_pub_deny,
@@ -103,9 +121,12 @@ JOIN nats.accounts a ON a.id = u.account_id
 LEFT JOIN nats.roles r ON r.id = u.role_id
 LEFT JOIN LATERAL (
     -- Newest key the server knows: a key added after the last successful push is not in the
-    -- account JWT on the server yet, and a user JWT signed by it would be refused.
+    -- account JWT on the server yet, and a user JWT signed by it would be refused. A key that
+    -- retires in the future (a graceful rotation) is still in the server's JWT until then, and
+    -- is what signs while the push of its successor has not landed.
     SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-    WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.retired_at IS NULL
+    WHERE ak.account_id = a.id AND ak.kind = 'signing'
+      AND (ak.retired_at IS NULL OR ak.retired_at > now())
       AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
     ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
 ) k ON true
@@ -125,7 +146,13 @@ pub async fn by_token(
 ) -> Result<Option<(LoginRow, TokenRow)>, sqlx::Error> {
     let sql = SELECT_LOGIN.replacen(
         "SELECT u.id AS user_id,",
-        "SELECT t.id AS token_id, t.token_sha256, t.expires_at AS token_expires_at, t.revoked_at AS token_revoked_at, u.id AS user_id,",
+        concat!(
+            "SELECT t.id AS token_id, t.token_sha256, ",
+            token_time!("t.expires_at"),
+            " AS token_expires_at, ",
+            token_time!("t.revoked_at"),
+            " AS token_revoked_at, u.id AS user_id,"
+        ),
         1,
     ) + " JOIN nats.user_tokens t ON t.user_id = u.id WHERE t.token_sha256 = $1";
     // JOIN after the LATERAL is fine in Postgres; keep the token join last so SELECT_LOGIN
@@ -349,8 +376,10 @@ pub async fn load(
                ) AS signing_key_pending
         FROM nats.accounts a
         LEFT JOIN LATERAL (
+            -- As in SELECT_LOGIN: a key retiring in the future still signs until then.
             SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-            WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.retired_at IS NULL
+            WHERE ak.account_id = a.id AND ak.kind = 'signing'
+              AND (ak.retired_at IS NULL OR ak.retired_at > now())
               AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
             ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
         ) k ON true
@@ -383,10 +412,12 @@ pub async fn load(
         FROM nats.users u WHERE {f}"#
     );
     let tokens_sql = format!(
-        r#"SELECT t.user_id, t.id AS token_id, t.token_sha256, t.expires_at AS token_expires_at,
-               t.revoked_at AS token_revoked_at
+        r#"SELECT t.user_id, t.id AS token_id, t.token_sha256, {} AS token_expires_at,
+               {} AS token_revoked_at
         FROM nats.user_tokens t
-        WHERE t.user_id IN (SELECT u.id FROM nats.users u WHERE {f})"#
+        WHERE t.user_id IN (SELECT u.id FROM nats.users u WHERE {f})"#,
+        token_time!("t.expires_at"),
+        token_time!("t.revoked_at"),
     );
     macro_rules! bound {
         ($q:expr) => {

@@ -142,7 +142,8 @@ pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error>
     )
     .fetch_one(pool)
     .await?;
-    Ok(secs.map(Duration::from_secs_f64))
+    // Saturating: `from_secs_f64` panics on values a Duration cannot hold.
+    Ok(secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)))
 }
 
 /// Queues a push of one account unless one is already pending (coalesces like the triggers,

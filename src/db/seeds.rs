@@ -53,3 +53,42 @@ pub async fn reencrypt(
     tx.commit().await?;
     Ok(n)
 }
+
+/// What [`encrypt_keyless_start`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PlainSeeds {
+    /// No seed was encrypted yet (a keyless start, or pb-nats): this many plain ones were
+    /// encrypted now.
+    Encrypted(u64),
+    /// Some seeds were already encrypted, so these plain ones (public keys) were written by
+    /// someone other than this service with its key. Left as they are.
+    Foreign(Vec<String>),
+}
+
+/// `serve`'s start with a key. The first time (no seed encrypted anywhere) every plain seed is
+/// encrypted: the upgrade from a keyless start. After that the service only writes encrypted
+/// seeds, so a plain one is foreign: it is reported, not encrypted (encrypting would make an
+/// injected seed look like the service's own), and a cipher refusing plain seeds will not use it.
+pub async fn encrypt_keyless_start(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+) -> Result<PlainSeeds, ReencryptError> {
+    let (encrypted, plain): (i64, Vec<String>) = sqlx::query_as(
+        "WITH s AS (SELECT public_key, seed FROM nats.service_identities
+                    UNION ALL SELECT public_key, seed FROM nats.account_keys)
+         SELECT count(*) FILTER (WHERE seed LIKE 'enc:%'),
+                coalesce(array_agg(public_key ORDER BY public_key) FILTER (WHERE seed NOT LIKE 'enc:%'), '{}')
+         FROM s",
+    )
+    .fetch_one(pool)
+    .await?;
+    if plain.is_empty() {
+        return Ok(PlainSeeds::Encrypted(0));
+    }
+    if encrypted > 0 {
+        return Ok(PlainSeeds::Foreign(plain));
+    }
+    Ok(PlainSeeds::Encrypted(
+        reencrypt(pool, cipher, cipher, true).await?,
+    ))
+}

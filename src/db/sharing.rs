@@ -10,7 +10,9 @@ pub struct ExportRow {
     pub kind: String,
     pub token_req: bool,
     pub response_type: Option<String>,
-    pub response_threshold_ns: Option<i64>,
+    /// Seconds, as Postgres computes them; converted to nanoseconds with saturation by the sync
+    /// (`interval * 1e9` in SQL overflowed bigint for centuries and failed every importer's push).
+    pub response_threshold_secs: Option<f64>,
     pub account_token_position: Option<i32>,
     pub advertise: bool,
     pub allow_trace: bool,
@@ -36,7 +38,7 @@ pub struct ImportRow {
 pub async fn exports_of(pool: &PgPool, account_id: i64) -> Result<Vec<ExportRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, name, subject, type AS kind, token_req, response_type, \
-                (EXTRACT(EPOCH FROM response_threshold) * 1e9)::bigint AS response_threshold_ns, \
+                EXTRACT(EPOCH FROM response_threshold)::float8 AS response_threshold_secs, \
                 account_token_position, advertise, allow_trace, description \
          FROM nats.account_exports WHERE account_id = $1 ORDER BY name",
     )

@@ -35,13 +35,23 @@ pub fn export(row: &ExportRow) -> Export {
         export_type: kind(&row.kind),
         token_req: row.token_req,
         response_type: row.response_type.as_deref().and_then(response_type),
-        response_threshold: row.response_threshold_ns,
+        response_threshold: row.response_threshold_secs.and_then(secs_to_nanos),
         account_token_position: row.account_token_position.map(|p| p as u32),
         advertise: row.advertise,
         allow_trace: row.allow_trace,
         description: row.description.clone(),
         ..Export::default()
     }
+}
+
+/// Seconds to nanoseconds, saturating at `i64::MAX` (about 292 years; `'infinity'` on
+/// Postgres 17); None for NaN and non-positive values (the schema requires > 0).
+pub fn secs_to_nanos(secs: f64) -> Option<i64> {
+    if secs.is_nan() || secs <= 0.0 {
+        return None;
+    }
+    // `as` saturates float -> int conversions (and maps +inf to MAX).
+    Some((secs * 1e9) as i64)
 }
 
 /// True when every subject matched by `inner` is matched by `outer` (NATS wildcards).
@@ -194,7 +204,34 @@ async fn activation(
 
 #[cfg(test)]
 mod tests {
-    use super::subject_contains;
+    use super::{export, secs_to_nanos, subject_contains};
+    use crate::db::sharing::ExportRow;
+
+    /// A response threshold of centuries (or `'infinity'`) overflowed the nanosecond
+    /// conversion in SQL and failed the push of the exporter and of every importer.
+    #[test]
+    fn response_threshold_saturates() {
+        assert_eq!(secs_to_nanos(2.0), Some(2_000_000_000));
+        assert_eq!(secs_to_nanos(0.5), Some(500_000_000));
+        assert_eq!(secs_to_nanos(3.15576e10), Some(i64::MAX), "1000 years");
+        assert_eq!(secs_to_nanos(f64::INFINITY), Some(i64::MAX));
+        assert_eq!(secs_to_nanos(f64::NAN), None);
+        assert_eq!(secs_to_nanos(-1.0), None);
+        let row = ExportRow {
+            id: 1,
+            name: "e".into(),
+            subject: "svc.>".into(),
+            kind: "service".into(),
+            token_req: false,
+            response_type: Some("Singleton".into()),
+            response_threshold_secs: Some(f64::INFINITY),
+            account_token_position: None,
+            advertise: false,
+            allow_trace: false,
+            description: None,
+        };
+        assert_eq!(export(&row).response_threshold, Some(i64::MAX));
+    }
 
     #[test]
     fn containment() {

@@ -1,5 +1,6 @@
 //! Integration tests: real Postgres, real nats-server, the real service, async-nats clients.
 
+mod bounds;
 mod cache;
 mod chaos;
 mod common;

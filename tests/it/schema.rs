@@ -108,3 +108,214 @@ async fn sql_schema_checks_pass() {
         "schema_checks.sql failed:\n{stdout}\n{stderr}"
     );
 }
+
+/// A database with the migrations applied and nothing else (no nats-server, no service):
+/// enough for constraint checks.
+async fn schema_only() -> sqlx::PgPool {
+    let url = crate::common::fresh_database().await;
+    let pool = nats_pg_auth::db::connect(&url, 2).await.unwrap();
+    nats_pg_auth::db::migrate(&pool).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO nats.accounts (name) VALUES ('acme');
+         INSERT INTO nats.roles (account_id, name) SELECT id, 'r' FROM nats.accounts;
+         INSERT INTO nats.users (account_id, role_id, username) SELECT a.id, r.id, 'alice' FROM nats.accounts a, nats.roles r;
+         INSERT INTO nats.user_tokens (user_id, token_sha256) SELECT id, digest('t', 'sha256') FROM nats.users;
+         INSERT INTO nats.account_exports (account_id, name, subject, type) SELECT id, 'e', 'svc.>', 'service' FROM nats.accounts;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
+}
+
+async fn refused(pool: &sqlx::PgPool, sql: &str, fragments: &[&str]) {
+    match sqlx::raw_sql(sql).execute(pool).await {
+        Ok(_) => panic!("accepted, must be refused:\n{sql}"),
+        Err(e) => {
+            let msg = e.to_string();
+            for f in fragments {
+                assert!(msg.contains(f), "{sql}\n  -> {msg}\n  lacks {f:?}");
+            }
+        }
+    }
+}
+
+async fn accepted(pool: &sqlx::PgPool, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("refused, must be accepted:\n{sql}\n  -> {e}"));
+}
+
+/// A stored hash sets its own work factor: `$2b$31$` is a day of CPU per check and
+/// `m=4294967295` asks argon2 for terabytes. Refused at INSERT/UPDATE, saying which parameter.
+#[tokio::test]
+async fn password_hash_work_factors_are_bounded() {
+    let pool = schema_only().await;
+    let bcrypt = |cost: &str| {
+        format!("UPDATE nats.users SET password_hash = '$2b${cost}$Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K'")
+    };
+    let argon = |params: &str| {
+        format!("UPDATE nats.users SET password_hash = '$argon2id$v=19${params}$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA'")
+    };
+    for (sql, why) in [
+        (bcrypt("31"), "bcrypt cost 31 is outside 4..14"),
+        (bcrypt("15"), "bcrypt cost 15 is outside 4..14"),
+        (bcrypt("03"), "bcrypt cost 3 is outside 4..14"),
+        (
+            argon("m=4294967295,t=1,p=1"),
+            "memory m=4294967295 KiB is outside 8..1048576",
+        ),
+        (
+            argon("m=19456,t=11,p=1"),
+            "iterations t=11 are outside 1..10",
+        ),
+        (
+            argon("m=19456,t=2,p=17"),
+            "parallelism p=17 is outside 1..16",
+        ),
+        (argon("m=19456,t=0,p=1"), "iterations t=0"),
+        (argon("m=19456"), "not an argon2id PHC string"),
+    ] {
+        refused(
+            &pool,
+            &sql,
+            &[why, "user \"alice\"", "password_hash_is_bcrypt_or_argon2id"],
+        )
+        .await;
+    }
+    // The bounds themselves are accepted, and so is what pgcrypto and argon2 write by default.
+    accepted(&pool, &bcrypt("14")).await;
+    accepted(&pool, &bcrypt("04")).await;
+    accepted(&pool, &argon("m=1048576,t=10,p=16")).await;
+    accepted(&pool, &argon("m=19456,t=2,p=1")).await;
+    accepted(
+        &pool,
+        "UPDATE nats.users SET password_hash = crypt('pw', gen_salt('bf', 4))",
+    )
+    .await;
+    // The operator can move the bounds by replacing one function.
+    accepted(
+        &pool,
+        "CREATE OR REPLACE FUNCTION nats.password_hash_limits(
+           OUT bcrypt_min_cost integer, OUT bcrypt_max_cost integer, OUT argon2_max_memory_kib bigint,
+           OUT argon2_max_iterations integer, OUT argon2_max_parallelism integer)
+         LANGUAGE sql IMMUTABLE AS $$ SELECT 4, 12, 65536::bigint, 4, 2 $$",
+    )
+    .await;
+    refused(&pool, &bcrypt("13"), &["bcrypt cost 13 is outside 4..12"]).await;
+    refused(&pool, &argon("m=19456,t=2,p=4"), &["p=4 is outside 1..2"]).await;
+}
+
+/// Rows that jammed the machinery: a username that pushed the kick NOTIFY past 8000 bytes made
+/// its user impossible to update or delete (kicks are rows since 0003; the bound stays); centuries (or 'infinity') in intervals overflowed
+/// the service's conversions; 'infinity' timestamps cannot be read by the service.
+#[tokio::test]
+async fn rows_that_would_jam_the_machinery_are_refused() {
+    let pool = schema_only().await;
+    for (sql, constraint) in [
+        (
+            format!("UPDATE nats.users SET username = '{}'", "x".repeat(257)),
+            "username_at_most_256_characters",
+        ),
+        (
+            format!(
+                "INSERT INTO nats.users (account_id, username) SELECT id, '{}' FROM nats.accounts",
+                "é".repeat(3000)
+            ),
+            "username_at_most_256_characters",
+        ),
+        (
+            "UPDATE nats.accounts SET user_jwt_ttl = interval '1000 years'".into(),
+            "user_jwt_ttl_at_most_366_days",
+        ),
+        (
+            "UPDATE nats.roles SET user_jwt_ttl = interval '367 days'".into(),
+            "role_user_jwt_ttl_at_most_366_days",
+        ),
+        (
+            "UPDATE nats.users SET user_jwt_ttl = interval '178000000 years'".into(),
+            "user_user_jwt_ttl_at_most_366_days",
+        ),
+        (
+            "UPDATE nats.roles SET allow_response_ttl = interval '25 hours'".into(),
+            "allow_response_ttl_at_most_1_day",
+        ),
+        (
+            "UPDATE nats.account_exports SET response_threshold = interval '1000 years'".into(),
+            "export_response_threshold_at_most_1_day",
+        ),
+        (
+            "UPDATE nats.user_tokens SET expires_at = 'infinity'".into(),
+            "token_expires_at_finite",
+        ),
+        (
+            "UPDATE nats.user_tokens SET revoked_at = '-infinity'".into(),
+            "token_revoked_at_finite",
+        ),
+        (
+            "UPDATE nats.user_tokens SET expires_at = '200000-01-01'".into(),
+            "token_expires_at_finite",
+        ),
+    ] {
+        refused(&pool, &sql, &[constraint]).await;
+    }
+    // The largest values are fine, and a user with the longest name can still be changed and
+    // deleted (its kick notification fits).
+    let longest = "é".repeat(256);
+    accepted(
+        &pool,
+        &format!("UPDATE nats.users SET username = '{longest}'"),
+    )
+    .await;
+    accepted(&pool, "UPDATE nats.users SET active = false").await;
+    accepted(
+        &pool,
+        "UPDATE nats.accounts SET user_jwt_ttl = interval '366 days';
+         UPDATE nats.roles SET user_jwt_ttl = interval '1 day', allow_response_ttl = interval '1 day';
+         UPDATE nats.account_exports SET response_threshold = interval '1 day';
+         UPDATE nats.user_tokens SET expires_at = now() + interval '10 years', revoked_at = now();",
+    )
+    .await;
+    accepted(&pool, "DELETE FROM nats.users").await;
+}
+
+/// TRUNCATE skips every row trigger: no push, no cache drop, no kick, no delete on the server.
+#[tokio::test]
+async fn truncate_is_refused_on_admin_tables() {
+    let pool = schema_only().await;
+    refused(
+        &pool,
+        "TRUNCATE nats.users CASCADE",
+        &[
+            "TRUNCATE nats.users is not allowed",
+            "use DELETE FROM nats.users instead",
+        ],
+    )
+    .await;
+    for table in [
+        "accounts",
+        "roles",
+        "user_tokens",
+        "account_exports",
+        "account_imports",
+        "account_keys",
+    ] {
+        refused(
+            &pool,
+            &format!("TRUNCATE nats.{table} CASCADE"),
+            &[
+                &format!("TRUNCATE nats.{table} is not allowed"),
+                "use DELETE",
+            ],
+        )
+        .await;
+    }
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.users")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 1, "nothing was truncated");
+    // The service's own bookkeeping may still be truncated.
+    accepted(&pool, "TRUNCATE nats.audit_log").await;
+}

@@ -1,6 +1,6 @@
--- Proves the checks and triggers of migrations/0001_schema.sql and the roles of 0005. Needs a
--- FRESH database with every migration applied (it inserts rows and stops if nats.accounts is
--- not empty), by a role that may create roles:
+-- Proves the checks and triggers of migrations/ (0001, the row bounds of 0004) and the roles of
+-- 0005. Needs a FRESH database with every migration applied (it inserts rows and stops if
+-- nats.accounts is not empty), by a role that may create roles:
 --
 --   URL=$(scripts/pg.sh start /tmp/pgdev 55432)            # or any Postgres >= 15
 --   psql "$URL" -c 'CREATE DATABASE schema_checks'
@@ -373,6 +373,56 @@ DELETE FROM nats.users WHERE username = 'bob';
 SELECT pg_temp.expect_notifications('role and user delete', ARRAY[
   'nats_pg_auth_change user:' || (SELECT user_id FROM ids),
   'nats_pg_auth_change role:' || (SELECT role_id FROM ids)]);
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 5. Rows that cannot hurt the service (migrations/0004_row_bounds.sql)'
+-- ---------------------------------------------------------------------------------------------
+INSERT INTO nats.users (account_id, username) SELECT id, 'carol' FROM nats.accounts WHERE name = 'beta';
+-- A stored hash sets its own work factor: bounded (nats.password_hash_limits()).
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$2b$31$Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K' WHERE username = 'carol'$$,
+  'user "carol"', 'bcrypt cost 31 is outside 4..14', 'password_hash_is_bcrypt_or_argon2id');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$2b$03$Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K' WHERE username = 'carol'$$,
+  'bcrypt cost 3 is outside 4..14');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$argon2id$v=19$m=4294967295,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA' WHERE username = 'carol'$$,
+  'memory m=4294967295 KiB is outside 8..1048576 KiB');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$argon2id$v=19$m=19456,t=11,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA' WHERE username = 'carol'$$,
+  'iterations t=11 are outside 1..10');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$argon2id$v=19$m=19456,t=2,p=17$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA' WHERE username = 'carol'$$,
+  'parallelism p=17 is outside 1..16');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET password_hash = '$argon2id$anything' WHERE username = 'carol'$$,
+  'not an argon2id PHC string');
+UPDATE nats.users SET password_hash = crypt('pw', gen_salt('bf', 4)) WHERE username = 'carol';
+UPDATE nats.users SET password_hash = '$argon2id$v=19$m=1048576,t=10,p=16$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA' WHERE username = 'carol';
+SELECT pg_temp.expect(true, 'bcrypt cost 4 and argon2id at the bounds are accepted');
+
+-- Text in NOTIFY payloads (the kick trigger sends the username; 8000 bytes at most).
+SELECT pg_temp.expect_error(format($$UPDATE nats.users SET username = %L WHERE username = 'carol'$$, repeat('x', 257)),
+  'username_at_most_256_characters');
+UPDATE nats.users SET username = repeat('é', 256) WHERE username = 'carol';
+UPDATE nats.users SET active = false WHERE username = repeat('é', 256);
+DELETE FROM nats.users WHERE username = repeat('é', 256);
+SELECT pg_temp.expect(true, 'a 256-character username can be updated and deleted (its kick notification fits)');
+INSERT INTO nats.users (account_id, username) SELECT id, 'dora' FROM nats.accounts WHERE name = 'beta';
+
+-- Intervals and timestamps the service converts.
+SELECT pg_temp.expect_error($$UPDATE nats.accounts SET user_jwt_ttl = interval '1000 years' WHERE name = 'beta'$$,
+  'user_jwt_ttl_at_most_366_days');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET user_jwt_ttl = interval '367 days' WHERE name = 'global-reader'$$,
+  'role_user_jwt_ttl_at_most_366_days');
+SELECT pg_temp.expect_error($$UPDATE nats.roles SET allow_response_ttl = interval '2 days' WHERE name = 'global-reader'$$,
+  'allow_response_ttl_at_most_1_day');
+SELECT pg_temp.expect_error($$INSERT INTO nats.account_exports (account_id, name, subject, type, response_threshold)
+    SELECT id, 'slow', 'slow.>', 'service', interval '1000 years' FROM nats.accounts WHERE name = 'beta'$$,
+  'export_response_threshold_at_most_1_day');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_tokens (user_id, token_sha256, expires_at)
+    SELECT id, digest('tok-forever', 'sha256'), 'infinity' FROM nats.users WHERE username = 'dora'$$,
+  'token_expires_at_finite');
+
+-- TRUNCATE skips every row trigger.
+SELECT pg_temp.expect_error($$TRUNCATE nats.users CASCADE$$,
+  'TRUNCATE nats.users is not allowed', 'use DELETE FROM nats.users instead');
+SELECT pg_temp.expect_error($$TRUNCATE nats.accounts CASCADE$$, 'TRUNCATE nats.accounts is not allowed');
+SELECT dblink_get_notify('listener');
 
 SELECT dblink_disconnect('listener');
 
