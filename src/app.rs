@@ -345,8 +345,17 @@ impl Application {
         }
 
         let died = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => None,
-            Some(done) = tasks.join_next_with_id() => Some(task_end(&mut names, done)),
+            Some(done) = tasks.join_next_with_id() => {
+                // The sync ends as soon as the token is cancelled: a task that ended because
+                // we are stopping did not die.
+                if shutdown.is_cancelled() {
+                    None
+                } else {
+                    Some(task_end(&mut names, done))
+                }
+            }
         };
         let failure = died.map(|(task, why)| {
             let why = why.unwrap_or_else(|| "it returned".to_owned());

@@ -12,14 +12,20 @@ fn cache(env: &TestEnv) -> Arc<LoginCache> {
     env.callout.as_ref().expect("service").cache().clone()
 }
 
-async fn copy_holds(env: &TestEnv, users: usize, tokens: usize) {
+async fn copy_holds(env: &TestEnv, users: &'static [&'static str], tokens: usize) {
     let c = cache(env);
     wait_until(
         Duration::from_secs(5),
-        "the copy to hold every user",
+        "the copy to hold every user, each re-read after its last change",
         || {
             let c = c.clone();
-            async move { c.is_live() && c.copy_size() == (users, tokens) }
+            async move {
+                c.is_live()
+                    && c.copy_size() == (users.len(), tokens)
+                    && users.iter().all(|u| {
+                        matches!(c.copy_user(u), nats_pg_auth::cache::CopyLookup::Found(_))
+                    })
+            }
         },
     )
     .await;
@@ -42,7 +48,7 @@ async fn tenants(env: &TestEnv) {
            SELECT id, digest('revoked-token', 'sha256'), now() FROM nats.users WHERE username = 'bob';",
     )
     .await;
-    copy_holds(env, 4, 2).await;
+    copy_holds(env, &["alice", "bob", "carol", "dave"], 2).await;
 }
 
 #[tokio::test]
