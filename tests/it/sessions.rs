@@ -324,3 +324,58 @@ async fn a_rescan_after_the_auth_timeout_closes_what_the_first_scan_missed_but_n
     }
     still_connected(&mut wevents);
 }
+
+/// Issue 8, bulk changes: deactivating 10,000 users of one account in one UPDATE used to spawn a
+/// task, a pool query and a CONNZ scan per row, and pool waits then refused unrelated logins as
+/// internal errors. Kick requests are now rows handled in bounded batches, one scan per account.
+#[tokio::test]
+async fn deactivating_ten_thousand_users_at_once_kicks_in_batches_and_refuses_no_one_else() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    env.sql(
+        "INSERT INTO nats.accounts (name) VALUES ('globex');
+         INSERT INTO nats.users (account_id, username, password_hash)
+           SELECT a.id, 'gina', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts a WHERE a.name = 'globex';
+         WITH h AS (SELECT crypt('pw', gen_salt('bf', 4)) AS hash)
+         INSERT INTO nats.users (account_id, role_id, username, password_hash)
+           SELECT a.id, r.id, 'bulk' || g, h.hash
+           FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id, h, generate_series(1, 10000) g
+           WHERE a.name = 'acme';",
+    )
+    .await;
+    env.wait_synced("globex").await;
+    let (_alice, mut alice_events) = env.connect_user_events("alice", "s3cret").await.unwrap();
+    let (_gina, mut gina_events) = env.connect_user_events("gina", "pw").await.unwrap();
+    let internal_before = env.metrics.denied("internal_error");
+
+    env.sql("UPDATE nats.users SET active = false WHERE account_id = (SELECT id FROM nats.accounts WHERE name = 'acme')")
+        .await;
+    // Unrelated logins go on while the burst is handled.
+    for _ in 0..5 {
+        env.connect_user("gina", "pw")
+            .await
+            .expect("an unrelated user logs in during the burst");
+    }
+    disconnected_within(&mut alice_events, Duration::from_secs(10), "alice").await;
+    env.wait_sql(
+        "SELECT NOT EXISTS (SELECT 1 FROM nats.kick_requests)",
+        Duration::from_secs(60),
+        "every kick request to be carried out",
+    )
+    .await;
+    still_connected(&mut gina_events);
+    assert_eq!(
+        env.metrics.denied("internal_error"),
+        internal_before,
+        "no login refused as an internal error"
+    );
+    let scans: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM nats.audit_log WHERE kind = 'sessions_kicked'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        scans < 100,
+        "kicks were batched ({scans} audit rows for 10,000 deactivated users)"
+    );
+}
