@@ -210,7 +210,7 @@ async fn a_replica_started_while_postgres_is_down_says_so_waits_and_then_serves(
     // Only the process answers logins in this test.
     env.stop_service().await;
     let outage = DbOutage::begin(&env).await;
-    let mut replica = crate::common::ServeProcess::spawn(&env, "late", &[]);
+    let mut replica = crate::common::ServiceProcess::for_env(&env, "late");
     wait_until(
         Duration::from_secs(20),
         "the replica to say it waits",
@@ -241,7 +241,7 @@ async fn a_replica_started_while_postgres_is_down_says_so_waits_and_then_serves(
         1,
         "said once, not once per retry:\n{log}"
     );
-    replica.signal("TERM");
+    replica.signal(rustix::process::Signal::TERM);
     let status = replica.wait_exit(Duration::from_secs(15)).await;
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
 }

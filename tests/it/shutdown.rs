@@ -9,7 +9,7 @@ use async_nats::ConnectOptions;
 use nats_pg_auth::app::{Application, ServeConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{self, http_get, wait_until, ServeProcess, TestEnv};
+use crate::common::{self, http_get, wait_until, ServiceProcess, TestEnv};
 
 fn allowed(metrics: &str) -> u64 {
     metrics
@@ -82,7 +82,7 @@ async fn sigterm_mid_login_loop_exits_zero_and_no_login_is_refused() {
     // The process is to lead the sync (so its stop gives up the leadership): it starts while the
     // in-process replica is stopped, which then comes back as a follower.
     env.stop_service().await;
-    let mut a = ServeProcess::spawn(&env, "replica-a", &[]);
+    let mut a = ServiceProcess::for_env(&env, "replica-a");
     a.wait_ready(Duration::from_secs(20)).await;
     wait_until(
         Duration::from_secs(10),
@@ -107,11 +107,8 @@ async fn sigterm_mid_login_loop_exits_zero_and_no_login_is_refused() {
     .await;
 
     let signalled = Instant::now();
-    a.signal("TERM");
-    let status = a
-        .wait_exit(Duration::from_secs(20))
-        .await
-        .expect("the process exits after SIGTERM");
+    a.signal(rustix::process::Signal::TERM);
+    let status = a.wait_exit(Duration::from_secs(20)).await;
     let took = signalled.elapsed();
     let log = a.log();
     assert_eq!(status.code(), Some(0), "exit status {status}; log:\n{log}");

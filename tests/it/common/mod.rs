@@ -889,93 +889,31 @@ impl ServiceProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `serve` against `env`'s database and nats-server, sized like the in-process service.
+    pub fn for_env(env: &TestEnv, name: &str) -> ServiceProcess {
+        Self::start(
+            name,
+            env.dir.path(),
+            &env.database_url,
+            &env.url(),
+            &["--db-pool-size", "8", "--callout-concurrency", "6"],
+        )
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, deadline: Duration) {
+        let http = self.http;
+        wait_until(deadline, &format!("{} to be ready", self.name), || async move {
+            matches!(try_http_get(http, "/readyz").await, Ok((status, _)) if status.contains(" 200 "))
+        })
+        .await;
+    }
 }
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A `serve` process of the real binary against `env` (same database and nats-server), with its
-/// HTTP endpoints on a free port; stdout and stderr go to `<env dir>/<name>.log`. Only for
-/// environments without an encryption key (the default).
-pub struct ServeProcess {
-    pub child: Child,
-    pub http: std::net::SocketAddr,
-    pub log: PathBuf,
-}
-
-impl ServeProcess {
-    pub fn spawn(env: &TestEnv, name: &str, extra_env: &[(&str, &str)]) -> ServeProcess {
-        let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = env.dir.path().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("DATABASE_URL", &env.database_url)
-            .env("NATS_URL", env.url())
-            .env("NATS_PG_AUTH_HTTP_LISTEN", http.to_string())
-            .env("NATS_PG_AUTH_DB_POOL_SIZE", "8")
-            .env("NATS_PG_AUTH_CALLOUT_CONCURRENCY", "6")
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file));
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("start the nats-pg-auth binary");
-        ServeProcess { child, http, log }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until /readyz answers 200.
-    pub async fn wait_ready(&self, deadline: Duration) {
-        let addr = self.http;
-        wait_until(deadline, "the serve process to be ready", || async move {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(_) => http_get(addr, "/readyz").await.0.contains("200"),
-                Err(_) => false,
-            }
-        })
-        .await;
-    }
-
-    /// Sends a signal (`TERM`, `INT`, `KILL`).
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    /// Waits for the process to exit; None when it is still running at the deadline.
-    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if start.elapsed() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
