@@ -22,10 +22,14 @@
 //! server, and UPDATE → new JWT served by `$SYS.REQ.ACCOUNT.<id>.CLAIMS.LOOKUP`; 9 RSS with N
 //! users logged in once, in a child process that runs only the service (plus the request
 //! generator) — `VmRSS` of that process before and after.
+//! 10 the login copy (issue 7): the database topped up to N users (plus a few thousand tokens),
+//! then a fresh child process builds the service and times full loads of the copy
+//! (`Callout::reload`), with `VmRSS` before and after the first and a second reload.
 //!
 //! Knobs (env): LOAD_QUICK=1, LOAD_ONLY=<names>, LOAD_SECONDS (per throughput phase, 5),
 //! LOAD_CONCURRENCY (clients in flight, 16), LOAD_SAMPLES (serial latency samples, 1000),
 //! LOAD_STORM (2000), LOAD_SYNC_ACCOUNTS (10000), LOAD_SYNC_SAMPLES (50), LOAD_RSS_USERS (100000),
+//! LOAD_COPY_USERS (comma list of totals, 100000,1000000; quick 20000), LOAD_COPY_TOKENS (5000),
 //! LOAD_LOG (service log filter, `nats_pg_auth=info,warn`; the log goes to a file), LOAD_KEEP=1
 //! (keep the run directory with logs and server files).
 
@@ -73,6 +77,8 @@ struct Knobs {
     sync_accounts: usize,
     sync_samples: usize,
     rss_users: usize,
+    copy_users: Vec<usize>,
+    copy_tokens: usize,
 }
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -105,6 +111,16 @@ impl Knobs {
             sync_accounts: env_num("LOAD_SYNC_ACCOUNTS", q(10_000, 1000)),
             sync_samples: env_num("LOAD_SYNC_SAMPLES", q(50, 10)),
             rss_users: env_num("LOAD_RSS_USERS", q(100_000, 10_000)),
+            copy_users: {
+                let mut v: Vec<usize> = std::env::var("LOAD_COPY_USERS")
+                    .unwrap_or_else(|_| (if quick { "20000" } else { "100000,1000000" }).into())
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                v.sort_unstable();
+                v
+            },
+            copy_tokens: env_num("LOAD_COPY_TOKENS", q(5000, 1000)),
         }
     }
 
@@ -369,11 +385,16 @@ fn process_cpu(pid: u32) -> f64 {
 }
 
 fn vm_rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+/// A `kB` line of `/proc/self/status` (`VmRSS:`, `VmHWM:`).
+fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
@@ -709,6 +730,27 @@ async fn add_users(pool: &PgPool, prefix: &str, n: usize, cost: u32) {
     .await;
 }
 
+/// `n` more users `<prefix><from+1>..` (one cost-4 hash), fast: the row triggers are skipped
+/// (`session_replication_role = replica`; no service listens while this runs, and the checks
+/// they make hold for these rows), so a million rows take seconds, not minutes.
+async fn add_users_bulk(pool: &PgPool, prefix: &str, from: usize, n: usize) {
+    sql(
+        pool,
+        &format!(
+            "BEGIN; SET LOCAL session_replication_role = replica;
+             INSERT INTO nats.users (account_id, role_id, username, password_hash)
+               SELECT a.id, r.id, '{prefix}' || g, h.h
+               FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id AND r.name = 'device',
+                    generate_series({}, {}) g, (SELECT crypt('pw', gen_salt('bf', 4)) AS h) h
+               WHERE a.name = 'bench';
+             COMMIT;",
+            from + 1,
+            from + n
+        ),
+    )
+    .await;
+}
+
 fn users(prefix: &str, range: std::ops::Range<usize>) -> Vec<Cred> {
     range
         .map(|i| Cred::Password(format!("{prefix}{}", i + 1), "pw".into()))
@@ -849,6 +891,58 @@ fn rss_child() {
     });
 }
 
+/// The copy child: builds the service (not started: nothing loads on its own) and times full
+/// loads of the login copy, with VmRSS before and after each.
+fn copy_child() {
+    let rss0 = vm_rss_kib();
+    let db = std::env::var("LOAD_DB_URL").unwrap();
+    let nats = std::env::var("LOAD_NATS_URL").unwrap();
+    let key = std::env::var("LOAD_KEY").unwrap();
+    let cipher = SeedCipher::new(Some(nats_pg_auth::keys::parse_key(&key).unwrap()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let app = Application::build(serve_config(&db, &nats, &cipher))
+            .await
+            .expect("build the service");
+        let callout = app.callout();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss1 = vm_rss_kib();
+        let (users, tokens, took1) = callout.reload().await.expect("load the copy");
+        assert!(callout.cache().is_loaded());
+        let rss2 = vm_rss_kib();
+        let hwm = proc_status_kib("VmHWM:");
+        // A reload builds the new table before the old one is dropped.
+        let (_, _, took2) = callout.reload().await.expect("reload the copy");
+        let rss3 = vm_rss_kib();
+        // A third: does RSS keep growing, or does the second table reuse what the first freed?
+        let (_, _, took3) = callout.reload().await.expect("reload the copy");
+        let rss4 = vm_rss_kib();
+        // The same read with nothing built: SQL, transfer and row decoding only.
+        let pool = PgPool::connect(&db).await.unwrap();
+        let t = Instant::now();
+        nats_pg_auth::db::logins::load(
+            &pool,
+            &nats_pg_auth::db::logins::UserFilter::all(),
+            |_, _, _| {},
+        )
+        .await
+        .unwrap();
+        let fetch = t.elapsed();
+        pool.close().await;
+        println!(
+            "COPY_RESULT {users} {tokens} {} {} {} {rss0} {rss1} {rss2} {rss3} {hwm} {rss4}",
+            took1.as_millis(),
+            took2.as_millis().max(took3.as_millis()),
+            fetch.as_millis()
+        );
+        drop(app);
+    });
+}
+
 // ------------------------------------------------------------------------------------------
 // The run
 // ------------------------------------------------------------------------------------------
@@ -858,6 +952,10 @@ fn main() {
     std::env::set_var("NATS_PG_AUTH_HTTP_LISTEN", "off");
     if std::env::var("LOAD_CHILD").as_deref() == Ok("rss") {
         rss_child();
+        return;
+    }
+    if std::env::var("LOAD_CHILD").as_deref() == Ok("copy") {
+        copy_child();
         return;
     }
     let knobs = Knobs::from_env();
@@ -1549,6 +1647,99 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         ));
     } else {
         drop(service);
+    }
+
+    // 10. The login copy (issue 7): N users in the database (all of them, including the other
+    // scenarios' few thousand), a full load in a fresh child process: time and RSS per user.
+    if k.wants("copy") {
+        let mut tokens_added = false;
+        for &n in &k.copy_users {
+            let have: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.users")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let t = Instant::now();
+            if (have as usize) < n {
+                add_users_bulk(&pool, "m", have as usize, n - have as usize).await;
+            }
+            if !tokens_added {
+                tokens_added = true;
+                sql(
+                    &pool,
+                    &format!(
+                        "BEGIN; SET LOCAL session_replication_role = replica;
+                         INSERT INTO nats.user_tokens (user_id, token_sha256)
+                           SELECT id, digest('mtok-' || id, 'sha256') FROM nats.users
+                           WHERE username LIKE 'm%' ORDER BY id LIMIT {};
+                         COMMIT;",
+                        k.copy_tokens
+                    ),
+                )
+                .await;
+            }
+            sql(&pool, "VACUUM (ANALYZE) nats.users, nats.user_tokens").await;
+            eprintln!("load: copy fixture at {n} users in {:?}", t.elapsed());
+            let out = Command::new(std::env::current_exe().unwrap())
+                .env("LOAD_CHILD", "copy")
+                .env("LOAD_DB_URL", db_url)
+                .env("LOAD_NATS_URL", server.url())
+                .env("LOAD_KEY", base64_key(&key))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run the copy child");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("COPY_RESULT"))
+                .unwrap_or_else(|| panic!("copy child printed no result: {text}"));
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap())
+                .collect();
+            let [users, tokens, took1, took2, fetch, rss0, rss1, rss2, rss3, hwm, rss4] = f[..]
+            else {
+                panic!("copy child: {line}")
+            };
+            let per_user = |rss: u64| rss.saturating_sub(rss1) * 1024 / users.max(1);
+            let (b1, b2, b3) = (per_user(rss2), per_user(rss3), per_user(rss4));
+            let load = Duration::from_millis(took1);
+            rows.push(Row {
+                id: "10",
+                scenario: format!(
+                    "login copy: full load of {users} users + {tokens} tokens, fresh process"
+                ),
+                result: format!(
+                    "load {} (slowest reload: {}; SQL read + decode only: {}); RSS {:.1} → {:.1} MiB = {b1} B/user; after a second reload {:.1} MiB = {b2} B/user, a third {:.1} MiB = {b3} B/user; peak after the first {:.1} MiB",
+                    ms(load),
+                    ms(Duration::from_millis(took2)),
+                    ms(Duration::from_millis(fetch)),
+                    rss1 as f64 / 1024.0,
+                    rss2 as f64 / 1024.0,
+                    rss3 as f64 / 1024.0,
+                    rss4 as f64 / 1024.0,
+                    hwm as f64 / 1024.0,
+                ),
+                p50: "—".into(),
+                p99: "—".into(),
+                ratio: format!("{:.0} users/s", users as f64 / load.as_secs_f64().max(1e-9)),
+                goal: format!(
+                    "1M < 10 s, ≤ 512 B/user (first load; after reloads): {}",
+                    if load.as_secs_f64() * 1_000_000.0 / users.max(1) as f64 <= 10.0
+                        && b1 <= 512
+                    {
+                        "met"
+                    } else {
+                        "**missed**"
+                    }
+                ),
+            });
+            notes.push(format!(
+                "10 copy child at {users} users: VmRSS at exec {:.1} MiB; after reloads: {b2}, {b3} B/user ({})",
+                rss0 as f64 / 1024.0,
+                if b2.max(b3) <= 512 { "≤ 512" } else { "**over 512**: the old table's memory stays with the allocator" }
+            ));
+        }
     }
 
     print_table(&rows, &notes, k);
