@@ -18,10 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::login::{Login, Shape};
 use super::{Callout, Deny, DenyReason};
-use crate::cache::{
-    CopyLookup, Scope, Table, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL,
-};
-use crate::db::logins::{AccountPart, LoginRow, RolePart, TokenPart, UserFilter, UserPart};
+use crate::cache::{CopyLookup, Scope, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL};
+use crate::db::logins::{AccountPart, LoginRow, RolePart, UserFilter, UserPart};
 use crate::db::notify::{self, Event, ListenSettings};
 
 /// Users without overrides of one (role, account) share one prepared shape during a load.
@@ -140,24 +138,29 @@ impl Callout {
         self.cache.set_disconnected();
     }
 
-    /// Reads everything and installs it as the copy.
+    /// Reads everything into the copy, in place (see [`crate::cache::LoginCache::load_users`]).
     pub async fn reload(&self) -> Result<(usize, usize, Duration), sqlx::Error> {
+        const CHUNK: usize = 4096;
         let started = Instant::now();
-        let ticket = self.cache.ticket();
-        let mut table = Table::default();
+        let ticket = self.cache.load_ticket();
         let mut memo = ShapeMemo::new();
+        let mut chunk = Vec::with_capacity(CHUNK);
         let loaded =
             crate::db::logins::load(&self.pool, &UserFilter::all(), |user, accounts, roles| {
                 if let Some(login) = self.build(user, accounts, roles, &mut memo) {
-                    table.upsert(Arc::new(login), ticket_value(ticket));
+                    chunk.push(Arc::new(login));
+                    if chunk.len() == CHUNK {
+                        self.cache.load_users(
+                            std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)),
+                            ticket,
+                        );
+                    }
                 }
             })
             .await?;
-        for (user_id, tokens) in group_tokens(loaded.tokens) {
-            table.set_tokens(user_id, tokens, ticket_value(ticket));
-        }
-        let (users, tokens) = (table.users(), table.token_count());
-        self.cache.install(table, ticket);
+        self.cache.load_users(chunk, ticket);
+        self.cache.finish_load(ticket, loaded.tokens);
+        let (users, tokens) = self.cache.copy_size();
         Ok((users, tokens, started.elapsed()))
     }
 
@@ -274,16 +277,4 @@ impl Callout {
             )),
         }
     }
-}
-
-fn ticket_value(t: crate::cache::Ticket) -> u64 {
-    t.value()
-}
-
-fn group_tokens(tokens: Vec<TokenPart>) -> HashMap<i64, Vec<TokenPart>> {
-    let mut by_user: HashMap<i64, Vec<TokenPart>> = HashMap::new();
-    for t in tokens {
-        by_user.entry(t.user_id).or_default().push(t);
-    }
-    by_user
 }
