@@ -90,14 +90,22 @@ macro_rules! token_time {
     };
 }
 
-const SELECT_LOGIN: &str = r#"
-SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
+// The columns of each part, written once: `SELECT_LOGIN` (one login) and `load` (the copy)
+// select the same expressions under the same names, so both decode into the same row types.
+macro_rules! user_columns {
+    () => {
+        r#"u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
        u.publish_permissions AS user_pub_allow, u.publish_deny_permissions AS user_pub_deny,
        u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
        u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
        u.max_payload AS user_max_payload,
-       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs,
-       r.id AS role_id, r.account_id AS role_account_id,
+       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs"#
+    };
+}
+
+macro_rules! role_columns {
+    () => {
+        r#"r.id AS role_id, r.account_id AS role_account_id,
        r.publish_permissions AS role_pub_allow, r.publish_deny_permissions AS role_pub_deny,
        r.subscribe_permissions AS role_sub_allow, r.subscribe_deny_permissions AS role_sub_deny,
        r.allow_response AS role_allow_response, r.allow_response_max AS role_allow_response_max,
@@ -106,8 +114,14 @@ SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
        r.max_payload AS role_max_payload,
        EXTRACT(EPOCH FROM r.user_jwt_ttl)::float8 AS role_ttl_secs,
        r.allowed_sources AS role_allowed_sources,
-       r.allowed_connection_types AS role_allowed_connection_types,
-       a.id AS account_id, a.name AS account_name, a.active AS account_active,
+       r.allowed_connection_types AS role_allowed_connection_types"#
+    };
+}
+
+/// Account columns; needs `signing_key!()` joined as `k`.
+macro_rules! account_columns {
+    () => {
+        r#"a.id AS account_id, a.name AS account_name, a.active AS account_active,
        a.public_key AS account_public_key,
        EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
        k.public_key AS signing_public_key, k.seed AS signing_seed,
@@ -115,11 +129,13 @@ SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
            SELECT 1 FROM nats.account_keys pk
            WHERE pk.account_id = a.id AND pk.kind = 'signing' AND pk.retired_at IS NULL
              AND (a.synced_at IS NULL OR pk.created_at > a.synced_at)
-       ) AS signing_key_pending
-FROM nats.users u
-JOIN nats.accounts a ON a.id = u.account_id
-LEFT JOIN nats.roles r ON r.id = u.role_id
-LEFT JOIN LATERAL (
+       ) AS signing_key_pending"#
+    };
+}
+
+macro_rules! signing_key {
+    () => {
+        r#"LEFT JOIN LATERAL (
     -- Newest key the server knows: a key added after the last successful push is not in the
     -- account JWT on the server yet, and a user JWT signed by it would be refused. A key that
     -- retires in the future (a graceful rotation) is still in the server's JWT until then, and
@@ -129,8 +145,21 @@ LEFT JOIN LATERAL (
       AND (ak.retired_at IS NULL OR ak.retired_at > now())
       AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
     ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
-) k ON true
-"#;
+) k ON true"#
+    };
+}
+
+const SELECT_LOGIN: &str = concat!(
+    "\nSELECT ",
+    user_columns!(),
+    ",\n       ",
+    role_columns!(),
+    ",\n       ",
+    account_columns!(),
+    "\nFROM nats.users u\nJOIN nats.accounts a ON a.id = u.account_id\nLEFT JOIN nats.roles r ON r.id = u.role_id\n",
+    signing_key!(),
+    "\n"
+);
 
 pub async fn by_username(pool: &PgPool, username: &str) -> Result<Option<LoginRow>, sqlx::Error> {
     let sql = format!("{SELECT_LOGIN} WHERE u.username = $1");
@@ -365,51 +394,19 @@ pub async fn load(
         .await?;
     let f = filter.sql();
     let accounts_sql = format!(
-        r#"SELECT a.id AS account_id, a.name AS account_name, a.active AS account_active,
-               a.public_key AS account_public_key,
-               EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
-               k.public_key AS signing_public_key, k.seed AS signing_seed,
-               EXISTS (
-                   SELECT 1 FROM nats.account_keys pk
-                   WHERE pk.account_id = a.id AND pk.kind = 'signing' AND pk.retired_at IS NULL
-                     AND (a.synced_at IS NULL OR pk.created_at > a.synced_at)
-               ) AS signing_key_pending
-        FROM nats.accounts a
-        LEFT JOIN LATERAL (
-            -- As in SELECT_LOGIN: a key retiring in the future still signs until then.
-            SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-            WHERE ak.account_id = a.id AND ak.kind = 'signing'
-              AND (ak.retired_at IS NULL OR ak.retired_at > now())
-              AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
-            ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1
-        ) k ON true
-        WHERE a.id IN (SELECT u.account_id FROM nats.users u WHERE {f})
-        ORDER BY a.id"#
+        "SELECT {} FROM nats.accounts a {}
+         WHERE a.id IN (SELECT u.account_id FROM nats.users u WHERE {f}) ORDER BY a.id",
+        account_columns!(),
+        signing_key!()
     );
     let roles_sql = format!(
-        r#"SELECT r.id AS role_id, r.account_id AS role_account_id,
-               r.publish_permissions AS role_pub_allow, r.publish_deny_permissions AS role_pub_deny,
-               r.subscribe_permissions AS role_sub_allow, r.subscribe_deny_permissions AS role_sub_deny,
-               r.allow_response AS role_allow_response, r.allow_response_max AS role_allow_response_max,
-               EXTRACT(EPOCH FROM r.allow_response_ttl)::float8 AS role_allow_response_ttl_secs,
-               r.max_subscriptions AS role_max_subscriptions, r.max_data AS role_max_data,
-               r.max_payload AS role_max_payload,
-               EXTRACT(EPOCH FROM r.user_jwt_ttl)::float8 AS role_ttl_secs,
-               r.allowed_sources AS role_allowed_sources,
-               r.allowed_connection_types AS role_allowed_connection_types
-        FROM nats.roles r
-        WHERE r.id IN (SELECT u.role_id FROM nats.users u WHERE {f})
-        ORDER BY r.id"#
+        "SELECT {} FROM nats.roles r
+         WHERE r.id IN (SELECT u.role_id FROM nats.users u WHERE {f}) ORDER BY r.id",
+        role_columns!()
     );
     let users_sql = format!(
-        r#"SELECT u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
-               u.publish_permissions AS user_pub_allow, u.publish_deny_permissions AS user_pub_deny,
-               u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
-               u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
-               u.max_payload AS user_max_payload,
-               EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs,
-               u.role_id, u.account_id
-        FROM nats.users u WHERE {f}"#
+        "SELECT {}, u.role_id, u.account_id FROM nats.users u WHERE {f}",
+        user_columns!()
     );
     let tokens_sql = format!(
         r#"SELECT t.user_id, t.id AS token_id, t.token_sha256, {} AS token_expires_at,

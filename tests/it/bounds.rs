@@ -165,7 +165,10 @@ async fn a_parallel_burst_of_wrong_passwords_gets_at_most_the_limit_checked() {
         "at most 3 guesses were checked, not {}",
         callout.password_hashes_computed() - hashes
     );
-    assert_eq!(env.metrics.denied("bad_password"), 3);
+    // On a busy machine a counted attempt may run out of time before its check ends
+    // (`overloaded`), so the wrong passwords seen are at most, not exactly, the limit.
+    let bad = env.metrics.denied("bad_password");
+    assert!((1..=3).contains(&bad), "{bad} wrong passwords checked");
     assert!(env.metrics.denied("locked_out") >= 1);
 }
 
