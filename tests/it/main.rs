@@ -4,6 +4,7 @@ mod bounds;
 mod cache;
 mod chaos;
 mod common;
+mod compose;
 mod init;
 mod login;
 mod outage;
