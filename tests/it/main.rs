@@ -7,6 +7,7 @@ mod common;
 mod compose;
 mod init;
 mod login;
+mod manifests;
 mod outage;
 mod protocol;
 mod resilience;
