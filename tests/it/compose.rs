@@ -528,6 +528,24 @@ async fn compose_services_run_as_processes_and_the_demo_user_logs_in() {
         }
     }
 
+    // deploy/nats/cluster.conf (the StatefulSet's) with the same fragment: nats-server accepts it.
+    let cluster_conf = root.join("etc/nats/cluster.conf");
+    let text = fs::read_to_string(repo().join("deploy/nats/cluster.conf")).unwrap();
+    fs::write(&cluster_conf, mapper.map_paths(&text)).unwrap();
+    let out = Command::new(&nats_bin)
+        .arg("-t")
+        .arg("-c")
+        .arg(&cluster_conf)
+        .env("POD_NAME", "nats-0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nats-server -t cluster.conf: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The demo user, as the compose file's header tells a newcomer.
     let header = fs::read_to_string(repo().join("docker-compose.yaml")).unwrap();
     assert!(header.contains("nats://alice:s3cret@127.0.0.1:4222"));
