@@ -143,7 +143,12 @@ if ! pg_ok "$PG_MAJOR"; then
 fi
 log "postgres: /usr/lib/postgresql/$PG_MAJOR/bin ($("/usr/lib/postgresql/$PG_MAJOR/bin/postgres" --version)), pgcrypto present"
 if ! command -v psql >/dev/null 2>&1; then
-  log "note: no psql on PATH (postgresql-client-$PG_MAJOR); scripts/dev.sh needs it"
+  # scripts/dev.sh and tests/it/compose.rs (the compose file's `provision` job runs psql) need it.
+  if is_root && apt-cache show "postgresql-client-$PG_MAJOR" >/dev/null 2>&1; then
+    apt_install --no-install-recommends "postgresql-client-$PG_MAJOR"
+  else
+    log "note: no psql on PATH (postgresql-client-$PG_MAJOR); scripts/dev.sh and the compose test need it"
+  fi
 fi
 # scripts/pg.sh runs clusters as `postgres` when started by root; the Debian package creates
 # that user, binaries copied in some other way may not have.
