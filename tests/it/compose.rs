@@ -12,6 +12,8 @@
 //!   an entrypoint of the `postgres` image (`psql`) runs the local client;
 //! - the `postgres` service is the suite's throwaway cluster: its POSTGRES_USER is created as the
 //!   image would, its POSTGRES_DB becomes a fresh uniquely named database.
+//!   (Roles are cluster-wide: the compose user and the `nats_pg_auth` login role of
+//!   deploy/compose/demo.sql stay in that throwaway cluster, with the file's demo passwords.)
 //!
 //! One-shot services (someone waits for `service_completed_successfully`) must exit 0; the others
 //! must pass their healthcheck (its URL, mapped, must answer 200) before dependants start.
