@@ -12,4 +12,5 @@ mod schema;
 mod sessions;
 mod shutdown;
 mod sync;
+mod sync_errors;
 mod tenancy;
