@@ -15,8 +15,9 @@ pub enum ReencryptError {
 }
 
 /// Opens every seed with `old` and stores it sealed by `new`, in one transaction (all or
-/// nothing). With `only_plain`, rows that are already encrypted are left alone (the upgrade
-/// path from a keyless start). Returns how many rows were rewritten.
+/// nothing). With `only_plain`, rows already sealed with `new`'s main key are left alone: plain
+/// seeds (the upgrade path from a keyless start) and seeds under a previous key `new` also
+/// opens (finishing a rotation) are rewritten. Returns how many rows were rewritten.
 pub async fn reencrypt(
     pool: &PgPool,
     old: &SeedCipher,
@@ -31,7 +32,7 @@ pub async fn reencrypt(
                 .fetch_all(&mut *tx)
                 .await?;
         for (public_key, stored) in rows {
-            if only_plain && keys::is_encrypted(&stored) {
+            if only_plain && new.is_current(&stored, &public_key) {
                 continue;
             }
             let seed = old

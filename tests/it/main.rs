@@ -2,12 +2,15 @@
 
 mod cache;
 mod chaos;
+mod cli;
 mod common;
 mod init;
 mod login;
 mod outage;
 mod protocol;
+mod readme;
 mod resilience;
+mod rotation;
 mod schema;
 mod sessions;
 mod shutdown;
