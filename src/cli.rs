@@ -242,7 +242,19 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .bind(args.max_connections)
                 .execute(&pool)
                 .await
-                .map_err(sql_error)?;
+                .map_err(|e| {
+                    let db = e.as_database_error();
+                    match (db.and_then(|d| d.code()).as_deref(), db.and_then(|d| d.constraint())) {
+                        (Some("23505"), _) => {
+                            CliError::Other(format!("account {} already exists", args.name))
+                        }
+                        (Some("23514"), Some("account_name_format")) => CliError::Other(format!(
+                            "invalid account name {:?}: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                            args.name
+                        )),
+                        _ => sql_error(e),
+                    }
+                })?;
             say!(
                 "account {:?} added; the sync pushes it within a second",
                 args.name

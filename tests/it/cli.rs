@@ -271,3 +271,59 @@ async fn serve_with_nats_down_warns_once_and_listens_only_once_connected() {
     env.wait_login("alice", "s3cret", Duration::from_secs(10), "alice logs in")
         .await;
 }
+
+/// Issue 10, "messages that should say what to do".
+#[tokio::test]
+async fn errors_say_what_to_do() {
+    let env = TestEnv::start().await;
+    let url = env.database_url.clone();
+    let (code, _, err) = run(&["add-account", "initech"], Some(&url));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&["add-account", "initech"], Some(&url));
+    assert_ne!(code, Some(0));
+    one_line(&err);
+    assert!(err.contains("account initech already exists"), "{err}");
+    let (code, _, err) = run(&["add-account", "no spaces please"], Some(&url));
+    assert_ne!(code, Some(0));
+    one_line(&err);
+    assert!(err.contains("letters, digits"), "{err}");
+
+    // A bad limit names the column and the rule, without dumping the row (and its JWT).
+    let e = sqlx::raw_sql("UPDATE nats.accounts SET max_connections = -5 WHERE name = 'initech'")
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    let db = e.as_database_error().unwrap();
+    assert!(
+        db.message()
+            .contains("accounts.max_connections must be -1 (unlimited), 0 or more"),
+        "{}",
+        db.message()
+    );
+    assert_eq!(db.constraint(), Some("max_connections_at_least_minus_one"));
+    let detail = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|d| d.detail())
+        .unwrap_or_default();
+    assert!(!detail.contains("Failing row"), "{detail}");
+
+    // A refused Postgres port says so, not "pool timed out".
+    let cmd_err = run(&["migrate"], Some("postgres://nobody@127.0.0.1:1/none"));
+    let err = cmd_err.2.to_lowercase();
+    assert!(err.contains("refused"), "says why: {err}");
+    assert!(!err.contains("pool timed out"), "{err}");
+    // One "invalid encryption key" prefix, not two.
+    let (code, _, err) = run(
+        &[
+            "rotate-encryption-key",
+            "--encryption-key",
+            "too-short",
+            "--new-key",
+            "x",
+        ],
+        Some(&url),
+    );
+    assert_eq!(code, Some(64));
+    one_line(&err);
+    assert_eq!(err.matches("invalid encryption key").count(), 1, "{err}");
+}
