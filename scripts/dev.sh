@@ -19,6 +19,7 @@ BIN="$PWD/target/debug/nats-pg-auth"
 
 pids=()
 cleanup() {
+  trap - EXIT INT TERM   # once: a second TERM would make serve exit without finishing
   echo; echo "dev: stopping"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
