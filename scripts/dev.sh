@@ -10,12 +10,16 @@ NATS_PORT="${NATS_PORT:-4222}"
 DEV="$PWD/.dev"
 mkdir -p "$DEV"
 
+HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:9464}"
+
 eval "$(./scripts/setup.sh)"
-cargo build --quiet --bin nats-pg-auth
+echo "dev: building nats-pg-auth (a few minutes the first time; cargo shows its progress)" >&2
+cargo build --bin nats-pg-auth
 BIN="$PWD/target/debug/nats-pg-auth"
 
 pids=()
 cleanup() {
+  trap - EXIT INT TERM   # once: a second TERM would make serve exit without finishing
   echo; echo "dev: stopping"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -33,18 +37,20 @@ cat > "$DEV/nats.conf" <<CONF
 server_name: dev
 listen: 127.0.0.1:$NATS_PORT
 include "nats-pg-auth.conf"
+jetstream: { store_dir: "$DEV/js", max_memory_store: 2GB, max_file_store: 10GB }
 CONF
 "$NATS_SERVER_BIN" -c "$DEV/nats.conf" >"$DEV/nats.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT) 2>/dev/null && break; sleep 0.1; done
 
-"$BIN" serve --nats-url "nats://127.0.0.1:$NATS_PORT" &
-pids+=($!)
+"$BIN" serve --nats-url "nats://127.0.0.1:$NATS_PORT" --http-listen "$HTTP_ADDR" &
+serve_pid=$!
+pids+=($serve_pid)
 
 psql "$DATABASE_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
 INSERT INTO nats.accounts (name, max_connections) VALUES ('acme', 100) ON CONFLICT (name) DO NOTHING;
 INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
-  SELECT id, 'sensor', '{sensors.>}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme'
+  SELECT id, 'sensor', '{sensors.>,$SYS.REQ.USER.INFO}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme'
   ON CONFLICT DO NOTHING;
 INSERT INTO nats.users (account_id, role_id, username, password_hash)
   SELECT a.id, r.id, 'alice', crypt('s3cret', gen_salt('bf', 10))
@@ -55,14 +61,34 @@ INSERT INTO nats.user_tokens (user_id, token_sha256, description)
   ON CONFLICT (token_sha256) DO NOTHING;
 SQL
 
+# "running" only once the callout has subscribed (/readyz 200) and acme is on the server.
+readyz() {
+  local host="${HTTP_ADDR%:*}" port="${HTTP_ADDR##*:}"
+  { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null || return 1
+  printf 'GET /readyz HTTP/1.0\r\nHost: dev\r\n\r\n' >&3
+  local status; IFS= read -r status <&3 || true
+  exec 3<&-
+  [[ "$status" == *" 200 "* ]]
+}
+echo "dev: waiting for nats-pg-auth to be ready (http://$HTTP_ADDR/readyz)" >&2
+for i in $(seq 1 300); do
+  kill -0 "$serve_pid" 2>/dev/null || { echo "dev: nats-pg-auth serve exited; see its log above" >&2; exit 1; }
+  if readyz && [ "$(psql "$DATABASE_URL" -qtAc "SELECT synced_at IS NOT NULL FROM nats.accounts WHERE name = 'acme'")" = t ]; then
+    break
+  fi
+  [ "$i" = 300 ] && { echo "dev: not ready after 60 s; see the log above" >&2; exit 1; }
+  sleep 0.2
+done
+
 cat <<INFO
 
   nats-pg-auth is running.
     NATS:      nats://127.0.0.1:$NATS_PORT   (server log: .dev/nats.log)
     Postgres:  $DATABASE_URL
+    HTTP:      http://$HTTP_ADDR/metrics, /readyz
   Demo tenant: account acme, role sensor (pub/sub sensors.>), user alice / s3cret, token demo-token
-    nats -s nats://alice:s3cret@127.0.0.1:$NATS_PORT pub sensors.t1 21.5
-    nats -s nats://demo-token@127.0.0.1:$NATS_PORT sub 'sensors.>'
+    $BIN try-login --user alice --password s3cret --publish sensors.t1 --payload 21.5
+    $BIN try-login --token demo-token
   Add tenants with SQL:  psql "$DATABASE_URL"
   Ctrl-C stops everything.
 

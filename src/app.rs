@@ -36,7 +36,7 @@ pub enum AppError {
     NatsUrl { url: String, reason: String },
     #[error("cannot start the NATS client: {0}")]
     Nats(String),
-    #[error("cannot encrypt the seeds stored in plain text: {0}")]
+    #[error("cannot seal the stored seeds with the current encryption key: {0}")]
     Seeds(crate::db::seeds::ReencryptError),
     #[error("cannot listen for HTTP on {0}: {1} (set --http-listen to another address, or `off`)")]
     Http(std::net::SocketAddr, std::io::Error),
@@ -130,6 +130,11 @@ fn connect_options(
                 Event::Disconnected => {
                     tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
                 }
+                // Each failed (re)connect attempt: the callout says once, at WARN, that NATS
+                // is unreachable; repeating it every attempt would flood the log.
+                Event::ClientError(_) => {
+                    tracing::debug!(connection = %label, event = %event, "NATS event")
+                }
                 other => tracing::info!(connection = %label, event = %other, "NATS event"),
             }
         }
@@ -161,6 +166,17 @@ impl Application {
                     "{} seed(s) are stored in plain text although the others are encrypted: this service did not write them; they are not encrypted and not used (delete them, or encrypt them with `nats-pg-auth rotate-encryption-key` if they were written on purpose)",
                     keys.len()
                 ),
+            }
+            // A rotation in progress (`--old-encryption-key`): what is still under the old key
+            // is sealed with the current one.
+            let n = crate::db::seeds::reseal_previous_key(&pool, &config.cipher)
+                .await
+                .map_err(AppError::Seeds)?;
+            if n > 0 {
+                tracing::info!(
+                    seeds = n,
+                    "sealed seeds with the current encryption key (they were under --old-encryption-key)"
+                );
             }
         }
         // From here on every seed is opened by a cipher that refuses plain seeds when it has a
@@ -334,6 +350,7 @@ impl Application {
                 callout: self.callout_client.clone(),
                 system: self.sys_client.clone(),
                 cache: Some(self.callout.cache().clone()),
+                handler: Some(self.callout.clone()),
                 not_ready: not_ready.clone(),
             };
             let serve = crate::http::serve(listener, probes, http_stop.clone());

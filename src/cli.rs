@@ -3,6 +3,11 @@
 
 use std::io::Read as _;
 
+/// A line on stderr that never panics (a closed stderr must not turn a done job into a crash).
+macro_rules! say {
+    ($($t:tt)*) => { crate::telemetry::say(format_args!($($t)*)) };
+}
+
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{AppError, Application, ServeConfig};
@@ -23,25 +28,74 @@ pub enum CliError {
     App(#[from] AppError),
     #[error("{0}")]
     Other(String),
+    /// A login refused by nats-server (`try-login`): exit 77 (EX_NOPERM).
+    #[error("{0}")]
+    Refused(String),
+    /// A service that is down (exit 69).
+    #[error("{0}")]
+    Unavailable(String),
     /// Postgres unreachable, with what that means for logins.
     #[error("{0} Meanwhile every `serve` replica answers known users from its in-memory copy for --db-outage-grace (default 1h) after Postgres went away (see each replica's /readyz). Bring Postgres back before then, and do not restart replicas meanwhile: a restarted replica has no copy.")]
     PostgresDown(DbError),
 }
 
 impl CliError {
-    /// sysexits: 64 usage/config, 69 unavailable service, 70 internal.
+    /// sysexits: 64 usage/config, 69 unavailable service, 70 internal (a bug).
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => 64,
             CliError::Init(
                 InitError::OtherOperator { .. } | InitError::BadName | InitError::NotInitialised,
             ) => 64,
-            CliError::App(AppError::NatsUrl { .. } | AppError::Key(_) | AppError::Init(_)) => 64,
-            CliError::Db(DbError::Unreachable { .. })
-            | CliError::PostgresDown(_)
-            | CliError::App(AppError::Db(DbError::Unreachable { .. })) => 69,
+            CliError::App(
+                AppError::NatsUrl { .. }
+                | AppError::Key(_)
+                | AppError::Init(InitError::NotInitialised)
+                | AppError::Http(..)
+                | AppError::Seeds(db::seeds::ReencryptError::Open(..)),
+            ) => 64,
+            CliError::Db(e) | CliError::App(AppError::Db(e)) | CliError::PostgresDown(e) => {
+                db_exit_code(e)
+            }
+            CliError::Init(InitError::Db(e)) | CliError::App(AppError::Init(InitError::Db(e))) => {
+                sqlx_exit_code(e)
+            }
+            CliError::App(AppError::Init(_)) => 64,
+            CliError::Refused(_) => 77,
+            CliError::Unavailable(_) => 69,
             _ => 70,
         }
+    }
+}
+
+fn db_exit_code(e: &DbError) -> i32 {
+    match e {
+        DbError::BadUrl(_) => 64,
+        DbError::Unreachable { source, .. } => match sqlx_exit_code(source) {
+            70 => 69,
+            code => code,
+        },
+        DbError::Query(e) => sqlx_exit_code(e),
+        DbError::Migrate(_) => 70,
+    }
+}
+
+/// A Postgres error: the connection (69), the configuration (64: wrong password, no such
+/// database, no privilege), or anything else (70).
+fn sqlx_exit_code(e: &sqlx::Error) -> i32 {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => 69,
+        sqlx::Error::Configuration(_) => 64,
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            Some(c) if c.starts_with("28") || c.starts_with("3D") || c == "42501" => 64,
+            Some(c) if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => 69,
+            _ => 70,
+        },
+        _ => 70,
     }
 }
 
@@ -59,6 +113,21 @@ fn sql_error(e: sqlx::Error) -> CliError {
     match e.as_database_error() {
         Some(d) => CliError::Other(d.message().to_owned()),
         None => CliError::Db(DbError::from(e)),
+    }
+}
+
+/// Writes to stdout. A reader that went away (`status | head -1`) ends the output quietly.
+fn out(text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Other(format!(
+            "cannot write to standard output: {e}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -85,18 +154,18 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
     let common = &cli.common;
     match cli.command {
         Command::GenerateKey => {
-            println!("{}", crate::keys::generate_key());
+            out(&format!("{}\n", crate::keys::generate_key()))?;
             Ok(())
         }
         Command::HashPassword(args) => {
             let pw = read_stdin_line()?;
-            println!("{}", bcrypt_hash(&pw, args.cost)?);
+            out(&format!("{}\n", bcrypt_hash(&pw, args.cost)?))?;
             Ok(())
         }
         Command::Migrate => {
             let pool = db::connect(common.database_url()?, 2).await?;
             db::migrate(&pool).await?;
-            eprintln!("schema `nats` is up to date");
+            say!("schema `nats` is up to date");
             Ok(())
         }
         Command::Init(args) => {
@@ -109,7 +178,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 &args.fragment.resolver_dir,
                 &args.fragment.out,
             )?;
-            eprintln!(
+            say!(
                 "{} operator {:?} ({}); nats-server config fragment written to {}",
                 if report.created {
                     "created"
@@ -136,8 +205,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 other => other?,
             };
             let identities = ServiceIdentities::load(&pool).await?;
-            println!(
-                "operator {:?} {}",
+            let mut text = format!(
+                "operator {:?} {}\n",
                 identities.operator_name(),
                 identities.public_key(db::identities::IdentityKind::Operator)
             );
@@ -151,10 +220,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .fetch_one(&pool)
                 .await
                 .map_err(DbError::from)?;
-            println!("{} accounts, {} pending sync rows", rows.len(), pending);
+            text += &format!("{} accounts, {} pending sync rows\n", rows.len(), pending);
+            text += "ACCOUNT\tSTATE\tPUBLIC KEY\tSYNCED AT\tSYNC ERROR\n";
             for (name, active, pk, synced, err) in rows {
-                println!(
-                    "{name}\t{}\t{}\t{}\t{}",
+                text += &format!(
+                    "{name}\t{}\t{}\t{}\t{}\n",
                     if active { "active" } else { "inactive" },
                     pk.unwrap_or_else(|| "(no key yet)".into()),
                     synced
@@ -163,7 +233,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                     err.unwrap_or_default()
                 );
             }
-            Ok(())
+            out(&text)
         }
         Command::AddAccount(args) => {
             let pool = db::connect(common.database_url()?, 2).await?;
@@ -172,8 +242,20 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .bind(args.max_connections)
                 .execute(&pool)
                 .await
-                .map_err(sql_error)?;
-            eprintln!(
+                .map_err(|e| {
+                    let db = e.as_database_error();
+                    match (db.and_then(|d| d.code()).as_deref(), db.and_then(|d| d.constraint())) {
+                        (Some("23505"), _) => {
+                            CliError::Other(format!("account {} already exists", args.name))
+                        }
+                        (Some("23514"), Some("account_name_format")) => CliError::Other(format!(
+                            "invalid account name {:?}: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                            args.name
+                        )),
+                        _ => sql_error(e),
+                    }
+                })?;
+            say!(
                 "account {:?} added; the sync pushes it within a second",
                 args.name
             );
@@ -206,9 +288,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                         .unwrap_or_default()
                 )));
             }
-            eprintln!(
+            say!(
                 "user {:?} added to account {:?}",
-                args.username, args.account
+                args.username,
+                args.account
             );
             Ok(())
         }
@@ -233,7 +316,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 return Err(CliError::Other(format!("no user {:?}", args.username)));
             }
             // The only time the token is shown: stdout, so it can be captured by a script.
-            println!("{token}");
+            out(&format!("{token}\n"))?;
             Ok(())
         }
         Command::RotateSigningKey(args) => {
@@ -244,7 +327,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .execute(&pool)
                 .await
                 .map_err(sql_error)?;
-            eprintln!(
+            say!(
                 "{} rotation of account {:?} queued; the sync leader applies it within a second",
                 if args.emergency {
                     "emergency"
@@ -266,17 +349,18 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             let identities = ServiceIdentities::load(&pool).await?;
             init::write_fragment(&identities, &args.fragment.resolver_dir, &args.fragment.out)?;
             match step {
-                crate::operator::Step::Begun { next } => eprintln!(
+                crate::operator::Step::Begun { next } => say!(
                     "step 1 of 2: operator JWT now also trusts {next}; fragment written to {}. Restart nats-server with it, then run `nats-pg-auth rotate-operator-key --finish`",
                     args.fragment.out.display()
                 ),
-                crate::operator::Step::Finished { signing, queued } => eprintln!(
+                crate::operator::Step::Finished { signing, queued } => say!(
                     "step 2 of 2: {signing} now signs; {queued} accounts queued for re-signing. When `nats-pg-auth status` shows 0 pending rows, restart nats-server with {}",
                     args.fragment.out.display()
                 ),
             }
             Ok(())
         }
+        Command::TryLogin(args) => try_login(args).await,
         Command::RotateEncryptionKey(args) => {
             let old = common.cipher()?;
             let new_args = crate::config::CommonArgs {
@@ -292,10 +376,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 .into());
             }
             let pool = db::connect(common.database_url()?, 2).await?;
+            // Seeds already under the new key (an earlier run, or written by a replica that
+            // already runs with it) are opened with it: running this again finishes a rotation.
+            let old = old.also_opening(&new);
             let n = db::seeds::reencrypt(&pool, &old, &new, false)
                 .await
                 .map_err(|e| CliError::Other(format!("{e}; nothing was changed")))?;
-            eprintln!("re-encrypted {n} seeds; restart every `serve` with the new key");
+            say!("re-encrypted {n} seeds; restart every `serve` with the new key (and NATS_PG_AUTH_OLD_ENCRYPTION_KEY set to the old one while any replica may still run with it: see README)");
             Ok(())
         }
         Command::Serve(args) => {
@@ -330,4 +417,134 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
     }
+}
+
+/// `try-login`: connect as the user, report what the server gave it.
+async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
+    use std::time::Duration;
+    let (opts, who) = match (&args.user, &args.password, &args.token) {
+        (Some(u), Some(p), _) => (
+            async_nats::ConnectOptions::with_user_and_password(u.clone(), p.clone()),
+            format!("user {u:?}"),
+        ),
+        (_, _, Some(t)) => (
+            async_nats::ConnectOptions::with_token(t.clone()),
+            "the token".to_owned(),
+        ),
+        _ => {
+            return Err(
+                ConfigError::Invalid("give --user and --password, or --token".into()).into(),
+            )
+        }
+    };
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let client = opts
+        .name("nats-pg-auth try-login")
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |e| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(args.nats_url.as_str())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::ConnectErrorKind::AuthorizationViolation => CliError::Refused(format!(
+                "{who} was refused by nats-server at {} (Authorization Violation); the reason is in the `serve` log (deny reason) of the replica that answered",
+                args.nats_url
+            )),
+            _ => CliError::Unavailable(format!(
+                "cannot reach nats-server at {}: {e}",
+                args.nats_url
+            )),
+        })?;
+    let server = client.server_info();
+    let mut text = format!(
+        "logged in as {who} on {} (nats-server {}, {})\n",
+        args.nats_url, server.version, server.server_name
+    );
+    let info = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.request("$SYS.REQ.USER.INFO", "".into()),
+    )
+    .await;
+    let data = match info {
+        Ok(Ok(reply)) => serde_json::from_slice::<serde_json::Value>(&reply.payload)
+            .ok()
+            .and_then(|v| v.get("data").cloned()),
+        _ => None,
+    };
+    match data {
+        Some(d) => {
+            let list = |path: &str| -> String {
+                match d.pointer(path).and_then(|v| v.as_array()) {
+                    Some(a) if !a.is_empty() => a
+                        .iter()
+                        .filter_map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    _ => "-".to_owned(),
+                }
+            };
+            text += &format!(
+                "account:          {}\n",
+                d["account"].as_str().unwrap_or("?")
+            );
+            text += &format!("publish allow:    {}\n", list("/permissions/publish/allow"));
+            text += &format!("publish deny:     {}\n", list("/permissions/publish/deny"));
+            text += &format!(
+                "subscribe allow:  {}\n",
+                list("/permissions/subscribe/allow")
+            );
+            text += &format!(
+                "subscribe deny:   {}\n",
+                list("/permissions/subscribe/deny")
+            );
+            if let Some(exp) = d["expires"].as_i64().filter(|e| *e > 0) {
+                text += &format!(
+                    "JWT expires in:   {}\n",
+                    humantime::format_duration(Duration::from_secs(
+                        (exp as u64 / 1_000_000_000).max(1)
+                    ))
+                );
+            }
+        }
+        None => {
+            text += "account and permissions: not shown: this user may not publish to $SYS.REQ.USER.INFO (add it to the role's publish_permissions to see them here)\n";
+        }
+    }
+    if let Some(subject) = &args.publish {
+        while events.try_recv().is_ok() {}
+        let sent = client
+            .publish(subject.clone(), args.payload.clone().into())
+            .await
+            .is_ok()
+            && client.flush().await.is_ok();
+        // A refused publish comes back as an asynchronous -ERR; a round trip lets it arrive.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request("$SYS.REQ.USER.INFO", "".into()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut refused = None;
+        while let Ok(e) = events.try_recv() {
+            if let async_nats::Event::ServerError(e) = e {
+                if e.to_string()
+                    .to_lowercase()
+                    .contains("permissions violation")
+                {
+                    refused = Some(e.to_string());
+                }
+            }
+        }
+        text += &match (sent, refused) {
+            (true, None) => format!("publish {subject}: allowed\n"),
+            (_, Some(why)) => format!("publish {subject}: refused ({why})\n"),
+            (false, None) => format!("publish {subject}: could not be sent\n"),
+        };
+    }
+    let _ = client.drain().await;
+    out(&text)
 }

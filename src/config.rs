@@ -43,6 +43,16 @@ pub struct CommonArgs {
     #[arg(long, env = "NATS_PG_AUTH_ENCRYPTION_KEY_FILE", global = true)]
     pub encryption_key_file: Option<PathBuf>,
 
+    /// The previous at-rest key, while a rotation is being finished: seeds sealed with it are
+    /// still read, and `serve` re-seals them with --encryption-key at startup.
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_OLD_ENCRYPTION_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub old_encryption_key: Option<String>,
+
     /// Log format: `plain` or `json`. The level comes from RUST_LOG (default info).
     #[arg(
         long,
@@ -89,6 +99,10 @@ pub enum Command {
     /// Rotate the operator signing key in two steps (see README): without --finish, list a new
     /// key in the operator JWT; with --finish, make it the signing key and re-sign every account.
     RotateOperatorKey(RotateOperatorKeyArgs),
+    /// Log in to nats-server as a user (password or token) and print what the login got: the
+    /// account, the permissions and when the user JWT expires (a quick check of a tenant, and
+    /// of the whole chain: nats-server → callout → Postgres).
+    TryLogin(TryLoginArgs),
     /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
     /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain).
     RotateEncryptionKey(RotateEncryptionKeyArgs),
@@ -184,6 +198,28 @@ pub struct RotateEncryptionKeyArgs {
     /// File holding the new key.
     #[arg(long)]
     pub new_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TryLoginArgs {
+    /// nats-server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Username (with --password).
+    #[arg(long, requires = "password", conflicts_with = "token")]
+    pub user: Option<String>,
+    /// Password of --user.
+    #[arg(long, hide_env_values = true)]
+    pub password: Option<String>,
+    /// A bearer token instead of --user/--password.
+    #[arg(long, required_unless_present = "user")]
+    pub token: Option<String>,
+    /// Also publish one message to this subject and report whether the server allowed it.
+    #[arg(long)]
+    pub publish: Option<String>,
+    /// The message for --publish.
+    #[arg(long, default_value = "")]
+    pub payload: String,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -376,7 +412,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid encryption key: {0}")]
+    /// Already says "invalid encryption key: …".
+    #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error("{0}")]
     Invalid(String),
@@ -410,7 +447,20 @@ impl CommonArgs {
             Some(k) => Some(keys::parse_key(&k)?),
             None => None,
         };
-        Ok(SeedCipher::new(key))
+        let cipher = SeedCipher::new(key);
+        match self.old_encryption_key.as_deref().map(str::trim) {
+            Some(old) if !old.is_empty() => {
+                if key.is_none() {
+                    return Err(ConfigError::Invalid(
+                        "--old-encryption-key needs --encryption-key (the key seeds are sealed with from now on)".into(),
+                    ));
+                }
+                let old = keys::parse_key(old)
+                    .map_err(|e| ConfigError::Invalid(format!("--old-encryption-key: {e}")))?;
+                Ok(cipher.with_old_key(old))
+            }
+            _ => Ok(cipher),
+        }
     }
 }
 
@@ -428,6 +478,13 @@ impl ServeArgs {
             return Err(ConfigError::Invalid(
                 "--default-ttl and --max-ttl must be positive".into(),
             ));
+        }
+        if self.default_ttl > self.max_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "--default-ttl ({}) is longer than --max-ttl ({}), which caps every user JWT; lower --default-ttl or raise --max-ttl",
+                humantime::format_duration(self.default_ttl),
+                humantime::format_duration(self.max_ttl)
+            )));
         }
         if self.callout_concurrency == 0 || self.db_pool_size < 2 || self.hash_threads == 0 {
             return Err(ConfigError::Invalid(

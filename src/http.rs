@@ -23,6 +23,8 @@ pub struct Probes {
     pub system: Client,
     /// The callout's caches, rendered with the other metrics.
     pub cache: Option<std::sync::Arc<crate::cache::LoginCache>>,
+    /// The callout: ready only once its subscription exists on the server.
+    pub handler: Option<std::sync::Arc<crate::callout::Callout>>,
     /// Set once the replica is stopping (asked to, or because an essential task died): why
     /// /readyz fails from then on.
     pub not_ready: std::sync::Arc<std::sync::OnceLock<String>>,
@@ -47,6 +49,9 @@ impl Probes {
             if !cache.is_loaded() {
                 return Err("no copy of the login data loaded yet (waiting for Postgres)".into());
             }
+        }
+        if self.handler.as_ref().is_some_and(|h| !h.is_serving()) {
+            return Err("the auth callout has not subscribed yet".into());
         }
         let db = match tokio::time::timeout(
             Duration::from_secs(1),

@@ -61,7 +61,15 @@ pub struct ServiceIdentities {
 
 impl ServiceIdentities {
     pub async fn load(pool: &PgPool) -> Result<Self, InitError> {
-        Self::from_rows(identities::all(pool).await?)
+        let rows = identities::all(pool).await.map_err(|e| {
+            // No schema or table yet (42P01 undefined_table, 3F000 invalid_schema_name): a
+            // database nobody ran `init` on.
+            match e.as_database_error().and_then(|d| d.code()).as_deref() {
+                Some("42P01" | "3F000") => InitError::NotInitialised,
+                _ => InitError::Db(e),
+            }
+        })?;
+        Self::from_rows(rows)
     }
 
     fn from_rows(rows: Vec<IdentityRow>) -> Result<Self, InitError> {

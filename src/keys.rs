@@ -217,6 +217,8 @@ pub fn is_encrypted(stored: &str) -> bool {
 pub struct SeedCipher {
     aead: Option<Aes256Gcm>,
     refuse_plain: bool,
+    /// Keys that only open (never seal): the previous key during a rotation.
+    old: Vec<Aes256Gcm>,
 }
 
 impl fmt::Debug for SeedCipher {
@@ -236,6 +238,7 @@ impl SeedCipher {
         Self {
             aead,
             refuse_plain: false,
+            old: vec![],
         }
     }
 
@@ -244,6 +247,7 @@ impl SeedCipher {
         Self {
             aead: None,
             refuse_plain: false,
+            old: vec![],
         }
     }
 
@@ -253,6 +257,36 @@ impl SeedCipher {
         Self {
             aead: self.aead.clone(),
             refuse_plain: true,
+            old: self.old.clone(),
+        }
+    }
+
+    /// Also opens seeds sealed with `key` (the previous key, while a rotation is finished);
+    /// sealing still uses only the main key.
+    pub fn with_old_key(mut self, key: [u8; KEY_LEN]) -> Self {
+        let k = Zeroizing::new(key);
+        self.old.push(Aes256Gcm::new(k.as_ref().into()));
+        self
+    }
+
+    /// Also opens what `other` opens (its main and old keys).
+    pub fn also_opening(mut self, other: &SeedCipher) -> Self {
+        self.old
+            .extend(other.aead.iter().chain(&other.old).cloned());
+        self
+    }
+
+    /// True when `stored` is sealed with the main key (so re-sealing it would change nothing).
+    pub fn is_current(&self, stored: &str, public_key: &str) -> bool {
+        match (&self.aead, stored.strip_prefix(PREFIX_V1)) {
+            (Some(aead), Some(_)) => Self {
+                aead: Some(aead.clone()),
+                refuse_plain: false,
+                old: vec![],
+            }
+            .open(stored, public_key)
+            .is_ok(),
+            _ => false,
         }
     }
 
@@ -308,11 +342,11 @@ impl SeedCipher {
                 },
             ));
         };
-        let Some(aead) = &self.aead else {
+        if self.aead.is_none() && self.old.is_empty() {
             return Err(KeyError::MissingKey {
                 public_key: public_key.to_owned(),
             });
-        };
+        }
         let blob = B64
             .decode(encoded)
             .map_err(|_| malformed(public_key, "enc:v1 payload is not base64"))?;
@@ -323,16 +357,22 @@ impl SeedCipher {
         // GCM cannot tell a wrong key from a wrong AAD (another row's public key): both are
         // WrongKey, and the message names both causes.
         let plain = Zeroizing::new(
-            aead.decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: public_key.as_bytes(),
-                },
-            )
-            .map_err(|_| KeyError::WrongKey {
-                public_key: public_key.to_owned(),
-            })?,
+            self.aead
+                .iter()
+                .chain(&self.old)
+                .find_map(|aead| {
+                    aead.decrypt(
+                        Nonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: public_key.as_bytes(),
+                        },
+                    )
+                    .ok()
+                })
+                .ok_or_else(|| KeyError::WrongKey {
+                    public_key: public_key.to_owned(),
+                })?,
         );
         let seed = std::str::from_utf8(&plain)
             .map_err(|_| malformed(public_key, "decrypted seed is not UTF-8"))?;

@@ -6,12 +6,20 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use nats_pg_auth::config::{Cli, Command};
+use nats_pg_auth::telemetry::say;
 use nats_pg_auth::{cli, telemetry};
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
-    telemetry::init(cli.common.log_format);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_usage(e),
+    };
+    match &cli.command {
+        // try-login reports in its own words; the NATS client's log would repeat it.
+        Command::TryLogin(_) => telemetry::init_with(cli.common.log_format, "warn,async_nats=off"),
+        _ => telemetry::init(cli.common.log_format),
+    }
     // Installed before anything runs, so an early SIGTERM is a clean stop, not a kill.
     let mut signals = Signals::install();
     // `serve` bounds its own stop by --shutdown-timeout; this is the backstop for anything that
@@ -34,19 +42,54 @@ async fn main() {
         };
         tokio::select! {
             _ = signals.next() => {
-                eprintln!("error: second signal received; exiting without finishing");
+                say(format_args!("error: second signal received; exiting without finishing"));
                 std::process::exit(130);
             }
             _ = overrun => {
-                eprintln!("error: did not stop within --shutdown-timeout (+5s); exiting");
+                say(format_args!("error: did not stop within --shutdown-timeout (+5s); exiting"));
                 std::process::exit(70);
             }
         }
     });
     if let Err(e) = cli::run(cli, shutdown).await {
-        eprintln!("error: {e}");
+        say(format_args!("error: {e}"));
         std::process::exit(e.exit_code());
     }
+}
+
+/// `--help` and `--version` print and exit 0; any other command line error is one line and
+/// exit 64 (EX_USAGE), not clap's 2.
+fn exit_usage(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        std::process::exit(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                64
+            } else {
+                0
+            },
+        );
+    }
+    let text = e.render().to_string();
+    // What clap says before its usage block, on one line.
+    let first = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let first = first.strip_prefix("error: ").unwrap_or(&first);
+    say(format_args!(
+        "error: {first} (`nats-pg-auth help` and `nats-pg-auth VERB --help` list the verbs and flags)"
+    ));
+    std::process::exit(64);
 }
 
 /// SIGTERM and SIGINT (Ctrl-C).

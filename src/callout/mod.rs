@@ -249,8 +249,36 @@ impl Callout {
         let mut sub = client
             .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.into())
             .await?;
-        // The server must have the subscription before anyone relies on it being there.
-        let _ = client.flush().await;
+        // The server must have the subscription before anyone relies on it being there: the
+        // client sends it on (re)connecting, before the PING of a flush, so a flush answered
+        // while connected means the server holds it. Until then NATS is unreachable: say so
+        // once, and keep trying (the client reconnects by itself).
+        let mut warned = false;
+        loop {
+            let connected = client.connection_state() == async_nats::connection::State::Connected;
+            if connected
+                && matches!(
+                    tokio::time::timeout(Duration::from_secs(2), client.flush()).await,
+                    Ok(Ok(()))
+                )
+            {
+                break;
+            }
+            if !warned {
+                tracing::warn!(
+                    "NATS is unreachable: the auth callout subscribes as soon as it connects (retrying; this replica answers no logins meanwhile)"
+                );
+                warned = true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    listener_stop.cancel();
+                    let _ = listener.await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
         self.serving
             .store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(

@@ -37,18 +37,37 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
     let target = format!(
-        "{}:{}/{}",
+        "{}:{} (database {})",
         opts.get_host(),
         opts.get_port(),
         opts.get_database().unwrap_or("postgres")
     );
-    PgPoolOptions::new()
+    let opts = opts.application_name("nats-pg-auth");
+    match PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1)
         .acquire_timeout(Duration::from_millis(1500))
-        .connect_with(opts.application_name("nats-pg-auth"))
+        .connect_with(opts.clone())
         .await
-        .map_err(|source| DbError::Unreachable { target, source })
+    {
+        Ok(pool) => Ok(pool),
+        // The pool only says it timed out; one plain connection says why (refused, no such
+        // host, wrong password).
+        Err(sqlx::Error::PoolTimedOut) => {
+            use sqlx::Connection as _;
+            let source = match tokio::time::timeout(
+                Duration::from_millis(1500),
+                sqlx::PgConnection::connect_with(&opts),
+            )
+            .await
+            {
+                Ok(Err(e)) => e,
+                _ => sqlx::Error::PoolTimedOut,
+            };
+            Err(DbError::Unreachable { target, source })
+        }
+        Err(source) => Err(DbError::Unreachable { target, source }),
+    }
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {

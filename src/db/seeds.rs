@@ -15,13 +15,40 @@ pub enum ReencryptError {
 }
 
 /// Opens every seed with `old` and stores it sealed by `new`, in one transaction (all or
-/// nothing). With `only_plain`, rows that are already encrypted are left alone (the upgrade
-/// path from a keyless start). Returns how many rows were rewritten.
+/// nothing). With `only_plain`, rows already sealed with `new`'s main key are left alone: plain
+/// seeds (the upgrade path from a keyless start) and seeds under a previous key `new` also
+/// opens (finishing a rotation) are rewritten. Returns how many rows were rewritten.
 pub async fn reencrypt(
     pool: &PgPool,
     old: &SeedCipher,
     new: &SeedCipher,
     only_plain: bool,
+) -> Result<u64, ReencryptError> {
+    rewrite(pool, old, new, |stored, public_key| {
+        only_plain && new.is_current(stored, public_key)
+    })
+    .await
+}
+
+/// `serve` with `--old-encryption-key`: seeds still sealed with the previous key are sealed
+/// with the current one. Plain seeds are left alone (see [`encrypt_keyless_start`]).
+pub async fn reseal_previous_key(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+) -> Result<u64, ReencryptError> {
+    rewrite(pool, cipher, cipher, |stored, public_key| {
+        stored.starts_with('S') || cipher.is_current(stored, public_key)
+    })
+    .await
+}
+
+/// Opens with `old` and seals with `new` every seed that `skip` does not leave alone, in one
+/// transaction.
+async fn rewrite(
+    pool: &PgPool,
+    old: &SeedCipher,
+    new: &SeedCipher,
+    skip: impl Fn(&str, &str) -> bool,
 ) -> Result<u64, ReencryptError> {
     let mut tx = pool.begin().await?;
     let mut n = 0;
@@ -31,7 +58,7 @@ pub async fn reencrypt(
                 .fetch_all(&mut *tx)
                 .await?;
         for (public_key, stored) in rows {
-            if only_plain && keys::is_encrypted(&stored) {
+            if skip(&stored, &public_key) {
                 continue;
             }
             let seed = old

@@ -670,20 +670,52 @@ impl Sync {
         claims.nats.exports = exports;
         claims.nats.imports = plan.imports;
         let mut import_errors = plan.errors;
+        // The import rows behind `claims.nats.imports`, in the same order.
+        let import_ids: Vec<usize> = (0..import_errors.len())
+            .filter(|&i| import_errors[i].1.is_none())
+            .collect();
         let pushed = match self.push(&row, &mut claims, leading).await {
             // The server refused the JWT and it carries imports: they are the part an admin
             // can get wrong in ways we do not check (overlaps, remote tokens). Push the account
-            // without them so it keeps working, and say why on each import row.
+            // without them so it keeps working (if the server refuses that too, the problem is
+            // elsewhere), then add them back in halves, keeping each half the server accepts,
+            // down to the single imports it refuses: only those are left out, each with the
+            // server's reason on its own row.
             Err(AccountSyncError::Push(publish::PushError::Refused(msg)))
                 if !claims.nats.imports.is_empty() =>
             {
-                claims.nats.imports.clear();
-                let token = self.push(&row, &mut claims, leading).await?;
-                let note = format!(
-                    "left out: nats-server refused the account JWT with its imports: {msg}"
-                );
-                for (_, err) in import_errors.iter_mut() {
-                    err.get_or_insert_with(|| note.clone());
+                let all = std::mem::take(&mut claims.nats.imports);
+                let mut token = self.push(&row, &mut claims, leading).await?;
+                let mut kept = vec![false; all.len()];
+                let mut todo = vec![(0..all.len(), Some(msg))];
+                while let Some((range, known)) = todo.pop() {
+                    let refusal = match known {
+                        Some(m) => m,
+                        None => {
+                            claims.nats.imports = (0..all.len())
+                                .filter(|i| kept[*i] || range.contains(i))
+                                .map(|i| all[i].clone())
+                                .collect();
+                            match self.push(&row, &mut claims, leading).await {
+                                Ok(t) => {
+                                    token = t;
+                                    kept[range].fill(true);
+                                    continue;
+                                }
+                                Err(AccountSyncError::Push(publish::PushError::Refused(m))) => m,
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    };
+                    if range.len() == 1 {
+                        import_errors[import_ids[range.start]].1 = Some(format!(
+                            "left out: nats-server refuses the account JWT with this import: {refusal}"
+                        ));
+                    } else {
+                        let mid = range.start + range.len() / 2;
+                        todo.push((mid..range.end, None));
+                        todo.push((range.start..mid, None));
+                    }
                 }
                 token
             }
@@ -694,6 +726,20 @@ impl Sync {
             db::sharing::set_import_error(&self.pool, id, err.as_deref()).await?;
         }
         db::accounts::record_synced(&self.pool, account_id, &pushed, row.read_at).await?;
+        // Limits the server cannot grant are accepted with the JWT and only logged there.
+        let limits = &claims.nats.limits;
+        if let Err(why) = publish::jetstream_applied(
+            &self.client,
+            &public_key,
+            limits.mem_storage,
+            limits.disk_storage,
+            self.settings.push_timeout,
+        )
+        .await
+        {
+            tracing::warn!(account = %row.name, "{why}");
+            db::accounts::record_error(&self.pool, account_id, &why).await?;
+        }
         tracing::debug!(account = %row.name, "account JWT pushed");
         Ok(())
     }

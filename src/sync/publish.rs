@@ -172,3 +172,54 @@ pub async fn lookup(
     let body = String::from_utf8_lossy(&reply.payload).trim().to_owned();
     Ok((!body.is_empty()).then_some(body))
 }
+
+/// Whether the server applied an account's JetStream limits (`mem`/`disk` from its JWT; 0 means
+/// JetStream off, -1 unlimited). A server that cannot grant them (more than its
+/// `max_memory_store`/`max_file_store` minus what other accounts reserve) still accepts the JWT
+/// and only logs the error; its `$SYS.REQ.ACCOUNT.<key>.JSZ` then says the account is not
+/// JetStream enabled, or reports the limits it kept. `Err` is the reason, for `sync_error`;
+/// anything this cannot tell (no JetStream on the answering server, account not loaded there,
+/// no answer) is `Ok`.
+pub async fn jetstream_applied(
+    client: &Client,
+    account: &str,
+    mem: i64,
+    disk: i64,
+    timeout: Duration,
+) -> Result<(), String> {
+    if mem == 0 && disk == 0 {
+        return Ok(());
+    }
+    let subject = format!("$SYS.REQ.ACCOUNT.{account}.JSZ");
+    let Ok(Ok(reply)) = tokio::time::timeout(timeout, client.request(subject, "{}".into())).await
+    else {
+        return Ok(());
+    };
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else {
+        return Ok(());
+    };
+    let advice = "the JetStream limits (max_jetstream_memory_storage, max_jetstream_disk_storage) are more than nats-server can grant: lower them, or raise max_memory_store / max_file_store in nats-server's jetstream block (other accounts' limits count against them too)";
+    if let Some(desc) = body.pointer("/error/description").and_then(|d| d.as_str()) {
+        if desc.contains("not jetstream enabled") {
+            return Err(format!(
+                "nats-server did not enable JetStream for this account; {advice}"
+            ));
+        }
+        return Ok(());
+    }
+    let reserved = |field: &str| {
+        body.pointer(&format!("/data/{field}"))
+            .and_then(|v| v.as_i64())
+    };
+    let (Some(got_mem), Some(got_disk)) =
+        (reserved("reserved_memory"), reserved("reserved_storage"))
+    else {
+        return Ok(());
+    };
+    if (mem > 0 && got_mem != mem) || (disk > 0 && got_disk != disk) {
+        return Err(format!(
+            "nats-server kept other JetStream limits for this account (memory {got_mem} bytes for {mem} asked, storage {got_disk} for {disk}); {advice}"
+        ));
+    }
+    Ok(())
+}

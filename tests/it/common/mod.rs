@@ -769,12 +769,26 @@ pub struct ServiceProcess {
     log: PathBuf,
     database_url: String,
     args: Vec<String>,
+    /// Extra environment (e.g. an encryption key).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl ServiceProcess {
     /// Starts `serve --nats-url <nats_urls> --http-listen <free port> <extra...>`.
     pub fn start(
+        name: &str,
+        dir: &Path,
+        database_url: &str,
+        nats_urls: &str,
+        extra: &[&str],
+    ) -> ServiceProcess {
+        let mut p = Self::new(name, dir, database_url, nats_urls, extra);
+        p.spawn();
+        p
+    }
+
+    fn new(
         name: &str,
         dir: &Path,
         database_url: &str,
@@ -790,16 +804,15 @@ impl ServiceProcess {
             http.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut p = ServiceProcess {
+        ServiceProcess {
             name: name.to_owned(),
             http,
             log: dir.join(format!("{name}.log")),
             database_url: database_url.to_owned(),
             args,
+            env: Vec::new(),
             child: None,
-        };
-        p.spawn();
-        p
+        }
     }
 
     fn spawn(&mut self) {
@@ -810,6 +823,7 @@ impl ServiceProcess {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("DATABASE_URL", &self.database_url)
             .env(
                 "RUST_LOG",
@@ -892,13 +906,24 @@ impl ServiceProcess {
 
     /// `serve` against `env`'s database and nats-server, sized like the in-process service.
     pub fn for_env(env: &TestEnv, name: &str) -> ServiceProcess {
-        Self::start(
+        Self::for_env_with(env, name, &[])
+    }
+
+    /// As [`ServiceProcess::for_env`], with extra environment variables.
+    pub fn for_env_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> ServiceProcess {
+        let mut p = Self::new(
             name,
             env.dir.path(),
             &env.database_url,
             &env.url(),
             &["--db-pool-size", "8", "--callout-concurrency", "6"],
-        )
+        );
+        p.env = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        p.spawn();
+        p
     }
 
     /// Waits until `/readyz` answers 200.

@@ -1,0 +1,104 @@
+//! The README's quick start cannot drift (issue 10): dev.sh's demo tenant and then every SQL
+//! block of README.md, in order, run on a freshly `init`ed stack; `try-login` as the quick start
+//! shows it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::TestEnv;
+
+const README: &str = include_str!("../../README.md");
+const DEV_SH: &str = include_str!("../../scripts/dev.sh");
+
+/// The bodies of the README's ```sql blocks.
+fn sql_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = vec![];
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, l) if l.starts_with("```sql") => current = Some(String::new()),
+            (Some(_), l) if l.starts_with("```") => blocks.push(current.take().unwrap()),
+            (Some(body), _) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(current.is_none(), "an unterminated ```sql block");
+    blocks
+}
+
+/// The demo tenant dev.sh inserts (its `psql … <<'SQL'` heredoc).
+fn dev_sh_sql() -> String {
+    let start = DEV_SH
+        .find("<<'SQL'\n")
+        .expect("dev.sh has a <<'SQL' heredoc")
+        + "<<'SQL'\n".len();
+    let len = DEV_SH[start..].find("\nSQL\n").expect("end of the heredoc");
+    DEV_SH[start..start + len].to_owned()
+}
+
+fn try_login(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"))
+        .arg("try-login")
+        .args(args)
+        .env("NATS_URL", env.url())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
+    let env = TestEnv::start().await;
+    env.sql(&dev_sh_sql()).await;
+    env.wait_synced("acme").await;
+    env.wait_login("alice", "s3cret", Duration::from_secs(10), "alice logs in")
+        .await;
+
+    // The quick start's try-login lines.
+    let (code, out, err) = try_login(
+        &env,
+        &[
+            "--user",
+            "alice",
+            "--password",
+            "s3cret",
+            "--publish",
+            "sensors.t1",
+            "--payload",
+            "21.5",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let acme = env.account_key("acme").await;
+    assert!(out.contains(&acme), "names the account: {out}");
+    assert!(
+        out.contains("publish allow:") && out.contains("sensors.>"),
+        "{out}"
+    );
+    assert!(out.contains("publish sensors.t1: allowed"), "{out}");
+    let (code, out, err) = try_login(&env, &["--token", "demo-token", "--publish", "other.x"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("publish other.x: refused"), "{out}");
+    let (code, out, err) = try_login(&env, &["--user", "alice", "--password", "wrong"]);
+    assert_eq!(code, Some(77), "{out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let blocks = sql_blocks(README);
+    assert!(blocks.len() >= 4, "found {} SQL blocks", blocks.len());
+    for (i, block) in blocks.iter().enumerate() {
+        if let Err(e) = sqlx::raw_sql(block).execute(&env.pool).await {
+            panic!("README SQL block {} fails: {e}\n{block}", i + 1);
+        }
+        // The first block's tenant is on the server before the next block changes it.
+        if i == 0 {
+            env.wait_synced("globex").await;
+        }
+    }
+}
