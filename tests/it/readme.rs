@@ -90,7 +90,7 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
     assert_eq!(code, Some(77), "{out}{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    let blocks = sql_blocks(README);
+    let blocks = unique_roles(sql_blocks(README));
     assert!(blocks.len() >= 4, "found {} SQL blocks", blocks.len());
     for (i, block) in blocks.iter().enumerate() {
         if let Err(e) = sqlx::raw_sql(block).execute(&env.pool).await {
@@ -101,4 +101,40 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
             env.wait_synced("globex").await;
         }
     }
+}
+
+/// Roles are cluster-wide and the suite shares one cluster: the roles the README creates get a
+/// suffix of this run (every whole-word use of their names, so `nats_pg_auth_service` stays).
+fn unique_roles(blocks: Vec<String>) -> Vec<String> {
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let names: Vec<String> = blocks
+        .iter()
+        .flat_map(|b| b.split("CREATE ROLE ").skip(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|n| n.trim_end_matches(';').to_owned())
+        .collect();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    blocks
+        .into_iter()
+        .map(|mut block| {
+            for name in &names {
+                let mut out = String::with_capacity(block.len());
+                let mut rest = block.as_str();
+                while let Some(at) = rest.find(name.as_str()) {
+                    let before = rest[..at].chars().next_back();
+                    let after = rest[at + name.len()..].chars().next();
+                    out.push_str(&rest[..at]);
+                    out.push_str(name);
+                    if !before.is_some_and(word) && !after.is_some_and(word) {
+                        out.push('_');
+                        out.push_str(&suffix);
+                    }
+                    rest = &rest[at + name.len()..];
+                }
+                out.push_str(rest);
+                block = out;
+            }
+            block
+        })
+        .collect()
 }

@@ -55,10 +55,15 @@ async fn a_refused_import_is_left_out_alone_and_the_others_keep_working() {
     ))
     .await;
     let pool_env = &env;
+    // The sync finds the bad import by pushing halves: wait for its last push, not its first.
     wait_until(
-        Duration::from_secs(10),
-        "the bad import to be left out",
-        || async move { import_state(pool_env, "remote").await.0.is_some() },
+        Duration::from_secs(20),
+        "the bad import to be left out and the good ones pushed",
+        || async move {
+            import_state(pool_env, "remote").await.0.is_some()
+                && import_state(pool_env, "echo-in").await.1
+                && import_state(pool_env, "echo-too").await.1
+        },
     )
     .await;
     let (err, in_jwt) = import_state(&env, "remote").await;
