@@ -11,7 +11,7 @@ macro_rules! say {
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{AppError, Application, ServeConfig};
-use crate::config::{Cli, Command, ConfigError};
+use crate::config::{AccountCommand, Cli, Command, ConfigError, TokenCommand, UserCommand};
 use crate::db::{self, DbError};
 use crate::init::{self, InitError, ServiceIdentities};
 
@@ -109,7 +109,7 @@ type StatusRow = (
 );
 
 /// A database error as the one line Postgres wrote for it (our triggers explain bad rows).
-fn sql_error(e: sqlx::Error) -> CliError {
+pub(crate) fn sql_error(e: sqlx::Error) -> CliError {
     match e.as_database_error() {
         Some(d) => CliError::Other(d.message().to_owned()),
         None => CliError::Db(DbError::from(e)),
@@ -117,7 +117,7 @@ fn sql_error(e: sqlx::Error) -> CliError {
 }
 
 /// Writes to stdout. A reader that went away (`status | head -1`) ends the output quietly.
-fn out(text: &str) -> Result<(), CliError> {
+pub(crate) fn out(text: &str) -> Result<(), CliError> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     match stdout
@@ -152,7 +152,19 @@ fn bcrypt_hash(password: &str, cost: u32) -> Result<String, CliError> {
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> {
     let common = &cli.common;
-    match cli.command {
+    // The noun-verb `create`s are the `add-*` verbs under another name.
+    let command = match cli.command {
+        Command::Account(AccountCommand::Create(a)) => Command::AddAccount(a),
+        Command::User(UserCommand::Create(a)) => Command::AddUser(a),
+        Command::Token(TokenCommand::Create(a)) => Command::AddToken(a),
+        other => other,
+    };
+    match command {
+        Command::Account(c) => crate::admin::account(common, c).await,
+        Command::Role(c) => crate::admin::role(common, c).await,
+        Command::User(c) => crate::admin::user(common, c).await,
+        Command::Token(c) => crate::admin::token(common, c).await,
+        Command::Explain(args) => crate::admin::explain(common, args).await,
         Command::GenerateKey => {
             out(&format!("{}\n", crate::keys::generate_key()))?;
             Ok(())
@@ -279,14 +291,15 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             .await
             .map_err(sql_error)?;
             if done.rows_affected() == 0 {
-                return Err(CliError::Other(format!(
+                return Err(ConfigError::Invalid(format!(
                     "no account {:?}{}",
                     args.account,
                     args.role
                         .as_ref()
                         .map(|r| format!(" with a role {r:?}"))
                         .unwrap_or_default()
-                )));
+                ))
+                .into());
             }
             say!(
                 "user {:?} added to account {:?}",
@@ -313,7 +326,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             .await
             .map_err(sql_error)?;
             if done.rows_affected() == 0 {
-                return Err(CliError::Other(format!("no user {:?}", args.username)));
+                return Err(ConfigError::Invalid(format!("no user {:?}", args.username)).into());
             }
             // The only time the token is shown: stdout, so it can be captured by a script.
             out(&format!("{token}\n"))?;

@@ -106,6 +106,171 @@ pub enum Command {
     /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
     /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain).
     RotateEncryptionKey(RotateEncryptionKeyArgs),
+    /// Accounts: list, show, create, disable, enable.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Roles: list, show.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Users: list, show, create, disable, enable.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Bearer tokens: list, create, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// What a login of a user would get right now (no password needed): account, role, merged
+    /// permissions, limits and JWT lifetime, or the reason it would be denied.
+    Explain(ExplainArgs),
+}
+
+/// `--json`: machine-readable output on stdout (and nothing else there).
+#[derive(Debug, Args, Clone)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// List accounts.
+    List(OutputArgs),
+    /// Show one account.
+    Show(NameArgs),
+    /// Add an account (same as `add-account`).
+    Create(AddAccountArgs),
+    /// Set an account inactive: its users are refused (`inactive_account`).
+    Disable(NameOnly),
+    /// Set an account active again.
+    Enable(NameOnly),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// List roles (of one account with --account).
+    List(RoleListArgs),
+    /// Show one role.
+    Show(RoleShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// List users (of one account with --account).
+    List(UserListArgs),
+    /// Show one user (never its password hash).
+    Show(NameArgs),
+    /// Add a user; the password is read from standard input (same as `add-user`).
+    Create(AddUserArgs),
+    /// Set a user inactive: its logins are refused (`inactive_user`).
+    Disable(NameOnly),
+    /// Set a user active again.
+    Enable(NameOnly),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// List tokens (of one user with --user); never the tokens themselves.
+    List(TokenListArgs),
+    /// Issue a token for a user; prints it once (same as `add-token`).
+    Create(AddTokenArgs),
+    /// Revoke a token by its id (see `token list`).
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct NameArgs {
+    /// Name.
+    pub name: String,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct NameOnly {
+    /// Name.
+    pub name: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RoleListArgs {
+    /// Only the roles usable by this account (its own and the global ones).
+    #[arg(long)]
+    pub account: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RoleShowArgs {
+    /// Role name.
+    pub name: String,
+    /// The account the role belongs to (needed when several accounts have a role of that name).
+    #[arg(long)]
+    pub account: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct UserListArgs {
+    /// Only the users of this account.
+    #[arg(long)]
+    pub account: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TokenListArgs {
+    /// Only the tokens of this user.
+    #[arg(long)]
+    pub user: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TokenRevokeArgs {
+    /// Token id (the ID column of `token list`).
+    pub id: i64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ExplainArgs {
+    /// Login name.
+    #[arg(long)]
+    pub user: String,
+    /// Client address to check against the role's allowed_sources.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Connection type to check against the role's allowed_connection_types (STANDARD,
+    /// WEBSOCKET, LEAFNODE, LEAFNODE_WS, MQTT, MQTT_WS, IN_PROCESS).
+    #[arg(long, default_value = "STANDARD")]
+    pub connection_type: String,
+    /// As `serve --default-ttl` (same variable).
+    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+    /// As `serve --max-ttl` (same variable).
+    #[arg(long, env = "NATS_PG_AUTH_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+    /// As `serve --default-publish` (same variable).
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_DEFAULT_PUBLISH",
+        default_value = ">",
+        value_delimiter = ','
+    )]
+    pub default_publish: Vec<String>,
+    /// As `serve --default-subscribe` (same variable).
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_DEFAULT_SUBSCRIBE",
+        default_value = ">",
+        value_delimiter = ','
+    )]
+    pub default_subscribe: Vec<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -161,7 +326,7 @@ pub struct AddUserArgs {
 #[derive(Debug, Args, Clone)]
 pub struct AddTokenArgs {
     /// Login name of the token's user.
-    #[arg(long)]
+    #[arg(long, visible_alias = "user")]
     pub username: String,
     /// Lifetime, e.g. 30d; none means until revoked.
     #[arg(long, value_parser = parse_duration)]

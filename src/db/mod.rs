@@ -2,6 +2,7 @@
 //! table group. SQL lives here and nowhere else.
 
 pub mod accounts;
+pub mod admin;
 pub mod audit;
 pub mod identities;
 pub mod logins;

@@ -4,6 +4,7 @@ mod bounds;
 mod cache;
 mod chaos;
 mod cli;
+mod cli_admin;
 mod common;
 mod compose;
 mod init;

@@ -1,0 +1,672 @@
+//! The noun-verb admin commands (`account|role|user|token list|show|…`) and `explain`.
+//!
+//! Listings and `show` print a table with headers for people, or with `--json` a JSON array
+//! (list) or object (show) and nothing else on stdout. A wrong name is one line and exit 64.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::callout::login::{Login, Signing};
+use crate::callout::permissions::{self, Defaults};
+use crate::cli::{out, CliError};
+use crate::config::{
+    AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
+};
+use crate::db::{self, admin, DbError};
+
+/// A wrong name or value: one line, exit 64.
+fn usage(msg: String) -> CliError {
+    CliError::Config(ConfigError::Invalid(msg))
+}
+
+fn q(e: sqlx::Error) -> CliError {
+    CliError::Db(DbError::from(e))
+}
+
+async fn pool(common: &CommonArgs) -> Result<sqlx::PgPool, CliError> {
+    Ok(db::connect(common.database_url()?, 2).await?)
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&width).enumerate() {
+            if i + 1 == cells.len() {
+                s += cell;
+            } else {
+                s += &format!("{cell:<w$}  ");
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut text = line(headers.to_vec());
+    for row in rows {
+        text += &line(row.iter().map(String::as_str).collect());
+    }
+    text
+}
+
+/// `show`: one FIELD / VALUE row per field of the JSON object.
+fn fields(value: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = value
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| vec![k.clone(), cell(v)])
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    table(&["FIELD", "VALUE"], &rows)
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
+        serde_json::Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".into(), T::to_string)
+}
+
+fn list_cell(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn state(active: bool) -> String {
+    if active { "active" } else { "inactive" }.into()
+}
+
+fn secs_text(s: Option<f64>) -> String {
+    permissions::secs(s).map_or("-".into(), |d| {
+        humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+    })
+}
+
+fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
+    out(&(text + "\n"))
+}
+
+fn print_show<T: Serialize>(value: &T, json: bool) -> Result<(), CliError> {
+    if json {
+        print_json(value)
+    } else {
+        let v = serde_json::to_value(value)
+            .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
+        out(&fields(&v))
+    }
+}
+
+pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), CliError> {
+    let pool = pool(common).await?;
+    match cmd {
+        AccountCommand::List(o) => {
+            let rows = admin::accounts(&pool).await.map_err(q)?;
+            if o.json {
+                return print_json(&rows);
+            }
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        state(a.active),
+                        a.users.to_string(),
+                        a.roles.to_string(),
+                        a.max_connections.to_string(),
+                        a.synced_at.clone().unwrap_or_else(|| "never".into()),
+                        opt(&a.sync_error),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "USERS",
+                    "ROLES",
+                    "MAX CONN",
+                    "SYNCED AT",
+                    "SYNC ERROR",
+                ],
+                &cells,
+            ))
+        }
+        AccountCommand::Show(a) => match admin::account(&pool, &a.name).await.map_err(q)? {
+            Some(row) => print_show(&row, a.output.json),
+            None => Err(usage(format!("no account {:?}", a.name))),
+        },
+        AccountCommand::Disable(a) => set_account_active(&pool, &a.name, false).await,
+        AccountCommand::Enable(a) => set_account_active(&pool, &a.name, true).await,
+        AccountCommand::Create(_) => unreachable!("`run` handles it as add-account"),
+    }
+}
+
+/// `account disable|enable`.
+async fn set_account_active(pool: &sqlx::PgPool, name: &str, active: bool) -> Result<(), CliError> {
+    if !admin::set_account_active(pool, name, active)
+        .await
+        .map_err(crate::cli::sql_error)?
+    {
+        return Err(usage(format!("no account {name:?}")));
+    }
+    crate::telemetry::say(format_args!(
+        "account {name:?} {}",
+        if active {
+            "enabled"
+        } else {
+            "disabled: its users are refused (inactive_account)"
+        }
+    ));
+    Ok(())
+}
+
+pub async fn role(common: &CommonArgs, cmd: RoleCommand) -> Result<(), CliError> {
+    let pool = pool(common).await?;
+    match cmd {
+        RoleCommand::List(a) => {
+            if let Some(acc) = &a.account {
+                if !admin::account_exists(&pool, acc).await.map_err(q)? {
+                    return Err(usage(format!("no account {acc:?}")));
+                }
+            }
+            let rows = admin::roles(&pool, a.account.as_deref()).await.map_err(q)?;
+            if a.output.json {
+                return print_json(&rows);
+            }
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        r.account.clone().unwrap_or_else(|| "(global)".into()),
+                        r.users.to_string(),
+                        list_cell(&r.publish_allow),
+                        list_cell(&r.subscribe_allow),
+                        secs_text(r.user_jwt_ttl_secs),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &[
+                    "NAME",
+                    "ACCOUNT",
+                    "USERS",
+                    "PUBLISH",
+                    "SUBSCRIBE",
+                    "JWT TTL",
+                ],
+                &cells,
+            ))
+        }
+        RoleCommand::Show(a) => {
+            let mut rows = admin::roles_named(&pool, &a.name, a.account.as_deref())
+                .await
+                .map_err(q)?;
+            match rows.len() {
+                0 => Err(usage(format!(
+                    "no role {:?}{}",
+                    a.name,
+                    a.account
+                        .as_ref()
+                        .map(|acc| format!(" in account {acc:?} or global"))
+                        .unwrap_or_default()
+                ))),
+                1 => print_show(&rows.remove(0), a.output.json),
+                n => {
+                    // An account's own role wins over a global one of the same name (as
+                    // `add-user --role` picks it); without --account the name is ambiguous.
+                    if a.account.is_some() {
+                        print_show(&rows.remove(0), a.output.json)
+                    } else {
+                        Err(usage(format!(
+                            "{n} roles are named {:?}; give --account",
+                            a.name
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn user(common: &CommonArgs, cmd: UserCommand) -> Result<(), CliError> {
+    let pool = pool(common).await?;
+    match cmd {
+        UserCommand::List(a) => {
+            if let Some(acc) = &a.account {
+                if !admin::account_exists(&pool, acc).await.map_err(q)? {
+                    return Err(usage(format!("no account {acc:?}")));
+                }
+            }
+            let rows = admin::users(&pool, a.account.as_deref()).await.map_err(q)?;
+            if a.output.json {
+                return print_json(&rows);
+            }
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.username.clone(),
+                        u.account.clone(),
+                        opt(&u.role),
+                        state(u.active),
+                        if u.has_password { "yes" } else { "no" }.into(),
+                        u.active_tokens.to_string(),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &["USERNAME", "ACCOUNT", "ROLE", "STATE", "PASSWORD", "TOKENS"],
+                &cells,
+            ))
+        }
+        UserCommand::Show(a) => match admin::user(&pool, &a.name).await.map_err(q)? {
+            Some(row) => print_show(&row, a.output.json),
+            None => Err(usage(format!("no user {:?}", a.name))),
+        },
+        UserCommand::Disable(a) => set_user_active(&pool, &a.name, false).await,
+        UserCommand::Enable(a) => set_user_active(&pool, &a.name, true).await,
+        UserCommand::Create(_) => unreachable!("`run` handles it as add-user"),
+    }
+}
+
+/// `user disable|enable`.
+async fn set_user_active(pool: &sqlx::PgPool, name: &str, active: bool) -> Result<(), CliError> {
+    if !admin::set_user_active(pool, name, active)
+        .await
+        .map_err(crate::cli::sql_error)?
+    {
+        return Err(usage(format!("no user {name:?}")));
+    }
+    crate::telemetry::say(format_args!(
+        "user {name:?} {}",
+        if active {
+            "enabled"
+        } else {
+            "disabled: its logins are refused (inactive_user)"
+        }
+    ));
+    Ok(())
+}
+
+pub async fn token(common: &CommonArgs, cmd: TokenCommand) -> Result<(), CliError> {
+    let pool = pool(common).await?;
+    match cmd {
+        TokenCommand::List(a) => {
+            if let Some(u) = &a.user {
+                if !admin::user_exists(&pool, u).await.map_err(q)? {
+                    return Err(usage(format!("no user {u:?}")));
+                }
+            }
+            let rows = admin::tokens(&pool, a.user.as_deref()).await.map_err(q)?;
+            if a.output.json {
+                return print_json(&rows);
+            }
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        t.username.clone(),
+                        t.state.clone(),
+                        t.expires_at.clone().unwrap_or_else(|| "never".into()),
+                        t.last_used_at.clone().unwrap_or_else(|| "never".into()),
+                        opt(&t.description),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &[
+                    "ID",
+                    "USER",
+                    "STATE",
+                    "EXPIRES AT",
+                    "LAST USED",
+                    "DESCRIPTION",
+                ],
+                &cells,
+            ))
+        }
+        TokenCommand::Revoke(a) => match admin::revoke_token(&pool, a.id).await.map_err(q)? {
+            admin::Revoked::Now => {
+                crate::telemetry::say(format_args!(
+                    "token {} revoked; connections it opened are closed",
+                    a.id
+                ));
+                Ok(())
+            }
+            admin::Revoked::Already => {
+                crate::telemetry::say(format_args!("token {} was already revoked", a.id));
+                Ok(())
+            }
+            admin::Revoked::NoSuchToken => Err(usage(format!("no token {}", a.id))),
+        },
+        TokenCommand::Create(_) => unreachable!("`run` handles it as add-token"),
+    }
+}
+
+// ---- explain ---------------------------------------------------------------------------------
+
+/// The request fields `check_connection` reads, for a connection-type name.
+fn client_kind(connection_type: &str) -> Option<(&'static str, &'static str)> {
+    let (kind, ty) = match connection_type.to_ascii_uppercase().as_str() {
+        "STANDARD" => ("Client", "nats"),
+        "WEBSOCKET" => ("Client", "websocket"),
+        "MQTT" => ("Client", "mqtt"),
+        "MQTT_WS" => ("Client", "mqtt_ws"),
+        "IN_PROCESS" => ("Client", "in_process"),
+        "LEAFNODE" => ("Leafnode", "nats"),
+        "LEAFNODE_WS" => ("Leafnode", "websocket"),
+        _ => return None,
+    };
+    debug_assert_eq!(
+        permissions::connection_type(Some(kind), Some(ty)),
+        connection_type.to_ascii_uppercase()
+    );
+    Some((kind, ty))
+}
+
+fn from(user: bool, role: bool, other: &'static str) -> &'static str {
+    match (user, role) {
+        (true, true) => "role+user",
+        (true, false) => "user",
+        (false, true) => "role",
+        _ => other,
+    }
+}
+
+/// `explain --user U`: what a login of U would get now, decided by the callout's own code.
+pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliError> {
+    let Some((kind, client_type)) = client_kind(&args.connection_type) else {
+        return Err(usage(format!(
+            "--connection-type {:?} is not one of STANDARD, WEBSOCKET, LEAFNODE, LEAFNODE_WS, MQTT, MQTT_WS, IN_PROCESS",
+            args.connection_type
+        )));
+    };
+    if let Some(src) = &args.source {
+        if src
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_err()
+        {
+            return Err(usage(format!(
+                "--source {src:?} is not an IP address like 10.1.2.3"
+            )));
+        }
+    }
+    let cipher = common.cipher()?;
+    let pool = pool(common).await?;
+    let Some(row) = db::logins::by_username(&pool, &args.user)
+        .await
+        .map_err(q)?
+    else {
+        return report(
+            &args,
+            json!({
+                "user": args.user,
+                "allowed": false,
+                "deny_reason": "unknown_user",
+                "detail": format!("no user {:?}", args.user),
+            }),
+        );
+    };
+    let role = match row.role_id {
+        Some(id) => admin::role_name(&pool, id).await.map_err(q)?,
+        None => None,
+    };
+    let defaults = Defaults {
+        publish: args.default_publish.clone(),
+        subscribe: args.default_subscribe.clone(),
+    };
+    // Where each part comes from (the same precedence `merge` and `ttl` apply).
+    let any_rights = !row.user_pub_allow.is_empty()
+        || !row.user_pub_deny.is_empty()
+        || !row.user_sub_allow.is_empty()
+        || !row.user_sub_deny.is_empty()
+        || [
+            &row.role_pub_allow,
+            &row.role_pub_deny,
+            &row.role_sub_allow,
+            &row.role_sub_deny,
+        ]
+        .iter()
+        .any(|l| l.as_ref().is_some_and(|l| !l.is_empty()));
+    let nonempty = |l: &Option<Vec<String>>| l.as_ref().is_some_and(|l| !l.is_empty());
+    let perm_from = |user: &[String], role: &Option<Vec<String>>| {
+        if any_rights {
+            from(!user.is_empty(), nonempty(role), "-")
+        } else {
+            "default"
+        }
+    };
+    let limit_from = |user: Option<i64>, role: Option<i64>| {
+        if user.is_some() {
+            "user"
+        } else if role.is_some() {
+            "role"
+        } else {
+            "default (unlimited)"
+        }
+    };
+    let chosen_ttl = [
+        ("user", row.user_ttl_secs),
+        ("role", row.role_ttl_secs),
+        ("account", row.account_ttl_secs),
+    ]
+    .into_iter()
+    .find_map(|(who, s)| permissions::secs(s).map(|d| (who, d)));
+    let ttl_from = match chosen_ttl {
+        Some((_, d)) if d > args.max_ttl => "max-ttl (cap)",
+        Some((who, _)) => who,
+        None if args.default_ttl > args.max_ttl => "max-ttl (cap)",
+        None => "default-ttl",
+    };
+    let origins = json!({
+        "publish_allow": perm_from(&row.user_pub_allow, &row.role_pub_allow),
+        "publish_deny": perm_from(&row.user_pub_deny, &row.role_pub_deny),
+        "subscribe_allow": perm_from(&row.user_sub_allow, &row.role_sub_allow),
+        "subscribe_deny": perm_from(&row.user_sub_deny, &row.role_sub_deny),
+        "response": if row.role_allow_response == Some(true) { "role" } else { "-" },
+        "max_subscriptions": limit_from(row.user_max_subscriptions, row.role_max_subscriptions),
+        "max_data": limit_from(row.user_max_data, row.role_max_data),
+        "max_payload": limit_from(row.user_max_payload, row.role_max_payload),
+        "jwt_ttl": ttl_from,
+    });
+    let signing = match (
+        row.account_public_key.as_deref(),
+        row.signing_public_key.as_deref(),
+        row.signing_seed.as_deref(),
+    ) {
+        (Some(account), Some(public), Some(seed)) => {
+            match crate::keys::keypair_from_stored(&cipher, seed, public) {
+                Ok(keypair) => Signing::Ready(Arc::new(crate::callout::login::Issuer {
+                    account: account.to_owned(),
+                    signing_public_key: public.to_owned(),
+                    keypair,
+                })),
+                Err(e) => Signing::Unusable(e.to_string()),
+            }
+        }
+        _ => Signing::NotReady,
+    };
+    let login = Login::prepare(
+        row,
+        &defaults,
+        args.default_ttl,
+        args.max_ttl,
+        signing,
+        Arc::new,
+        Arc::new,
+    );
+    let shape = &login.shape;
+    let m = &shape.merged;
+    let mut report_value = json!({
+        "user": login.username.as_ref(),
+        "account": shape.account_name.as_ref(),
+        "role": role,
+        "publish": {"allow": m.publish.allow, "deny": m.publish.deny},
+        "subscribe": {"allow": m.subscribe.allow, "deny": m.subscribe.deny},
+        "response": m.response.map(|r| json!({"max": r.max, "ttl_secs": r.ttl.as_secs_f64()})),
+        "limits": {
+            "max_subscriptions": m.max_subscriptions,
+            "max_data": m.max_data,
+            "max_payload": m.max_payload,
+        },
+        "jwt_ttl_secs": shape.ttl.as_secs(),
+        "allowed_sources": shape.allowed_sources.as_ref().map(|s| s.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+        "allowed_connection_types": shape.allowed_connection_types,
+        "from": origins,
+    });
+    // The checks of `authorize`, in its order.
+    let deny: Option<(&str, String)> = if !login.user_active {
+        Some((
+            "inactive_user",
+            format!("user {:?} is inactive", login.username),
+        ))
+    } else if !shape.account_active {
+        Some((
+            "inactive_account",
+            format!("account {:?} is inactive", shape.account_name),
+        ))
+    } else if shape.foreign_role {
+        Some((
+            "internal_error",
+            "the user's role belongs to another account".to_owned(),
+        ))
+    } else if let Err(rule) = permissions::check_connection(
+        shape.allowed_sources.as_deref(),
+        shape.allowed_connection_types.as_deref(),
+        args.source.as_deref(),
+        Some(kind),
+        Some(client_type),
+    ) {
+        Some(match rule {
+            permissions::ConnectionRule::SourceNotAllowed => (
+                "source_not_allowed",
+                match &args.source {
+                    Some(s) => format!("source {s} is not in the role's allowed_sources"),
+                    None => {
+                        "the role has allowed_sources; give --source to check an address".to_owned()
+                    }
+                },
+            ),
+            permissions::ConnectionRule::ConnectionTypeNotAllowed => (
+                "connection_type_not_allowed",
+                format!(
+                    "connection type {} is not in the role's allowed_connection_types",
+                    args.connection_type.to_ascii_uppercase()
+                ),
+            ),
+        })
+    } else {
+        match &shape.signing {
+            Signing::Ready(_) => None,
+            Signing::NotReady => Some((
+                "account_not_ready",
+                format!(
+                    "account {:?} is not on the server yet (sync pending; see `nats-pg-auth account show {}`)",
+                    shape.account_name, shape.account_name
+                ),
+            )),
+            Signing::Unusable(e) => Some((
+                "internal_error",
+                format!("signing key of account {:?} unusable: {e}", shape.account_name),
+            )),
+        }
+    };
+    let obj = report_value.as_object_mut().expect("an object");
+    obj.insert("allowed".into(), json!(deny.is_none()));
+    obj.insert("deny_reason".into(), json!(deny.as_ref().map(|d| d.0)));
+    obj.insert("detail".into(), json!(deny.as_ref().map(|d| &d.1)));
+    report(&args, report_value)
+}
+
+fn report(args: &ExplainArgs, v: serde_json::Value) -> Result<(), CliError> {
+    if args.output.json {
+        return print_json(&v);
+    }
+    let mut text = String::new();
+    let line = |text: &mut String, k: &str, val: String| *text += &format!("{k:<20}{val}\n");
+    line(&mut text, "user:", cell(&v["user"]));
+    if v["allowed"] == json!(true) {
+        line(&mut text, "result:", "allowed".into());
+    } else {
+        line(
+            &mut text,
+            "result:",
+            format!(
+                "denied: {} ({})",
+                cell(&v["deny_reason"]),
+                cell(&v["detail"])
+            ),
+        );
+    }
+    if v.get("account").is_none() {
+        return out(&text);
+    }
+    let f = &v["from"];
+    line(&mut text, "account:", cell(&v["account"]));
+    line(&mut text, "role:", cell(&v["role"]));
+    for (k, path, origin) in [
+        ("publish allow:", "/publish/allow", "publish_allow"),
+        ("publish deny:", "/publish/deny", "publish_deny"),
+        ("subscribe allow:", "/subscribe/allow", "subscribe_allow"),
+        ("subscribe deny:", "/subscribe/deny", "subscribe_deny"),
+    ] {
+        let val = v.pointer(path).map(cell).unwrap_or_default();
+        line(&mut text, k, format!("{val}  [{}]", cell(&f[origin])));
+    }
+    let response = match &v["response"] {
+        serde_json::Value::Null => "-".to_owned(),
+        r => format!(
+            "max {} within {}",
+            cell(&r["max"]),
+            secs_text(r["ttl_secs"].as_f64())
+        ),
+    };
+    line(&mut text, "response:", response);
+    for k in ["max_subscriptions", "max_data", "max_payload"] {
+        line(
+            &mut text,
+            &format!("{k}:"),
+            format!("{}  [{}]", cell(&v["limits"][k]), cell(&f[k])),
+        );
+    }
+    line(
+        &mut text,
+        "jwt lifetime:",
+        format!(
+            "{}  [{}]",
+            secs_text(v["jwt_ttl_secs"].as_f64()),
+            cell(&f["jwt_ttl"])
+        ),
+    );
+    line(&mut text, "allowed sources:", cell(&v["allowed_sources"]));
+    line(
+        &mut text,
+        "connection types:",
+        cell(&v["allowed_connection_types"]),
+    );
+    out(&text)
+}
