@@ -670,3 +670,71 @@ fn report(args: &ExplainArgs, v: serde_json::Value) -> Result<(), CliError> {
     );
     out(&text)
 }
+
+/// `status`: what an operator checks first. Everything comes from Postgres (which NATS servers
+/// each replica is connected to is on its `/readyz` and `/metrics`, not here).
+pub async fn status(pool: &sqlx::PgPool, json: bool) -> Result<(), CliError> {
+    use crate::db::identities::IdentityKind;
+    let identities = crate::init::ServiceIdentities::load(pool).await?;
+    let s = db::admin::status(pool, crate::sync::leader::SYNC_LOCK_KEY)
+        .await
+        .map_err(q)?;
+    let operator = serde_json::json!({
+        "name": identities.operator_name(),
+        "public_key": identities.public_key(IdentityKind::Operator),
+    });
+    if json {
+        return print_json(&serde_json::json!({
+            "operator": operator,
+            "leader": s.leader,
+            "outbox": s.outbox,
+            "kicks_pending": s.kicks_pending,
+            "accounts": s.accounts,
+        }));
+    }
+    let mut text = format!(
+        "operator {:?} {}\n",
+        identities.operator_name(),
+        identities.public_key(IdentityKind::Operator)
+    );
+    text += &match &s.leader {
+        Some(l) => format!(
+            "sync leader: {} ({}) since {}\n",
+            l.application_name,
+            l.client_addr.as_deref().unwrap_or("local socket"),
+            l.since
+        ),
+        None => {
+            "sync leader: none (no replica holds the sync lock: changes wait, nothing is lost)\n"
+                .to_owned()
+        }
+    };
+    text += &format!(
+        "{} accounts, {} pending sync rows ({} bulk), oldest {}; {} pending kick requests\n\n",
+        s.accounts.len(),
+        s.outbox.pending,
+        s.outbox.bulk,
+        secs_text(s.outbox.oldest_age_seconds),
+        s.kicks_pending
+    );
+    let rows: Vec<Vec<String>> = s
+        .accounts
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                state(a.active),
+                a.public_key
+                    .clone()
+                    .unwrap_or_else(|| "(no key yet)".into()),
+                a.synced_at.clone().unwrap_or_else(|| "never synced".into()),
+                a.sync_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    text += &table(
+        &["ACCOUNT", "STATE", "PUBLIC KEY", "SYNCED AT", "SYNC ERROR"],
+        &rows,
+    );
+    out(&text)
+}

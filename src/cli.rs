@@ -99,15 +99,6 @@ fn sqlx_exit_code(e: &sqlx::Error) -> i32 {
     }
 }
 
-/// name, active, public key, synced at, sync error
-type StatusRow = (
-    String,
-    bool,
-    Option<String>,
-    Option<chrono::DateTime<chrono::Utc>>,
-    Option<String>,
-);
-
 /// A database error as the one line Postgres wrote for it (our triggers explain bad rows).
 pub(crate) fn sql_error(e: sqlx::Error) -> CliError {
     match e.as_database_error() {
@@ -211,41 +202,12 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             init::write_fragment(&identities, &args.fragment.resolver_dir, &args.fragment.out)?;
             Ok(())
         }
-        Command::Status => {
+        Command::Status(args) => {
             let pool = match db::connect(common.database_url()?, 2).await {
                 Err(e @ DbError::Unreachable { .. }) => return Err(CliError::PostgresDown(e)),
                 other => other?,
             };
-            let identities = ServiceIdentities::load(&pool).await?;
-            let mut text = format!(
-                "operator {:?} {}\n",
-                identities.operator_name(),
-                identities.public_key(db::identities::IdentityKind::Operator)
-            );
-            let rows: Vec<StatusRow> = sqlx::query_as(
-                "SELECT name, active, public_key, synced_at, sync_error FROM nats.accounts ORDER BY name",
-            )
-            .fetch_all(&pool)
-            .await
-            .map_err(DbError::from)?;
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.sync_outbox")
-                .fetch_one(&pool)
-                .await
-                .map_err(DbError::from)?;
-            text += &format!("{} accounts, {} pending sync rows\n", rows.len(), pending);
-            text += "ACCOUNT\tSTATE\tPUBLIC KEY\tSYNCED AT\tSYNC ERROR\n";
-            for (name, active, pk, synced, err) in rows {
-                text += &format!(
-                    "{name}\t{}\t{}\t{}\t{}\n",
-                    if active { "active" } else { "inactive" },
-                    pk.unwrap_or_else(|| "(no key yet)".into()),
-                    synced
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_else(|| "never synced".into()),
-                    err.unwrap_or_default()
-                );
-            }
-            out(&text)
+            crate::admin::status(&pool, args.json).await
         }
         Command::AddAccount(args) => {
             let pool = db::connect(common.database_url()?, 2).await?;

@@ -86,8 +86,9 @@ pub enum Command {
     HashPassword(HashPasswordArgs),
     /// Print a fresh random at-rest encryption key (base64 of 32 bytes).
     GenerateKey,
-    /// Show the operator and the sync state of every account.
-    Status,
+    /// Show the operator, the sync leader, the outbox and kick backlog, and the sync state of
+    /// every account.
+    Status(OutputArgs),
     /// Add an account (plain SQL works the same; this is a convenience).
     AddAccount(AddAccountArgs),
     /// Add a user; the password is read from standard input and stored as bcrypt.

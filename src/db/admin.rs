@@ -297,3 +297,77 @@ pub async fn revoke_token(pool: &PgPool, id: i64) -> Result<Revoked, sqlx::Error
         }
     }
 }
+
+/// The sync leader: the session holding the advisory lock in this database.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct Leader {
+    pub application_name: String,
+    pub client_addr: Option<String>,
+    /// RFC 3339, UTC.
+    pub since: String,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct OutboxState {
+    pub pending: i64,
+    pub bulk: i64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct AccountSync {
+    pub name: String,
+    pub active: bool,
+    pub public_key: Option<String>,
+    /// RFC 3339, UTC.
+    pub synced_at: Option<String>,
+    pub sync_error: Option<String>,
+}
+
+pub struct Status {
+    pub leader: Option<Leader>,
+    pub outbox: OutboxState,
+    pub kicks_pending: i64,
+    pub accounts: Vec<AccountSync>,
+}
+
+pub async fn status(pool: &PgPool, lock_key: i64) -> Result<Status, sqlx::Error> {
+    // A bigint advisory lock shows in pg_locks as classid = high 32 bits, objid = low 32 bits.
+    let leader: Option<Leader> = sqlx::query_as(
+        "SELECT coalesce(a.application_name, '') AS application_name,
+                host(a.client_addr) AS client_addr,
+                to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS since
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+           AND l.classid::bigint = ($1 >> 32) AND l.objid::bigint = ($1 & 4294967295)
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+         LIMIT 1",
+    )
+    .bind(lock_key)
+    .fetch_optional(pool)
+    .await?;
+    let outbox: OutboxState = sqlx::query_as(
+        "SELECT count(*) AS pending, count(*) FILTER (WHERE bulk) AS bulk,
+                EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_age_seconds
+         FROM nats.sync_outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    let kicks_pending: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.kick_requests")
+        .fetch_one(pool)
+        .await?;
+    let accounts: Vec<AccountSync> = sqlx::query_as(
+        "SELECT name, active, public_key,
+                to_char(synced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS synced_at,
+                sync_error
+         FROM nats.accounts ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Status {
+        leader,
+        outbox,
+        kicks_pending,
+        accounts,
+    })
+}

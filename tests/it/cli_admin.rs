@@ -428,3 +428,43 @@ async fn explain_says_what_a_login_would_get_or_why_not() {
     let table = ok(&env, &["explain", "--user", "gina"]);
     assert!(table.contains("denied: account_not_ready"), "{table}");
 }
+
+/// `status` names the sync leader and the backlog, as a table and as JSON; with no replica
+/// running it says no one leads.
+#[tokio::test]
+async fn status_shows_the_leader_the_backlog_and_every_account() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    env.wait_sql(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+        std::time::Duration::from_secs(10),
+        "a replica to lead",
+    )
+    .await;
+    let text = ok(&env, &["status"]);
+    assert!(
+        text.contains("sync leader: nats-pg-auth sync leader"),
+        "{text}"
+    );
+    assert!(text.contains("ACCOUNT") && text.contains("acme"), "{text}");
+    assert!(text.contains("pending kick requests"), "{text}");
+    let v: Value = serde_json::from_str(&ok(&env, &["status", "--json"])).expect("JSON only");
+    assert_eq!(v["leader"]["application_name"], "nats-pg-auth sync leader");
+    assert!(v["outbox"]["pending"].is_i64(), "{v}");
+    assert!(v["kicks_pending"].is_i64(), "{v}");
+    let accounts = v["accounts"].as_array().unwrap();
+    let acme = accounts.iter().find(|a| a["name"] == "acme").expect("acme");
+    assert_eq!(acme["active"], true);
+    assert!(acme["synced_at"].is_string(), "{acme}");
+
+    env.stop_service().await;
+    env.sql("UPDATE nats.accounts SET max_connections = 7 WHERE name = 'acme'")
+        .await;
+    let v: Value = serde_json::from_str(&ok(&env, &["status", "--json"])).unwrap();
+    assert!(v["leader"].is_null(), "{v}");
+    assert!(v["outbox"]["pending"].as_i64().unwrap() >= 1, "{v}");
+    assert!(v["outbox"]["oldest_age_seconds"].as_f64().is_some(), "{v}");
+    let text = ok(&env, &["status"]);
+    assert!(text.contains("sync leader: none"), "{text}");
+}
