@@ -117,6 +117,19 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
     let (status, body) = http_get(addr, "/metrics").await;
     assert!(status.contains("200"), "{status}");
     let exported = exported(&body);
+    // Every series belongs to a family with a `# TYPE` line (a summary's _sum and _count too).
+    let typed: BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next())
+        .collect();
+    for name in &exported {
+        let family = [name.strip_suffix("_sum"), name.strip_suffix("_count")]
+            .into_iter()
+            .flatten()
+            .find(|base| typed.contains(base))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "{name} has no # TYPE line:\n{body}");
+    }
     assert!(exported.contains("nats_pg_auth_decision_seconds"), "{body}");
 
     let mut used = BTreeSet::new();
