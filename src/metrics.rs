@@ -180,6 +180,7 @@ impl Metrics {
             "nats_pg_auth_sync_pushes_total {}",
             self.inner.sync_pushes.load(Ordering::Relaxed)
         );
+        let _ = writeln!(out, "# TYPE nats_pg_auth_sync_failures_total counter");
         let _ = writeln!(
             out,
             "nats_pg_auth_sync_failures_total {}",
