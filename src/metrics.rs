@@ -27,6 +27,11 @@ struct Inner {
     decision_sum_us: AtomicU64,
     pub sync_pushes: AtomicU64,
     pub sync_failures: AtomicU64,
+    /// 1 while this replica leads the sync.
+    leader: AtomicU64,
+    /// The outbox as this replica last saw it while leading (0 on followers).
+    outbox_pending: AtomicU64,
+    outbox_oldest_ms: AtomicU64,
 }
 
 impl Default for Inner {
@@ -40,6 +45,9 @@ impl Default for Inner {
             decision_sum_us: AtomicU64::new(0),
             sync_pushes: AtomicU64::new(0),
             sync_failures: AtomicU64::new(0),
+            leader: AtomicU64::new(0),
+            outbox_pending: AtomicU64::new(0),
+            outbox_oldest_ms: AtomicU64::new(0),
         }
     }
 }
@@ -103,6 +111,26 @@ impl Metrics {
     }
 
     /// Successful account pushes (CLAIMS.UPDATE / DELETE answered 200).
+    /// This replica took or gave up the sync leadership (a follower reports an empty outbox).
+    pub fn set_leader(&self, leading: bool) {
+        self.inner
+            .leader
+            .store(u64::from(leading), Ordering::Relaxed);
+        if !leading {
+            self.set_backlog(0, 0.0);
+        }
+    }
+
+    /// The outbox after a drain: rows waiting and the age of the oldest.
+    pub fn set_backlog(&self, pending: i64, oldest_secs: f64) {
+        self.inner
+            .outbox_pending
+            .store(pending.max(0) as u64, Ordering::Relaxed);
+        self.inner
+            .outbox_oldest_ms
+            .store((oldest_secs.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
+    }
+
     pub fn pushes(&self) -> u64 {
         self.inner.sync_pushes.load(Ordering::Relaxed)
     }
@@ -179,6 +207,24 @@ impl Metrics {
             out,
             "nats_pg_auth_sync_pushes_total {}",
             self.inner.sync_pushes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE nats_pg_auth_sync_leader gauge");
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_sync_leader {}",
+            self.inner.leader.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE nats_pg_auth_sync_outbox_pending gauge");
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_sync_outbox_pending {}",
+            self.inner.outbox_pending.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE nats_pg_auth_sync_outbox_oldest_seconds gauge");
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_sync_outbox_oldest_seconds {}",
+            self.inner.outbox_oldest_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         let _ = writeln!(out, "# TYPE nats_pg_auth_sync_failures_total counter");
         let _ = writeln!(

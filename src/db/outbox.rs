@@ -136,14 +136,31 @@ pub async fn retry_now(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 /// When the soonest pending row is due, to sleep exactly that long.
-pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
-    let secs: Option<f64> = sqlx::query_scalar(
-        "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(next_attempt_at) - now())))::float8 FROM nats.sync_outbox",
+/// The outbox as the leader sees it after a drain.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// When the next row is due (None: the outbox is empty).
+    pub next_due_in: Option<Duration>,
+    pub pending: i64,
+    /// Age of the oldest row (0 when empty).
+    pub oldest_secs: f64,
+}
+
+/// One query: when the next row is due, how many wait, and how old the oldest is.
+pub async fn backlog(pool: &PgPool) -> Result<Backlog, sqlx::Error> {
+    let (due, pending, oldest): (Option<f64>, i64, f64) = sqlx::query_as(
+        "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(next_attempt_at) - now())))::float8,
+                count(*), COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))), 0)::float8
+         FROM nats.sync_outbox",
     )
     .fetch_one(pool)
     .await?;
-    // Saturating: `from_secs_f64` panics on values a Duration cannot hold.
-    Ok(secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)))
+    Ok(Backlog {
+        // Saturating: `from_secs_f64` panics on values a Duration cannot hold.
+        next_due_in: due.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)),
+        pending,
+        oldest_secs: oldest.max(0.0),
+    })
 }
 
 /// Queues a push of one account unless one is already pending (coalesces like the triggers,

@@ -192,6 +192,7 @@ impl Sync {
         // lock watch when the lock connection fails (within ~1.2 s), or on shutdown.
         let leading = shutdown.child_token();
         let watch = tokio::spawn(leadership.watch(leading.clone()));
+        self.metrics.set_leader(true);
         let mut wake = notify::spawn(
             &self.pool,
             notify::ListenSettings {
@@ -221,9 +222,13 @@ impl Sync {
             if leading.is_cancelled() {
                 break;
             }
-            let wait = match db::outbox::next_due_in(&self.pool).await {
-                Ok(Some(d)) => d.clamp(Duration::from_millis(20), Duration::from_secs(5)),
-                Ok(None) => Duration::from_secs(5),
+            let wait = match db::outbox::backlog(&self.pool).await {
+                Ok(b) => {
+                    self.metrics.set_backlog(b.pending, b.oldest_secs);
+                    b.next_due_in.map_or(Duration::from_secs(5), |d| {
+                        d.clamp(Duration::from_millis(20), Duration::from_secs(5))
+                    })
+                }
                 Err(_) => Duration::from_secs(1),
             };
             tokio::select! {
@@ -261,6 +266,7 @@ impl Sync {
         // Releases the lock (or finds it already gone).
         leading.cancel();
         let _ = watch.await;
+        self.metrics.set_leader(false);
     }
 
     async fn reconcile_every(self: std::sync::Arc<Self>, leading: CancellationToken) {

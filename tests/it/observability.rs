@@ -114,6 +114,19 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
     .await;
     assert!(env.connect_user("alice", "wrong").await.is_err());
     let addr = env.http.expect("HTTP endpoints on");
+    // acme synced, so this (only) replica leads: the leader gauge says so.
+    crate::common::wait_until(
+        std::time::Duration::from_secs(10),
+        "the leader gauge",
+        || async move {
+            http_get(addr, "/metrics")
+                .await
+                .1
+                .lines()
+                .any(|l| l == "nats_pg_auth_sync_leader 1")
+        },
+    )
+    .await;
     let (status, body) = http_get(addr, "/metrics").await;
     assert!(status.contains("200"), "{status}");
     let exported = exported(&body);
