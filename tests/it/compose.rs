@@ -576,13 +576,21 @@ async fn compose_services_run_as_processes_and_the_demo_user_logs_in() {
         .unwrap_or_else(|e| panic!("demo-token cannot log in: {e}{}", procs.tails()));
     use futures::StreamExt;
     let mut sub = token.subscribe("sensors.>").await.unwrap();
-    token.flush().await.unwrap();
-    alice.publish("sensors.t1", "21.5".into()).await.unwrap();
-    alice.flush().await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("message within 5s")
-        .unwrap();
+    // `flush` only drains the client's socket: the server may still see alice's PUB before the
+    // SUB (and the demo role may not publish to its own inbox, so `common::settle` cannot be
+    // used). Publish again until the subscriber has it.
+    let msg = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            alice.publish("sensors.t1", "21.5".into()).await.unwrap();
+            alice.flush().await.unwrap();
+            if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                break m;
+            }
+        }
+    })
+    .await
+    .expect("message within 5s")
+    .unwrap();
     assert_eq!(&msg.payload[..], b"21.5");
     drop(alice);
     drop(token);
