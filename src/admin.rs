@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::callout::login::{Login, Signing};
-use crate::callout::permissions::{self, Defaults};
+use crate::callout::permissions;
 use crate::cli::{out, CliError};
 use crate::config::{
     AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
@@ -435,10 +435,7 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
         Some(id) => admin::role_name(&pool, id).await.map_err(q)?,
         None => None,
     };
-    let defaults = Defaults {
-        publish: args.default_publish.clone(),
-        subscribe: args.default_subscribe.clone(),
-    };
+    let defaults = args.login.permissions();
     // Where each part comes from (the same precedence `merge` and `ttl` apply).
     let any_rights = !row.user_pub_allow.is_empty()
         || !row.user_pub_deny.is_empty()
@@ -477,9 +474,9 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
     .into_iter()
     .find_map(|(who, s)| permissions::secs(s).map(|d| (who, d)));
     let ttl_from = match chosen_ttl {
-        Some((_, d)) if d > args.max_ttl => "max-ttl (cap)",
+        Some((_, d)) if d > args.login.max_ttl => "max-ttl (cap)",
         Some((who, _)) => who,
-        None if args.default_ttl > args.max_ttl => "max-ttl (cap)",
+        None if args.login.default_ttl > args.login.max_ttl => "max-ttl (cap)",
         None => "default-ttl",
     };
     let origins = json!({
@@ -513,8 +510,8 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
     let login = Login::prepare(
         row,
         &defaults,
-        args.default_ttl,
-        args.max_ttl,
+        args.login.default_ttl,
+        args.login.max_ttl,
         signing,
         Arc::new,
         Arc::new,

@@ -15,7 +15,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::callout::lockout::LockoutSettings;
-use crate::callout::permissions::Defaults;
 use crate::callout::{AuthIdentity, Callout, CalloutSettings};
 use crate::config::ServeArgs;
 use crate::db::{self, identities::IdentityKind, DbError};
@@ -193,12 +192,9 @@ impl Application {
             xkey: identities.xkey(&cipher)?,
         };
         let settings = CalloutSettings {
-            default_ttl: args.default_ttl,
-            max_ttl: args.max_ttl,
-            defaults: Defaults {
-                publish: args.default_publish.clone(),
-                subscribe: args.default_subscribe.clone(),
-            },
+            default_ttl: args.login.default_ttl,
+            max_ttl: args.login.max_ttl,
+            defaults: args.login.permissions(),
             concurrency: args.callout_concurrency,
             hash_threads: args.hash_threads,
             hash_limits: args.hash_limits(),
@@ -259,7 +255,7 @@ impl Application {
                         reconcile_interval: args.reconcile_interval,
                         push_timeout: Duration::from_secs(5),
                         parallelism: 32,
-                        signing_key_grace: args.max_ttl,
+                        signing_key_grace: args.login.max_ttl,
                     },
                     metrics.clone(),
                 )

@@ -248,28 +248,9 @@ pub struct ExplainArgs {
     /// WEBSOCKET, LEAFNODE, LEAFNODE_WS, MQTT, MQTT_WS, IN_PROCESS).
     #[arg(long, default_value = "STANDARD")]
     pub connection_type: String,
-    /// As `serve --default-ttl` (same variable).
-    #[arg(long, env = "NATS_PG_AUTH_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
-    pub default_ttl: Duration,
-    /// As `serve --max-ttl` (same variable).
-    #[arg(long, env = "NATS_PG_AUTH_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
-    pub max_ttl: Duration,
-    /// As `serve --default-publish` (same variable).
-    #[arg(
-        long,
-        env = "NATS_PG_AUTH_DEFAULT_PUBLISH",
-        default_value = ">",
-        value_delimiter = ','
-    )]
-    pub default_publish: Vec<String>,
-    /// As `serve --default-subscribe` (same variable).
-    #[arg(
-        long,
-        env = "NATS_PG_AUTH_DEFAULT_SUBSCRIBE",
-        default_value = ">",
-        value_delimiter = ','
-    )]
-    pub default_subscribe: Vec<String>,
+    /// The same flags and variables as `serve`'s, so it explains what `serve` would do.
+    #[command(flatten)]
+    pub login: LoginDefaults,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -395,12 +376,9 @@ pub struct HashPasswordArgs {
     pub cost: u32,
 }
 
+/// What a login gets when its rows say nothing: used by `serve` and by `explain`.
 #[derive(Debug, Args, Clone)]
-pub struct ServeArgs {
-    /// nats-server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-
+pub struct LoginDefaults {
     /// Lifetime of minted user JWTs when neither user, role nor account sets one.
     #[arg(long, env = "NATS_PG_AUTH_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
     pub default_ttl: Duration,
@@ -426,6 +404,26 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub default_subscribe: Vec<String>,
+}
+
+impl LoginDefaults {
+    /// The permissions granted when a user and its role grant none.
+    pub fn permissions(&self) -> crate::callout::permissions::Defaults {
+        crate::callout::permissions::Defaults {
+            publish: self.default_publish.clone(),
+            subscribe: self.default_subscribe.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// nats-server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    #[command(flatten)]
+    pub login: LoginDefaults,
 
     /// Maximum Postgres connections of this replica.
     #[arg(long, env = "NATS_PG_AUTH_DB_POOL_SIZE", default_value_t = 16)]
@@ -640,16 +638,16 @@ impl ServeArgs {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
+        if self.login.default_ttl.is_zero() || self.login.max_ttl.is_zero() {
             return Err(ConfigError::Invalid(
                 "--default-ttl and --max-ttl must be positive".into(),
             ));
         }
-        if self.default_ttl > self.max_ttl {
+        if self.login.default_ttl > self.login.max_ttl {
             return Err(ConfigError::Invalid(format!(
                 "--default-ttl ({}) is longer than --max-ttl ({}), which caps every user JWT; lower --default-ttl or raise --max-ttl",
-                humantime::format_duration(self.default_ttl),
-                humantime::format_duration(self.max_ttl)
+                humantime::format_duration(self.login.default_ttl),
+                humantime::format_duration(self.login.max_ttl)
             )));
         }
         if self.callout_concurrency == 0 || self.db_pool_size < 2 || self.hash_threads == 0 {

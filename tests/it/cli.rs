@@ -10,41 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_nats-pg-auth");
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
 fn run(args: &[&str], database_url: Option<&str>) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY")
-        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY_FILE")
-        .stdin(Stdio::null());
-    match database_url {
-        Some(url) => cmd.env("DATABASE_URL", url),
-        None => cmd.env_remove("DATABASE_URL"),
-    };
-    // Bounded: a verb that should refuse at once must not hang the test (a `serve` that
-    // accepted its flags would wait for Postgres forever).
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nats-pg-auth");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.expect("wait for nats-pg-auth"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("nats-pg-auth {args:?} still running after 30s");
-        }
-    };
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::common::run_cli(args, database_url, "")
 }
 
 fn one_line(err: &str) {

@@ -2,43 +2,13 @@
 //! a TestEnv's database: every verb in table and `--json` form, wrong names, and `explain` for an
 //! allowed login and each deny reason, checked against real logins where the server can tell.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use serde_json::Value;
 
 use crate::common::TestEnv;
 
-const BIN: &str = env!("CARGO_BIN_EXE_nats-pg-auth");
-
 /// Runs the binary against the env's database: (exit code, stdout, stderr).
 fn run(env: &TestEnv, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("DATABASE_URL", &env.database_url)
-        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY")
-        .env_remove("NATS_PG_AUTH_ENCRYPTION_KEY_FILE")
-        .env_remove("NATS_PG_AUTH_DEFAULT_TTL")
-        .env_remove("NATS_PG_AUTH_MAX_TTL")
-        .env_remove("NATS_PG_AUTH_DEFAULT_PUBLISH")
-        .env_remove("NATS_PG_AUTH_DEFAULT_SUBSCRIBE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nats-pg-auth");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::common::run_cli(args, Some(&env.database_url), stdin)
 }
 
 /// Succeeds and prints something.

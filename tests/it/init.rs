@@ -96,31 +96,10 @@ fn the_cli_reports_bad_input_in_one_line_with_an_exit_code() {
 
 #[tokio::test]
 async fn admin_verbs_create_a_tenant_that_can_log_in() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let env = crate::common::TestEnv::start().await;
-    let bin = env!("CARGO_BIN_EXE_nats-pg-auth");
     let run = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(bin)
-            .args(args)
-            .env("DATABASE_URL", &env.database_url)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        let (code, out, err) = crate::common::run_cli(args, Some(&env.database_url), stdin);
+        (code, out.trim().to_owned(), err)
     };
     assert_eq!(
         run(&["add-account", "initech", "--max-connections", "10"], "").0,

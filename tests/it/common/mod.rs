@@ -183,10 +183,12 @@ where
 pub fn serve_args(nats_url: String) -> ServeArgs {
     ServeArgs {
         nats_url,
-        default_ttl: Duration::from_secs(3600),
-        max_ttl: Duration::from_secs(86400),
-        default_publish: vec![">".into()],
-        default_subscribe: vec![">".into()],
+        login: nats_pg_auth::config::LoginDefaults {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(86400),
+            default_publish: vec![">".into()],
+            default_subscribe: vec![">".into()],
+        },
         db_pool_size: 8,
         callout_concurrency: 6,
         hash_threads: 2,
@@ -1002,4 +1004,63 @@ pub async fn create_login_role(
     .expect("create a login role");
     let url = url_with_user(database_url, &name, "pw");
     (name, url)
+}
+
+/// Runs the real binary to completion: (exit code, stdout, stderr). `stdin` is written and
+/// closed; the caller's environment is kept except what would change the verb's behaviour
+/// (encryption key, TTL and default-permission variables). Bounded: a verb that should end at
+/// once must not hang the test (a `serve` that accepted its flags would wait for Postgres).
+pub fn run_cli(
+    args: &[&str],
+    database_url: Option<&str>,
+    stdin: &str,
+) -> (Option<i32>, String, String) {
+    use std::io::Write as _;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"));
+    cmd.args(args);
+    for var in [
+        "NATS_PG_AUTH_ENCRYPTION_KEY",
+        "NATS_PG_AUTH_ENCRYPTION_KEY_FILE",
+        "NATS_PG_AUTH_DEFAULT_TTL",
+        "NATS_PG_AUTH_MAX_TTL",
+        "NATS_PG_AUTH_DEFAULT_PUBLISH",
+        "NATS_PG_AUTH_DEFAULT_SUBSCRIBE",
+    ] {
+        cmd.env_remove(var);
+    }
+    match database_url {
+        Some(url) => cmd.env("DATABASE_URL", url),
+        None => cmd.env_remove("DATABASE_URL"),
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nats-pg-auth");
+    // A verb that does not read stdin may exit first: a broken pipe here is not an error.
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes());
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("wait for nats-pg-auth"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("nats-pg-auth {args:?} still running after 30s");
+        }
+    };
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
