@@ -142,6 +142,26 @@ pub struct AuthIdentity {
     pub xkey: XKey,
 }
 
+/// The task keeping the login copy current, for as long as the callout runs.
+struct CopyListener {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CopyListener {
+    fn start(callout: &Arc<Callout>, shutdown: &CancellationToken) -> Self {
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(callout.clone().keep_copy(stop.clone()));
+        Self { stop, task }
+    }
+
+    /// Every way out of `Callout::run` ends the listener and waits for it.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Shared state of the callout handlers.
 pub struct Callout {
     pool: PgPool,
@@ -239,11 +259,9 @@ impl Callout {
     ) -> Result<(), RunError> {
         // The copy first: a replica answers nothing until it holds every login (it may have to
         // answer them without Postgres).
-        let listener_stop = shutdown.child_token();
-        let listener = tokio::spawn(self.clone().keep_copy(listener_stop.clone()));
+        let listener = CopyListener::start(&self, &shutdown);
         if !self.cache.wait_loaded(&shutdown).await {
-            listener_stop.cancel();
-            let _ = listener.await;
+            listener.stop().await;
             return Ok(());
         }
         let mut sub = client
@@ -272,8 +290,7 @@ impl Callout {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    listener_stop.cancel();
-                    let _ = listener.await;
+                    listener.stop().await;
                     return Ok(());
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -318,8 +335,7 @@ impl Callout {
         tracker.close();
         tracker.wait().await;
         let _ = client.flush().await;
-        listener_stop.cancel();
-        let _ = listener.await;
+        listener.stop().await;
         if ended && !shutdown.is_cancelled() {
             return Err(RunError::SubscriptionEnded);
         }
