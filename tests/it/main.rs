@@ -10,6 +10,7 @@ mod compose;
 mod init;
 mod login;
 mod manifests;
+mod nkeys;
 mod observability;
 mod outage;
 mod protocol;

@@ -183,6 +183,7 @@ where
 pub fn serve_args(nats_url: String) -> ServeArgs {
     ServeArgs {
         nats_url,
+        nats_tls: Default::default(),
         login: nats_pg_auth::config::LoginDefaults {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(86400),
