@@ -24,7 +24,7 @@ use crate::db::logins::CertPart;
 pub enum CertError {
     #[error("the client sent no certificate")]
     None,
-    #[error("the client's certificate chain was not verified by nats-server (tls `verify: true` is off for this listener)")]
+    #[error("TLS client without a certificate chain verified by nats-server (tls `verify: true` is off for this listener), and without any other credential")]
     NotVerified,
     #[error("the verified leaf certificate cannot be parsed: {0}")]
     Unparsable(String),
@@ -178,16 +178,12 @@ pub fn presented(client_tls: Option<&serde_json::Value>, now: i64) -> Result<Pre
         .and_then(|chain| chain.as_array())
         .and_then(|chain| chain.first())
         .and_then(|pem| pem.as_str());
+    // A TLS client without a verified chain: either the listener does not verify (then
+    // nats-server 2.x does not even ask for a certificate, so neither `certs` nor
+    // `verified_chains` is set), or it sent unverified `certs`. Either way no certificate can
+    // identify it; saying so points the admin at `verify: true` rather than at the client.
     let Some(leaf) = leaf else {
-        let unverified = tls
-            .get("certs")
-            .and_then(|c| c.as_array())
-            .is_some_and(|c| !c.is_empty());
-        return Err(if unverified {
-            CertError::NotVerified
-        } else {
-            CertError::None
-        });
+        return Err(CertError::NotVerified);
     };
     let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.as_bytes())
         .map_err(|e| CertError::Unparsable(format!("PEM: {e}")))?;
@@ -494,6 +490,8 @@ mod tests {
         let now = 1_700_000_000;
         assert_eq!(presented(None, now), Err(CertError::None));
         let v = serde_json::json!({"version": "1.3", "certs": ["-----BEGIN CERTIFICATE-----"]});
+        assert_eq!(presented(Some(&v), now), Err(CertError::NotVerified));
+        let v = serde_json::json!({"version": "1.3", "cipher": "TLS_AES_128_GCM_SHA256"});
         assert_eq!(presented(Some(&v), now), Err(CertError::NotVerified));
         let v = serde_json::json!({"version": "1.3", "verified_chains": [["garbage"]]});
         assert!(matches!(

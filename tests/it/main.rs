@@ -2,6 +2,7 @@
 
 mod bounds;
 mod cache;
+mod certificates;
 mod chaos;
 mod cli;
 mod cli_admin;
