@@ -8,6 +8,7 @@
 pub mod certificate;
 pub mod copy;
 pub mod credentials;
+mod doors;
 pub mod lockout;
 pub mod login;
 pub mod mint;

@@ -356,8 +356,7 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
         .client(Some("stranger"), ConnectOptions::new())
         .connect(env.url())
         .await
-        .err()
-        .expect("an unmapped certificate is refused");
+        .expect_err("an unmapped certificate is refused");
     assert!(is_auth_refusal(&err), "{err}");
     assert_eq!(env.metrics.denied("unknown_certificate"), 1);
 
@@ -400,8 +399,7 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
         .client(Some("stranger"), ConnectOptions::new())
         .connect(env.url())
         .await
-        .err()
-        .expect("still refused without Postgres");
+        .expect_err("still refused without Postgres");
     assert!(is_auth_refusal(&err), "{err}");
     assert!(cache.in_outage(), "answered from the copy");
     outage.end().await;
@@ -446,8 +444,7 @@ async fn deleting_a_certificate_mapping_closes_the_connection() {
         .client(Some("fp"), ConnectOptions::new())
         .connect(env.url())
         .await
-        .err()
-        .expect("the certificate no longer logs in");
+        .expect_err("the certificate no longer logs in");
     assert!(is_auth_refusal(&err), "{err}");
 }
 
@@ -467,8 +464,7 @@ async fn without_verify_a_certificate_identifies_nobody() {
         .client(Some("fp"), ConnectOptions::new())
         .connect(env.url())
         .await
-        .err()
-        .expect("refused: the chain was not verified");
+        .expect_err("refused: the chain was not verified");
     assert!(is_auth_refusal(&err), "{err}");
     // nats-server without `verify` does not ask for a client certificate at all: the request
     // has `client_tls` with neither `certs` nor `verified_chains`.

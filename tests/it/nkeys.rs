@@ -113,7 +113,7 @@ async fn a_user_nkey_logs_in_with_its_roles_rights_and_other_keys_are_refused() 
 
     // Another user seed (the "wrong seed"): its public key is nobody's.
     let stranger = KeyPair::new_user().seed().unwrap();
-    let err = connect_nkey(&env, &stranger).await.err().expect("refused");
+    let err = connect_nkey(&env, &stranger).await.expect_err("refused");
     assert!(is_auth_refusal(&err), "{err}");
     assert_eq!(env.metrics.denied("unknown_nkey"), 1);
 
@@ -121,8 +121,7 @@ async fn a_user_nkey_logs_in_with_its_roles_rights_and_other_keys_are_refused() 
     for other in [KeyPair::new_account(), KeyPair::new_operator()] {
         let err = connect_nkey(&env, &other.seed().unwrap())
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(is_auth_refusal(&err), "{err}");
     }
     // The registered key, signed by someone else; and without any signature.
@@ -184,8 +183,7 @@ async fn nkey_logins_work_from_the_copy_while_postgres_is_unreachable() {
         .expect("the nkey logs in without Postgres");
     let err = connect_nkey(&env, &KeyPair::new_user().seed().unwrap())
         .await
-        .err()
-        .expect("an unknown nkey stays out without Postgres");
+        .expect_err("an unknown nkey stays out without Postgres");
     assert!(is_auth_refusal(&err), "{err}");
     assert!(cache.in_outage(), "answered from the copy");
     assert_eq!(env.metrics.denied("unknown_nkey"), 1);
@@ -220,7 +218,7 @@ async fn deactivating_or_rekeying_an_nkey_user_closes_its_connection() {
             }
         }
         eprintln!("revocation delay ({change}): {:?}", start.elapsed());
-        let err = connect_nkey(&env, &seed).await.err().expect("stays out");
+        let err = connect_nkey(&env, &seed).await.expect_err("stays out");
         assert!(is_auth_refusal(&err), "{err}");
     }
 }
