@@ -1466,6 +1466,85 @@ mod tests {
         assert_eq!(c.copy_size(), (2, 0));
     }
 
+    fn keyed(id: i64, name: &str, nkey: &str) -> Arc<Login> {
+        Arc::new(Login {
+            user_id: id,
+            username: Arc::from(name),
+            password_hash: None,
+            nkey: Some(nkey.into()),
+            user_active: true,
+            shape: shape(1, Some(7)),
+        })
+    }
+
+    fn mapping(user_id: i64, id: i64, byte: u8) -> CertPart {
+        CertPart {
+            user_id,
+            cert_id: id,
+            fingerprint_sha256: Some(vec![byte; 32]),
+            subject_dn: None,
+            san: None,
+        }
+    }
+
+    fn cert(byte: u8) -> Presented {
+        Presented {
+            fingerprint: [byte; 32],
+            subject_dn: "CN=x".into(),
+            sans: vec![],
+        }
+    }
+
+    #[test]
+    fn nkeys_and_certificate_mappings_follow_their_users() {
+        let mut t = Table::default();
+        t.upsert(keyed(1, "dev", "UKEY1"), 1);
+        assert!(t.nkey_entry("UKEY1").is_some());
+        // A new key replaces the old one in the index; another user's older key stays its own.
+        t.upsert(keyed(1, "dev", "UKEY2"), 2);
+        assert!(t.nkey_entry("UKEY1").is_none());
+        assert_eq!(t.nkey_entry("UKEY2").map(|e| e.login.user_id), Some(1));
+        t.set_certificates(1, vec![mapping(1, 10, 7)], 2);
+        assert_eq!(t.cert_candidates(&cert(7)).len(), 1);
+        assert!(t.cert_candidates(&cert(8)).is_empty());
+        t.set_certificates(1, vec![mapping(1, 11, 8)], 3);
+        assert!(t.cert_candidates(&cert(7)).is_empty(), "replaced");
+        t.remove_user(1);
+        assert!(t.nkey_entry("UKEY2").is_none());
+        assert!(t.cert_candidates(&cert(8)).is_empty());
+        assert!(t.cert_index.is_empty() && t.by_nkey.is_empty());
+    }
+
+    #[test]
+    fn a_notified_mapping_change_is_stale_until_reread() {
+        let c = LoginCache::new(CacheSettings::default());
+        let t = c.load_ticket();
+        c.load_users(vec![keyed(1, "dev", "UKEY1")], t);
+        c.finish_load(t, vec![], vec![mapping(1, 10, 7)]);
+        assert!(matches!(c.copy_nkey("UKEY1"), CopyLookup::Found(_)));
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Found(_)));
+        let scope = c.on_notification(CHANGE_CHANNEL, "certificate:1").unwrap();
+        assert_eq!(scope, Scope::Tokens(1));
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Stale));
+        assert!(
+            matches!(c.copy_nkey("UKEY1"), CopyLookup::Found(_)),
+            "the key did not change"
+        );
+        // Re-read: the mapping was deleted.
+        c.apply(
+            c.ticket(),
+            &HashSet::from([scope]),
+            vec![keyed(1, "dev", "UKEY1")],
+            vec![],
+            vec![],
+        );
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Unknown));
+        // A reload whose snapshot lacks the user drops its key.
+        let t = c.load_ticket();
+        c.finish_load(t, vec![], vec![]);
+        assert!(matches!(c.copy_nkey("UKEY1"), CopyLookup::Unknown));
+    }
+
     #[test]
     fn the_grace_counts_from_when_the_copy_stopped_being_current() {
         let c = LoginCache::new(CacheSettings {
