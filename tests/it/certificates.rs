@@ -478,3 +478,51 @@ async fn without_verify_a_certificate_identifies_nobody() {
     .await
     .expect("password login over TLS");
 }
+
+#[test]
+fn bad_nats_tls_files_are_one_line_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let not_pem = not_pem.to_str().unwrap();
+    for (args, says) in [
+        (
+            &["serve", "--nats-ca-file", "/nonexistent/ca.pem"][..],
+            "--nats-ca-file /nonexistent/ca.pem: cannot read it",
+        ),
+        (&["serve", "--nats-ca-file", not_pem][..], "no PEM block"),
+        (
+            &[
+                "serve",
+                "--nats-cert-file",
+                not_pem,
+                "--nats-key-file",
+                not_pem,
+            ][..],
+            "--nats-cert-file",
+        ),
+        // A certificate without its key: clap says which flag is missing.
+        (
+            &["serve", "--nats-cert-file", not_pem][..],
+            "--nats-key-file",
+        ),
+        (
+            &[
+                "try-login",
+                "--user",
+                "a",
+                "--password",
+                "b",
+                "--nats-ca-file",
+                "/nonexistent",
+            ][..],
+            "--nats-ca-file /nonexistent: cannot read it",
+        ),
+    ] {
+        let (code, _, err) =
+            crate::common::run_cli(args, Some("postgres://nobody@127.0.0.1:1/none"), "");
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+    }
+}
