@@ -239,8 +239,15 @@ pub struct TokenRevokeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ExplainArgs {
     /// Login name.
+    #[arg(long, required_unless_present_any = ["nkey", "certificate"], conflicts_with_all = ["nkey", "certificate"])]
+    pub user: Option<String>,
+    /// The user holding this public nkey (`U…`).
+    #[arg(long, conflicts_with = "certificate")]
+    pub nkey: Option<String>,
+    /// The user a client certificate (PEM file; the first certificate is the leaf) maps to, as
+    /// if nats-server had verified it.
     #[arg(long)]
-    pub user: String,
+    pub certificate: Option<PathBuf>,
     /// Client address to check against the role's allowed_sources.
     #[arg(long)]
     pub source: Option<String>,

@@ -373,6 +373,35 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
         Err(CertError::OutsideValidity { .. })
     ));
 
+    // `explain --certificate` applies the same mapping rules.
+    let explain = |file: &str| {
+        let path = pki.path(file);
+        let (code, out, err) = crate::common::run_cli(
+            &["explain", "--json", "--certificate", path.to_str().unwrap()],
+            Some(&env.database_url),
+            "",
+        );
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    for (file, user) in [
+        ("fp.pem", "dev-fp"),
+        ("dn.pem", "dev-dn"),
+        ("uri.pem", "dev-uri"),
+    ] {
+        let v = explain(file);
+        assert_eq!(
+            (v["user"].as_str(), v["allowed"].as_bool()),
+            (Some(user), Some(true)),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        explain("stranger.pem")["deny_reason"],
+        "unknown_certificate"
+    );
+    assert_eq!(explain("expired.pem")["deny_reason"], "certificate_expired");
+
     // Postgres away: the mapping is answered from the login copy.
     let fp_pem = std::fs::read_to_string(pki.path("fp.pem")).unwrap();
     let tls = serde_json::json!({"version": "1.3", "verified_chains": [[fp_pem]]});

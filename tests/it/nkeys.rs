@@ -158,6 +158,27 @@ async fn a_user_nkey_logs_in_with_its_roles_rights_and_other_keys_are_refused() 
         "impostor signature, none"
     );
     assert_eq!(env.metrics.denied("unknown_nkey"), 1);
+
+    // `explain --nkey` finds the same user, or says why not.
+    let explain = |key: &str| {
+        let (code, out, err) = crate::common::run_cli(
+            &["explain", "--json", "--nkey", key],
+            Some(&env.database_url),
+            "",
+        );
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = explain(&pk);
+    assert_eq!(
+        (v["user"].as_str(), v["allowed"].as_bool()),
+        (Some("device-1"), Some(true)),
+        "{v}"
+    );
+    let v = explain(&KeyPair::new_user().public_key());
+    assert_eq!(v["deny_reason"], "unknown_nkey", "{v}");
+    let v = explain(&KeyPair::new_account().public_key());
+    assert_eq!(v["deny_reason"], "bad_nkey", "{v}");
 }
 
 #[tokio::test]
