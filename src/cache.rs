@@ -371,8 +371,7 @@ impl Table {
     /// Replaces a user's certificate mappings with the ones read at `generation`.
     pub fn set_certificates(&mut self, user_id: i64, parts: Vec<CertPart>, generation: u64) {
         if let Some(old) = self.certs_of.remove(&user_id) {
-            for c in old {
-                let key = c.mapping.key();
+            for key in old.iter().filter_map(|c| c.mapping.key()) {
                 if let Some(users) = self.cert_index.get_mut(&key) {
                     users.retain(|u| *u != user_id);
                     if users.is_empty() {
@@ -393,8 +392,8 @@ impl Table {
         if certs.is_empty() {
             return;
         }
-        for c in &certs {
-            let users = self.cert_index.entry(c.mapping.key()).or_default();
+        for key in certs.iter().filter_map(|c| c.mapping.key()) {
+            let users = self.cert_index.entry(key).or_default();
             if !users.contains(&user_id) {
                 users.push(user_id);
             }

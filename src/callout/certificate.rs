@@ -104,12 +104,13 @@ impl Mapping {
         (m.fingerprint.is_some() || m.subject_dn.is_some() || m.san.is_some()).then_some(m)
     }
 
-    pub fn key(&self) -> CertKey {
+    /// None for a mapping without identity (`from_part` never makes one).
+    pub fn key(&self) -> Option<CertKey> {
         match (&self.fingerprint, &self.subject_dn, &self.san) {
-            (Some(f), _, _) => CertKey::Fingerprint(*f),
-            (None, Some(d), _) => CertKey::Subject(d.clone()),
-            (None, None, Some(s)) => CertKey::San(s.clone()),
-            (None, None, None) => unreachable!("from_part refuses rows without identity"),
+            (Some(f), _, _) => Some(CertKey::Fingerprint(*f)),
+            (None, Some(d), _) => Some(CertKey::Subject(d.clone())),
+            (None, None, Some(s)) => Some(CertKey::San(s.clone())),
+            (None, None, None) => None,
         }
     }
 
@@ -306,12 +307,12 @@ fn escape_value(v: &str) -> String {
 }
 
 /// Compares what admins type with what the certificate says: attribute types in upper case,
-/// whitespace around `,` `+` `=` removed, `\xx` hex escapes in upper case. Values keep their
-/// case (OpenSSL prints them as stored).
+/// whitespace around `,` `+` `=` removed, `\xx` hex escapes in upper case, the values of a
+/// multi-valued RDN in one order. Values keep their case (OpenSSL prints them as stored).
 pub fn normalize_dn(dn: &str) -> String {
     let mut rdns: Vec<String> = Vec::new();
     for rdn in split_unescaped(dn, ',') {
-        let attrs: Vec<String> = split_unescaped(&rdn, '+')
+        let mut attrs: Vec<String> = split_unescaped(&rdn, '+')
             .into_iter()
             .map(|attr| match split_once_unescaped(&attr, '=') {
                 Some((t, v)) => {
@@ -324,6 +325,9 @@ pub fn normalize_dn(dn: &str) -> String {
                 None => attr.trim().to_owned(),
             })
             .collect();
+        // The values of one RDN are a set: OpenSSL prints them in reverse DER order under
+        // RFC2253 (it reverses entries, not RDNs), others in DER order.
+        attrs.sort();
         rdns.push(attrs.join("+"));
     }
     rdns.join(",")
@@ -426,6 +430,7 @@ mod tests {
             "CN=alice,O=Acme Inc\\, Ltd,C=DE"
         );
         assert_eq!(normalize_dn("CN=a+uid=b,DC=x"), "CN=a+UID=b,DC=x");
+        assert_eq!(normalize_dn("UID=b+CN=a,DC=x"), "CN=a+UID=b,DC=x");
         assert_eq!(normalize_dn("CN=caf\\c3\\a9"), "CN=caf\\C3\\A9");
         assert_ne!(normalize_dn("CN=Alice"), normalize_dn("CN=alice"));
         assert_eq!(escape_value(" #a,b "), "\\ #a\\,b\\ ");
