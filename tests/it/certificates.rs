@@ -555,3 +555,48 @@ fn bad_nats_tls_files_are_one_line_and_exit_64() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
     }
 }
+
+/// The service reads a subject exactly as `openssl x509 -noout -subject -nameopt RFC2253`
+/// prints it (what the admin guide tells admins to store): escapes, UTF-8, multi-valued RDNs.
+#[test]
+fn the_subject_dn_is_what_openssl_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    for (name, subject) in [
+        ("plain", "/C=DE/O=Acme/CN=dev"),
+        (
+            "tricky",
+            "/DC=org/DC=acme/O=Café \"Bar\" #1; x<y>, z/OU=a\\+b/CN=dev+UID=42/emailAddress=Dev@Acme.example/serialNumber= 7 ",
+        ),
+    ] {
+        // -utf8 and -multivalue-rdn are `req` options: make the CSR by hand.
+        openssl(
+            dir.path(),
+            &[
+                "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-utf8", "-multivalue-rdn", "-keyout", &format!("{name}.key"), "-out",
+                &format!("{name}.csr"), "-subj", subject,
+            ],
+        );
+        std::fs::write(dir.path().join("c.ext"), CLIENT_EXT).unwrap();
+        openssl(
+            dir.path(),
+            &[
+                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey",
+                "ca.key", "-CAcreateserial", "-days", "1", "-out", &format!("{name}.pem"),
+                "-extfile", "c.ext",
+            ],
+        );
+        let printed = pki.subject(name);
+        let pem = std::fs::read_to_string(pki.path(&format!("{name}.pem"))).unwrap();
+        let tls = serde_json::json!({"verified_chains": [[pem]]});
+        let presented =
+            certificate::presented(Some(&tls), nats_pg_auth::jwt::now_unix()).unwrap();
+        assert_eq!(
+            presented.subject_dn,
+            certificate::normalize_dn(&printed),
+            "openssl printed {printed}"
+        );
+        assert_eq!(presented.fingerprint_hex(), pki.fingerprint_hex(name));
+    }
+}
