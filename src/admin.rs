@@ -396,6 +396,101 @@ fn from(user: bool, role: bool, other: &'static str) -> &'static str {
     }
 }
 
+/// Why `explain` found no login: (what was asked for, deny reason, detail).
+type NotFound = (String, &'static str, String);
+
+/// The login `explain` is about: by username, by nkey, or by a certificate's mapping (the
+/// callout's own rules; the nonce signature and the chain verification are the client's and
+/// nats-server's part and are not simulated).
+async fn find_login(
+    pool: &sqlx::PgPool,
+    args: &ExplainArgs,
+) -> Result<Result<db::logins::LoginRow, NotFound>, CliError> {
+    use crate::callout::certificate;
+    if let Some(user) = &args.user {
+        return Ok(db::logins::by_username(pool, user)
+            .await
+            .map_err(q)?
+            .ok_or_else(|| (user.clone(), "unknown_user", format!("no user {user:?}"))));
+    }
+    if let Some(key) = &args.nkey {
+        if !nkeys::KeyPair::from_public_key(key)
+            .is_ok_and(|k| matches!(k.key_pair_type(), nkeys::KeyPairType::User))
+        {
+            return Ok(Err((
+                key.clone(),
+                "bad_nkey",
+                format!("{key:?} is not a user public nkey"),
+            )));
+        }
+        return Ok(db::logins::by_nkey(pool, key)
+            .await
+            .map_err(q)?
+            .ok_or_else(|| {
+                (
+                    key.clone(),
+                    "unknown_nkey",
+                    format!("no user has nkey {key:?}"),
+                )
+            }));
+    }
+    let path = args
+        .certificate
+        .as_ref()
+        .expect("clap requires one of the three");
+    let pem = std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "--certificate {}: cannot read it: {e}",
+            path.display()
+        ))
+    })?;
+    let tls = json!({ "verified_chains": [[pem]] });
+    let shown = path.display().to_string();
+    let presented = match certificate::presented(Some(&tls), crate::jwt::now_unix()) {
+        Ok(p) => p,
+        Err(certificate::CertError::OutsideValidity { .. }) => {
+            return Ok(Err((
+                shown,
+                "certificate_expired",
+                "the certificate is not valid now".into(),
+            )))
+        }
+        Err(e) => return Err(usage(format!("--certificate {shown}: {e}"))),
+    };
+    let who = format!(
+        "{} (sha256 {})",
+        presented.subject_dn,
+        presented.fingerprint_hex()
+    );
+    let rows = db::logins::by_certificate(
+        pool,
+        &presented.fingerprint,
+        &presented.sans,
+        &presented.subject_loose(),
+    )
+    .await
+    .map_err(q)?;
+    let candidates = rows
+        .into_iter()
+        .filter_map(|(row, part)| Some((row, certificate::Mapping::from_part(&part)?)))
+        .collect();
+    Ok(
+        match certificate::choose(candidates, &presented, |r| r.user_id) {
+            certificate::Choice::One(row, _) => Ok(row),
+            certificate::Choice::Nothing => Err((
+                who.clone(),
+                "unknown_certificate",
+                format!("{who} is mapped to no user"),
+            )),
+            certificate::Choice::Ambiguous(users) => Err((
+                who.clone(),
+                "ambiguous_certificate",
+                format!("{who} matches equally specific mappings of users {users:?}"),
+            )),
+        },
+    )
+}
+
 /// `explain --user U`: what a login of U would get now, decided by the callout's own code.
 pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliError> {
     let Some((kind, client_type)) = client_kind(&args.connection_type) else {
@@ -417,19 +512,19 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
     }
     let cipher = common.cipher()?;
     let pool = pool(common).await?;
-    let Some(row) = db::logins::by_username(&pool, &args.user)
-        .await
-        .map_err(q)?
-    else {
-        return report(
-            &args,
-            json!({
-                "user": args.user,
-                "allowed": false,
-                "deny_reason": "unknown_user",
-                "detail": format!("no user {:?}", args.user),
-            }),
-        );
+    let row = match find_login(&pool, &args).await? {
+        Ok(row) => row,
+        Err((who, reason, detail)) => {
+            return report(
+                &args,
+                json!({
+                    "user": who,
+                    "allowed": false,
+                    "deny_reason": reason,
+                    "detail": detail,
+                }),
+            )
+        }
     };
     let role = match row.role_id {
         Some(id) => admin::role_name(&pool, id).await.map_err(q)?,

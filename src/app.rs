@@ -33,6 +33,8 @@ pub enum AppError {
     Key(#[from] KeyError),
     #[error("invalid NATS_URL {url:?}: {reason}")]
     NatsUrl { url: String, reason: String },
+    #[error("{0}")]
+    NatsTls(String),
     #[error("cannot start the NATS client: {0}")]
     Nats(String),
     #[error("cannot seal the stored seeds with the current encryption key: {0}")]
@@ -94,6 +96,7 @@ fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
 /// Connection options for a user identified by a JWT and its nkey. The client keeps
 /// reconnecting forever: the service must outlive any nats-server restart.
 fn connect_options(
+    tls: &crate::config::NatsTlsArgs,
     name: &str,
     jwt: String,
     key: KeyPair,
@@ -102,10 +105,10 @@ fn connect_options(
 ) -> ConnectOptions {
     let key = Arc::new(key);
     let label = name.to_owned();
-    ConnectOptions::with_jwt(jwt, move |nonce| {
+    tls.apply(ConnectOptions::with_jwt(jwt, move |nonce| {
         let key = key.clone();
         async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-    })
+    }))
     .name(name)
     .retry_on_initial_connect()
     .max_reconnects(None)
@@ -144,6 +147,10 @@ impl Application {
     pub async fn build(config: ServeConfig) -> Result<Self, AppError> {
         let args = &config.args;
         let addrs = nats_addrs(&args.nats_url)?;
+        // `main` validated already; in-process callers (tests) get the same one-line error.
+        args.nats_tls
+            .validate()
+            .map_err(|e| AppError::NatsTls(e.to_string()))?;
         let pool = db::connect(&config.database_url, args.db_pool_size).await?;
         db::ensure_migrated(&pool).await?;
         let identities = ServiceIdentities::load(&pool).await?;
@@ -215,6 +222,7 @@ impl Application {
 
         let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
         let callout_client = connect_options(
+            &args.nats_tls,
             "nats-pg-auth callout",
             identities.jwt(IdentityKind::ServiceUser).to_owned(),
             service_user,
@@ -228,6 +236,7 @@ impl Application {
         let (tx, nats_connected) = watch::channel(0u64);
         let sys_user = identities.keypair(&cipher, IdentityKind::SysUser)?;
         let sys_client = connect_options(
+            &args.nats_tls,
             "nats-pg-auth system",
             identities.jwt(IdentityKind::SysUser).to_owned(),
             sys_user,

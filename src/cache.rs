@@ -62,9 +62,10 @@ use hmac::{Hmac, Mac};
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
+use crate::callout::certificate::{self, CertKey, Mapping, Presented};
 use crate::callout::login::{Issuer, Login, Shape};
 use crate::callout::permissions::Merged;
-use crate::db::logins::{TokenPart, TokenRow};
+use crate::db::logins::{CertPart, TokenPart, TokenRow};
 use crate::keys::{KeyError, SeedCipher};
 
 /// Channel of per-row change notifications (users, roles, accounts, tokens).
@@ -112,7 +113,9 @@ impl Default for CacheSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     User(i64),
-    /// Tokens of a user (a token change does not touch the username entry).
+    /// Credentials attached to a user: its tokens and certificate mappings (a change of those
+    /// does not touch the username entry). Notified as `token:<user id>` or
+    /// `certificate:<user id>`.
     Tokens(i64),
     Role(i64),
     Account(i64),
@@ -142,6 +145,13 @@ pub enum TokenLookup {
     Hit(Arc<Login>, TokenRow),
     /// Postgres said so less than 2 s ago, and no token changed since.
     Unknown,
+    Miss,
+}
+
+/// Result of an nkey or certificate lookup in the copy while it is current.
+pub enum CredentialLookup<T> {
+    Hit(T),
+    /// Ask Postgres (not in the copy, or changed and not re-read yet).
     Miss,
 }
 
@@ -193,6 +203,11 @@ struct Entry {
     generation: u64,
 }
 
+struct CopiedCert {
+    mapping: Mapping,
+    generation: u64,
+}
+
 struct CopiedToken {
     user_id: i64,
     token_id: i64,
@@ -209,6 +224,11 @@ pub struct Table {
     by_id: HashMap<i64, Arc<str>>,
     tokens: HashMap<[u8; 32], CopiedToken>,
     tokens_of: HashMap<i64, Vec<[u8; 32]>>,
+    /// Public nkey -> user id (the login's own `nkey` is checked on every hit).
+    by_nkey: HashMap<Box<str>, i64>,
+    /// Certificate mappings per user, and the users with a mapping filed under each key.
+    certs_of: HashMap<i64, Vec<CopiedCert>>,
+    cert_index: HashMap<CertKey, Vec<i64>>,
     /// Users per account whose login cannot be served live (signing key not on the server).
     unsettled: HashMap<i64, u32>,
     stamps: HashMap<Scope, u64>,
@@ -264,6 +284,7 @@ impl Table {
             }
             if let Some(old) = self.by_name.remove(&old_name) {
                 self.settle(&old.login, -1);
+                self.unindex_nkey(&old.login);
             }
         }
         // A username now held by another id: that user was renamed or deleted meanwhile.
@@ -277,6 +298,10 @@ impl Table {
             }
         }
         self.settle(&login, 1);
+        if let Some(nkey) = &login.nkey {
+            // Held by another user's older read: that user changed its key meanwhile.
+            self.by_nkey.insert(nkey.clone(), login.user_id);
+        }
         self.by_id.insert(login.user_id, login.username.clone());
         self.by_name
             .insert(login.username.clone(), Entry { login, generation });
@@ -286,8 +311,10 @@ impl Table {
         if let Some(name) = self.by_id.remove(&user_id) {
             if let Some(old) = self.by_name.remove(&name) {
                 self.settle(&old.login, -1);
+                self.unindex_nkey(&old.login);
             }
         }
+        self.set_certificates(user_id, Vec::new(), 0);
         if let Some(digests) = self.tokens_of.remove(&user_id) {
             for d in digests {
                 self.tokens.remove(&d);
@@ -331,6 +358,79 @@ impl Table {
             digests.shrink_to_fit();
             self.tokens_of.insert(user_id, digests);
         }
+    }
+
+    fn unindex_nkey(&mut self, login: &Login) {
+        if let Some(nkey) = &login.nkey {
+            if self.by_nkey.get(nkey) == Some(&login.user_id) {
+                self.by_nkey.remove(nkey);
+            }
+        }
+    }
+
+    /// Replaces a user's certificate mappings with the ones read at `generation`.
+    pub fn set_certificates(&mut self, user_id: i64, parts: Vec<CertPart>, generation: u64) {
+        if let Some(old) = self.certs_of.remove(&user_id) {
+            for key in old.iter().filter_map(|c| c.mapping.key()) {
+                if let Some(users) = self.cert_index.get_mut(&key) {
+                    users.retain(|u| *u != user_id);
+                    if users.is_empty() {
+                        self.cert_index.remove(&key);
+                    }
+                }
+            }
+        }
+        let mut certs: Vec<CopiedCert> = parts
+            .iter()
+            .filter(|p| p.user_id == user_id)
+            .filter_map(Mapping::from_part)
+            .map(|mapping| CopiedCert {
+                mapping,
+                generation,
+            })
+            .collect();
+        if certs.is_empty() {
+            return;
+        }
+        for key in certs.iter().filter_map(|c| c.mapping.key()) {
+            let users = self.cert_index.entry(key).or_default();
+            if !users.contains(&user_id) {
+                users.push(user_id);
+            }
+        }
+        certs.shrink_to_fit();
+        self.certs_of.insert(user_id, certs);
+    }
+
+    /// The login holding `nkey`, and the generation to judge it by.
+    fn nkey_entry(&self, nkey: &str) -> Option<&Entry> {
+        let id = self.by_nkey.get(nkey)?;
+        self.login_of(*id)
+            .filter(|e| e.login.nkey.as_deref() == Some(nkey))
+    }
+
+    /// Every mapping that could match the certificate, with its user's entry and the older of
+    /// the two generations.
+    fn cert_candidates(&self, p: &Presented) -> Vec<(&Entry, Mapping, u64)> {
+        let mut users: Vec<i64> = p
+            .keys()
+            .iter()
+            .filter_map(|k| self.cert_index.get(k))
+            .flatten()
+            .copied()
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut out = Vec::new();
+        for u in users {
+            let Some(e) = self.login_of(u) else { continue };
+            for c in self.certs_of.get(&u).into_iter().flatten() {
+                if c.mapping.matches(p) {
+                    out.push((e, c.mapping.clone(), c.generation.min(e.generation)));
+                }
+            }
+        }
+        out
     }
 
     pub fn users(&self) -> usize {
@@ -624,6 +724,58 @@ impl LoginCache {
         }
     }
 
+    /// The login of a user nkey, from the copy while it is current.
+    pub fn nkey(&self, nkey: &str) -> CredentialLookup<Arc<Login>> {
+        if !self.rows_usable() {
+            return CredentialLookup::Miss;
+        }
+        let t = self.read();
+        match t.nkey_entry(nkey) {
+            Some(e) if t.fresh(&e.login, e.generation, false) && e.login.cacheable() => {
+                bump(&self.stats.login_hits);
+                CredentialLookup::Hit(e.login.clone())
+            }
+            _ => {
+                bump(&self.stats.login_misses);
+                CredentialLookup::Miss
+            }
+        }
+    }
+
+    /// The login a certificate maps to, from the copy while it is current. `Hit(Err(users))`:
+    /// equally specific mappings of several users match.
+    #[allow(clippy::type_complexity)]
+    pub fn certificate(
+        &self,
+        p: &Presented,
+    ) -> CredentialLookup<Result<(Arc<Login>, Mapping), Vec<i64>>> {
+        if !self.rows_usable() {
+            return CredentialLookup::Miss;
+        }
+        let t = self.read();
+        let candidates = t.cert_candidates(p);
+        if candidates.is_empty()
+            || candidates
+                .iter()
+                .any(|(e, _, g)| !t.fresh(&e.login, *g, true) || !e.login.cacheable())
+        {
+            bump(&self.stats.login_misses);
+            return CredentialLookup::Miss;
+        }
+        bump(&self.stats.login_hits);
+        let candidates = candidates
+            .into_iter()
+            .map(|(e, m, _)| (e.login.clone(), m))
+            .collect();
+        CredentialLookup::Hit(
+            match certificate::choose(candidates, p, |l: &Arc<Login>| l.user_id) {
+                certificate::Choice::One(l, m) => Ok((l, m)),
+                certificate::Choice::Ambiguous(users) => Err(users),
+                certificate::Choice::Nothing => unreachable!("candidates matched"),
+            },
+        )
+    }
+
     /// Stores a token login read from Postgres.
     pub fn put_token(
         &self,
@@ -702,6 +854,46 @@ impl LoginCache {
             Some(_) => CopyLookup::Stale,
             None => CopyLookup::Unknown,
         }
+    }
+
+    /// The copy's answer for a user nkey when Postgres cannot be asked.
+    pub fn copy_nkey(&self, nkey: &str) -> CopyLookup<Arc<Login>> {
+        if !self.is_loaded() {
+            return CopyLookup::NotLoaded;
+        }
+        let t = self.read();
+        match t.nkey_entry(nkey) {
+            Some(e) if t.fresh_for_outage(&e.login, e.generation, false) => {
+                CopyLookup::Found(e.login.clone())
+            }
+            Some(_) => CopyLookup::Stale,
+            None => CopyLookup::Unknown,
+        }
+    }
+
+    /// The copy's answer for a certificate when Postgres cannot be asked: the matching
+    /// mappings with their logins (the caller chooses among them).
+    pub fn copy_certificate(&self, p: &Presented) -> CopyLookup<Vec<(Arc<Login>, Mapping)>> {
+        if !self.is_loaded() {
+            return CopyLookup::NotLoaded;
+        }
+        let t = self.read();
+        let candidates = t.cert_candidates(p);
+        if candidates.is_empty() {
+            return CopyLookup::Unknown;
+        }
+        if candidates
+            .iter()
+            .any(|(e, _, g)| !t.fresh_for_outage(&e.login, *g, true))
+        {
+            return CopyLookup::Stale;
+        }
+        CopyLookup::Found(
+            candidates
+                .into_iter()
+                .map(|(e, m, _)| (e.login.clone(), m))
+                .collect(),
+        )
     }
 
     /// How long ago the copy stopped being kept current (None: it is current).
@@ -792,7 +984,7 @@ impl LoginCache {
         } else {
             match payload.split_once(':') {
                 Some(("user", v)) => id(v).map(Scope::User),
-                Some(("token", v)) => id(v).map(Scope::Tokens),
+                Some(("token" | "certificate", v)) => id(v).map(Scope::Tokens),
                 Some(("role", v)) => id(v).map(Scope::Role),
                 Some(("account", v)) => id(v).map(Scope::Account),
                 _ => None,
@@ -832,7 +1024,7 @@ impl LoginCache {
 
     /// Ends a full load read at `ticket`: users it did not see were deleted, its tokens are every
     /// token, and every stamp it covers is dropped. Entries read after `ticket` (newer) stay.
-    pub fn finish_load(&self, ticket: Ticket, tokens: Vec<TokenPart>) {
+    pub fn finish_load(&self, ticket: Ticket, tokens: Vec<TokenPart>, certs: Vec<CertPart>) {
         let g = ticket.0;
         {
             let mut t = self.write();
@@ -851,6 +1043,25 @@ impl LoginCache {
             }
             for (user_id, toks) in by_user {
                 t.set_tokens(user_id, toks, g);
+            }
+            let mut certs_by_user: HashMap<i64, Vec<CertPart>> = HashMap::new();
+            for c in certs {
+                certs_by_user.entry(c.user_id).or_default().push(c);
+            }
+            // Users whose mappings the snapshot does not have (deleted before it) lose them.
+            let without: Vec<i64> = t
+                .certs_of
+                .iter()
+                .filter(|(u, c)| {
+                    !certs_by_user.contains_key(u) && c.iter().all(|c| c.generation < g)
+                })
+                .map(|(u, _)| *u)
+                .collect();
+            for u in without {
+                t.set_certificates(u, Vec::new(), g);
+            }
+            for (user_id, parts) in certs_by_user {
+                t.set_certificates(user_id, parts, g);
             }
             // Tokens the snapshot does not have (deleted before it) go too.
             t.tokens.retain(|_, tok| tok.generation >= g);
@@ -876,6 +1087,7 @@ impl LoginCache {
         scopes: &HashSet<Scope>,
         users: Vec<Arc<Login>>,
         tokens: Vec<TokenPart>,
+        certs: Vec<CertPart>,
     ) {
         let g = ticket.0;
         let mut t = self.write();
@@ -923,10 +1135,15 @@ impl LoginCache {
         for tok in tokens {
             tokens_of.entry(tok.user_id).or_default().push(tok);
         }
+        let mut certs_of: HashMap<i64, Vec<CertPart>> = HashMap::new();
+        for c in certs {
+            certs_of.entry(c.user_id).or_default().push(c);
+        }
         for login in users {
             let id = login.user_id;
             t.upsert(login, g);
             t.set_tokens(id, tokens_of.remove(&id).unwrap_or_default(), g);
+            t.set_certificates(id, certs_of.remove(&id).unwrap_or_default(), g);
         }
         for s in scopes {
             if t.stamps.get(s).is_some_and(|v| *v <= g) {
@@ -1117,6 +1334,7 @@ mod tests {
             user_id: id,
             username: Arc::from(name),
             password_hash: Some(hash.into()),
+            nkey: None,
             user_active: true,
             shape: shape(1, Some(7)),
         })
@@ -1143,7 +1361,7 @@ mod tests {
         let c = LoginCache::new(CacheSettings::default());
         let t = c.load_ticket();
         c.load_users(users.to_vec(), t);
-        c.finish_load(t, vec![token(1, 10, 0xaa)]);
+        c.finish_load(t, vec![token(1, 10, 0xaa)], vec![]);
         c
     }
 
@@ -1188,6 +1406,7 @@ mod tests {
             &HashSet::from([alice, bob]),
             vec![login(1, "alice", "h1b")],
             vec![token(1, 11, 0xbb)],
+            vec![],
         );
         assert_eq!(found_hash(&c, "alice").as_deref(), Some("h1b"));
         assert!(matches!(c.copy_user("bob"), CopyLookup::Unknown));
@@ -1206,6 +1425,7 @@ mod tests {
             t,
             &HashSet::from([scope]),
             vec![login(1, "alice", "h2")],
+            vec![],
             vec![],
         );
         assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
@@ -1237,12 +1457,91 @@ mod tests {
         c.put_user("carol", Ticket(newer.0 + 10), &login(3, "carol", "h3"));
         // The snapshot: alice changed, bob deleted, alice's token gone.
         c.load_users(vec![login(1, "alice", "h1b")], t);
-        c.finish_load(t, vec![]);
+        c.finish_load(t, vec![], vec![]);
         assert_eq!(found_hash(&c, "alice").as_deref(), Some("h1b"));
         assert!(matches!(c.copy_user("bob"), CopyLookup::Unknown));
         assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Unknown));
         assert_eq!(found_hash(&c, "carol").as_deref(), Some("h3"));
         assert_eq!(c.copy_size(), (2, 0));
+    }
+
+    fn keyed(id: i64, name: &str, nkey: &str) -> Arc<Login> {
+        Arc::new(Login {
+            user_id: id,
+            username: Arc::from(name),
+            password_hash: None,
+            nkey: Some(nkey.into()),
+            user_active: true,
+            shape: shape(1, Some(7)),
+        })
+    }
+
+    fn mapping(user_id: i64, id: i64, byte: u8) -> CertPart {
+        CertPart {
+            user_id,
+            cert_id: id,
+            fingerprint_sha256: Some(vec![byte; 32]),
+            subject_dn: None,
+            san: None,
+        }
+    }
+
+    fn cert(byte: u8) -> Presented {
+        Presented {
+            fingerprint: [byte; 32],
+            subject_dn: "CN=x".into(),
+            sans: vec![],
+        }
+    }
+
+    #[test]
+    fn nkeys_and_certificate_mappings_follow_their_users() {
+        let mut t = Table::default();
+        t.upsert(keyed(1, "dev", "UKEY1"), 1);
+        assert!(t.nkey_entry("UKEY1").is_some());
+        // A new key replaces the old one in the index; another user's older key stays its own.
+        t.upsert(keyed(1, "dev", "UKEY2"), 2);
+        assert!(t.nkey_entry("UKEY1").is_none());
+        assert_eq!(t.nkey_entry("UKEY2").map(|e| e.login.user_id), Some(1));
+        t.set_certificates(1, vec![mapping(1, 10, 7)], 2);
+        assert_eq!(t.cert_candidates(&cert(7)).len(), 1);
+        assert!(t.cert_candidates(&cert(8)).is_empty());
+        t.set_certificates(1, vec![mapping(1, 11, 8)], 3);
+        assert!(t.cert_candidates(&cert(7)).is_empty(), "replaced");
+        t.remove_user(1);
+        assert!(t.nkey_entry("UKEY2").is_none());
+        assert!(t.cert_candidates(&cert(8)).is_empty());
+        assert!(t.cert_index.is_empty() && t.by_nkey.is_empty());
+    }
+
+    #[test]
+    fn a_notified_mapping_change_is_stale_until_reread() {
+        let c = LoginCache::new(CacheSettings::default());
+        let t = c.load_ticket();
+        c.load_users(vec![keyed(1, "dev", "UKEY1")], t);
+        c.finish_load(t, vec![], vec![mapping(1, 10, 7)]);
+        assert!(matches!(c.copy_nkey("UKEY1"), CopyLookup::Found(_)));
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Found(_)));
+        let scope = c.on_notification(CHANGE_CHANNEL, "certificate:1").unwrap();
+        assert_eq!(scope, Scope::Tokens(1));
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Stale));
+        assert!(
+            matches!(c.copy_nkey("UKEY1"), CopyLookup::Found(_)),
+            "the key did not change"
+        );
+        // Re-read: the mapping was deleted.
+        c.apply(
+            c.ticket(),
+            &HashSet::from([scope]),
+            vec![keyed(1, "dev", "UKEY1")],
+            vec![],
+            vec![],
+        );
+        assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Unknown));
+        // A reload whose snapshot lacks the user drops its key.
+        let t = c.load_ticket();
+        c.finish_load(t, vec![], vec![]);
+        assert!(matches!(c.copy_nkey("UKEY1"), CopyLookup::Unknown));
     }
 
     #[test]
@@ -1253,7 +1552,7 @@ mod tests {
         });
         assert!(!c.within_grace(), "nothing loaded");
         let t = c.ticket();
-        c.finish_load(t, vec![]);
+        c.finish_load(t, vec![], vec![]);
         c.set_live();
         assert!(c.within_grace());
         c.set_disconnected();
@@ -1266,7 +1565,7 @@ mod tests {
             outage_grace: Duration::ZERO,
             ..Default::default()
         });
-        off.finish_load(off.ticket(), vec![]);
+        off.finish_load(off.ticket(), vec![], vec![]);
         assert!(!off.within_grace(), "grace 0 turns it off");
     }
 }

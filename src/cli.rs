@@ -49,6 +49,7 @@ impl CliError {
             ) => 64,
             CliError::App(
                 AppError::NatsUrl { .. }
+                | AppError::NatsTls(_)
                 | AppError::Key(_)
                 | AppError::Init(InitError::NotInitialised)
                 | AppError::Http(..)
@@ -412,8 +413,11 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
             )
         }
     };
+    args.tls.validate()?;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let client = opts
+    let client = args
+        .tls
+        .apply(opts)
         .name("nats-pg-auth try-login")
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |e| {

@@ -239,8 +239,15 @@ pub struct TokenRevokeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ExplainArgs {
     /// Login name.
+    #[arg(long, required_unless_present_any = ["nkey", "certificate"], conflicts_with_all = ["nkey", "certificate"])]
+    pub user: Option<String>,
+    /// The user holding this public nkey (`U…`).
+    #[arg(long, conflicts_with = "certificate")]
+    pub nkey: Option<String>,
+    /// The user a client certificate (PEM file; the first certificate is the leaf) maps to, as
+    /// if nats-server had verified it.
     #[arg(long)]
-    pub user: String,
+    pub certificate: Option<PathBuf>,
     /// Client address to check against the role's allowed_sources.
     #[arg(long)]
     pub source: Option<String>,
@@ -347,11 +354,70 @@ pub struct RotateEncryptionKeyArgs {
     pub new_key_file: Option<PathBuf>,
 }
 
+/// TLS towards nats-server, named like the nats CLI's (`NATS_CA`, `NATS_CERT`, `NATS_KEY`).
+/// Any of them turns TLS on (required); a server with `verify: true` needs the client pair.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NatsTlsArgs {
+    /// CA certificate(s) (PEM) that signed nats-server's certificate.
+    #[arg(long, env = "NATS_CA")]
+    pub nats_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to nats-server (with --nats-key-file).
+    #[arg(long, env = "NATS_CERT", requires = "nats_key_file")]
+    pub nats_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --nats-cert-file.
+    #[arg(long, env = "NATS_KEY", requires = "nats_cert_file")]
+    pub nats_key_file: Option<PathBuf>,
+}
+
+impl NatsTlsArgs {
+    /// Checks the files now (the NATS client would only read them when connecting, and retry
+    /// forever): readable, and holding what they should.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |flag: &str, path: &Option<PathBuf>, want: &str| -> Result<(), ConfigError> {
+            let Some(path) = path else { return Ok(()) };
+            let bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!("{flag} {}: cannot read it: {e}", path.display()))
+            })?;
+            let found = x509_parser::pem::Pem::iter_from_buffer(&bytes)
+                .filter_map(Result::ok)
+                .any(|p| p.label.ends_with(want));
+            if !found {
+                return Err(ConfigError::Invalid(format!(
+                    "{flag} {}: no PEM block \"{want}\" in it",
+                    path.display()
+                )));
+            }
+            Ok(())
+        };
+        check("--nats-ca-file", &self.nats_ca_file, "CERTIFICATE")?;
+        check("--nats-cert-file", &self.nats_cert_file, "CERTIFICATE")?;
+        check("--nats-key-file", &self.nats_key_file, "PRIVATE KEY")?;
+        Ok(())
+    }
+
+    /// Adds the TLS settings to NATS connect options (the one place every NATS client of the
+    /// service gets them).
+    pub fn apply(&self, mut opts: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        if let Some(ca) = &self.nats_ca_file {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_cert_file, &self.nats_key_file) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.nats_ca_file.is_some() || self.nats_cert_file.is_some() {
+            opts = opts.require_tls(true);
+        }
+        opts
+    }
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct TryLoginArgs {
     /// nats-server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    #[command(flatten)]
+    pub tls: NatsTlsArgs,
     /// Username (with --password).
     #[arg(long, requires = "password", conflicts_with = "token")]
     pub user: Option<String>,
@@ -421,6 +487,9 @@ pub struct ServeArgs {
     /// nats-server URL(s), comma separated.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+
+    #[command(flatten)]
+    pub nats_tls: NatsTlsArgs,
 
     #[command(flatten)]
     pub login: LoginDefaults,
@@ -677,6 +746,7 @@ impl ServeArgs {
                 self.http_listen
             )));
         }
+        self.nats_tls.validate()?;
         if self.callout_concurrency as u32 >= self.db_pool_size {
             return Err(ConfigError::Invalid(format!(
                 "--callout-concurrency ({}) must be below --db-pool-size ({}) so the sync and change listener always get a connection",

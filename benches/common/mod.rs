@@ -98,6 +98,7 @@ pub fn login_row(account_public_key: &str, signing: &KeyPair, stored_seed: &str)
         user_id: 7,
         username: "sensor-0001".into(),
         password_hash: Some("$2b$10$Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K".into()),
+        nkey: None,
         user_active: true,
         user_pub_allow: v(&["alerts.sensor-0001.>", "telemetry.sensor-0001"]),
         user_pub_deny: vec![],

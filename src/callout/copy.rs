@@ -159,7 +159,8 @@ impl Callout {
             })
             .await?;
         self.cache.load_users(chunk, ticket);
-        self.cache.finish_load(ticket, loaded.tokens);
+        self.cache
+            .finish_load(ticket, loaded.tokens, loaded.certificates);
         let (users, tokens) = self.cache.copy_size();
         Ok((users, tokens, started.elapsed()))
     }
@@ -183,7 +184,8 @@ impl Callout {
             }
         })
         .await?;
-        self.cache.apply(ticket, scopes, users, loaded.tokens);
+        self.cache
+            .apply(ticket, scopes, users, loaded.tokens, loaded.certificates);
         Ok(())
     }
 
@@ -222,6 +224,7 @@ impl Callout {
             user_id: user.user_id,
             username: Arc::from(user.username),
             password_hash: user.password_hash.map(String::into_boxed_str),
+            nkey: user.nkey.map(String::into_boxed_str),
             user_active: user.user_active,
             shape,
         })

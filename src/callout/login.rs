@@ -105,6 +105,8 @@ pub struct Login {
     pub username: Arc<str>,
     /// bcrypt or argon2id; None for token-only users.
     pub password_hash: Option<Box<str>>,
+    /// Public nkey (`U…`) the user may log in with.
+    pub nkey: Option<Box<str>>,
     pub user_active: bool,
     pub shape: Arc<Shape>,
 }
@@ -152,6 +154,7 @@ impl Login {
             user_id: row.user_id,
             username: Arc::from(row.username),
             password_hash: row.password_hash.map(String::into_boxed_str),
+            nkey: row.nkey.map(String::into_boxed_str),
             user_active: row.user_active,
             shape,
         }

@@ -5,11 +5,14 @@
 //! size), and a request that cannot start before the server's auth timeout is denied rather
 //! than queued forever.
 
+pub mod certificate;
 pub mod copy;
 pub mod credentials;
+mod doors;
 pub mod lockout;
 pub mod login;
 pub mod mint;
+pub mod nkey;
 pub mod permissions;
 pub mod request;
 pub mod xbox;
@@ -57,6 +60,16 @@ pub enum DenyReason {
     LockedOut,
     Overloaded,
     Internal,
+    /// nkey logins (see [`nkey`]).
+    UnknownNkey,
+    BadNkey,
+    BadSignature,
+    /// Certificate logins (see [`certificate`]).
+    UnknownCertificate,
+    CertificateNotVerified,
+    CertificateExpired,
+    BadCertificate,
+    AmbiguousCertificate,
 }
 
 impl DenyReason {
@@ -76,6 +89,14 @@ impl DenyReason {
             DenyReason::LockedOut => "locked_out",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Internal => "internal_error",
+            DenyReason::UnknownNkey => "unknown_nkey",
+            DenyReason::BadNkey => "bad_nkey",
+            DenyReason::BadSignature => "bad_signature",
+            DenyReason::UnknownCertificate => "unknown_certificate",
+            DenyReason::CertificateNotVerified => "certificate_not_verified",
+            DenyReason::CertificateExpired => "certificate_expired",
+            DenyReason::BadCertificate => "bad_certificate",
+            DenyReason::AmbiguousCertificate => "ambiguous_certificate",
         }
     }
 }
@@ -457,12 +478,8 @@ impl Callout {
                     self.check_password(user, SecretString::from(pass), deadline)
                         .await?
                 }
-                _ => {
-                    return Err(Deny::new(
-                        DenyReason::NoCredentials,
-                        "client sent neither user/password nor token",
-                    ))
-                }
+                // Neither token nor user/password: an nkey, else a client certificate.
+                _ => self.check_nkey_or_certificate(req, now, deadline).await?,
             }
         };
         if from_copy {

@@ -176,6 +176,7 @@ pub(crate) mod tests {
             user_id: 1,
             username: "alice".into(),
             password_hash: None,
+            nkey: None,
             user_active: true,
             user_pub_allow: vec![],
             user_pub_deny: vec![],

@@ -11,6 +11,8 @@ pub struct LoginRow {
     pub user_id: i64,
     pub username: String,
     pub password_hash: Option<String>,
+    /// The user's public nkey (`U…`) for nkey logins.
+    pub nkey: Option<String>,
     pub user_active: bool,
     pub user_pub_allow: Vec<String>,
     pub user_pub_deny: Vec<String>,
@@ -94,7 +96,7 @@ macro_rules! token_time {
 // select the same expressions under the same names, so both decode into the same row types.
 macro_rules! user_columns {
     () => {
-        r#"u.id AS user_id, u.username, u.password_hash, u.active AS user_active,
+        r#"u.id AS user_id, u.username, u.password_hash, u.nkey, u.active AS user_active,
        u.publish_permissions AS user_pub_allow, u.publish_deny_permissions AS user_pub_deny,
        u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
        u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
@@ -199,6 +201,42 @@ pub async fn by_token(
     }
 }
 
+pub async fn by_nkey(pool: &PgPool, nkey: &str) -> Result<Option<LoginRow>, sqlx::Error> {
+    let sql = format!("{SELECT_LOGIN} WHERE u.nkey = $1");
+    sqlx::query_as(&sql).bind(nkey).fetch_optional(pool).await
+}
+
+const CERT_COLUMNS: &str = "c.id AS cert_id, c.fingerprint_sha256, c.subject_dn, c.san";
+
+/// The mappings that may match a certificate, with their users: by fingerprint, by one of its
+/// SANs, or by subject DN compared loosely here (case and whitespace folded, `subject_loose`)
+/// — the caller compares exactly. A superset; every identity column of a row must match.
+pub async fn by_certificate(
+    pool: &PgPool,
+    fingerprint_sha256: &[u8],
+    sans: &[String],
+    subject_loose: &str,
+) -> Result<Vec<(LoginRow, CertPart)>, sqlx::Error> {
+    use sqlx::FromRow;
+    let sql = SELECT_LOGIN.replacen(
+        "SELECT u.id AS user_id,",
+        &format!("SELECT {CERT_COLUMNS}, u.id AS user_id,"),
+        1,
+    ) + " JOIN nats.user_certificates c ON c.user_id = u.id \
+          WHERE c.fingerprint_sha256 = $1 OR c.san = ANY($2) \
+             OR lower(regexp_replace(c.subject_dn, '\\s', '', 'g')) = $3 \
+          LIMIT 100";
+    let rows = sqlx::query(&sql)
+        .bind(fingerprint_sha256)
+        .bind(sans)
+        .bind(subject_loose)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((LoginRow::from_row(row)?, CertPart::from_row(row)?)))
+        .collect()
+}
+
 /// Best effort bookkeeping; a failure here must never fail a login.
 pub async fn touch_token(pool: &PgPool, token_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -255,6 +293,8 @@ pub struct UserPart {
     pub user_id: i64,
     pub username: String,
     pub password_hash: Option<String>,
+    /// The user's public nkey (`U…`) for nkey logins.
+    pub nkey: Option<String>,
     pub user_active: bool,
     pub user_pub_allow: Vec<String>,
     pub user_pub_deny: Vec<String>,
@@ -317,6 +357,17 @@ pub struct AccountPart {
     pub signing_key_pending: bool,
 }
 
+/// A certificate mapping with its owner (identity columns as stored; see
+/// [`crate::callout::certificate`] for how they are compared).
+#[derive(Clone, sqlx::FromRow)]
+pub struct CertPart {
+    pub user_id: i64,
+    pub cert_id: i64,
+    pub fingerprint_sha256: Option<Vec<u8>>,
+    pub subject_dn: Option<String>,
+    pub san: Option<String>,
+}
+
 /// A token with its owner.
 #[derive(Clone, sqlx::FromRow)]
 pub struct TokenPart {
@@ -334,6 +385,7 @@ impl LoginRow {
             user_id: user.user_id,
             username: user.username,
             password_hash: user.password_hash,
+            nkey: user.nkey,
             user_active: user.user_active,
             user_pub_allow: user.user_pub_allow,
             user_pub_deny: user.user_pub_deny,
@@ -376,6 +428,7 @@ pub struct Loaded {
     pub accounts: Vec<AccountPart>,
     pub roles: Vec<RolePart>,
     pub tokens: Vec<TokenPart>,
+    pub certificates: Vec<CertPart>,
     pub users: usize,
 }
 
@@ -416,6 +469,10 @@ pub async fn load(
         token_time!("t.expires_at"),
         token_time!("t.revoked_at"),
     );
+    let certificates_sql = format!(
+        "SELECT c.user_id, {CERT_COLUMNS} FROM nats.user_certificates c
+         WHERE c.user_id IN (SELECT u.id FROM nats.users u WHERE {f})"
+    );
     macro_rules! bound {
         ($q:expr) => {
             if filter.all {
@@ -444,11 +501,15 @@ pub async fn load(
     let tokens: Vec<TokenPart> = bound!(sqlx::query_as(&tokens_sql))
         .fetch_all(&mut *tx)
         .await?;
+    let certificates: Vec<CertPart> = bound!(sqlx::query_as(&certificates_sql))
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Loaded {
         accounts,
         roles,
         tokens,
+        certificates,
         users,
     })
 }

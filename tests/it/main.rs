@@ -2,6 +2,7 @@
 
 mod bounds;
 mod cache;
+mod certificates;
 mod chaos;
 mod cli;
 mod cli_admin;
@@ -10,6 +11,7 @@ mod compose;
 mod init;
 mod login;
 mod manifests;
+mod nkeys;
 mod observability;
 mod outage;
 mod protocol;

@@ -1,6 +1,7 @@
--- Proves the checks and triggers of migrations/ (0001, the row bounds of 0004) and the roles of
--- 0005. Needs a FRESH database with every migration applied (it inserts rows and stops if
--- nats.accounts is not empty), by a role that may create roles:
+-- Proves the checks and triggers of migrations/ (0001, the row bounds of 0004), the roles of
+-- 0005 and the nkey/certificate columns of 0007. Needs a FRESH database with every migration
+-- applied (it inserts rows and stops if nats.accounts is not empty), by a role that may create
+-- roles:
 --
 --   URL=$(scripts/pg.sh start /tmp/pgdev 55432)            # or any Postgres >= 15
 --   psql "$URL" -c 'CREATE DATABASE schema_checks'
@@ -496,5 +497,63 @@ SELECT pg_temp.expect_error($$TRUNCATE nats.users$$, 'permission denied');
 RESET ROLE;
 SELECT pg_temp.expect((SELECT count(*) FROM nats.sync_outbox o, r WHERE o.account_id = r.acme AND o.op = 'upsert') = 1,
                       'the grant queued the importer (as the admin, through a trigger running as the owner)');
+
+-- ---------------------------------------------------------------------------------------------
+\echo '== 6. nkeys and certificate mappings (migrations/0007)'
+-- ---------------------------------------------------------------------------------------------
+INSERT INTO nats.users (account_id, username, nkey) SELECT acme, 'n-dev', 'U' || repeat('A', 55) FROM r;
+SELECT pg_temp.expect_error($$UPDATE nats.users SET nkey = 'A' || repeat('A', 55) WHERE username = 'n-dev'$$,
+  'nkey_is_user_public_key');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET nkey = 'U' || repeat('a', 55) WHERE username = 'n-dev'$$,
+  'nkey_is_user_public_key');
+SELECT pg_temp.expect_error($$UPDATE nats.users SET nkey = 'U' || repeat('A', 55) WHERE username = 'g-user'$$,
+  'users_nkey_unique');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id) SELECT id FROM nats.users WHERE username = 'n-dev'$$,
+  'certificate_identity_given');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
+  SELECT id, '\x00'::bytea FROM nats.users WHERE username = 'n-dev'$$, 'certificate_fingerprint_is_32_bytes');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, san)
+  SELECT id, 'mail:a@b' FROM nats.users WHERE username = 'n-dev'$$, 'certificate_san_prefix');
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, subject_dn)
+  SELECT id, 'CN=' || repeat('x', 1100) FROM nats.users WHERE username = 'n-dev'$$, 'certificate_subject_dn_bounded');
+INSERT INTO nats.user_certificates (user_id, subject_dn, san)
+  SELECT id, 'CN=n-dev', 'email:n@acme.example' FROM nats.users WHERE username = 'n-dev';
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, subject_dn, san)
+  SELECT id, 'CN=n-dev', 'email:n@acme.example' FROM nats.users WHERE username = 'g-user'$$,
+  'user_certificates_identity_unique');
+SELECT pg_temp.expect_error($$TRUNCATE nats.user_certificates$$, 'TRUNCATE nats.user_certificates is not allowed');
+DELETE FROM nats.kick_requests;
+UPDATE nats.user_certificates SET description = 'bookkeeping';
+SELECT pg_temp.expect((SELECT count(*) FROM nats.kick_requests) = 0, 'a description change of a mapping kicks nobody');
+DELETE FROM nats.user_certificates;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.kick_requests k JOIN nats.users u ON u.id = k.user_id
+                        WHERE u.username = 'n-dev') = 1, 'deleting a mapping asks to kick its user');
+DELETE FROM nats.kick_requests;
+
+CREATE TEMP TABLE gu AS SELECT id FROM nats.users WHERE username = 'g-user';
+GRANT SELECT ON gu TO PUBLIC;
+SET ROLE schema_checks_acme_admin;
+INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:n-dev.acme.example' FROM nats.users WHERE username = 'n-dev';
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:steal' FROM gu$$,
+  'row-level security');
+SELECT pg_temp.expect_error($$TRUNCATE nats.user_certificates$$, 'permission denied');
+RESET ROLE;
+INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:g.globex.example' FROM nats.users WHERE username = 'g-user';
+SET ROLE schema_checks_acme_admin;
+SELECT pg_temp.expect((SELECT array_agg(san) FROM nats.user_certificates) = '{dns:n-dev.acme.example}',
+  'tenant admin sees only its own users'' certificate mappings');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.user_certificates WHERE san LIKE '%globex%') = 0, 'and not globex''s');
+UPDATE nats.user_certificates SET description = 'mine';
+RESET ROLE;
+SET ROLE nats_pg_auth_service;
+SELECT pg_temp.expect((SELECT count(*) FROM nats.user_certificates) = 2, 'the service reads every mapping');
+SELECT pg_temp.expect((SELECT count(*) FROM nats.users WHERE nkey IS NOT NULL) = 1, 'the service reads nkeys');
+SELECT pg_temp.expect_error($$DELETE FROM nats.user_certificates$$, 'permission denied');
+RESET ROLE;
+SET ROLE nats_pg_auth_admin;
+UPDATE nats.users SET nkey = NULL WHERE username = 'n-dev';
+DELETE FROM nats.user_certificates WHERE san LIKE 'dns:g%';
+RESET ROLE;
+DELETE FROM nats.kick_requests;
 
 \echo '== all schema checks passed'

@@ -183,6 +183,7 @@ where
 pub fn serve_args(nats_url: String) -> ServeArgs {
     ServeArgs {
         nats_url,
+        nats_tls: Default::default(),
         login: nats_pg_auth::config::LoginDefaults {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(86400),
@@ -236,6 +237,8 @@ pub struct EnvOptions {
     pub tweak: fn(&mut ServeArgs),
     /// Run `init` and `serve` as a login role granted `nats_pg_auth_service` (not superuser).
     pub service_role: bool,
+    /// TLS towards nats-server for the service (when `nats_extra` has a `tls {}` block).
+    pub nats_tls: nats_pg_auth::config::NatsTlsArgs,
 }
 
 impl Default for EnvOptions {
@@ -245,6 +248,7 @@ impl Default for EnvOptions {
             nats_extra: String::new(),
             tweak: |_| {},
             service_role: false,
+            nats_tls: Default::default(),
         }
     }
 }
@@ -292,6 +296,7 @@ impl TestEnv {
         .expect("fragment");
         let nats = NatsServer::start(dir.path(), &resolver_dir, &opts.nats_extra).await;
         let mut args = serve_args(nats.url());
+        args.nats_tls = opts.nats_tls.clone();
         (opts.tweak)(&mut args);
         let mut env = TestEnv {
             database_url,
