@@ -54,6 +54,9 @@ pub enum DenyReason {
     AccountNotReady,
     SourceNotAllowed,
     ConnectionTypeNotAllowed,
+    /// An MQTT client of an account without JetStream (nats-server keeps MQTT sessions and
+    /// QoS 1 messages in JetStream, and fails such a login obscurely).
+    MqttNeedsJetstream,
     LockedOut,
     Overloaded,
     Internal,
@@ -73,6 +76,7 @@ impl DenyReason {
             DenyReason::AccountNotReady => "account_not_ready",
             DenyReason::SourceNotAllowed => "source_not_allowed",
             DenyReason::ConnectionTypeNotAllowed => "connection_type_not_allowed",
+            DenyReason::MqttNeedsJetstream => "mqtt_needs_jetstream",
             DenyReason::LockedOut => "locked_out",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Internal => "internal_error",
@@ -167,6 +171,16 @@ struct Grant {
     user_jwt: String,
     username: String,
     account: String,
+    /// The account's public key (what KICK's lookups are keyed by).
+    account_key: String,
+    /// When the JWT ends (unix seconds).
+    expires: i64,
+}
+
+/// The credential `decide` checks.
+enum Credential {
+    Password,
+    Token,
 }
 
 impl Callout {
@@ -378,10 +392,14 @@ impl Callout {
         let decision = self.decide(&req, now, deadline).await;
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
+        let door = permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref());
         let outcome = match &decision {
             Ok(grant) => {
                 self.metrics.count_allow();
-                tracing::info!(user = %grant.username, account = %grant.account, host, "login allowed");
+                tracing::info!(user = %grant.username, account = %grant.account, host, door, "login allowed");
+                if door.starts_with("LEAFNODE") {
+                    self.record_leaf(&req, grant);
+                }
                 Ok(grant.user_jwt.as_str())
             }
             Err(deny) => {
@@ -391,6 +409,7 @@ impl Callout {
                     reason = deny.reason.as_str(),
                     user,
                     host,
+                    door,
                     "login denied: {}",
                     deny.detail
                 );
@@ -423,6 +442,12 @@ impl Callout {
             .expose()
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
+        // nats-server copies an MQTT CONNECT's password into `auth_token` too, so user + pass is
+        // a password login (its failures count toward the lockout) whatever the token says.
+        let token = match self.password_or_token(req, deadline).await? {
+            Credential::Password => None,
+            Credential::Token => token,
+        };
         // A token with an expiry (or a revocation in the future) caps the JWT's lifetime, so the
         // server itself disconnects the client at that moment (no UPDATE, hence no kick, happens
         // then).
@@ -456,6 +481,60 @@ impl Callout {
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
         }
         self.authorize(req, &login, now, not_after)
+    }
+
+    /// Records an admitted leaf node connection for the kicks (leaf connections are not in
+    /// CONNZ). In the background and bounded: the login never waits for Postgres. A row that
+    /// cannot be written (Postgres down) leaves that leaf to its JWT's expiry, which the outage
+    /// grace already shortens for logins answered from the copy.
+    fn record_leaf(&self, req: &VerifiedRequest, grant: &Grant) {
+        let leaf = db::leafs::LeafGrant {
+            server_id: req.claims.nats.server_id.id.clone(),
+            cid: req.claims.nats.client_info.id,
+            account_key: grant.account_key.clone(),
+            username: grant.username.clone(),
+            requested_at: req.claims.iat,
+            expires_at: grant.expires,
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(5), db::leafs::record(&pool, &leaf)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(user = %leaf.username, cid = leaf.cid, error = %e, "cannot record the leaf node connection; deactivating its user will not close it before its JWT expires"),
+                Err(_) => tracing::warn!(user = %leaf.username, cid = leaf.cid, "recording the leaf node connection timed out; deactivating its user will not close it before its JWT expires"),
+            }
+        });
+    }
+
+    /// Which credential of the request to check. User + password is a password login, even
+    /// with a token beside it (MQTT: the server copies the password into `auth_token`); except
+    /// that an MQTT client whose username names no user logs in with its password as a token
+    /// (MQTT devices put a token in the password field, with any username, because MQTT has
+    /// no token field and the server wants a username with a password). That fallback costs
+    /// no password hash and counts no lockout failure for the username; a wrong token is
+    /// `unknown_token`.
+    async fn password_or_token(
+        &self,
+        req: &VerifiedRequest,
+        deadline: Instant,
+    ) -> Result<Credential, Deny> {
+        let opts = &req.claims.nats.connect_opts;
+        let user = opts.user.as_deref().filter(|u| !u.is_empty());
+        let (Some(user), true) = (user, opts.pass.expose().is_some()) else {
+            return Ok(Credential::Token);
+        };
+        let client = &req.claims.nats.client_info;
+        let mqtt = permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+            == "MQTT";
+        let has_token = opts.auth_token.expose().is_some_and(|t| !t.is_empty());
+        if mqtt && has_token && !self.lockout.is_locked(user) {
+            let known = self.find_user(user, deadline).await?.value.is_some();
+            if !known {
+                return Ok(Credential::Token);
+            }
+        }
+        Ok(Credential::Password)
     }
 
     /// A slot for reading Postgres, or `Overloaded` when none frees up before the deadline.
@@ -820,6 +899,18 @@ impl Callout {
                 "connection type not in the role's allowed_connection_types",
             ),
         })?;
+        if permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+            == "MQTT"
+            && !login.shape.account_jetstream
+        {
+            return Err(Deny::new(
+                DenyReason::MqttNeedsJetstream,
+                format!(
+                    "MQTT needs JetStream in account {:?}: set nats.accounts.max_jetstream_memory_storage and/or max_jetstream_disk_storage (bytes, -1 unlimited); both are 0",
+                    login.shape.account_name
+                ),
+            ));
+        }
         let issuer = match &login.shape.signing {
             Signing::Ready(issuer) => issuer,
             Signing::NotReady => {
@@ -859,6 +950,8 @@ impl Callout {
             user_jwt,
             username: login.username.to_string(),
             account: login.shape.account_name.to_string(),
+            account_key: issuer.account.clone(),
+            expires: now.saturating_add(ttl.as_secs() as i64),
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct LoginRow {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
+    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
+    pub account_jetstream: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     /// Newest signing key that the server already has (created before the last good push).
@@ -122,6 +124,7 @@ macro_rules! role_columns {
 macro_rules! account_columns {
     () => {
         r#"a.id AS account_id, a.name AS account_name, a.active AS account_active,
+       (a.max_jetstream_memory_storage <> 0 OR a.max_jetstream_disk_storage <> 0) AS account_jetstream,
        a.public_key AS account_public_key,
        EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
        k.public_key AS signing_public_key, k.seed AS signing_seed,
@@ -310,6 +313,8 @@ pub struct AccountPart {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
+    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
+    pub account_jetstream: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     pub signing_public_key: Option<String>,
@@ -362,6 +367,7 @@ impl LoginRow {
             account_id: account.account_id,
             account_name: account.account_name.clone(),
             account_active: account.account_active,
+            account_jetstream: account.account_jetstream,
             account_public_key: account.account_public_key.clone(),
             account_ttl_secs: account.account_ttl_secs,
             signing_public_key: account.signing_public_key.clone(),
