@@ -27,15 +27,6 @@
 //! scans in flight over all batches), and the batch gets one re-scan. A burst (10,000 users
 //! deactivated) is a few batches, not 10,000 scans. At most [`MAX_IN_PROGRESS`] rows are
 //! being carried out at a time; more wait in the table.
-//!
-//! **Leaf nodes.** A leaf node connection is not in CONNZ, and LEAFZ lists its cid and account
-//! but no user. So the callout records every leaf login it admits in `nats.leaf_connections`
-//! (server id, cid, account, username; migration 0008), and each account scan also looks up
-//! the target users' recorded leaf connections, asks every server's LEAFZ for that account,
-//! and kicks those still there (KICK takes a leaf cid too). Rows LEAFZ no longer shows are
-//! forgotten; rows whose JWT has ended are pruned on every [`POLL`]. A re-scan tells a leaf
-//! login that was in flight from a reconnect by the server's clock at its authorization request
-//! (the row's `requested_at`), as it does for clients by their connection start.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -49,7 +40,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{leafs, notify};
+use crate::db::notify;
 
 pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";
 /// Pending kick requests are also looked for this often (a request whose scan failed, e.g.
@@ -127,26 +118,6 @@ struct ConnzReply {
 #[derive(Debug, Deserialize)]
 struct ServerInfo {
     id: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct LeafzReply {
-    server: ServerInfo,
-    #[serde(default)]
-    data: Option<LeafzData>,
-}
-
-#[derive(Debug, Deserialize)]
-struct LeafzData {
-    #[serde(default)]
-    leafs: Vec<LeafConn>,
-}
-
-#[derive(Debug, Deserialize)]
-struct LeafConn {
-    id: u64,
-    #[serde(default)]
-    account: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,14 +199,7 @@ impl Sessions {
                     Some(notify::Event::Disconnected(_)) => {}
                     None => return,
                 },
-                _ = poll.tick() => {
-                    self.pick_up(&stop).await;
-                    match leafs::prune_expired(&self.pool).await {
-                        Ok(n) if n > 0 => tracing::debug!(rows = n, "forgot leaf node connections whose JWT ended"),
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(error = %e, "cannot prune nats.leaf_connections; retrying"),
-                    }
-                }
+                _ = poll.tick() => self.pick_up(&stop).await,
             }
         }
     }
@@ -513,69 +477,7 @@ impl Sessions {
             }
         }
         let _ = sub.unsubscribe().await;
-        found.extend(self.find_leafs(account, users).await?);
         Ok((found, times))
-    }
-
-    /// The recorded leaf node connections of `users` in the account that LEAFZ still shows.
-    /// Asks the servers only when there is a recorded one (most accounts have none).
-    async fn find_leafs(
-        &self,
-        account: &str,
-        users: &BTreeSet<String>,
-    ) -> Result<Vec<Found>, KickError> {
-        let names: Vec<String> = users.iter().cloned().collect();
-        let rows = leafs::of_users(&self.pool, account, &names).await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let inbox = self.client.new_inbox();
-        let mut sub = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| KickError::Nats(e.to_string()))?;
-        let body = serde_json::json!({ "account": account }).to_string();
-        self.client
-            .publish_with_reply("$SYS.REQ.SERVER.PING.LEAFZ", inbox, body.into())
-            .await
-            .map_err(|e| KickError::Nats(e.to_string()))?;
-        // server id -> the leaf cids it holds in this account
-        let mut present: HashMap<String, HashSet<u64>> = HashMap::new();
-        let deadline = Instant::now() + self.gather;
-        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            let Ok(reply) = serde_json::from_slice::<LeafzReply>(&msg.payload) else {
-                continue;
-            };
-            let Some(data) = reply.data else { continue };
-            present
-                .entry(reply.server.id)
-                .or_default()
-                .extend(data.leafs.iter().filter(|l| l.account == account).map(|l| l.id));
-        }
-        let _ = sub.unsubscribe().await;
-        let mut found = Vec::new();
-        let mut gone = Vec::new();
-        for row in rows {
-            // A server that did not answer keeps its rows (until their JWT ends).
-            let Some(cids) = present.get(&row.server_id) else {
-                continue;
-            };
-            if cids.contains(&(row.cid as u64)) {
-                found.push(Found {
-                    server: row.server_id,
-                    cid: row.cid as u64,
-                    user: row.username,
-                    start: Some(row.requested_at.fixed_offset()),
-                });
-            } else {
-                gone.push((row.server_id, row.cid));
-            }
-        }
-        if let Err(e) = leafs::forget(&self.pool, &gone).await {
-            tracing::debug!(error = %e, "cannot forget closed leaf node connections");
-        }
-        Ok(found)
     }
 
     async fn kick_one(&self, server: &str, cid: u64) -> bool {

@@ -171,10 +171,6 @@ struct Grant {
     user_jwt: String,
     username: String,
     account: String,
-    /// The account's public key (what KICK's lookups are keyed by).
-    account_key: String,
-    /// When the JWT ends (unix seconds).
-    expires: i64,
 }
 
 /// The credential `decide` checks.
@@ -392,14 +388,12 @@ impl Callout {
         let decision = self.decide(&req, now, deadline).await;
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
-        let door = permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref());
+        let door =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref());
         let outcome = match &decision {
             Ok(grant) => {
                 self.metrics.count_allow();
                 tracing::info!(user = %grant.username, account = %grant.account, host, door, "login allowed");
-                if door.starts_with("LEAFNODE") {
-                    self.record_leaf(&req, grant);
-                }
                 Ok(grant.user_jwt.as_str())
             }
             Err(deny) => {
@@ -483,30 +477,6 @@ impl Callout {
         self.authorize(req, &login, now, not_after)
     }
 
-    /// Records an admitted leaf node connection for the kicks (leaf connections are not in
-    /// CONNZ). In the background and bounded: the login never waits for Postgres. A row that
-    /// cannot be written (Postgres down) leaves that leaf to its JWT's expiry, which the outage
-    /// grace already shortens for logins answered from the copy.
-    fn record_leaf(&self, req: &VerifiedRequest, grant: &Grant) {
-        let leaf = db::leafs::LeafGrant {
-            server_id: req.claims.nats.server_id.id.clone(),
-            cid: req.claims.nats.client_info.id,
-            account_key: grant.account_key.clone(),
-            username: grant.username.clone(),
-            requested_at: req.claims.iat,
-            expires_at: grant.expires,
-        };
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(5), db::leafs::record(&pool, &leaf)).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(user = %leaf.username, cid = leaf.cid, error = %e, "cannot record the leaf node connection; deactivating its user will not close it before its JWT expires"),
-                Err(_) => tracing::warn!(user = %leaf.username, cid = leaf.cid, "recording the leaf node connection timed out; deactivating its user will not close it before its JWT expires"),
-            }
-        });
-    }
-
     /// Which credential of the request to check. User + password is a password login, even
     /// with a token beside it (MQTT: the server copies the password into `auth_token`); except
     /// that an MQTT client whose username names no user logs in with its password as a token
@@ -525,8 +495,9 @@ impl Callout {
             return Ok(Credential::Token);
         };
         let client = &req.claims.nats.client_info;
-        let mqtt = permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
-            == "MQTT";
+        let mqtt =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+                == "MQTT";
         let has_token = opts.auth_token.expose().is_some_and(|t| !t.is_empty());
         if mqtt && has_token && !self.lockout.is_locked(user) {
             let known = self.find_user(user, deadline).await?.value.is_some();
@@ -950,8 +921,6 @@ impl Callout {
             user_jwt,
             username: login.username.to_string(),
             account: login.shape.account_name.to_string(),
-            account_key: issuer.account.clone(),
-            expires: now.saturating_add(ttl.as_secs() as i64),
         })
     }
 }

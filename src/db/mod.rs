@@ -5,7 +5,6 @@ pub mod accounts;
 pub mod admin;
 pub mod audit;
 pub mod identities;
-pub mod leafs;
 pub mod logins;
 pub mod notify;
 pub mod outbox;

@@ -15,8 +15,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 
 use crate::common::{
-    client_options, free_port, is_auth_refusal, settle, wait_until, EnvOptions, NatsServer,
-    TestEnv,
+    client_options, free_port, is_auth_refusal, settle, wait_until, EnvOptions, NatsServer, TestEnv,
 };
 
 /// A test deployment whose server has every door open.
@@ -136,7 +135,10 @@ impl Doors {
              leafnodes {{ reconnect: \"250ms\", remotes = [ {{ url: \"nats-leaf://{user}:{pass}@127.0.0.1:{} \" }} ] }}\n",
             self.leaf
         );
-        (NatsServer::start_plain(port, Path::new(&dir), &conf).await, port)
+        (
+            NatsServer::start_plain(port, Path::new(&dir), &conf).await,
+            port,
+        )
     }
 }
 
@@ -164,7 +166,10 @@ async fn assert_sensor_rights(alice: &Client, watcher: &Client, tag: &str) {
     let mut all = watcher.subscribe(">").await.unwrap();
     settle(watcher).await;
     // Publish: the forbidden message is dropped, the allowed one after it arrives.
-    alice.publish(format!("other.{tag}"), "no".into()).await.unwrap();
+    alice
+        .publish(format!("other.{tag}"), "no".into())
+        .await
+        .unwrap();
     alice
         .publish(format!("sensors.{tag}"), "yes".into())
         .await
@@ -210,7 +215,10 @@ async fn websocket_logins_have_the_same_rights_as_tcp() {
     let watcher = d.watcher().await;
     let tcp = d.env.connect_user("alice", "s3cret").await.unwrap();
     assert_sensor_rights(&tcp, &watcher, "tcp").await;
-    let ws = d.ws_user("alice", "s3cret").await.expect("password over WebSocket");
+    let ws = d
+        .ws_user("alice", "s3cret")
+        .await
+        .expect("password over WebSocket");
     assert_sensor_rights(&ws, &watcher, "ws").await;
     let ws_token = client_options(ConnectOptions::with_token("alice-token".into()))
         .connect(d.ws_url())
@@ -218,12 +226,19 @@ async fn websocket_logins_have_the_same_rights_as_tcp() {
         .expect("token over WebSocket");
     assert_sensor_rights(&ws_token, &watcher, "wstoken").await;
     // Refusals are the same too.
-    let err = d.ws_user("alice", "wrong").await.expect_err("wrong password");
+    let err = d
+        .ws_user("alice", "wrong")
+        .await
+        .expect_err("wrong password");
     assert!(is_auth_refusal(&err), "{err}");
     assert_eq!(d.env.metrics.denied("bad_password"), 1);
     // WebSocket connections are in CONNZ under the username, like TCP ones (the kicks rely on it).
     let users = d.env.connected_users("acme").await;
-    assert_eq!(users.iter().filter(|u| *u == "alice").count(), 3, "{users:?}");
+    assert_eq!(
+        users.iter().filter(|u| *u == "alice").count(),
+        3,
+        "{users:?}"
+    );
 }
 
 /// A hand-driven NATS-over-WebSocket client that sends a `Cookie` header (async-nats cannot),
@@ -291,7 +306,9 @@ async fn websocket_cookie_logins_are_checked_by_the_callout() {
         .expect_err("wrong cookie password");
     assert!(err.contains("Authorization Violation"), "{err}");
     assert_eq!(d.env.metrics.denied("bad_password"), 1);
-    let err = cookie_login(d.ws, "theme=dark").await.expect_err("no cookie");
+    let err = cookie_login(d.ws, "theme=dark")
+        .await
+        .expect_err("no cookie");
     assert!(err.contains("Authorization Violation"), "{err}");
     assert_eq!(d.env.metrics.denied("no_credentials"), 1);
 }
@@ -325,9 +342,15 @@ async fn allowed_connection_types_open_only_the_listed_doors() {
     })
     .await;
     let before = d.env.metrics.denied("connection_type_not_allowed");
-    let err = d.ws_user("alice", "s3cret").await.expect_err("WebSocket refused");
+    let err = d
+        .ws_user("alice", "s3cret")
+        .await
+        .expect_err("WebSocket refused");
     assert!(is_auth_refusal(&err));
-    assert_eq!(d.env.metrics.denied("connection_type_not_allowed"), before + 1);
+    assert_eq!(
+        d.env.metrics.denied("connection_type_not_allowed"),
+        before + 1
+    );
 
     allow_types(&d.env, "{MQTT}").await;
     wait_until(Duration::from_secs(5), "TCP refused", || async {
@@ -471,7 +494,7 @@ async fn mqtt_password_login_gets_the_roles_rights() {
     let d = Doors::start().await;
     let watcher = d.watcher().await;
     let mut nats_sensors = watcher.subscribe("sensors.>").await.unwrap();
-    let mut nats_other = watcher.subscribe("other.>").await.unwrap();
+    let mut nats_other = watcher.subscribe("other.x").await.unwrap();
     settle(&watcher).await;
     let mut alice = mqtt_connect(d.mqtt, "alice-dev", "alice", "s3cret")
         .await
@@ -525,7 +548,11 @@ async fn mqtt_password_login_gets_the_roles_rights() {
     );
     // Counted as a password login, and listed in CONNZ under the username.
     assert_eq!(d.env.metrics.denied("unknown_token"), 0);
-    assert!(d.env.connected_users("acme").await.contains(&"alice".to_owned()));
+    assert!(d
+        .env
+        .connected_users("acme")
+        .await
+        .contains(&"alice".to_owned()));
 }
 
 #[tokio::test]
@@ -537,7 +564,11 @@ async fn mqtt_refusals_wrong_password_garbage_and_no_jetstream() {
         .err()
         .expect("wrong password refused");
     eprintln!("wrong MQTT password: {err}");
-    assert_eq!(d.env.metrics.denied("bad_password"), 1, "counted toward the lockout");
+    assert_eq!(
+        d.env.metrics.denied("bad_password"),
+        1,
+        "counted toward the lockout"
+    );
     // Garbage, and a CONNECT that lies about its length: closed by the server, no callout.
     for junk in [
         &b"\x10\xff\xff\xff\xff\x7fMQTT\x04\xc2"[..],
@@ -589,7 +620,11 @@ async fn mqtt_token_in_the_password_field() {
         .await
         .is_err());
     assert_eq!(d.env.metrics.denied("unknown_token"), 1);
-    assert_eq!(d.env.metrics.denied("unknown_user"), 0, "no lockout counting");
+    assert_eq!(
+        d.env.metrics.denied("unknown_user"),
+        0,
+        "no lockout counting"
+    );
     // A username that is a user is a password login, token or not.
     assert!(mqtt_connect(d.mqtt, "dev19", "alice", "alice-token")
         .await
@@ -604,11 +639,16 @@ async fn a_leaf_node_joins_as_the_user_and_carries_messages_both_ways() {
     let d = Doors::start().await;
     let acme = d.env.account_key("acme").await;
     let (_bad, _) = d.start_leaf("leaf_bad", "alice", "wrong").await;
-    wait_until(Duration::from_secs(5), "the bad leaf to be refused", || async {
-        d.env.metrics.denied("bad_password") >= 1
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the bad leaf to be refused",
+        || async { d.env.metrics.denied("bad_password") >= 1 },
+    )
     .await;
-    assert!(d.leaf_accounts().await.is_empty(), "no leaf with a wrong password");
+    assert!(
+        d.leaf_accounts().await.is_empty(),
+        "no leaf with a wrong password"
+    );
     drop(_bad);
 
     let (_leaf, leaf_port) = d.start_leaf("leaf_ok", "alice", "s3cret").await;
@@ -659,18 +699,13 @@ async fn deactivating_a_user_closes_it_on_every_door() {
         d.leaf_accounts().await == vec![acme.clone()]
     })
     .await;
-    d.env
-        .wait_sql(
-            "SELECT count(*) = 1 FROM nats.leaf_connections WHERE username = 'alice'",
-            Duration::from_secs(3),
-            "the leaf login recorded",
-        )
-        .await;
+    // Every door's connection is in CONNZ under the username, the leaf's too (kind Leafnode;
+    // nats-server >= 2.12): that is how the kicks find them.
     let users = d.env.connected_users("acme").await;
     assert_eq!(
         users.iter().filter(|u| *u == "alice").count(),
-        3,
-        "TCP, WebSocket and MQTT in CONNZ as alice: {users:?}"
+        4,
+        "TCP, WebSocket, MQTT and leaf in CONNZ as alice: {users:?}"
     );
 
     let start = Instant::now();
@@ -706,14 +741,28 @@ async fn deactivating_a_user_closes_it_on_every_door() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("kick latency: tcp {t_tcp:?} websocket {t_ws:?} mqtt {t_mqtt:?} leaf {t_leaf:?}");
-    for (door, t) in [("tcp", t_tcp), ("websocket", t_ws), ("mqtt", t_mqtt), ("leaf", t_leaf)] {
-        assert!(t.is_some_and(|t| t <= limit), "{door}: not closed within {limit:?} ({t:?})");
+    for (door, t) in [
+        ("tcp", t_tcp),
+        ("websocket", t_ws),
+        ("mqtt", t_mqtt),
+        ("leaf", t_leaf),
+    ] {
+        assert!(
+            t.is_some_and(|t| t <= limit),
+            "{door}: not closed within {limit:?} ({t:?})"
+        );
     }
     // Others untouched.
     while let Ok(e) = wevents.try_recv() {
-        assert!(!matches!(e, Event::Disconnected), "watcher was disconnected");
+        assert!(
+            !matches!(e, Event::Disconnected),
+            "watcher was disconnected"
+        );
     }
-    assert!(bob.closed.try_recv().is_err(), "bob's MQTT connection was closed");
+    assert!(
+        bob.closed.try_recv().is_err(),
+        "bob's MQTT connection was closed"
+    );
     assert!(matches!(
         bob.subscribe("sensors/bob").await[..],
         [SubscribeReasonCode::Success(_)]
