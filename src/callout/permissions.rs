@@ -171,6 +171,20 @@ pub fn connection_type(kind: Option<&str>, client_type: Option<&str>) -> &'stati
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn connection_types_as_the_real_server_sends_them() {
+        // Seen on nats-server 2.15.1 (tests/it/doors.rs): kind/type per door. A leaf node has
+        // no type; MQTT over WebSocket says "mqtt" (so MQTT_WS and LEAFNODE_WS never match).
+        assert_eq!(connection_type(Some("Client"), Some("nats")), "STANDARD");
+        assert_eq!(
+            connection_type(Some("Client"), Some("websocket")),
+            "WEBSOCKET"
+        );
+        assert_eq!(connection_type(Some("Client"), Some("mqtt")), "MQTT");
+        assert_eq!(connection_type(Some("Leafnode"), None), "LEAFNODE");
+        assert_eq!(connection_type(Some("Leafnode"), Some("")), "LEAFNODE");
+    }
+
     pub fn login() -> LoginRow {
         LoginRow {
             user_id: 1,

@@ -601,12 +601,26 @@ async fn mqtt_refusals_wrong_password_garbage_and_no_jetstream() {
         )
         .await;
     d.env.wait_synced("nojs").await;
-    assert!(mqtt_connect(d.mqtt, "c", "carol", "c").await.is_err());
+    // A CONNACK refusal (without the check, the server admits the login, then drops the socket
+    // without a CONNACK: "JetStream not enabled for account" in its log only).
+    let err = mqtt_connect(d.mqtt, "c", "carol", "c")
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.contains("NotAuthorized"), "{err}");
     assert_eq!(d.env.metrics.denied("mqtt_needs_jetstream"), 1);
     d.env
         .connect_user("carol", "c")
         .await
         .expect("carol still logs in over TCP");
+    // Turning JetStream on lets carol's MQTT client in (the copy follows the account row).
+    d.env
+        .sql("UPDATE nats.accounts SET max_jetstream_disk_storage = 4194304 WHERE name = 'nojs'")
+        .await;
+    wait_until(Duration::from_secs(5), "carol's MQTT login", || async {
+        mqtt_connect(d.mqtt, "c", "carol", "c").await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test]
