@@ -437,8 +437,9 @@ impl Callout {
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
         // nats-server copies an MQTT CONNECT's password into `auth_token` too, so user + pass is
-        // a password login (its failures count toward the lockout) whatever the token says.
-        let token = match self.password_or_token(req, deadline).await? {
+        // a password login (its failures count toward the lockout) whatever the token says;
+        // except an MQTT token in the password field (see `password_or_token`).
+        let token = match self.password_or_token(req, now, deadline).await? {
             Credential::Password => None,
             Credential::Token => token,
         };
@@ -478,15 +479,19 @@ impl Callout {
     }
 
     /// Which credential of the request to check. User + password is a password login, even
-    /// with a token beside it (MQTT: the server copies the password into `auth_token`); except
-    /// that an MQTT client whose username names no user logs in with its password as a token
-    /// (MQTT devices put a token in the password field, with any username, because MQTT has
-    /// no token field and the server wants a username with a password). That fallback costs
-    /// no password hash and counts no lockout failure for the username; a wrong token is
-    /// `unknown_token`.
+    /// with a token beside it (MQTT: the server copies the password into `auth_token`).
+    ///
+    /// Except for MQTT devices with a token: MQTT has no token field and nats-server wants a
+    /// username with a password, so such a device sends its token as the password with a
+    /// username that is not a user. When the username names no user and the password is a
+    /// token we know, it is a token login. A valid token is tried before the username's
+    /// lockout, so bad tokens sent under a shared device username cannot lock the good ones
+    /// out; anything else goes on as a password login of an unknown user (a dummy hash, so
+    /// timing does not tell known usernames apart, and a lockout failure, like over TCP).
     async fn password_or_token(
         &self,
         req: &VerifiedRequest,
+        now: i64,
         deadline: Instant,
     ) -> Result<Credential, Deny> {
         let opts = &req.claims.nats.connect_opts;
@@ -498,11 +503,20 @@ impl Callout {
         let mqtt =
             permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
                 == "MQTT";
-        let has_token = opts.auth_token.expose().is_some_and(|t| !t.is_empty());
-        if mqtt && has_token && !self.lockout.is_locked(user) {
-            let known = self.find_user(user, deadline).await?.value.is_some();
-            if !known {
-                return Ok(Credential::Token);
+        let token = opts.auth_token.expose().filter(|t| !t.is_empty());
+        if let (true, Some(token)) = (mqtt, token) {
+            if self.find_user(user, deadline).await?.value.is_none() {
+                match self
+                    .check_token(SecretString::from(token.to_owned()), now, deadline)
+                    .await
+                {
+                    // Expired or revoked: say so (a token it is).
+                    Ok(_) => return Ok(Credential::Token),
+                    Err(deny) if deny.reason != DenyReason::UnknownToken => {
+                        return Ok(Credential::Token)
+                    }
+                    Err(_) => {}
+                }
             }
         }
         Ok(Credential::Password)

@@ -627,23 +627,39 @@ async fn mqtt_refusals_wrong_password_garbage_and_no_jetstream() {
 async fn mqtt_token_in_the_password_field() {
     let d = Doors::start().await;
     // Any username that is not a user: the password is tried as a token.
-    mqtt_connect(d.mqtt, "dev17", "device-17", "alice-token")
+    mqtt_connect(d.mqtt, "dev17", "device", "alice-token")
         .await
         .expect("token in the MQTT password field");
-    assert!(mqtt_connect(d.mqtt, "dev18", "device-18", "not-a-token")
+    // A wrong one is an unknown user's wrong password, as over TCP (a dummy hash, counted
+    // toward that username's lockout: 10 failures by default) ...
+    for i in 0..11 {
+        assert!(mqtt_connect(d.mqtt, &format!("bad{i}"), "device", "not-a-token")
+            .await
+            .is_err());
+    }
+    assert_eq!(d.env.metrics.denied("unknown_user"), 10);
+    assert_eq!(d.env.metrics.denied("locked_out"), 1);
+    assert_eq!(d.env.metrics.denied("unknown_token"), 0);
+    // ... but bad tokens under a shared device username do not lock the good ones out.
+    mqtt_connect(d.mqtt, "dev18", "device", "alice-token")
         .await
-        .is_err());
-    assert_eq!(d.env.metrics.denied("unknown_token"), 1);
-    assert_eq!(
-        d.env.metrics.denied("unknown_user"),
-        0,
-        "no lockout counting"
-    );
+        .expect("a valid token despite the username's lockout");
     // A username that is a user is a password login, token or not.
     assert!(mqtt_connect(d.mqtt, "dev19", "alice", "alice-token")
         .await
         .is_err());
     assert_eq!(d.env.metrics.denied("bad_password"), 1);
+    // Revoked: refused as such.
+    d.env
+        .sql("UPDATE nats.user_tokens SET revoked_at = now() WHERE description = 'device'")
+        .await;
+    wait_until(Duration::from_secs(5), "the revoked token refused", || async {
+        mqtt_connect(d.mqtt, "dev20", "device", "alice-token")
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(d.env.metrics.denied("token_revoked") >= 1);
 }
 
 // ---- Leaf nodes ------------------------------------------------------------------------------
