@@ -408,8 +408,20 @@ impl Drop for Mqtt {
 
 /// Connects; Err with the CONNACK code or the connection error.
 async fn mqtt_connect(port: u16, id: &str, user: &str, pass: &str) -> Result<Mqtt, String> {
+    mqtt_connect_with(port, id, user, pass, true).await
+}
+
+/// `clean: false` keeps the MQTT session (subscriptions, QoS 1 messages) across connections.
+async fn mqtt_connect_with(
+    port: u16,
+    id: &str,
+    user: &str,
+    pass: &str,
+    clean: bool,
+) -> Result<Mqtt, String> {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_credentials(user, pass);
+    o.set_clean_session(clean);
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = AsyncClient::new(o, 16);
     let connack = async {
@@ -555,6 +567,76 @@ async fn mqtt_password_login_gets_the_roles_rights() {
         .contains(&"alice".to_owned()));
 }
 
+/// What MQTT needs beyond the role's topics: nothing. Persistent sessions, QoS 1 messages
+/// kept while offline and retained messages all live in the account's JetStream, managed by
+/// the server itself; the deliveries to the client come on `$MQTT.sub.` /
+/// `$MQTT.deliver.pubrel.` subjects that nats-server allows MQTT clients without a grant
+/// (server/client.go). The role grants only `sensors.>` (and `_INBOX.>`).
+#[tokio::test]
+async fn mqtt_sessions_and_retained_messages_need_only_the_topics() {
+    let d = Doors::start().await;
+    let mut alice = mqtt_connect_with(d.mqtt, "alice-keep", "alice", "s3cret", false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.subscribe("sensors/kept").await[..],
+        [SubscribeReasonCode::Success(_)]
+    ));
+    alice.client.disconnect().await.unwrap();
+    wait_until(
+        Duration::from_secs(3),
+        "alice's MQTT client gone",
+        || async {
+            !d.env
+                .connected_users("acme")
+                .await
+                .contains(&"alice".to_owned())
+        },
+    )
+    .await;
+    // While alice is away, from bob's MQTT client: a QoS 1 message for her session (only
+    // MQTT QoS 1 publishes are stored for sessions; a plain NATS publish is not), and a
+    // retained one.
+    let bob = mqtt_connect(d.mqtt, "bob-dev", "bob", "b0b").await.unwrap();
+    bob.client
+        .publish("sensors/kept", QoS::AtLeastOnce, false, "while-away")
+        .await
+        .unwrap();
+    bob.client
+        .publish("sensors/status", QoS::AtLeastOnce, true, "retained")
+        .await
+        .unwrap();
+    let mut alice = mqtt_connect_with(d.mqtt, "alice-keep", "alice", "s3cret", false)
+        .await
+        .expect("alice back, same session");
+    let (payload, _) = alice.receive("sensors/kept").await;
+    assert_eq!(
+        payload, "while-away",
+        "the QoS 1 message kept in her session"
+    );
+    // The retained message reaches a later subscriber (retry: bob's publish may still be on
+    // its way to the retained-message stream).
+    let start = Instant::now();
+    loop {
+        assert!(matches!(
+            alice.subscribe("sensors/status").await[..],
+            [SubscribeReasonCode::Success(_)]
+        ));
+        if let Ok(Some((t, p))) =
+            tokio::time::timeout(Duration::from_millis(300), alice.msgs.recv()).await
+        {
+            assert_eq!((t.as_str(), p.as_str()), ("sensors/status", "retained"));
+            break;
+        }
+        alice.client.unsubscribe("sensors/status").await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "no retained message"
+        );
+    }
+    assert_eq!(d.env.metrics.denied("connection_type_not_allowed"), 0);
+}
+
 #[tokio::test]
 async fn mqtt_refusals_wrong_password_garbage_and_no_jetstream() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -633,9 +715,11 @@ async fn mqtt_token_in_the_password_field() {
     // A wrong one is an unknown user's wrong password, as over TCP (a dummy hash, counted
     // toward that username's lockout: 10 failures by default) ...
     for i in 0..11 {
-        assert!(mqtt_connect(d.mqtt, &format!("bad{i}"), "device", "not-a-token")
-            .await
-            .is_err());
+        assert!(
+            mqtt_connect(d.mqtt, &format!("bad{i}"), "device", "not-a-token")
+                .await
+                .is_err()
+        );
     }
     assert_eq!(d.env.metrics.denied("unknown_user"), 10);
     assert_eq!(d.env.metrics.denied("locked_out"), 1);
@@ -653,11 +737,15 @@ async fn mqtt_token_in_the_password_field() {
     d.env
         .sql("UPDATE nats.user_tokens SET revoked_at = now() WHERE description = 'device'")
         .await;
-    wait_until(Duration::from_secs(5), "the revoked token refused", || async {
-        mqtt_connect(d.mqtt, "dev20", "device", "alice-token")
-            .await
-            .is_err()
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the revoked token refused",
+        || async {
+            mqtt_connect(d.mqtt, "dev20", "device", "alice-token")
+                .await
+                .is_err()
+        },
+    )
     .await;
     assert!(d.env.metrics.denied("token_revoked") >= 1);
 }
