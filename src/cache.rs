@@ -1119,6 +1119,7 @@ mod tests {
             username: Arc::from(name),
             password_hash: Some(hash.into()),
             user_active: true,
+            mqtt_client_ids: Box::default(),
             shape: shape(1, Some(7)),
         })
     }

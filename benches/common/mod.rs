@@ -107,6 +107,7 @@ pub fn login_row(account_public_key: &str, signing: &KeyPair, stored_seed: &str)
         user_max_data: None,
         user_max_payload: Some(65536),
         user_ttl_secs: None,
+        user_mqtt_client_ids: vec![],
         role_id: Some(3),
         role_account_id: Some(1),
         role_pub_allow: Some(v(&["sensors.>", "telemetry.>", "events.>", "$JS.API.>"])),

@@ -223,6 +223,11 @@ impl Callout {
             username: Arc::from(user.username),
             password_hash: user.password_hash.map(String::into_boxed_str),
             user_active: user.user_active,
+            mqtt_client_ids: user
+                .user_mqtt_client_ids
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
             shape,
         })
     }

@@ -109,6 +109,8 @@ pub struct Login {
     /// bcrypt or argon2id; None for token-only users.
     pub password_hash: Option<Box<str>>,
     pub user_active: bool,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub mqtt_client_ids: Box<[Box<str>]>,
     pub shape: Arc<Shape>,
 }
 
@@ -157,6 +159,11 @@ impl Login {
             username: Arc::from(row.username),
             password_hash: row.password_hash.map(String::into_boxed_str),
             user_active: row.user_active,
+            mqtt_client_ids: row
+                .user_mqtt_client_ids
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
             shape,
         }
     }

@@ -57,6 +57,8 @@ pub enum DenyReason {
     /// An MQTT client of an account without JetStream (nats-server keeps MQTT sessions and
     /// QoS 1 messages in JetStream, and fails such a login obscurely).
     MqttNeedsJetstream,
+    /// An MQTT client id not in the user's `mqtt_client_ids`.
+    MqttClientIdNotAllowed,
     LockedOut,
     Overloaded,
     Internal,
@@ -77,6 +79,7 @@ impl DenyReason {
             DenyReason::SourceNotAllowed => "source_not_allowed",
             DenyReason::ConnectionTypeNotAllowed => "connection_type_not_allowed",
             DenyReason::MqttNeedsJetstream => "mqtt_needs_jetstream",
+            DenyReason::MqttClientIdNotAllowed => "mqtt_client_id_not_allowed",
             DenyReason::LockedOut => "locked_out",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Internal => "internal_error",
@@ -884,10 +887,23 @@ impl Callout {
                 "connection type not in the role's allowed_connection_types",
             ),
         })?;
-        if permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
-            == "MQTT"
-            && !login.shape.account_jetstream
-        {
+        let mqtt =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+                == "MQTT";
+        if mqtt && !login.mqtt_client_ids.is_empty() {
+            let id = client.mqtt_id.as_deref().unwrap_or("");
+            if !login.mqtt_client_ids.iter().any(|allowed| &**allowed == id) {
+                return Err(Deny::new(
+                    DenyReason::MqttClientIdNotAllowed,
+                    format!(
+                        "MQTT client id {:?} is not in nats.users.mqtt_client_ids of {:?}",
+                        id.chars().take(200).collect::<String>(),
+                        login.username
+                    ),
+                ));
+            }
+        }
+        if mqtt && !login.shape.account_jetstream {
             return Err(Deny::new(
                 DenyReason::MqttNeedsJetstream,
                 format!(

@@ -199,6 +199,7 @@ pub(crate) mod tests {
             user_max_data: None,
             user_max_payload: None,
             user_ttl_secs: None,
+            user_mqtt_client_ids: vec![],
             role_id: None,
             role_account_id: None,
             role_pub_allow: None,

@@ -20,6 +20,8 @@ pub struct LoginRow {
     pub user_max_data: Option<i64>,
     pub user_max_payload: Option<i64>,
     pub user_ttl_secs: Option<f64>,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub user_mqtt_client_ids: Vec<String>,
 
     pub role_id: Option<i64>,
     pub role_account_id: Option<i64>,
@@ -101,7 +103,8 @@ macro_rules! user_columns {
        u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
        u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
        u.max_payload AS user_max_payload,
-       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs"#
+       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs,
+       u.mqtt_client_ids AS user_mqtt_client_ids"#
     };
 }
 
@@ -267,6 +270,8 @@ pub struct UserPart {
     pub user_max_data: Option<i64>,
     pub user_max_payload: Option<i64>,
     pub user_ttl_secs: Option<f64>,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub user_mqtt_client_ids: Vec<String>,
     pub role_id: Option<i64>,
     pub account_id: i64,
 }
@@ -348,6 +353,7 @@ impl LoginRow {
             user_max_data: user.user_max_data,
             user_max_payload: user.user_max_payload,
             user_ttl_secs: user.user_ttl_secs,
+            user_mqtt_client_ids: user.user_mqtt_client_ids,
             role_id: role.map(|r| r.role_id),
             role_account_id: role.and_then(|r| r.role_account_id),
             role_pub_allow: role.map(|r| r.role_pub_allow.clone()),

@@ -750,6 +750,35 @@ async fn mqtt_token_in_the_password_field() {
     assert!(d.env.metrics.denied("token_revoked") >= 1);
 }
 
+#[tokio::test]
+async fn a_user_bound_to_mqtt_client_ids_uses_only_those() {
+    let d = Doors::start().await;
+    d.env
+        .sql("UPDATE nats.users SET mqtt_client_ids = '{alice-dev,alice-spare}' WHERE username = 'alice'")
+        .await;
+    // The server sends the CONNECT's client id as client_info.mqtt_id; others are refused.
+    wait_until(Duration::from_secs(5), "another client id refused", || async {
+        mqtt_connect(d.mqtt, "bobs-device", "alice", "s3cret")
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(d.env.metrics.denied("mqtt_client_id_not_allowed") >= 1);
+    mqtt_connect(d.mqtt, "alice-dev", "alice", "s3cret")
+        .await
+        .expect("a listed client id");
+    // Other doors and unbound users are not concerned.
+    d.env.connect_user("alice", "s3cret").await.expect("TCP");
+    mqtt_connect(d.mqtt, "anything", "bob", "b0b")
+        .await
+        .expect("bob has no binding");
+    let err = d
+        .env
+        .sql_err("UPDATE nats.users SET mqtt_client_ids = '{\"\"}' WHERE username = 'bob'")
+        .await;
+    assert!(err.contains("user_mqtt_client_ids_bounds"), "{err}");
+}
+
 // ---- Leaf nodes ------------------------------------------------------------------------------
 
 #[tokio::test]
