@@ -757,11 +757,15 @@ async fn a_user_bound_to_mqtt_client_ids_uses_only_those() {
         .sql("UPDATE nats.users SET mqtt_client_ids = '{alice-dev,alice-spare}' WHERE username = 'alice'")
         .await;
     // The server sends the CONNECT's client id as client_info.mqtt_id; others are refused.
-    wait_until(Duration::from_secs(5), "another client id refused", || async {
-        mqtt_connect(d.mqtt, "bobs-device", "alice", "s3cret")
-            .await
-            .is_err()
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "another client id refused",
+        || async {
+            mqtt_connect(d.mqtt, "bobs-device", "alice", "s3cret")
+                .await
+                .is_err()
+        },
+    )
     .await;
     assert!(d.env.metrics.denied("mqtt_client_id_not_allowed") >= 1);
     mqtt_connect(d.mqtt, "alice-dev", "alice", "s3cret")
