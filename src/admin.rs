@@ -671,6 +671,16 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
                 ),
             ),
         })
+    } else if permissions::connection_type(Some(kind), Some(client_type)) == "MQTT"
+        && !shape.account_jetstream
+    {
+        Some((
+            "mqtt_needs_jetstream",
+            format!(
+                "MQTT needs JetStream in account {:?}: set its max_jetstream_memory_storage and/or max_jetstream_disk_storage",
+                shape.account_name
+            ),
+        ))
     } else {
         match &shape.signing {
             Signing::Ready(_) => None,

@@ -1311,6 +1311,7 @@ mod tests {
             account_id,
             account_name: "acme".into(),
             account_active: true,
+            account_jetstream: false,
             foreign_role: false,
             allowed_sources: None,
             allowed_connection_types: None,
@@ -1336,6 +1337,7 @@ mod tests {
             password_hash: Some(hash.into()),
             nkey: None,
             user_active: true,
+            mqtt_client_ids: Box::default(),
             shape: shape(1, Some(7)),
         })
     }
@@ -1471,6 +1473,7 @@ mod tests {
             username: Arc::from(name),
             password_hash: None,
             nkey: Some(nkey.into()),
+            mqtt_client_ids: Box::default(),
             user_active: true,
             shape: shape(1, Some(7)),
         })

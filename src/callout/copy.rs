@@ -226,6 +226,11 @@ impl Callout {
             password_hash: user.password_hash.map(String::into_boxed_str),
             nkey: user.nkey.map(String::into_boxed_str),
             user_active: user.user_active,
+            mqtt_client_ids: user
+                .user_mqtt_client_ids
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
             shape,
         })
     }

@@ -49,6 +49,8 @@ pub struct Shape {
     pub account_id: i64,
     pub account_name: Box<str>,
     pub account_active: bool,
+    /// The account has JetStream (MQTT clients need it; see `authorize`).
+    pub account_jetstream: bool,
     /// The role belongs to another account (the schema refuses this; deny if it happens).
     pub foreign_role: bool,
     pub allowed_sources: Option<Vec<IpNetwork>>,
@@ -77,6 +79,7 @@ impl PartialEq for Shape {
             && self.account_id == o.account_id
             && self.account_name == o.account_name
             && self.account_active == o.account_active
+            && self.account_jetstream == o.account_jetstream
             && self.foreign_role == o.foreign_role
             && self.allowed_sources == o.allowed_sources
             && self.allowed_connection_types == o.allowed_connection_types
@@ -108,6 +111,8 @@ pub struct Login {
     /// Public nkey (`U…`) the user may log in with.
     pub nkey: Option<Box<str>>,
     pub user_active: bool,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub mqtt_client_ids: Box<[Box<str>]>,
     pub shape: Arc<Shape>,
 }
 
@@ -143,6 +148,7 @@ impl Login {
             foreign_role: row.role_account_id.is_some_and(|a| a != row.account_id),
             account_name: row.account_name.into_boxed_str(),
             account_active: row.account_active,
+            account_jetstream: row.account_jetstream,
             allowed_sources: row.role_allowed_sources.filter(|s| !s.is_empty()),
             allowed_connection_types: row.role_allowed_connection_types.filter(|t| !t.is_empty()),
             signing,
@@ -156,6 +162,11 @@ impl Login {
             password_hash: row.password_hash.map(String::into_boxed_str),
             nkey: row.nkey.map(String::into_boxed_str),
             user_active: row.user_active,
+            mqtt_client_ids: row
+                .user_mqtt_client_ids
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
             shape,
         }
     }

@@ -57,6 +57,11 @@ pub enum DenyReason {
     AccountNotReady,
     SourceNotAllowed,
     ConnectionTypeNotAllowed,
+    /// An MQTT client of an account without JetStream (nats-server keeps MQTT sessions and
+    /// QoS 1 messages in JetStream, and fails such a login obscurely).
+    MqttNeedsJetstream,
+    /// An MQTT client id not in the user's `mqtt_client_ids`.
+    MqttClientIdNotAllowed,
     LockedOut,
     Overloaded,
     Internal,
@@ -86,6 +91,8 @@ impl DenyReason {
             DenyReason::AccountNotReady => "account_not_ready",
             DenyReason::SourceNotAllowed => "source_not_allowed",
             DenyReason::ConnectionTypeNotAllowed => "connection_type_not_allowed",
+            DenyReason::MqttNeedsJetstream => "mqtt_needs_jetstream",
+            DenyReason::MqttClientIdNotAllowed => "mqtt_client_id_not_allowed",
             DenyReason::LockedOut => "locked_out",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Internal => "internal_error",
@@ -208,6 +215,12 @@ struct Grant {
     user_jwt: String,
     username: String,
     account: String,
+}
+
+/// The credential `decide` checks.
+enum Credential {
+    Password,
+    Token,
 }
 
 impl Callout {
@@ -415,10 +428,12 @@ impl Callout {
         let decision = self.decide(&req, now, deadline).await;
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
+        let door =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref());
         let outcome = match &decision {
             Ok(grant) => {
                 self.metrics.count_allow();
-                tracing::info!(user = %grant.username, account = %grant.account, host, "login allowed");
+                tracing::info!(user = %grant.username, account = %grant.account, host, door, "login allowed");
                 Ok(grant.user_jwt.as_str())
             }
             Err(deny) => {
@@ -428,6 +443,7 @@ impl Callout {
                     reason = deny.reason.as_str(),
                     user,
                     host,
+                    door,
                     "login denied: {}",
                     deny.detail
                 );
@@ -460,6 +476,13 @@ impl Callout {
             .expose()
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
+        // nats-server copies an MQTT CONNECT's password into `auth_token` too, so user + pass is
+        // a password login (its failures count toward the lockout) whatever the token says;
+        // except an MQTT token in the password field (see `password_or_token`).
+        let token = match self.password_or_token(req, now, deadline).await? {
+            Credential::Password => None,
+            Credential::Token => token,
+        };
         // A token with an expiry (or a revocation in the future) caps the JWT's lifetime, so the
         // server itself disconnects the client at that moment (no UPDATE, hence no kick, happens
         // then).
@@ -489,6 +512,50 @@ impl Callout {
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
         }
         self.authorize(req, &login, now, not_after)
+    }
+
+    /// Which credential of the request to check. User + password is a password login, even
+    /// with a token beside it (MQTT: the server copies the password into `auth_token`).
+    ///
+    /// Except for MQTT devices with a token: MQTT has no token field and nats-server wants a
+    /// username with a password, so such a device sends its token as the password with a
+    /// username that is not a user. When the username names no user and the password is a
+    /// token we know, it is a token login. A valid token is tried before the username's
+    /// lockout, so bad tokens sent under a shared device username cannot lock the good ones
+    /// out; anything else goes on as a password login of an unknown user (a dummy hash, so
+    /// timing does not tell known usernames apart, and a lockout failure, like over TCP).
+    async fn password_or_token(
+        &self,
+        req: &VerifiedRequest,
+        now: i64,
+        deadline: Instant,
+    ) -> Result<Credential, Deny> {
+        let opts = &req.claims.nats.connect_opts;
+        let user = opts.user.as_deref().filter(|u| !u.is_empty());
+        let (Some(user), true) = (user, opts.pass.expose().is_some()) else {
+            return Ok(Credential::Token);
+        };
+        let client = &req.claims.nats.client_info;
+        let mqtt =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+                == "MQTT";
+        let token = opts.auth_token.expose().filter(|t| !t.is_empty());
+        if let (true, Some(token)) = (mqtt, token) {
+            if self.find_user(user, deadline).await?.value.is_none() {
+                match self
+                    .check_token(SecretString::from(token.to_owned()), now, deadline)
+                    .await
+                {
+                    // Expired or revoked: say so (a token it is).
+                    Ok(_) => return Ok(Credential::Token),
+                    Err(deny) if deny.reason != DenyReason::UnknownToken => {
+                        return Ok(Credential::Token)
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(Credential::Password)
     }
 
     /// A slot for reading Postgres, or `Overloaded` when none frees up before the deadline.
@@ -853,6 +920,31 @@ impl Callout {
                 "connection type not in the role's allowed_connection_types",
             ),
         })?;
+        let mqtt =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+                == "MQTT";
+        if mqtt && !login.mqtt_client_ids.is_empty() {
+            let id = client.mqtt_id.as_deref().unwrap_or("");
+            if !login.mqtt_client_ids.iter().any(|allowed| &**allowed == id) {
+                return Err(Deny::new(
+                    DenyReason::MqttClientIdNotAllowed,
+                    format!(
+                        "MQTT client id {:?} is not in nats.users.mqtt_client_ids of {:?}",
+                        id.chars().take(200).collect::<String>(),
+                        login.username
+                    ),
+                ));
+            }
+        }
+        if mqtt && !login.shape.account_jetstream {
+            return Err(Deny::new(
+                DenyReason::MqttNeedsJetstream,
+                format!(
+                    "MQTT needs JetStream in account {:?}: set nats.accounts.max_jetstream_memory_storage and/or max_jetstream_disk_storage (bytes, -1 unlimited); both are 0",
+                    login.shape.account_name
+                ),
+            ));
+        }
         let issuer = match &login.shape.signing {
             Signing::Ready(issuer) => issuer,
             Signing::NotReady => {

@@ -171,6 +171,20 @@ pub fn connection_type(kind: Option<&str>, client_type: Option<&str>) -> &'stati
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn connection_types_as_the_real_server_sends_them() {
+        // Seen on nats-server 2.15.1 (tests/it/doors.rs): kind/type per door. A leaf node has
+        // no type; MQTT over WebSocket says "mqtt" (so MQTT_WS and LEAFNODE_WS never match).
+        assert_eq!(connection_type(Some("Client"), Some("nats")), "STANDARD");
+        assert_eq!(
+            connection_type(Some("Client"), Some("websocket")),
+            "WEBSOCKET"
+        );
+        assert_eq!(connection_type(Some("Client"), Some("mqtt")), "MQTT");
+        assert_eq!(connection_type(Some("Leafnode"), None), "LEAFNODE");
+        assert_eq!(connection_type(Some("Leafnode"), Some("")), "LEAFNODE");
+    }
+
     pub fn login() -> LoginRow {
         LoginRow {
             user_id: 1,
@@ -186,6 +200,7 @@ pub(crate) mod tests {
             user_max_data: None,
             user_max_payload: None,
             user_ttl_secs: None,
+            user_mqtt_client_ids: vec![],
             role_id: None,
             role_account_id: None,
             role_pub_allow: None,
@@ -204,6 +219,7 @@ pub(crate) mod tests {
             account_id: 1,
             account_name: "acme".into(),
             account_active: true,
+            account_jetstream: false,
             account_public_key: None,
             account_ttl_secs: None,
             signing_public_key: None,

@@ -22,6 +22,8 @@ pub struct LoginRow {
     pub user_max_data: Option<i64>,
     pub user_max_payload: Option<i64>,
     pub user_ttl_secs: Option<f64>,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub user_mqtt_client_ids: Vec<String>,
 
     pub role_id: Option<i64>,
     pub role_account_id: Option<i64>,
@@ -42,6 +44,8 @@ pub struct LoginRow {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
+    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
+    pub account_jetstream: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     /// Newest signing key that the server already has (created before the last good push).
@@ -101,7 +105,8 @@ macro_rules! user_columns {
        u.subscribe_permissions AS user_sub_allow, u.subscribe_deny_permissions AS user_sub_deny,
        u.max_subscriptions AS user_max_subscriptions, u.max_data AS user_max_data,
        u.max_payload AS user_max_payload,
-       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs"#
+       EXTRACT(EPOCH FROM u.user_jwt_ttl)::float8 AS user_ttl_secs,
+       u.mqtt_client_ids AS user_mqtt_client_ids"#
     };
 }
 
@@ -124,6 +129,7 @@ macro_rules! role_columns {
 macro_rules! account_columns {
     () => {
         r#"a.id AS account_id, a.name AS account_name, a.active AS account_active,
+       (a.max_jetstream_memory_storage <> 0 OR a.max_jetstream_disk_storage <> 0) AS account_jetstream,
        a.public_key AS account_public_key,
        EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
        k.public_key AS signing_public_key, k.seed AS signing_seed,
@@ -304,6 +310,8 @@ pub struct UserPart {
     pub user_max_data: Option<i64>,
     pub user_max_payload: Option<i64>,
     pub user_ttl_secs: Option<f64>,
+    /// MQTT client ids the user may connect with; empty: any.
+    pub user_mqtt_client_ids: Vec<String>,
     pub role_id: Option<i64>,
     pub account_id: i64,
 }
@@ -350,6 +358,8 @@ pub struct AccountPart {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
+    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
+    pub account_jetstream: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     pub signing_public_key: Option<String>,
@@ -395,6 +405,7 @@ impl LoginRow {
             user_max_data: user.user_max_data,
             user_max_payload: user.user_max_payload,
             user_ttl_secs: user.user_ttl_secs,
+            user_mqtt_client_ids: user.user_mqtt_client_ids,
             role_id: role.map(|r| r.role_id),
             role_account_id: role.and_then(|r| r.role_account_id),
             role_pub_allow: role.map(|r| r.role_pub_allow.clone()),
@@ -414,6 +425,7 @@ impl LoginRow {
             account_id: account.account_id,
             account_name: account.account_name.clone(),
             account_active: account.account_active,
+            account_jetstream: account.account_jetstream,
             account_public_key: account.account_public_key.clone(),
             account_ttl_secs: account.account_ttl_secs,
             signing_public_key: account.signing_public_key.clone(),

@@ -8,6 +8,7 @@ mod cli;
 mod cli_admin;
 mod common;
 mod compose;
+mod doors;
 mod init;
 mod login;
 mod manifests;

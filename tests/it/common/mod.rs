@@ -95,6 +95,21 @@ impl NatsServer {
         s
     }
 
+    /// A server with exactly this config (no operator, no `fragment.conf`): a leaf node, say.
+    /// `conf` must make it listen on `port`.
+    pub async fn start_plain(port: u16, dir: &Path, conf: &str) -> NatsServer {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("nats.conf"), conf).unwrap();
+        let mut s = NatsServer {
+            port,
+            dir: dir.to_path_buf(),
+            resolver_dir: dir.to_path_buf(),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
