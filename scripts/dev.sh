@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 PG_PORT="${PG_PORT:-55433}"
 NATS_PORT="${NATS_PORT:-4222}"
+WS_PORT="${WS_PORT:-9222}"
+MQTT_PORT="${MQTT_PORT:-1883}"
 DEV="$PWD/.dev"
 mkdir -p "$DEV"
 
@@ -38,6 +40,9 @@ server_name: dev
 listen: 127.0.0.1:$NATS_PORT
 include "nats-pg-auth.conf"
 jetstream: { store_dir: "$DEV/js", max_memory_store: 2GB, max_file_store: 10GB }
+# Other doors, served from the same rows (README "Ways to connect").
+websocket: { listen: "127.0.0.1:$WS_PORT", no_tls: true }
+mqtt: { listen: "127.0.0.1:$MQTT_PORT" }
 CONF
 "$NATS_SERVER_BIN" -c "$DEV/nats.conf" >"$DEV/nats.log" 2>&1 &
 pids+=($!)
@@ -48,7 +53,9 @@ serve_pid=$!
 pids+=($serve_pid)
 
 psql "$DATABASE_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
-INSERT INTO nats.accounts (name, max_connections) VALUES ('acme', 100) ON CONFLICT (name) DO NOTHING;
+-- JetStream (64 MiB in memory) lets acme host MQTT clients.
+INSERT INTO nats.accounts (name, max_connections, max_jetstream_memory_storage)
+  VALUES ('acme', 100, 67108864) ON CONFLICT (name) DO NOTHING;
 INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
   SELECT id, 'sensor', '{sensors.>,$SYS.REQ.USER.INFO}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme'
   ON CONFLICT DO NOTHING;
@@ -84,11 +91,13 @@ cat <<INFO
 
   nats-pg-auth is running.
     NATS:      nats://127.0.0.1:$NATS_PORT   (server log: .dev/nats.log)
+    WebSocket: ws://127.0.0.1:$WS_PORT   MQTT: 127.0.0.1:$MQTT_PORT (user alice / s3cret, topics sensors/#)
     Postgres:  $DATABASE_URL
     HTTP:      http://$HTTP_ADDR/metrics, /readyz
   Demo tenant: account acme, role sensor (pub/sub sensors.>), user alice / s3cret, token demo-token
     $BIN try-login --user alice --password s3cret --publish sensors.t1 --payload 21.5
     $BIN try-login --token demo-token
+    $BIN try-login --nats-url ws://127.0.0.1:$WS_PORT --user alice --password s3cret
   Add tenants with SQL:  psql "$DATABASE_URL"
   Ctrl-C stops everything.
 

@@ -78,6 +78,34 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// Every reason, for documentation checks and dashboards.
+    pub const ALL: [DenyReason; 24] = [
+        DenyReason::NoCredentials,
+        DenyReason::UnknownUser,
+        DenyReason::BadPassword,
+        DenyReason::UnknownToken,
+        DenyReason::TokenExpired,
+        DenyReason::TokenRevoked,
+        DenyReason::InactiveUser,
+        DenyReason::InactiveAccount,
+        DenyReason::AccountNotReady,
+        DenyReason::SourceNotAllowed,
+        DenyReason::ConnectionTypeNotAllowed,
+        DenyReason::MqttNeedsJetstream,
+        DenyReason::MqttClientIdNotAllowed,
+        DenyReason::LockedOut,
+        DenyReason::Overloaded,
+        DenyReason::Internal,
+        DenyReason::UnknownNkey,
+        DenyReason::BadNkey,
+        DenyReason::BadSignature,
+        DenyReason::UnknownCertificate,
+        DenyReason::CertificateNotVerified,
+        DenyReason::CertificateExpired,
+        DenyReason::BadCertificate,
+        DenyReason::AmbiguousCertificate,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::NoCredentials => "no_credentials",
@@ -985,5 +1013,49 @@ impl Callout {
             username: login.username.to_string(),
             account: login.shape.account_name.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DenyReason;
+
+    /// `DenyReason::ALL` must hold every variant, in order. This match has no wildcard, so a new
+    /// variant does not compile until it is given an index here: the reminder to add it to
+    /// `ALL` (and to the docs, which `observability::every_deny_reason_is_documented` checks).
+    #[test]
+    fn all_lists_every_reason() {
+        fn index(r: DenyReason) -> usize {
+            use DenyReason::*;
+            match r {
+                NoCredentials => 0,
+                UnknownUser => 1,
+                BadPassword => 2,
+                UnknownToken => 3,
+                TokenExpired => 4,
+                TokenRevoked => 5,
+                InactiveUser => 6,
+                InactiveAccount => 7,
+                AccountNotReady => 8,
+                SourceNotAllowed => 9,
+                ConnectionTypeNotAllowed => 10,
+                MqttNeedsJetstream => 11,
+                MqttClientIdNotAllowed => 12,
+                LockedOut => 13,
+                Overloaded => 14,
+                Internal => 15,
+                UnknownNkey => 16,
+                BadNkey => 17,
+                BadSignature => 18,
+                UnknownCertificate => 19,
+                CertificateNotVerified => 20,
+                CertificateExpired => 21,
+                BadCertificate => 22,
+                AmbiguousCertificate => 23,
+            }
+        }
+        for (i, r) in DenyReason::ALL.iter().enumerate() {
+            assert_eq!(index(*r), i, "{r:?} out of place in ALL");
+        }
     }
 }

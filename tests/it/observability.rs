@@ -181,3 +181,26 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
         assert!(used.contains(name), "{name} is used");
     }
 }
+
+/// An operator at 3 a.m. looks a deny reason up: every reason the service counts is in the
+/// troubleshooting table and in the README's list. (`callout::tests::all_lists_every_reason`
+/// keeps `DenyReason::ALL` in step with the enum.)
+#[test]
+fn every_deny_reason_is_documented() {
+    use nats_pg_auth::callout::DenyReason;
+    let troubleshooting = include_str!("../../docs/troubleshooting.md");
+    let readme = include_str!("../../README.md");
+    let names: std::collections::BTreeSet<_> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names.len(), DenyReason::ALL.len(), "distinct names");
+    for name in names {
+        let cell = format!("| `{name}` |");
+        assert!(
+            troubleshooting.contains(&cell),
+            "docs/troubleshooting.md lacks a row for {name}"
+        );
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README.md does not list {name}"
+        );
+    }
+}

@@ -55,7 +55,16 @@ fn try_login(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
-    let env = TestEnv::start().await;
+    // The server dev.sh starts: JetStream (acme hosts MQTT clients) and a WebSocket listener.
+    let ws_port = crate::common::free_port();
+    let env = TestEnv::start_with(crate::common::EnvOptions {
+        nats_extra: format!(
+            "jetstream: {{ store_dir: \"js\", max_memory_store: 268435456, max_file_store: 0 }}\n\
+             websocket: {{ listen: \"127.0.0.1:{ws_port}\", no_tls: true }}"
+        ),
+        ..Default::default()
+    })
+    .await;
     env.sql(&dev_sh_sql()).await;
     env.wait_synced("acme").await;
     env.wait_login("alice", "s3cret", Duration::from_secs(10), "alice logs in")
@@ -89,6 +98,14 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
     let (code, out, err) = try_login(&env, &["--user", "alice", "--password", "wrong"]);
     assert_eq!(code, Some(77), "{out}{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // dev.sh's WebSocket line: the same row, the same account, through the other door.
+    let ws = format!("ws://127.0.0.1:{ws_port}");
+    let (code, out, err) = try_login(
+        &env,
+        &["--nats-url", &ws, "--user", "alice", "--password", "s3cret"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&acme), "over WebSocket too: {out}");
 
     let blocks = unique_roles(sql_blocks(README));
     assert!(blocks.len() >= 4, "found {} SQL blocks", blocks.len());
