@@ -16,6 +16,10 @@
 //!   what that hit saves.
 //! - `decision/warm cpu`: everything a warm login costs except the NATS hops, as the callout
 //!   does it (xkey boxes precomputed per server).
+//! - `doors/nkey signature`: what an nkey login adds (ed25519 verify of the client's signature
+//!   over the server nonce). `doors/certificate parse+map`: what a certificate login adds (PEM +
+//!   X.509 parse of the verified leaf, RFC 2253 subject, SHA-256 fingerprint, validity check);
+//!   the certificate is made by `openssl` when the bench starts (skipped without it).
 
 mod common;
 
@@ -27,7 +31,7 @@ use nats_pg_auth::cache::{CacheSettings, LoginCache};
 use nats_pg_auth::callout::login::{Issuer, Login, Signing};
 use nats_pg_auth::callout::permissions::{self, Defaults};
 use nats_pg_auth::callout::xbox::ServerBoxes;
-use nats_pg_auth::callout::{credentials, mint, request};
+use nats_pg_auth::callout::{certificate, credentials, mint, nkey, request};
 use nats_pg_auth::jwt;
 use nats_pg_auth::keys::{self, SeedCipher};
 use nkeys::{KeyPair, XKey};
@@ -254,6 +258,24 @@ fn benches(c: &mut Criterion) {
         })
     });
 
+    let user = KeyPair::new_user();
+    let user_pk = user.public_key();
+    let nonce = "q3bQhbDgK0Q8Ew2a";
+    let sig = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(user.sign(nonce.as_bytes()).unwrap())
+    };
+    c.bench_function("doors/nkey signature", |b| {
+        b.iter(|| nkey::verify(black_box(&user_pk), Some(&sig), Some(nonce)).unwrap())
+    });
+    if let Some(pem) = self_signed_pem() {
+        let tls = serde_json::json!({"version": "1.3", "verified_chains": [[pem]]});
+        c.bench_function("doors/certificate parse+map", |b| {
+            b.iter(|| certificate::presented(Some(black_box(&tls)), jwt::now_unix()).unwrap())
+        });
+    }
+
     let bcrypt10 = bcrypt::hash("correct horse battery staple", 10).unwrap();
     let mut slow = c.benchmark_group("credentials");
     slow.sample_size(10);
@@ -266,6 +288,37 @@ fn benches(c: &mut Criterion) {
         })
     });
     slow.finish();
+}
+
+/// A client certificate as nats-server passes it (PEM), made by openssl (None without it).
+fn self_signed_pem() -> Option<String> {
+    let dir = tempfile::tempdir().ok()?;
+    let (key, cert) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/C=DE/O=Acme, Inc./CN=device-17",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .ok()?
+        .status
+        .success();
+    ok.then(|| std::fs::read_to_string(&cert).ok()).flatten()
 }
 
 fn config() -> Criterion {
