@@ -128,11 +128,17 @@ impl Doors {
 
     /// A plain nats-server (no operator) whose leaf remote logs into the hub as `user`.
     async fn start_leaf(&self, name: &str, user: &str, pass: &str) -> (NatsServer, u16) {
+        self.start_leaf_as(name, &format!("{user}:{pass}")).await
+    }
+
+    /// A leaf whose remote URL carries `userinfo` (`user:pass`, or a lone token: nats-server
+    /// then sends it as `user` and `auth_token`, with no password).
+    async fn start_leaf_as(&self, name: &str, userinfo: &str) -> (NatsServer, u16) {
         let port = free_port();
         let dir = self.env.dir.path().join(name);
         let conf = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\n\
-             leafnodes {{ reconnect: \"250ms\", remotes = [ {{ url: \"nats-leaf://{user}:{pass}@127.0.0.1:{} \" }} ] }}\n",
+             leafnodes {{ reconnect: \"250ms\", remotes = [ {{ url: \"nats-leaf://{userinfo}@127.0.0.1:{} \" }} ] }}\n",
             self.leaf
         );
         (
@@ -311,6 +317,27 @@ async fn websocket_cookie_logins_are_checked_by_the_callout() {
         .expect_err("no cookie");
     assert!(err.contains("Authorization Violation"), "{err}");
     assert_eq!(d.env.metrics.denied("no_credentials"), 1);
+}
+
+#[tokio::test]
+async fn websocket_token_cookie_logins_are_checked_by_the_callout() {
+    let d = Doors::start_with("  token_cookie: \"ntoken\"").await;
+    d.env
+        .sql(
+            "INSERT INTO nats.user_tokens (user_id, token_sha256, description)
+               SELECT id, digest('watcher-token', 'sha256'), 'browser' FROM nats.users WHERE username = 'watcher'",
+        )
+        .await;
+    let acme = d.env.account_key("acme").await;
+    let info = cookie_login(d.ws, "theme=dark; ntoken=watcher-token")
+        .await
+        .expect("token cookie login");
+    assert_eq!(info["account"], acme.as_str(), "{info}");
+    let err = cookie_login(d.ws, "ntoken=not-a-token")
+        .await
+        .expect_err("unknown token cookie");
+    assert!(err.contains("Authorization Violation"), "{err}");
+    assert_eq!(d.env.metrics.denied("unknown_token"), 1);
 }
 
 /// Sets the sensor role's connection types.
@@ -920,4 +947,29 @@ async fn deactivating_a_user_closes_it_on_every_door() {
     ));
     // The leaf stays out while alice is inactive.
     assert!(d.leaf_accounts().await.is_empty());
+}
+
+/// A leaf remote URL with a lone token (`nats-leaf://TOKEN@hub`) logs in with that token;
+/// an unknown one keeps the leaf out.
+#[tokio::test]
+async fn a_leaf_node_joins_with_a_token() {
+    let d = Doors::start().await;
+    let acme = d.env.account_key("acme").await;
+    let (bad, _) = d.start_leaf_as("leaf_badtok", "no-such-token").await;
+    wait_until(Duration::from_secs(5), "the leaf to be refused", || async {
+        d.env.metrics.denied("unknown_token") >= 1
+    })
+    .await;
+    assert!(
+        d.leaf_accounts().await.is_empty(),
+        "no leaf with a bad token"
+    );
+    drop(bad);
+    let (_leaf, _) = d.start_leaf_as("leaf_tok", "alice-token").await;
+    wait_until(
+        Duration::from_secs(5),
+        "the token leaf to join acme",
+        || async { d.leaf_accounts().await == vec![acme.clone()] },
+    )
+    .await;
 }
