@@ -76,8 +76,14 @@ CREATE TRIGGER user_certificates_no_truncate BEFORE TRUNCATE ON nats.user_certif
 
 -- Roles (as user_tokens in 0005). users.nkey is covered by the table-wide grants on nats.users.
 GRANT SELECT ON nats.user_certificates TO nats_pg_auth_service;
-GRANT SELECT, INSERT, UPDATE, DELETE ON nats.user_certificates
-  TO nats_pg_auth_admin, nats_pg_auth_tenant;
+GRANT SELECT, INSERT, UPDATE, DELETE ON nats.user_certificates TO nats_pg_auth_admin;
+-- Tenant admins see and remove their users' mappings (and edit descriptions) but do not create
+-- or re-point them: a certificate's subject and SANs are chosen by the CA, which tenants
+-- usually share, so a tenant free to map `CN=device-17,O=Globex` (or another tenant's
+-- certificate fingerprint, which is public) to one of its own users would capture that other
+-- tenant's device into its own account, or make its mapping ambiguous (a denial of service).
+-- Whoever runs the CA maps certificates (nats_pg_auth_admin).
+GRANT SELECT, DELETE, UPDATE (description) ON nats.user_certificates TO nats_pg_auth_tenant;
 ALTER TABLE nats.user_certificates ENABLE ROW LEVEL SECURITY;
 CREATE POLICY service_all ON nats.user_certificates TO nats_pg_auth_service
   USING (true) WITH CHECK (true);

@@ -532,10 +532,15 @@ DELETE FROM nats.kick_requests;
 
 CREATE TEMP TABLE gu AS SELECT id FROM nats.users WHERE username = 'g-user';
 GRANT SELECT ON gu TO PUBLIC;
-SET ROLE schema_checks_acme_admin;
 INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:n-dev.acme.example' FROM nats.users WHERE username = 'n-dev';
+SET ROLE schema_checks_acme_admin;
+-- Tenants do not map certificates (the CA's names are shared between tenants; see 0007).
+SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:mine' FROM nats.users WHERE username = 'n-dev'$$,
+  'permission denied');
 SELECT pg_temp.expect_error($$INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:steal' FROM gu$$,
-  'row-level security');
+  'permission denied');
+SELECT pg_temp.expect_error($$UPDATE nats.user_certificates SET subject_dn = 'CN=device-17,O=Globex'$$,
+  'permission denied');
 SELECT pg_temp.expect_error($$TRUNCATE nats.user_certificates$$, 'permission denied');
 RESET ROLE;
 INSERT INTO nats.user_certificates (user_id, san) SELECT id, 'dns:g.globex.example' FROM nats.users WHERE username = 'g-user';
