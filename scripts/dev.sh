@@ -53,9 +53,9 @@ serve_pid=$!
 pids+=($serve_pid)
 
 psql "$DATABASE_URL" -q -v ON_ERROR_STOP=1 <<'SQL'
--- JetStream (64 MiB in memory) lets acme host MQTT clients.
-INSERT INTO nats.accounts (name, max_connections, max_jetstream_memory_storage)
-  VALUES ('acme', 100, 67108864) ON CONFLICT (name) DO NOTHING;
+-- JetStream file storage (256 MiB) lets acme host MQTT clients (their sessions are file streams).
+INSERT INTO nats.accounts (name, max_connections, max_jetstream_disk_storage)
+  VALUES ('acme', 100, 268435456) ON CONFLICT (name) DO NOTHING;
 INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
   SELECT id, 'sensor', '{sensors.>,$SYS.REQ.USER.INFO}', '{sensors.>,_INBOX.>}' FROM nats.accounts WHERE name = 'acme'
   ON CONFLICT DO NOTHING;

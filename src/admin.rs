@@ -672,12 +672,12 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
             ),
         })
     } else if permissions::connection_type(Some(kind), Some(client_type)) == "MQTT"
-        && !shape.account_jetstream
+        && !shape.account_jetstream_disk
     {
         Some((
             "mqtt_needs_jetstream",
             format!(
-                "MQTT needs JetStream in account {:?}: set its max_jetstream_memory_storage and/or max_jetstream_disk_storage",
+                "MQTT needs JetStream file storage in account {:?} (nats-server keeps MQTT sessions and QoS 1 messages in file streams): set its max_jetstream_disk_storage",
                 shape.account_name
             ),
         ))

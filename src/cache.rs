@@ -1311,7 +1311,7 @@ mod tests {
             account_id,
             account_name: "acme".into(),
             account_active: true,
-            account_jetstream: false,
+            account_jetstream_disk: false,
             foreign_role: false,
             allowed_sources: None,
             allowed_connection_types: None,

@@ -127,7 +127,7 @@ pub fn login_row(account_public_key: &str, signing: &KeyPair, stored_seed: &str)
         account_id: 1,
         account_name: "acme".into(),
         account_active: true,
-        account_jetstream: false,
+        account_jetstream_disk: false,
         account_public_key: Some(account_public_key.to_owned()),
         account_ttl_secs: None,
         signing_public_key: Some(signing.public_key()),

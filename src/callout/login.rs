@@ -49,8 +49,8 @@ pub struct Shape {
     pub account_id: i64,
     pub account_name: Box<str>,
     pub account_active: bool,
-    /// The account has JetStream (MQTT clients need it; see `authorize`).
-    pub account_jetstream: bool,
+    /// The account has JetStream file storage (MQTT clients need it; see `authorize`).
+    pub account_jetstream_disk: bool,
     /// The role belongs to another account (the schema refuses this; deny if it happens).
     pub foreign_role: bool,
     pub allowed_sources: Option<Vec<IpNetwork>>,
@@ -79,7 +79,7 @@ impl PartialEq for Shape {
             && self.account_id == o.account_id
             && self.account_name == o.account_name
             && self.account_active == o.account_active
-            && self.account_jetstream == o.account_jetstream
+            && self.account_jetstream_disk == o.account_jetstream_disk
             && self.foreign_role == o.foreign_role
             && self.allowed_sources == o.allowed_sources
             && self.allowed_connection_types == o.allowed_connection_types
@@ -148,7 +148,7 @@ impl Login {
             foreign_role: row.role_account_id.is_some_and(|a| a != row.account_id),
             account_name: row.account_name.into_boxed_str(),
             account_active: row.account_active,
-            account_jetstream: row.account_jetstream,
+            account_jetstream_disk: row.account_jetstream_disk,
             allowed_sources: row.role_allowed_sources.filter(|s| !s.is_empty()),
             allowed_connection_types: row.role_allowed_connection_types.filter(|t| !t.is_empty()),
             signing,

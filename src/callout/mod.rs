@@ -57,8 +57,8 @@ pub enum DenyReason {
     AccountNotReady,
     SourceNotAllowed,
     ConnectionTypeNotAllowed,
-    /// An MQTT client of an account without JetStream (nats-server keeps MQTT sessions and
-    /// QoS 1 messages in JetStream, and fails such a login obscurely).
+    /// An MQTT client of an account without JetStream file storage (nats-server keeps MQTT
+    /// sessions and QoS 1 messages in file streams, and fails such a login obscurely).
     MqttNeedsJetstream,
     /// An MQTT client id not in the user's `mqtt_client_ids`.
     MqttClientIdNotAllowed,
@@ -964,11 +964,11 @@ impl Callout {
                 ));
             }
         }
-        if mqtt && !login.shape.account_jetstream {
+        if mqtt && !login.shape.account_jetstream_disk {
             return Err(Deny::new(
                 DenyReason::MqttNeedsJetstream,
                 format!(
-                    "MQTT needs JetStream in account {:?}: set nats.accounts.max_jetstream_memory_storage and/or max_jetstream_disk_storage (bytes, -1 unlimited); both are 0",
+                    "MQTT needs JetStream file storage in account {:?} (nats-server keeps MQTT sessions and QoS 1 messages in file streams): set nats.accounts.max_jetstream_disk_storage (bytes, -1 unlimited); it is 0",
                     login.shape.account_name
                 ),
             ));

@@ -219,7 +219,7 @@ pub(crate) mod tests {
             account_id: 1,
             account_name: "acme".into(),
             account_active: true,
-            account_jetstream: false,
+            account_jetstream_disk: false,
             account_public_key: None,
             account_ttl_secs: None,
             signing_public_key: None,

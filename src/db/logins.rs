@@ -44,8 +44,8 @@ pub struct LoginRow {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
-    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
-    pub account_jetstream: bool,
+    /// The account has JetStream file storage (disk limit other than 0); MQTT needs it.
+    pub account_jetstream_disk: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     /// Newest signing key that the server already has (created before the last good push).
@@ -129,7 +129,7 @@ macro_rules! role_columns {
 macro_rules! account_columns {
     () => {
         r#"a.id AS account_id, a.name AS account_name, a.active AS account_active,
-       (a.max_jetstream_memory_storage <> 0 OR a.max_jetstream_disk_storage <> 0) AS account_jetstream,
+       a.max_jetstream_disk_storage <> 0 AS account_jetstream_disk,
        a.public_key AS account_public_key,
        EXTRACT(EPOCH FROM a.user_jwt_ttl)::float8 AS account_ttl_secs,
        k.public_key AS signing_public_key, k.seed AS signing_seed,
@@ -358,8 +358,8 @@ pub struct AccountPart {
     pub account_id: i64,
     pub account_name: String,
     pub account_active: bool,
-    /// The account has JetStream (a memory or disk storage limit other than 0); MQTT needs it.
-    pub account_jetstream: bool,
+    /// The account has JetStream file storage (disk limit other than 0); MQTT needs it.
+    pub account_jetstream_disk: bool,
     pub account_public_key: Option<String>,
     pub account_ttl_secs: Option<f64>,
     pub signing_public_key: Option<String>,
@@ -425,7 +425,7 @@ impl LoginRow {
             account_id: account.account_id,
             account_name: account.account_name.clone(),
             account_active: account.account_active,
-            account_jetstream: account.account_jetstream,
+            account_jetstream_disk: account.account_jetstream_disk,
             account_public_key: account.account_public_key.clone(),
             account_ttl_secs: account.account_ttl_secs,
             signing_public_key: account.signing_public_key.clone(),

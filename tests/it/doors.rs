@@ -722,7 +722,22 @@ async fn mqtt_refusals_wrong_password_garbage_and_no_jetstream() {
         .connect_user("carol", "c")
         .await
         .expect("carol still logs in over TCP");
-    // Turning JetStream on lets carol's MQTT client in (the copy follows the account row).
+    // Memory storage alone is not enough: nats-server keeps MQTT sessions in file streams
+    // ("insufficient storage resources available" in its log, no CONNACK, without the check).
+    d.env
+        .sql("UPDATE nats.accounts SET max_jetstream_memory_storage = 4194304 WHERE name = 'nojs'")
+        .await;
+    d.env.wait_synced("nojs").await;
+    wait_until(
+        Duration::from_secs(5),
+        "the memory-only refusal",
+        || async {
+            mqtt_connect(d.mqtt, "c", "carol", "c").await.is_err()
+                && d.env.metrics.denied("mqtt_needs_jetstream") >= 2
+        },
+    )
+    .await;
+    // File storage lets carol's MQTT client in (the copy follows the account row).
     d.env
         .sql("UPDATE nats.accounts SET max_jetstream_disk_storage = 4194304 WHERE name = 'nojs'")
         .await;

@@ -59,7 +59,7 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
     let ws_port = crate::common::free_port();
     let env = TestEnv::start_with(crate::common::EnvOptions {
         nats_extra: format!(
-            "jetstream: {{ store_dir: \"js\", max_memory_store: 268435456, max_file_store: 0 }}\n\
+            "jetstream: {{ store_dir: \"js\", max_memory_store: 268435456, max_file_store: 1073741824 }}\n\
              websocket: {{ listen: \"127.0.0.1:{ws_port}\", no_tls: true }}"
         ),
         ..Default::default()
