@@ -395,6 +395,12 @@ async fn leafnode_connection_type_rule() {
     let d = Doors::start().await;
     let acme = d.env.account_key("acme").await;
     allow_types(&d.env, "{STANDARD}").await;
+    // The rule must have reached the login copy before the leaf dials (else the leaf gets in
+    // unrestricted and, connected, never retries): WebSocket being refused shows it has.
+    wait_until(Duration::from_secs(5), "the rule in the copy", || async {
+        d.ws_user("alice", "s3cret").await.is_err()
+    })
+    .await;
     let before = d.env.metrics.denied("connection_type_not_allowed");
     let (_leaf, _) = d.start_leaf("leaf_std", "alice", "s3cret").await;
     wait_until(Duration::from_secs(5), "the leaf to be refused", || async {
