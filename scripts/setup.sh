@@ -157,6 +157,15 @@ if is_root && ! id postgres >/dev/null 2>&1; then
   log "created system user postgres"
 fi
 
+# The certificate tests (tests/it/certificates.rs) make their CA and certificates with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+  if is_root; then
+    apt_install --no-install-recommends openssl
+  else
+    log "note: no openssl on PATH; the certificate tests need it (apt-get install openssl)"
+  fi
+fi
+
 # --------------------------------------------------------------------------------------------
 # docker-compose (validation of docker-compose.yaml only)
 # --------------------------------------------------------------------------------------------
