@@ -32,6 +32,14 @@ pub(super) struct Found<T> {
     pub from_copy: bool,
 }
 
+/// Where [`Callout::read_or_copy`] got its answer.
+pub(super) enum Read<R, T> {
+    /// Postgres answered (the row or rows, or none).
+    Postgres(R),
+    /// Postgres could not be asked: the copy's answer.
+    Copy(Found<T>),
+}
+
 impl Callout {
     /// Loads the copy and keeps it current until `stop`.
     pub async fn keep_copy(self: Arc<Self>, stop: CancellationToken) {
@@ -237,8 +245,34 @@ impl Callout {
 
     /// Postgres is known to be unreachable and the copy is not current: go straight to the
     /// copy instead of spending the client's auth timeout on a connect that will fail.
-    pub(super) fn skip_postgres(&self) -> bool {
+    fn skip_postgres(&self) -> bool {
         self.cache.in_outage() && !self.cache.is_live()
+    }
+
+    /// Reads what the copy could not answer live (a name it does not hold, a stamped scope)
+    /// from Postgres: in a DB slot, bounded by the client's deadline. While Postgres is known to
+    /// be down, or when the read fails, the copy answers instead, within the outage grace. Every
+    /// credential kind (username, token, nkey, certificate) looks up this way.
+    pub(super) async fn read_or_copy<R, T>(
+        &self,
+        deadline: Instant,
+        read: impl std::future::Future<Output = Result<R, sqlx::Error>>,
+        copy: impl FnOnce() -> CopyLookup<T>,
+    ) -> Result<Read<R, T>, Deny> {
+        if self.skip_postgres() {
+            return Ok(Read::Copy(self.answer_from_copy(copy, "still down")?));
+        }
+        let slot = self.db_slot(deadline).await?;
+        let read = self.db_read(deadline, read).await;
+        // The slot bounds Postgres work only; hashing has its own lane.
+        drop(slot);
+        match read {
+            Ok(v) => {
+                self.cache.postgres_answered();
+                Ok(Read::Postgres(v))
+            }
+            Err(why) => Ok(Read::Copy(self.answer_from_copy(copy, &why)?)),
+        }
     }
 
     /// The copy's answer when Postgres could not be asked (`why`).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::certificate::{self as cert, CertError, Choice};
-use super::copy::Found;
+use super::copy::{Found, Read};
 use super::login::Login;
 use super::nkey::{verify, NkeyError};
 use super::request::VerifiedRequest;
@@ -56,24 +56,18 @@ impl Callout {
                 value: Some(login),
                 from_copy: false,
             },
-            CredentialLookup::Miss if self.skip_postgres() => {
-                self.answer_from_copy(|| self.cache.copy_nkey(key), "still down")?
-            }
             CredentialLookup::Miss => {
-                let slot = self.db_slot(deadline).await?;
                 let read = self
-                    .db_read(deadline, db::logins::by_nkey(&self.pool, key))
-                    .await;
-                drop(slot);
+                    .read_or_copy(deadline, db::logins::by_nkey(&self.pool, key), || {
+                        self.cache.copy_nkey(key)
+                    })
+                    .await?;
                 match read {
-                    Ok(row) => {
-                        self.cache.postgres_answered();
-                        Found {
-                            value: row.map(|r| Arc::new(self.prepare(r))),
-                            from_copy: false,
-                        }
-                    }
-                    Err(why) => self.answer_from_copy(|| self.cache.copy_nkey(key), &why)?,
+                    Read::Postgres(row) => Found {
+                        value: row.map(|r| Arc::new(self.prepare(r))),
+                        from_copy: false,
+                    },
+                    Read::Copy(found) => found,
                 }
             }
         };
@@ -116,13 +110,9 @@ impl Callout {
                 value: Some(Choice::Ambiguous(users)),
                 from_copy: false,
             },
-            CredentialLookup::Miss if self.skip_postgres() => {
-                self.certificate_from_copy(&presented, "still down")?
-            }
             CredentialLookup::Miss => {
-                let slot = self.db_slot(deadline).await?;
                 let read = self
-                    .db_read(
+                    .read_or_copy(
                         deadline,
                         db::logins::by_certificate(
                             &self.pool,
@@ -130,12 +120,13 @@ impl Callout {
                             &presented.sans,
                             &presented.subject_loose(),
                         ),
+                        || self.cache.copy_certificate(&presented),
                     )
-                    .await;
-                drop(slot);
+                    .await?;
+                let choose =
+                    |candidates| cert::choose(candidates, &presented, |l: &Arc<Login>| l.user_id);
                 match read {
-                    Ok(rows) => {
-                        self.cache.postgres_answered();
+                    Read::Postgres(rows) => {
                         let candidates = rows
                             .into_iter()
                             .filter_map(|(row, part)| {
@@ -144,11 +135,14 @@ impl Callout {
                             })
                             .collect();
                         Found {
-                            value: Some(cert::choose(candidates, &presented, |l| l.user_id)),
+                            value: Some(choose(candidates)),
                             from_copy: false,
                         }
                     }
-                    Err(why) => self.certificate_from_copy(&presented, &why)?,
+                    Read::Copy(found) => Found {
+                        value: found.value.map(choose),
+                        from_copy: found.from_copy,
+                    },
                 }
             }
         };
@@ -176,19 +170,5 @@ impl Callout {
                 format!("{} is mapped to no user (nats.user_certificates)", who()),
             )),
         }
-    }
-
-    fn certificate_from_copy(
-        &self,
-        presented: &cert::Presented,
-        why: &str,
-    ) -> Result<Found<Choice<Arc<Login>>>, Deny> {
-        let found = self.answer_from_copy(|| self.cache.copy_certificate(presented), why)?;
-        Ok(Found {
-            value: found
-                .value
-                .map(|c| cert::choose(c, presented, |l: &Arc<Login>| l.user_id)),
-            from_copy: found.from_copy,
-        })
     }
 }

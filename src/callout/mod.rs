@@ -766,30 +766,25 @@ impl Callout {
             UserLookup::Unknown => return Ok(live(None)),
             UserLookup::Miss => {}
         }
-        if self.skip_postgres() {
-            return self.answer_from_copy(|| self.cache.copy_user(username), "still down");
-        }
         let ticket = self.cache.ticket();
-        let slot = self.db_slot(deadline).await?;
-        let row = self
-            .db_read(deadline, db::logins::by_username(&self.pool, username))
-            .await;
-        // The slot bounds Postgres work only; hashing has its own lane.
-        drop(slot);
-        if row.is_ok() {
-            self.cache.postgres_answered();
-        }
-        match row {
-            Ok(Some(row)) => {
+        let read = self
+            .read_or_copy(
+                deadline,
+                db::logins::by_username(&self.pool, username),
+                || self.cache.copy_user(username),
+            )
+            .await?;
+        match read {
+            copy::Read::Postgres(Some(row)) => {
                 let login = Arc::new(self.prepare(row));
                 self.cache.put_user(username, ticket, &login);
                 Ok(live(Some(login)))
             }
-            Ok(None) => {
+            copy::Read::Postgres(None) => {
                 self.cache.put_unknown_user(username, ticket);
                 Ok(live(None))
             }
-            Err(why) => self.answer_from_copy(|| self.cache.copy_user(username), &why),
+            copy::Read::Copy(found) => Ok(found),
         }
     }
 
@@ -827,32 +822,28 @@ impl Callout {
                 value: None,
                 from_copy: false,
             },
-            TokenLookup::Miss if self.skip_postgres() => {
-                self.answer_from_copy(|| self.cache.copy_token(&digest), "still down")?
-            }
             TokenLookup::Miss => {
                 let ticket = self.cache.ticket();
-                let slot = self.db_slot(deadline).await?;
                 let read = self
-                    .db_read(deadline, db::logins::by_token(&self.pool, &digest))
-                    .await;
-                drop(slot);
-                if read.is_ok() {
-                    self.cache.postgres_answered();
-                }
-                if let Ok(None) = &read {
-                    self.cache.put_unknown_token(digest, ticket);
-                }
+                    .read_or_copy(deadline, db::logins::by_token(&self.pool, &digest), || {
+                        self.cache.copy_token(&digest)
+                    })
+                    .await?;
                 match read {
-                    Ok(found) => copy::Found {
-                        value: found.map(|(row, tok)| {
-                            let login = Arc::new(self.prepare(row));
-                            self.cache.put_token(digest, ticket, &login, &tok);
-                            (login, tok)
-                        }),
-                        from_copy: false,
-                    },
-                    Err(why) => self.answer_from_copy(|| self.cache.copy_token(&digest), &why)?,
+                    copy::Read::Postgres(found) => {
+                        if found.is_none() {
+                            self.cache.put_unknown_token(digest, ticket);
+                        }
+                        copy::Found {
+                            value: found.map(|(row, tok)| {
+                                let login = Arc::new(self.prepare(row));
+                                self.cache.put_token(digest, ticket, &login, &tok);
+                                (login, tok)
+                            }),
+                            from_copy: false,
+                        }
+                    }
+                    copy::Read::Copy(found) => found,
                 }
             }
         };
