@@ -10,7 +10,8 @@ use async_nats::ConnectOptions;
 use futures::StreamExt;
 
 use crate::common::{
-    client_options, is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions, TestEnv,
+    client_options, is_auth_refusal, user_info, wait_until, with_events, DbOutage, EnvOptions,
+    TestEnv,
 };
 use nats_pg_auth::callout::certificate::{self, CertError};
 use nats_pg_auth::config::NatsTlsArgs;
@@ -75,15 +76,10 @@ impl Pki {
         self.dir.join(file)
     }
 
-    /// `name.key` and `name.pem`, signed by the CA, valid for two days.
-    fn leaf(&self, name: &str, subject: &str, ext: &str) {
-        let (key, csr, pem, extfile) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        std::fs::write(self.dir.join(&extfile), ext).unwrap();
+    /// A new key `name.key` and its signing request for `subject`; returns the request's file
+    /// and the certificate file to write (`name.csr`, `name.pem`).
+    fn key_and_request(&self, name: &str, subject: &str) -> (String, String) {
+        let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
         openssl(
             &self.dir,
             &[
@@ -102,6 +98,14 @@ impl Pki {
                 subject,
             ],
         );
+        (csr, format!("{name}.pem"))
+    }
+
+    /// `name.key` and `name.pem`, signed by the CA, valid for two days.
+    fn leaf(&self, name: &str, subject: &str, ext: &str) {
+        let (csr, pem) = self.key_and_request(name, subject);
+        let extfile = format!("{name}.ext");
+        std::fs::write(self.dir.join(&extfile), ext).unwrap();
         openssl(
             &self.dir,
             &[
@@ -142,29 +146,7 @@ impl Pki {
             ),
         )
         .unwrap();
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                subject,
-            ],
-        );
+        let (csr, pem) = self.key_and_request(name, subject);
         openssl(
             d,
             &[
@@ -189,19 +171,18 @@ impl Pki {
         );
     }
 
+    /// What `openssl x509 -noout <what>` prints about `name.pem`.
+    fn print(&self, name: &str, what: &[&str]) -> String {
+        let pem = format!("{name}.pem");
+        let mut args = vec!["x509", "-noout"];
+        args.extend_from_slice(what);
+        args.extend(["-in", pem.as_str()]);
+        openssl(&self.dir, &args)
+    }
+
     /// The SHA-256 fingerprint as `openssl x509 -fingerprint` prints it, as hex for SQL.
     fn fingerprint_hex(&self, name: &str) -> String {
-        let out = openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-noout",
-                "-fingerprint",
-                "-sha256",
-                "-in",
-                &format!("{name}.pem"),
-            ],
-        );
+        let out = self.print(name, &["-fingerprint", "-sha256"]);
         out.trim()
             .rsplit('=')
             .next()
@@ -212,18 +193,7 @@ impl Pki {
 
     /// The subject as the admin guide says to read it.
     fn subject(&self, name: &str) -> String {
-        let out = openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-noout",
-                "-subject",
-                "-nameopt",
-                "RFC2253",
-                "-in",
-                &format!("{name}.pem"),
-            ],
-        );
+        let out = self.print(name, &["-subject", "-nameopt", "RFC2253"]);
         out.trim().strip_prefix("subject=").unwrap().to_owned()
     }
 
@@ -446,18 +416,8 @@ async fn deleting_a_certificate_mapping_closes_the_connection() {
         pki.fingerprint_hex("fp")
     ))
     .await;
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let _client = pki
-        .client(Some("fp"), ConnectOptions::new())
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(env.url())
-        .await
-        .expect("certificate login");
+    let (opts, mut events) = with_events(pki.client(Some("fp"), ConnectOptions::new()));
+    let _client = opts.connect(env.url()).await.expect("certificate login");
     let start = std::time::Instant::now();
     env.sql("DELETE FROM nats.user_certificates").await;
     loop {

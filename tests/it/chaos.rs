@@ -377,15 +377,8 @@ async fn connect_watching_with(
     cred: Cred,
     tweak: impl FnOnce(ConnectOptions) -> ConnectOptions,
 ) -> (Client, mpsc::UnboundedReceiver<Event>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let client = tweak(cred.options())
-        .retain_servers_order()
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
+    let (opts, rx) = crate::common::with_events(tweak(cred.options()).retain_servers_order());
+    let client = opts
         .connect(urls.to_vec())
         .await
         .unwrap_or_else(|e| panic!("{} connects to {}: {e}", cred.user(), urls[0]));

@@ -15,7 +15,8 @@ use rumqttc::{
 use tokio::sync::mpsc;
 
 use crate::common::{
-    client_options, free_port, is_auth_refusal, settle, wait_until, EnvOptions, NatsServer, TestEnv,
+    client_options, free_port, is_auth_refusal, settle, wait_until, with_events, EnvOptions,
+    NatsServer, TestEnv,
 };
 
 /// A test deployment whose server has every door open.
@@ -88,20 +89,11 @@ impl Doors {
         user: &str,
         pass: &str,
     ) -> (Client, mpsc::UnboundedReceiver<Event>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let client = client_options(ConnectOptions::with_user_and_password(
+        let (opts, rx) = with_events(client_options(ConnectOptions::with_user_and_password(
             user.into(),
             pass.into(),
-        ))
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(self.ws_url())
-        .await
-        .expect("WebSocket login");
+        )));
+        let client = opts.connect(self.ws_url()).await.expect("WebSocket login");
         (client, rx)
     }
 

@@ -5,24 +5,7 @@ use std::time::Duration;
 use async_nats::Event;
 use futures::StreamExt;
 
-use crate::common::{is_auth_refusal, user_info, wait_until, TestEnv};
-
-/// Waits for a permissions-violation error event from the server.
-async fn expect_violation(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, subject: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let e = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no permissions violation for {subject}"))
-            .expect("event stream open");
-        if let Event::ServerError(err) = &e {
-            let text = err.to_string().to_lowercase();
-            if text.contains("permissions violation") && text.contains(&subject.to_lowercase()) {
-                return;
-            }
-        }
-    }
-}
+use crate::common::{expect_violation, is_auth_refusal, user_info, wait_until, TestEnv};
 
 #[tokio::test]
 async fn password_login_places_alice_in_acme_with_role_permissions() {

@@ -10,7 +10,7 @@ use nkeys::KeyPair;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::common::{client_options, is_auth_refusal, wait_until, DbOutage, TestEnv};
+use crate::common::{expect_violation, is_auth_refusal, wait_until, DbOutage, TestEnv};
 
 /// acme (role sensor: publish sensors.>) with user `device-1` holding `key`'s public nkey and
 /// no password.
@@ -31,17 +31,8 @@ async fn connect_nkey(
     env: &TestEnv,
     seed: &str,
 ) -> Result<(async_nats::Client, UnboundedReceiver<Event>), async_nats::ConnectError> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = client_options(ConnectOptions::with_nkey(seed.to_owned()))
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(env.url())
-        .await?;
-    Ok((client, rx))
+    env.connect_events(ConnectOptions::with_nkey(seed.to_owned()))
+        .await
 }
 
 /// Speaks the protocol by hand, for CONNECTs no client library sends (a signature by another
@@ -70,22 +61,6 @@ async fn raw_connect(env: &TestEnv, connect: impl Fn(&str) -> serde_json::Value)
 
 fn sign(key: &KeyPair, nonce: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.sign(nonce.as_bytes()).unwrap())
-}
-
-async fn expect_violation(events: &mut UnboundedReceiver<Event>, subject: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let e = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no permissions violation for {subject}"))
-            .expect("event stream open");
-        if let Event::ServerError(err) = &e {
-            let text = err.to_string().to_lowercase();
-            if text.contains("permissions violation") && text.contains(subject) {
-                return;
-            }
-        }
-    }
 }
 
 #[tokio::test]

@@ -60,6 +60,14 @@ pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
 }
 
+/// SIGKILL a child process (if any) and reap it.
+fn kill_and_reap(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// A nats-server process on a free loopback port, killed on drop.
 pub struct NatsServer {
     pub port: u16,
@@ -149,10 +157,7 @@ impl NatsServer {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(self.child.take());
     }
 
     /// Restarts on the same port, optionally with an emptied resolver directory (a server that
@@ -488,27 +493,48 @@ impl TestEnv {
             .await
     }
 
-    async fn connect_events(
+    /// Any login (`opts` carries the credentials) that also returns the client's events.
+    pub async fn connect_events(
         &self,
         opts: ConnectOptions,
     ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), async_nats::ConnectError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let client = client_options(opts)
-            .event_callback(move |e| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(e);
-                }
-            })
-            .connect(self.url())
-            .await?;
-        Ok((client, rx))
+        let (opts, rx) = with_events(client_options(opts));
+        Ok((opts.connect(self.url()).await?, rx))
     }
 }
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// `opts` with the client's events (disconnects, server errors, …) sent to the receiver.
+pub fn with_events(opts: ConnectOptions) -> (ConnectOptions, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let opts = opts.event_callback(move |e| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(e);
+        }
+    });
+    (opts, rx)
+}
+
+/// Waits (3 s at most) for the server's permissions-violation error about `subject`.
+pub async fn expect_violation(events: &mut mpsc::UnboundedReceiver<Event>, subject: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no permissions violation for {subject}"))
+            .expect("event stream open");
+        if let Event::ServerError(err) = &e {
+            let text = err.to_string().to_lowercase();
+            if text.contains("permissions violation") && text.contains(&subject.to_lowercase()) {
+                return;
+            }
+        }
     }
 }
 
@@ -871,10 +897,7 @@ impl ServiceProcess {
 
     /// SIGKILL, and reap it.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(self.child.take());
     }
 
     /// Sends a signal (SIGTERM, say) without waiting.
