@@ -10,8 +10,8 @@ use async_nats::ConnectOptions;
 use futures::StreamExt;
 
 use crate::common::{
-    client_options, is_auth_refusal, user_info, wait_until, with_events, DbOutage, EnvOptions,
-    TestEnv,
+    client_options, disconnected_by, is_auth_refusal, user_info, wait_until, with_events, DbOutage,
+    EnvOptions, TestEnv,
 };
 use nats_pg_auth::callout::certificate::{self, CertError};
 use nats_pg_auth::config::NatsTlsArgs;
@@ -249,6 +249,22 @@ async fn start(pki: &Pki, verify: bool) -> TestEnv {
     env
 }
 
+/// `start`, with certificate `fp` (made in a new temporary directory) mapped to `dev-fp` by
+/// its fingerprint. The directory lives as long as the returned guard.
+async fn fingerprint_mapped(verify: bool) -> (tempfile::TempDir, Pki, TestEnv) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    pki.leaf("fp", "/CN=device by fingerprint", CLIENT_EXT);
+    let env = start(&pki, verify).await;
+    env.sql(&format!(
+        "INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
+           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-fp'",
+        pki.fingerprint_hex("fp")
+    ))
+    .await;
+    (dir, pki, env)
+}
+
 /// `who` logs in with `cert` alone, is that user, and has its role's rights.
 async fn logs_in_as(env: &TestEnv, pki: &Pki, cert: &str, who: &str) {
     let client = pki
@@ -406,29 +422,19 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
 
 #[tokio::test]
 async fn deleting_a_certificate_mapping_closes_the_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    pki.leaf("fp", "/CN=device by fingerprint", CLIENT_EXT);
-    let env = start(&pki, true).await;
-    env.sql(&format!(
-        "INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
-           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-fp'",
-        pki.fingerprint_hex("fp")
-    ))
-    .await;
+    let (_dir, pki, env) = fingerprint_mapped(true).await;
     let (opts, mut events) = with_events(pki.client(Some("fp"), ConnectOptions::new()));
     let _client = opts.connect(env.url()).await.expect("certificate login");
     let start = std::time::Instant::now();
     env.sql("DELETE FROM nats.user_certificates").await;
-    loop {
-        let left = Duration::from_secs(2).saturating_sub(start.elapsed());
-        match tokio::time::timeout(left, events.recv()).await {
-            Ok(Some(async_nats::Event::Disconnected)) => break,
-            Ok(Some(_)) => continue,
-            _ => panic!("not disconnected within 2 s"),
-        }
-    }
-    eprintln!("revocation delay (mapping deleted): {:?}", start.elapsed());
+    let took = disconnected_by(
+        &mut events,
+        start,
+        Duration::from_secs(2),
+        "mapping deleted",
+    )
+    .await;
+    eprintln!("revocation delay (mapping deleted): {took:?}");
     let err = pki
         .client(Some("fp"), ConnectOptions::new())
         .connect(env.url())
@@ -439,16 +445,7 @@ async fn deleting_a_certificate_mapping_closes_the_connection() {
 
 #[tokio::test]
 async fn without_verify_a_certificate_identifies_nobody() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    pki.leaf("fp", "/CN=device by fingerprint", CLIENT_EXT);
-    let env = start(&pki, false).await;
-    env.sql(&format!(
-        "INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
-           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-fp'",
-        pki.fingerprint_hex("fp")
-    ))
-    .await;
+    let (_dir, pki, env) = fingerprint_mapped(false).await;
     let err = pki
         .client(Some("fp"), ConnectOptions::new())
         .connect(env.url())

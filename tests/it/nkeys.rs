@@ -10,7 +10,9 @@ use nkeys::KeyPair;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::common::{expect_violation, is_auth_refusal, wait_until, DbOutage, TestEnv};
+use crate::common::{
+    disconnected_by, expect_violation, is_auth_refusal, wait_until, DbOutage, TestEnv,
+};
 
 /// acme (role sensor: publish sensors.>) with user `device-1` holding `key`'s public nkey and
 /// no password.
@@ -205,15 +207,8 @@ async fn deactivating_or_rekeying_an_nkey_user_closes_its_connection() {
         let (_device, mut events) = connect_nkey(&env, &seed).await.expect("nkey login");
         let start = Instant::now();
         env.sql(change).await;
-        loop {
-            let left = Duration::from_secs(2).saturating_sub(start.elapsed());
-            match tokio::time::timeout(left, events.recv()).await {
-                Ok(Some(Event::Disconnected)) => break,
-                Ok(Some(_)) => continue,
-                _ => panic!("{change}: not disconnected within 2 s"),
-            }
-        }
-        eprintln!("revocation delay ({change}): {:?}", start.elapsed());
+        let took = disconnected_by(&mut events, start, Duration::from_secs(2), change).await;
+        eprintln!("revocation delay ({change}): {took:?}");
         let err = connect_nkey(&env, &seed).await.expect_err("stays out");
         assert!(is_auth_refusal(&err), "{err}");
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use async_nats::Event;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::common::{is_auth_refusal, TestEnv};
+use crate::common::{disconnected_by, is_auth_refusal, TestEnv};
 
 /// Waits for a disconnect event; returns how long it took.
 async fn disconnected_within(
@@ -14,14 +14,7 @@ async fn disconnected_within(
     limit: Duration,
     what: &str,
 ) -> Duration {
-    let start = Instant::now();
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), events.recv()).await {
-            Ok(Some(Event::Disconnected)) => return start.elapsed(),
-            Ok(Some(_)) => continue,
-            _ => panic!("{what}: not disconnected within {limit:?}"),
-        }
-    }
+    disconnected_by(events, Instant::now(), limit, what).await
 }
 
 /// Asserts the watcher's connection stayed up the whole time.

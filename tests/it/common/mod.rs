@@ -521,6 +521,23 @@ pub fn with_events(opts: ConnectOptions) -> (ConnectOptions, mpsc::UnboundedRece
     (opts, rx)
 }
 
+/// Waits for the client's disconnect event until `limit` after `start`; returns how long
+/// after `start` it came. Panics (naming `what`) when it does not.
+pub async fn disconnected_by(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    start: Instant,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), events.recv()).await {
+            Ok(Some(Event::Disconnected)) => return start.elapsed(),
+            Ok(Some(_)) => continue,
+            _ => panic!("{what}: not disconnected within {limit:?}"),
+        }
+    }
+}
+
 /// Waits (3 s at most) for the server's permissions-violation error about `subject`.
 pub async fn expect_violation(events: &mut mpsc::UnboundedReceiver<Event>, subject: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
