@@ -265,6 +265,17 @@ async fn fingerprint_mapped(verify: bool) -> (tempfile::TempDir, Pki, TestEnv) {
     (dir, pki, env)
 }
 
+/// A client presenting `cert` alone is refused with `Authorization Violation` (`what` says why
+/// it must be).
+async fn refused(env: &TestEnv, pki: &Pki, cert: &str, what: &str) {
+    let err = pki
+        .client(Some(cert), ConnectOptions::new())
+        .connect(env.url())
+        .await
+        .expect_err(what);
+    assert!(is_auth_refusal(&err), "{what}: {err}");
+}
+
 /// `who` logs in with `cert` alone, is that user, and has its role's rights.
 async fn logs_in_as(env: &TestEnv, pki: &Pki, cert: &str, who: &str) {
     let client = pki
@@ -338,12 +349,7 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
         .expect("alice logs in over TLS");
     assert_eq!(user_info(&alice).await["user"].as_str(), Some("alice"));
 
-    let err = pki
-        .client(Some("stranger"), ConnectOptions::new())
-        .connect(env.url())
-        .await
-        .expect_err("an unmapped certificate is refused");
-    assert!(is_auth_refusal(&err), "{err}");
+    refused(&env, &pki, "stranger", "an unmapped certificate is refused").await;
     assert_eq!(env.metrics.denied("unknown_certificate"), 1);
 
     // nats-server refuses an expired certificate in the handshake; the service would too.
@@ -410,12 +416,7 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
     .await;
     let outage = DbOutage::begin(&env).await;
     logs_in_as(&env, &pki, "fp", "dev-fp").await;
-    let err = pki
-        .client(Some("stranger"), ConnectOptions::new())
-        .connect(env.url())
-        .await
-        .expect_err("still refused without Postgres");
-    assert!(is_auth_refusal(&err), "{err}");
+    refused(&env, &pki, "stranger", "still refused without Postgres").await;
     assert!(cache.in_outage(), "answered from the copy");
     outage.end().await;
 }
@@ -435,23 +436,13 @@ async fn deleting_a_certificate_mapping_closes_the_connection() {
     )
     .await;
     eprintln!("revocation delay (mapping deleted): {took:?}");
-    let err = pki
-        .client(Some("fp"), ConnectOptions::new())
-        .connect(env.url())
-        .await
-        .expect_err("the certificate no longer logs in");
-    assert!(is_auth_refusal(&err), "{err}");
+    refused(&env, &pki, "fp", "the certificate no longer logs in").await;
 }
 
 #[tokio::test]
 async fn without_verify_a_certificate_identifies_nobody() {
     let (_dir, pki, env) = fingerprint_mapped(false).await;
-    let err = pki
-        .client(Some("fp"), ConnectOptions::new())
-        .connect(env.url())
-        .await
-        .expect_err("refused: the chain was not verified");
-    assert!(is_auth_refusal(&err), "{err}");
+    refused(&env, &pki, "fp", "refused: the chain was not verified").await;
     // nats-server without `verify` does not ask for a client certificate at all: the request
     // has `client_tls` with neither `certs` nor `verified_chains`.
     assert_eq!(env.metrics.denied("certificate_not_verified"), 1);
