@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::callout::login::{Login, Signing};
 use crate::callout::permissions;
+use crate::callout::DenyReason;
 use crate::cli::{out, CliError};
 use crate::config::{
     AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
@@ -411,7 +412,13 @@ async fn find_login(
         return Ok(db::logins::by_username(pool, user)
             .await
             .map_err(q)?
-            .ok_or_else(|| (user.clone(), "unknown_user", format!("no user {user:?}"))));
+            .ok_or_else(|| {
+                (
+                    user.clone(),
+                    DenyReason::UnknownUser.as_str(),
+                    format!("no user {user:?}"),
+                )
+            }));
     }
     if let Some(key) = &args.nkey {
         if !nkeys::KeyPair::from_public_key(key)
@@ -419,7 +426,7 @@ async fn find_login(
         {
             return Ok(Err((
                 key.clone(),
-                "bad_nkey",
+                DenyReason::BadNkey.as_str(),
                 format!("{key:?} is not a user public nkey"),
             )));
         }
@@ -429,7 +436,7 @@ async fn find_login(
             .ok_or_else(|| {
                 (
                     key.clone(),
-                    "unknown_nkey",
+                    DenyReason::UnknownNkey.as_str(),
                     format!("no user has nkey {key:?}"),
                 )
             }));
@@ -451,7 +458,7 @@ async fn find_login(
         Err(certificate::CertError::OutsideValidity { .. }) => {
             return Ok(Err((
                 shown,
-                "certificate_expired",
+                DenyReason::CertificateExpired.as_str(),
                 "the certificate is not valid now".into(),
             )))
         }
@@ -479,12 +486,12 @@ async fn find_login(
             certificate::Choice::One(row, _) => Ok(row),
             certificate::Choice::Nothing => Err((
                 who.clone(),
-                "unknown_certificate",
+                DenyReason::UnknownCertificate.as_str(),
                 format!("{who} is mapped to no user"),
             )),
             certificate::Choice::Ambiguous(users) => Err((
                 who.clone(),
-                "ambiguous_certificate",
+                DenyReason::AmbiguousCertificate.as_str(),
                 format!("{who} matches equally specific mappings of users {users:?}"),
             )),
         },
@@ -630,72 +637,22 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
         "allowed_connection_types": shape.allowed_connection_types,
         "from": origins,
     });
-    // The checks of `authorize`, in its order.
-    let deny: Option<(&str, String)> = if !login.user_active {
-        Some((
-            "inactive_user",
-            format!("user {:?} is inactive", login.username),
-        ))
-    } else if !shape.account_active {
-        Some((
-            "inactive_account",
-            format!("account {:?} is inactive", shape.account_name),
-        ))
-    } else if shape.foreign_role {
-        Some((
-            "internal_error",
-            "the user's role belongs to another account".to_owned(),
-        ))
-    } else if let Err(rule) = permissions::check_connection(
-        shape.allowed_sources.as_deref(),
-        shape.allowed_connection_types.as_deref(),
-        args.source.as_deref(),
-        Some(kind),
-        Some(client_type),
+    // The callout's own checks; only a source the caller did not give is said differently.
+    let deny: Option<(&str, String)> = match crate::callout::admit(
+        &login,
+        &crate::callout::Door {
+            host: args.source.as_deref(),
+            kind: Some(kind),
+            client_type: Some(client_type),
+            mqtt_id: None,
+        },
     ) {
-        Some(match rule {
-            permissions::ConnectionRule::SourceNotAllowed => (
-                "source_not_allowed",
-                match &args.source {
-                    Some(s) => format!("source {s} is not in the role's allowed_sources"),
-                    None => {
-                        "the role has allowed_sources; give --source to check an address".to_owned()
-                    }
-                },
-            ),
-            permissions::ConnectionRule::ConnectionTypeNotAllowed => (
-                "connection_type_not_allowed",
-                format!(
-                    "connection type {} is not in the role's allowed_connection_types",
-                    args.connection_type.to_ascii_uppercase()
-                ),
-            ),
-        })
-    } else if permissions::connection_type(Some(kind), Some(client_type)) == "MQTT"
-        && !shape.account_jetstream_disk
-    {
-        Some((
-            "mqtt_needs_jetstream",
-            format!(
-                "MQTT needs JetStream file storage in account {:?} (nats-server keeps MQTT sessions and QoS 1 messages in file streams): set its max_jetstream_disk_storage",
-                shape.account_name
-            ),
-        ))
-    } else {
-        match &shape.signing {
-            Signing::Ready(_) => None,
-            Signing::NotReady => Some((
-                "account_not_ready",
-                format!(
-                    "account {:?} is not on the server yet (sync pending; see `nats-pg-auth account show {}`)",
-                    shape.account_name, shape.account_name
-                ),
-            )),
-            Signing::Unusable(e) => Some((
-                "internal_error",
-                format!("signing key of account {:?} unusable: {e}", shape.account_name),
-            )),
-        }
+        Ok(_) => None,
+        Err(d) if d.reason == DenyReason::SourceNotAllowed && args.source.is_none() => Some((
+            d.reason.as_str(),
+            "the role has allowed_sources; give --source to check an address".to_owned(),
+        )),
+        Err(d) => Some((d.reason.as_str(), d.detail)),
     };
     let obj = report_value.as_object_mut().expect("an object");
     obj.insert("allowed".into(), json!(deny.is_none()));

@@ -152,6 +152,105 @@ impl Deny {
     }
 }
 
+/// The connection a login is checked against: the request's `client_info`, or what `explain`
+/// is asked about.
+pub struct Door<'a> {
+    pub host: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub client_type: Option<&'a str>,
+    /// The MQTT client id; `None` when not known (`explain`): the id binding is then not
+    /// checked.
+    pub mqtt_id: Option<&'a str>,
+}
+
+/// The checks every identified login passes before a JWT is minted, in this order: active user
+/// and account, the role's account, its sources and connection types (nats-server does not
+/// enforce them for callout users), an MQTT client's id binding and its account's JetStream
+/// file storage, and a signing key the server has. Returns that key. The callout and `explain`
+/// both decide with it.
+pub fn admit<'l>(login: &'l Login, door: &Door) -> Result<&'l Arc<login::Issuer>, Deny> {
+    if !login.user_active {
+        return Err(Deny::new(
+            DenyReason::InactiveUser,
+            format!("user {:?} is inactive", login.username),
+        ));
+    }
+    let shape = &login.shape;
+    if !shape.account_active {
+        return Err(Deny::new(
+            DenyReason::InactiveAccount,
+            format!("account {:?} is inactive", shape.account_name),
+        ));
+    }
+    if shape.foreign_role {
+        // The schema refuses this; deny rather than hand out another tenant's role.
+        return Err(Deny::new(
+            DenyReason::Internal,
+            format!(
+                "role {:?} of user {:?} belongs to another account",
+                shape.role_id, login.username
+            ),
+        ));
+    }
+    let door_type = permissions::connection_type(door.kind, door.client_type);
+    permissions::check_connection(
+        shape.allowed_sources.as_deref(),
+        shape.allowed_connection_types.as_deref(),
+        door.host,
+        door.kind,
+        door.client_type,
+    )
+    .map_err(|rule| match rule {
+        permissions::ConnectionRule::SourceNotAllowed => Deny::new(
+            DenyReason::SourceNotAllowed,
+            format!(
+                "source {} not in the role's allowed_sources",
+                door.host.unwrap_or("(unknown)")
+            ),
+        ),
+        permissions::ConnectionRule::ConnectionTypeNotAllowed => Deny::new(
+            DenyReason::ConnectionTypeNotAllowed,
+            format!("connection type {door_type} not in the role's allowed_connection_types"),
+        ),
+    })?;
+    let mqtt = door_type == "MQTT";
+    if let (true, Some(id)) = (mqtt && !login.mqtt_client_ids.is_empty(), door.mqtt_id) {
+        if !login.mqtt_client_ids.iter().any(|allowed| &**allowed == id) {
+            return Err(Deny::new(
+                DenyReason::MqttClientIdNotAllowed,
+                format!(
+                    "MQTT client id {:?} is not in nats.users.mqtt_client_ids of {:?}",
+                    id.chars().take(200).collect::<String>(),
+                    login.username
+                ),
+            ));
+        }
+    }
+    if mqtt && !shape.account_jetstream_disk {
+        return Err(Deny::new(
+            DenyReason::MqttNeedsJetstream,
+            format!(
+                "MQTT needs JetStream file storage in account {:?} (nats-server keeps MQTT sessions and QoS 1 messages in file streams): set nats.accounts.max_jetstream_disk_storage (bytes, -1 unlimited); it is 0",
+                shape.account_name
+            ),
+        ));
+    }
+    match &shape.signing {
+        Signing::Ready(issuer) => Ok(issuer),
+        Signing::NotReady => Err(Deny::new(
+            DenyReason::AccountNotReady,
+            format!(
+                "account {0:?} is not on the server yet (sync pending; see nats.accounts.sync_error, or `nats-pg-auth account show {0}`)",
+                shape.account_name
+            ),
+        )),
+        Signing::Unusable(e) => Err(Deny::new(
+            DenyReason::Internal,
+            format!("signing key of account {:?} unusable: {e}", shape.account_name),
+        )),
+    }
+}
+
 /// Tunables of the callout.
 #[derive(Debug, Clone)]
 pub struct CalloutSettings {
@@ -899,89 +998,17 @@ impl Callout {
         now: i64,
         not_after: Option<i64>,
     ) -> Result<Grant, Deny> {
-        if !login.user_active {
-            return Err(Deny::new(
-                DenyReason::InactiveUser,
-                format!("user {:?} is inactive", login.username),
-            ));
-        }
-        if !login.shape.account_active {
-            return Err(Deny::new(
-                DenyReason::InactiveAccount,
-                format!("account {:?} is inactive", login.shape.account_name),
-            ));
-        }
-        if login.shape.foreign_role {
-            // The schema refuses this; deny rather than hand out another tenant's role.
-            return Err(Deny::new(
-                DenyReason::Internal,
-                format!(
-                    "role {:?} of user {:?} belongs to another account",
-                    login.shape.role_id, login.username
-                ),
-            ));
-        }
         let client = &req.claims.nats.client_info;
-        permissions::check_connection(
-            login.shape.allowed_sources.as_deref(),
-            login.shape.allowed_connection_types.as_deref(),
-            client.host.as_deref(),
-            client.kind.as_deref(),
-            client.client_type.as_deref(),
-        )
-        .map_err(|rule| match rule {
-            permissions::ConnectionRule::SourceNotAllowed => Deny::new(
-                DenyReason::SourceNotAllowed,
-                "source address not in the role's allowed_sources",
-            ),
-            permissions::ConnectionRule::ConnectionTypeNotAllowed => Deny::new(
-                DenyReason::ConnectionTypeNotAllowed,
-                "connection type not in the role's allowed_connection_types",
-            ),
-        })?;
-        let mqtt =
-            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
-                == "MQTT";
-        if mqtt && !login.mqtt_client_ids.is_empty() {
-            let id = client.mqtt_id.as_deref().unwrap_or("");
-            if !login.mqtt_client_ids.iter().any(|allowed| &**allowed == id) {
-                return Err(Deny::new(
-                    DenyReason::MqttClientIdNotAllowed,
-                    format!(
-                        "MQTT client id {:?} is not in nats.users.mqtt_client_ids of {:?}",
-                        id.chars().take(200).collect::<String>(),
-                        login.username
-                    ),
-                ));
-            }
-        }
-        if mqtt && !login.shape.account_jetstream_disk {
-            return Err(Deny::new(
-                DenyReason::MqttNeedsJetstream,
-                format!(
-                    "MQTT needs JetStream file storage in account {:?} (nats-server keeps MQTT sessions and QoS 1 messages in file streams): set nats.accounts.max_jetstream_disk_storage (bytes, -1 unlimited); it is 0",
-                    login.shape.account_name
-                ),
-            ));
-        }
-        let issuer = match &login.shape.signing {
-            Signing::Ready(issuer) => issuer,
-            Signing::NotReady => {
-                return Err(Deny::new(
-                    DenyReason::AccountNotReady,
-                    format!("account {:?} is not on the server yet (sync pending; see nats.accounts.sync_error)", login.shape.account_name),
-                ))
-            }
-            Signing::Unusable(e) => {
-                return Err(Deny::new(
-                    DenyReason::Internal,
-                    format!(
-                        "signing key of account {:?} unusable: {e}",
-                        login.shape.account_name
-                    ),
-                ))
-            }
-        };
+        let issuer = admit(
+            login,
+            &Door {
+                host: client.host.as_deref(),
+                kind: client.kind.as_deref(),
+                client_type: client.client_type.as_deref(),
+                // nats-server sends no id for a client that has none: that is no id.
+                mqtt_id: Some(client.mqtt_id.as_deref().unwrap_or("")),
+            },
+        )?;
         let ttl = match not_after {
             Some(t) => login
                 .shape
