@@ -357,6 +357,7 @@ impl Application {
                 cache: Some(self.callout.cache().clone()),
                 handler: Some(self.callout.clone()),
                 not_ready: not_ready.clone(),
+                db_check: Default::default(),
             };
             let serve = crate::http::serve(listener, probes, http_stop.clone());
             let handle = tasks.spawn(async move {

@@ -702,7 +702,13 @@ impl ServeArgs {
     pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, std::net::AddrParseError> {
         match self.http_listen.trim() {
             "" | "off" | "none" => Ok(None),
-            a => a.parse().map(Some),
+            a => a.parse().map(Some).or_else(|e: std::net::AddrParseError| {
+                // `$(POD_IP):9464` in a Kubernetes manifest: an IPv6 pod IP comes unbracketed.
+                let (ip, port) = a.rsplit_once(':').ok_or(e.clone())?;
+                let ip: std::net::IpAddr = ip.parse().map_err(|_| e.clone())?;
+                let port: u16 = port.parse().map_err(|_| e)?;
+                Ok(Some(std::net::SocketAddr::new(ip, port)))
+            }),
         }
     }
 
@@ -760,6 +766,27 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_listen_takes_a_pod_ip_of_either_family() {
+        let addr = |v: &str| serve(&["--http-listen", v]).http_addr();
+        assert_eq!(
+            addr("10.1.2.3:9464").unwrap(),
+            Some("10.1.2.3:9464".parse().unwrap())
+        );
+        assert_eq!(
+            addr("[fd00::7]:9464").unwrap(),
+            Some("[fd00::7]:9464".parse().unwrap())
+        );
+        // `$(POD_IP):9464` with an IPv6 pod IP
+        assert_eq!(
+            addr("fd00::7:9464").unwrap(),
+            Some("[fd00::7]:9464".parse().unwrap())
+        );
+        assert_eq!(addr("off").unwrap(), None);
+        assert!(addr("localhost:9464").is_err());
+        assert!(addr("10.1.2.3").is_err());
+    }
 
     fn serve(args: &[&str]) -> ServeArgs {
         let mut argv = vec!["nats-pg-auth", "serve"];

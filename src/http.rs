@@ -4,7 +4,8 @@
 //! dependency tree, so this reads one request line and writes one response.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::Client;
@@ -28,6 +29,38 @@ pub struct Probes {
     /// Set once the replica is stopping (asked to, or because an essential task died): why
     /// /readyz fails from then on.
     pub not_ready: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// The last Postgres check and when it ran: shared by every /readyz caller (see
+    /// [`Probes::postgres`]).
+    pub db_check: std::sync::Arc<tokio::sync::Mutex<Option<DbCheck>>>,
+}
+
+/// When the last Postgres check ran, and what it found.
+type DbCheck = (Instant, Result<(), String>);
+
+/// How long one Postgres check answers every /readyz: a probe hammered by many callers (every
+/// kubelet, a scraper, anyone on the pod network) costs at most one `SELECT 1` per second on the
+/// callout's pool.
+const DB_CHECK_REUSE: Duration = Duration::from_secs(1);
+
+/// At most this many HTTP connections are handled at once; more are closed unanswered, so the
+/// endpoints cannot take memory or tasks from the callout.
+const MAX_CONNECTIONS: usize = 32;
+
+/// What /readyz says about a failed Postgres check: the kind of failure only. sqlx's own text
+/// can carry the server's host, database and role names, and a server error message; it goes to
+/// the service log at debug level instead of to whoever can reach the port.
+fn postgres_problem(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::PoolTimedOut => "Postgres: no connection free or reachable within 1s".into(),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+            "Postgres unreachable".into()
+        }
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("Postgres refused the check (SQLSTATE {code})"),
+            None => "Postgres refused the check".into(),
+        },
+        _ => "Postgres check failed".into(),
+    }
 }
 
 impl Probes {
@@ -53,16 +86,7 @@ impl Probes {
         if self.handler.as_ref().is_some_and(|h| !h.is_serving()) {
             return Err("the auth callout has not subscribed yet".into());
         }
-        let db = match tokio::time::timeout(
-            Duration::from_secs(1),
-            sqlx::query("SELECT 1").execute(&self.pool),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("Postgres: {e}")),
-            Err(_) => Err("Postgres did not answer within 1s".into()),
-        };
+        let db = self.postgres().await;
         let Some(cache) = &self.cache else {
             return db.map(|()| "ready\n".to_owned());
         };
@@ -80,11 +104,40 @@ impl Probes {
     }
 }
 
+impl Probes {
+    /// `SELECT 1` on the pool, at most one at a time and at most once per [`DB_CHECK_REUSE`]:
+    /// callers arriving meanwhile wait for the running check and share its answer.
+    async fn postgres(&self) -> Result<(), String> {
+        let mut last = self.db_check.lock().await;
+        if let Some((at, result)) = last.as_ref() {
+            if at.elapsed() < DB_CHECK_REUSE {
+                return result.clone();
+            }
+        }
+        let result = match tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query("SELECT 1").execute(&self.pool),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "readiness: Postgres check failed");
+                Err(postgres_problem(&e))
+            }
+            Err(_) => Err("Postgres did not answer within 1s".into()),
+        };
+        *last = Some((Instant::now(), result.clone()));
+        result
+    }
+}
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 pub async fn serve(listener: TcpListener, probes: Probes, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -93,8 +146,13 @@ pub async fn serve(listener: TcpListener, probes: Probes, shutdown: Cancellation
                 Err(_) => continue,
             },
         };
+        // Busy: close it unanswered (dropping the stream) rather than queue it.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let probes = probes.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = [0u8; 1024];
             let n = match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await
             {

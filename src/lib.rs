@@ -18,6 +18,7 @@ pub mod callout;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod hardening;
 pub mod http;
 pub mod init;
 pub mod jwt;

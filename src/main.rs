@@ -20,6 +20,10 @@ async fn main() {
         Command::TryLogin(_) => telemetry::init_with(cli.common.log_format, "warn,async_nats=off"),
         _ => telemetry::init(cli.common.log_format),
     }
+    // Before any seed or key is read (see src/hardening.rs).
+    if let Err(why) = nats_pg_auth::hardening::forbid_core_dumps() {
+        tracing::warn!("core dumps may still be written: {why}");
+    }
     // Installed before anything runs, so an early SIGTERM is a clean stop, not a kill.
     let mut signals = Signals::install();
     // `serve` bounds its own stop by --shutdown-timeout; this is the backstop for anything that

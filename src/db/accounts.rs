@@ -126,7 +126,7 @@ pub async fn assign_keys(
 /// signing key usable (a new account, a rotation), the login copies of every replica are told:
 /// their users can be signed for now, and must be, even if Postgres goes away next.
 pub async fn record_synced(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     account_id: i64,
     jwt: &str,
     built_at: DateTime<Utc>,
@@ -145,7 +145,7 @@ pub async fn record_synced(
     .bind(account_id)
     .bind(jwt)
     .bind(built_at)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

@@ -80,14 +80,14 @@ pub async fn granted(pool: &PgPool, export_id: i64, import_id: i64) -> Result<bo
 
 /// Records (or clears, with None) why an import was left out of the pushed JWT.
 pub async fn set_import_error(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     import_id: i64,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE nats.account_imports SET sync_error = $2 WHERE id = $1 AND sync_error IS DISTINCT FROM $2")
         .bind(import_id)
         .bind(error)
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(())
 }

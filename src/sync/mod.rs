@@ -728,10 +728,14 @@ impl Sync {
             other => other?,
         };
         still_leading(leading)?;
+        // One transaction: whoever reads the sync state sees a push's import errors together
+        // with the JWT they belong to, never the errors beside the previous JWT.
+        let mut tx = self.pool.begin().await?;
         for (id, err) in import_errors {
-            db::sharing::set_import_error(&self.pool, id, err.as_deref()).await?;
+            db::sharing::set_import_error(&mut *tx, id, err.as_deref()).await?;
         }
-        db::accounts::record_synced(&self.pool, account_id, &pushed, row.read_at).await?;
+        db::accounts::record_synced(&mut *tx, account_id, &pushed, row.read_at).await?;
+        tx.commit().await?;
         // Limits the server cannot grant are accepted with the JWT and only logged there.
         let limits = &claims.nats.limits;
         if let Err(why) = publish::jetstream_applied(

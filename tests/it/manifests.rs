@@ -192,8 +192,14 @@ fn kubernetes_manifests_match_what_the_service_reads() {
                 );
             }
             let mut env = BTreeMap::new();
+            // Downward-API variables ($(POD_IP)) exist only to be expanded into others.
+            let mut downward: BTreeMap<String, String> = BTreeMap::new();
             for e in c["env"].as_sequence().into_iter().flatten() {
                 let name = e["name"].as_str().unwrap().to_owned();
+                if let Some(f) = e.get("valueFrom").and_then(|v| v.get("fieldRef")) {
+                    downward.insert(name, f["fieldPath"].as_str().unwrap().to_owned());
+                    continue;
+                }
                 if let Some(r) = e.get("valueFrom").and_then(|v| v.get("secretKeyRef")) {
                     let secret = named(&docs, "Secret", r["name"].as_str().unwrap())
                         .unwrap_or_else(|| panic!("{file}: {cname}: no Secret {:?}", r["name"]));
@@ -259,10 +265,53 @@ fn kubernetes_manifests_match_what_the_service_reads() {
                 let listen = env
                     .get("NATS_PG_AUTH_HTTP_LISTEN")
                     .unwrap_or_else(|| panic!("{file}: {cname}: set NATS_PG_AUTH_HTTP_LISTEN (the default is loopback only)"));
+                // The kubelet probes the pod IP; binding every interface would also expose
+                // the endpoints on any other address the pod has (issue 15).
                 assert!(
-                    listen.starts_with("0.0.0.0:"),
-                    "{file}: the kubelet probes the pod IP"
+                    listen.starts_with("$(POD_IP):")
+                        && downward.get("POD_IP").map(String::as_str) == Some("status.podIP"),
+                    "{file}: {cname}: NATS_PG_AUTH_HTTP_LISTEN must be $(POD_IP):PORT with POD_IP from status.podIP, not {listen}"
                 );
+                let policy = docs
+                    .iter()
+                    .find(|(_, d)| d["kind"].as_str() == Some("NetworkPolicy"))
+                    .map(|(_, d)| d)
+                    .expect("deploy/kubernetes has a NetworkPolicy for the NATS pods");
+                let labels = &doc["spec"]["template"]["metadata"]["labels"];
+                for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+                    .as_mapping()
+                    .unwrap()
+                {
+                    assert_eq!(
+                        &labels[k], v,
+                        "{file}: the NetworkPolicy selects these pods"
+                    );
+                }
+                let metrics_port = port_of_listen(listen);
+                let rules: Vec<&Value> = policy["spec"]["ingress"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| {
+                        r["ports"]
+                            .as_sequence()
+                            .into_iter()
+                            .flatten()
+                            .any(|p| p["port"].as_u64() == Some(metrics_port))
+                    })
+                    .collect();
+                assert!(
+                    !rules.is_empty(),
+                    "the NetworkPolicy admits the metrics port"
+                );
+                for r in rules {
+                    let from = r["from"].as_sequence().expect("metrics port: `from` given");
+                    assert!(
+                        !from.is_empty()
+                            && from.iter().all(|f| f.get("namespaceSelector").is_some()),
+                        "the metrics port is admitted from the monitoring namespace only: {r:?}"
+                    );
+                }
                 let port = port_of_listen(listen);
                 let resolve = |p: &Value| -> u64 {
                     match p {

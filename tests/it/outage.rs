@@ -245,3 +245,38 @@ async fn a_replica_started_while_postgres_is_down_says_so_waits_and_then_serves(
     let status = replica.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{log}");
 }
+
+/// Issue 15 (7): /readyz is reachable by whoever reaches the port (the pod network), so when
+/// Postgres fails it says what kind of failure, never the driver's text (database, role and
+/// host names, the server's message).
+#[tokio::test]
+async fn readyz_names_the_kind_of_postgres_failure_and_nothing_more() {
+    let env = TestEnv::start_with(EnvOptions {
+        tweak: |args| args.http_listen = "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    tenants(&env).await;
+    let addr = env.http.expect("HTTP endpoints on");
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let outage = DbOutage::begin(&env).await;
+    let started = std::time::Instant::now();
+    let body = loop {
+        let (_, body) = crate::common::http_get(addr, "/readyz").await;
+        if body.contains("mode: outage") || started.elapsed() > Duration::from_secs(10) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    outage.end().await;
+    assert!(body.starts_with("ready\n"), "the copy answers: {body}");
+    assert!(
+        body.contains("Postgres refused the check (SQLSTATE 55000)"),
+        "{body}"
+    );
+    assert!(!body.contains(&db), "no database name: {body}");
+    assert!(!body.contains("error returned from database"), "{body}");
+}

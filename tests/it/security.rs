@@ -468,3 +468,31 @@ async fn the_service_runs_as_nats_pg_auth_service() {
         .await;
     crate::common::audit_row(&env, "account_deleted", &key).await;
 }
+
+/// Issue 15 (7): the real `serve` process holds decrypted seeds, so it runs with a core size
+/// limit of 0 (soft and hard) whatever limit it was started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_process_writes_no_core_dumps() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    env.stop_service().await;
+    // Started with core dumps allowed (soft limit raised to the hard one, which children inherit).
+    let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit {
+            current: core.maximum,
+            maximum: core.maximum,
+        },
+    );
+    let serve = crate::common::ServiceProcess::for_env(&env, "no-core");
+    serve.wait_ready(Duration::from_secs(20)).await;
+    let pid = serve.pid().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], &["0", "0"], "{core}");
+}
