@@ -94,13 +94,13 @@ pub fn plan_from(root: &Map, source: &str, global: Option<&str>) -> Result<Plan,
                 "{}: no_auth_user is not carried over: with the auth callout every client must log in",
                 node.at()
             )),
-            "websocket" | "mqtt" | "leafnodes" | "leaf" => {
-                if node.as_map().is_some_and(|m| m.get("authorization").is_some()) {
-                    p.notes.push(format!(
-                        "{}: the `authorization` block inside `{key}` is not imported (only the top-level one and `accounts`)",
-                        node.at()
-                    ));
-                }
+            "websocket" | "mqtt" | "leafnodes" | "leaf"
+                if node.as_map().is_some_and(|m| m.get("authorization").is_some()) =>
+            {
+                p.notes.push(format!(
+                    "{}: the `authorization` block inside `{key}` is not imported (only the top-level one and `accounts`)",
+                    node.at()
+                ))
             }
             _ => {}
         }

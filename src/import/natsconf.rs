@@ -380,10 +380,12 @@ impl<'a> Parser<'a> {
                     // nats-server ends a top-level value at a '}' too.
                     self.bump();
                 }
-                other => return self.err(format!(
+                other => {
+                    return self.err(format!(
                     "expected the value of \"{key}\" to end with a new line, ',' or ';', found {}",
                     show(other)
-                )),
+                ))
+                }
             }
         }
     }
