@@ -166,7 +166,16 @@ pub fn plan_from(root: &Map, source: &str, global: Option<&str>) -> Result<Plan,
                 format!("`authorization` must be a map, got {}", auth.kind()),
             );
         };
-        if let Some(account) = p.global(auth, m, global, &names)? {
+        if let Some(mut account) = p.global(auth, m, global, &names)? {
+            // nats-server with JetStream on and no `accounts` gives the global account
+            // JetStream without limits; with `accounts`, only those that ask for it.
+            if names.is_empty() && server_jetstream(root) {
+                let l = &mut account.limits;
+                l.max_jetstream_memory_storage = Some(-1);
+                l.max_jetstream_disk_storage = Some(-1);
+                l.max_jetstream_streams = Some(-1);
+                l.max_jetstream_consumers = Some(-1);
+            }
             accounts.push(account);
         }
     } else if let Some(g) = global {
@@ -189,6 +198,22 @@ pub fn plan_from(root: &Map, source: &str, global: Option<&str>) -> Result<Plan,
         accounts,
         notes: p.notes,
     })
+}
+
+/// Whether the server itself runs JetStream (`jetstream: enabled`, `true`, or a map without
+/// `enabled: false`).
+fn server_jetstream(root: &Map) -> bool {
+    let Some((_, node)) = root.iter().find(|(k, _)| lower_key(k) == "jetstream") else {
+        return false;
+    };
+    match &node.value {
+        Value::Bool(b) => *b,
+        Value::Str(s) => matches!(s.to_ascii_lowercase().as_str(), "enabled" | "enable"),
+        Value::Map(m) => !m
+            .iter()
+            .any(|(k, v)| lower_key(k) == "enabled" && matches!(v.value, Value::Bool(false))),
+        _ => false,
+    }
 }
 
 fn lower_key(k: &str) -> String {
@@ -1255,6 +1280,16 @@ accounts {{
         assert_eq!(g.users[0].username, "G-token");
         assert_eq!(g.users[0].tokens[0].expose(), "s3cret");
         assert!(g.users[0].password.is_none());
+    }
+
+    #[test]
+    fn a_global_only_server_with_jetstream_gives_the_global_account_jetstream() {
+        let text = "jetstream { store_dir: /data }\nauthorization { users [ { user: u, password: p } ] }\n";
+        let plan = plan_of(text, Some("G")).unwrap();
+        assert_eq!(plan.accounts[0].limits.max_jetstream_disk_storage, Some(-1));
+        let text = "jetstream: enabled\naccounts { A {} }\nauthorization { users [ { user: u, password: p } ] }\n";
+        let plan = plan_of(text, Some("G")).unwrap();
+        assert_eq!(plan.accounts[1].limits.max_jetstream_disk_storage, Some(0));
     }
 
     #[test]
