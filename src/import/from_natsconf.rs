@@ -200,6 +200,44 @@ pub fn plan_from(root: &Map, source: &str, global: Option<&str>) -> Result<Plan,
     })
 }
 
+/// What the schema's `nats.subject_problem` would say about a permission subject (it is
+/// stricter than nats-server in one way: `foo*` is refused, not taken as a literal token), so
+/// the refusal names the file and line instead of coming back from a trigger.
+fn subject_problem(s: &str, queue: bool) -> Option<String> {
+    let parts: Vec<&str> = s.split(' ').collect();
+    let parts = match (parts.len(), queue) {
+        (1, _) => parts,
+        (2, true) => parts,
+        (_, false) => {
+            return Some(
+                "it contains white space (a queue group is only allowed in subscribe permissions)"
+                    .into(),
+            )
+        }
+        _ => {
+            return Some("only one space is allowed, between the subject and the queue name".into())
+        }
+    };
+    for part in parts {
+        let tokens: Vec<&str> = part.split('.').collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                return Some("it has an empty token (a leading, trailing or double dot)".into());
+            }
+            if t.chars().any(char::is_whitespace) {
+                return Some("it contains white space".into());
+            }
+            if t.len() > 1 && (t.contains('*') || t.contains('>')) {
+                return Some(format!("token {t:?} mixes a wildcard with other characters; '*' and '>' must be whole tokens"));
+            }
+            if *t == ">" && i + 1 != tokens.len() {
+                return Some("'>' must be the last token".into());
+            }
+        }
+    }
+    None
+}
+
 /// Whether the server itself runs JetStream (`jetstream: enabled`, `true`, or a map without
 /// `enabled: false`).
 fn server_jetstream(root: &Map) -> bool {
@@ -687,8 +725,8 @@ impl Planner {
             } else {
                 s.to_owned()
             };
-            if s.is_empty() || (!queue && s.contains(char::is_whitespace)) {
-                return refuse(at, format!("subject {s:?} is not a valid subject"));
+            if let Some(problem) = subject_problem(&s, queue) {
+                return refuse(at, format!("subject {s:?} cannot be kept: {problem}"));
             }
             out.push(s);
         }
@@ -1322,6 +1360,7 @@ accounts {{
             ("accounts {\n A { users [ { user: x, password: p } ] }\n B { users [\n { user: x, password: q } ] }\n}", "/n.conf:4: duplicate user \"x\""),
             ("accounts {\n A { imports [\n { service: { account: Z, subject: s } } ] }\n}", "/n.conf:3: \"Z\" account not defined"),
             ("operator: /x/op.jwt\n", "/n.conf:1: `operator`"),
+            ("accounts {\n A { users [ { user: x, password: p,\n permissions { publish: [\"ok.>\", \"foo*\"] } } ] }\n}", "/n.conf:3: subject \"foo*\" cannot be kept"),
             ("accounts {\n A { users [\n { user: x, password: \"$2a$15$PWIFAL8RsWyGI3jVZtO9Nu8.6jOxzxfZo7c/W0eLk017hjgUKWrhy\" } ] }\n}", "/n.conf:3: bcrypt cost 15"),
         ];
         for (text, want) in cases {

@@ -21,7 +21,8 @@ const ANN_PW: &str = "ann-plain-pw";
 const BOB_PW: &str = "bob-plain-pw";
 
 /// Writes the fixture (nats.conf + b.conf) into `dir`; `listen` is the old server's port line.
-fn write_fixture(dir: &Path, port: u16) {
+fn write_fixture(dir: &Path, port: u16, device: &nkeys::KeyPair) {
+    let device_key = device.public_key();
     // A hash as `nats server passwd` writes it (cost 4 keeps the test fast; any 4..14 works).
     let alice_hash = bcrypt::hash(ALICE_PW, 4).unwrap();
     std::fs::create_dir_all(dir).unwrap();
@@ -47,6 +48,7 @@ accounts {{
         }}
       }},
       {{ user: ann, password: $ANN_PW }}   // no permissions: everything
+      {{ nkey: {device_key}, permissions: {{ publish: ["a.device.>", "_INBOX.>"], subscribe: "_INBOX.>" }} }}
     ]
     exports = [
       {{ service: "svc.echo", accounts: [B] }}
@@ -97,7 +99,7 @@ async fn user(url: &str, name: &str, pw: &str) -> (Client, mpsc::UnboundedReceiv
 }
 
 /// The fixture's rights, as its clients see them.
-async fn same_rights(url: &str, what: &str) {
+async fn same_rights(url: &str, what: &str, device: &nkeys::KeyPair) {
     // Wrong passwords are refused.
     let wrong = connect(
         url,
@@ -121,6 +123,20 @@ async fn same_rights(url: &str, what: &str) {
         .unwrap_or_else(|_| panic!("{what}: alice's allowed publish was not delivered"))
         .unwrap();
     assert_eq!(msg.subject.as_str(), "a.hello");
+
+    // The nkey user signs in with its seed and publishes where it may.
+    let (dev, mut dev_events) = connect(url, ConnectOptions::with_nkey(device.seed().unwrap()))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the nkey user logs in: {e}"));
+    settle(&dev).await;
+    dev.publish("a.device.1", "t".into()).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(3), watch.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the nkey user's publish was not delivered"))
+        .unwrap();
+    assert_eq!(msg.subject.as_str(), "a.device.1");
+    dev.publish("a.other", "t".into()).await.unwrap();
+    expect_violation(&mut dev_events, "a.other").await;
 
     // Denied publish refused (and not delivered).
     alice.publish("a.secret", "no".into()).await.unwrap();
@@ -190,7 +206,8 @@ fn import(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
 async fn a_config_mode_deployment_moves_with_its_credentials_and_rights() {
     let old_dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    write_fixture(old_dir.path(), port);
+    let device = nkeys::KeyPair::new_user();
+    write_fixture(old_dir.path(), port, &device);
     let conf = old_dir.path().join("nats.conf");
     let conf_s = conf.to_str().unwrap();
 
@@ -201,7 +218,7 @@ async fn a_config_mode_deployment_moves_with_its_credentials_and_rights() {
         &std::fs::read_to_string(&conf).unwrap(),
     )
     .await;
-    same_rights(&old.url(), "the old server").await;
+    same_rights(&old.url(), "the old server", &device).await;
     old.stop();
 
     let env = TestEnv::start().await;
@@ -240,7 +257,7 @@ async fn a_config_mode_deployment_moves_with_its_credentials_and_rights() {
     env.wait_synced("B").await;
 
     // After: the same clients, the same credentials, the same rights, through the callout.
-    same_rights(&env.url(), "the callout after the import").await;
+    same_rights(&env.url(), "the callout after the import", &device).await;
 
     // A user inserted with SQL logs in to an imported account.
     env.sql(
