@@ -903,7 +903,7 @@ impl Planner {
                         );
                     };
                     for item in items {
-                        exports.push(self.export(name, item, known, &exports)?);
+                        exports.push(self.export(name, item, known, system, &exports)?);
                     }
                 }
                 "imports" => {
@@ -930,6 +930,7 @@ impl Planner {
         account: &str,
         item: &Node,
         known: &HashSet<&str>,
+        system: Option<&str>,
         so_far: &[Export],
     ) -> Result<Export, ImportError> {
         let Some(m) = item.as_map() else {
@@ -944,6 +945,7 @@ impl Planner {
         let mut kind = None;
         let mut subject = None;
         let mut grants = None;
+        let mut private = false;
         let mut response_type = None;
         let mut threshold = None;
         let mut position = None;
@@ -962,8 +964,16 @@ impl Planner {
                         return refuse(v, format!("`accounts` must be a list, got {}", v.kind()));
                     };
                     let mut names = Vec::new();
+                    private = !list.is_empty();
                     for a in list {
                         let n = string(a, "an account name")?;
+                        if system == Some(n) {
+                            self.notes.push(format!(
+                                "{}: the grant of an export of {account:?} to the system account is not carried over",
+                                a.at()
+                            ));
+                            continue;
+                        }
                         if !known.contains(n) {
                             return refuse(a, format!("{n:?} account not defined for export"));
                         }
@@ -1023,7 +1033,8 @@ impl Planner {
             name,
             subject,
             kind,
-            token_req: !grants.is_empty(),
+            // Private when nats.conf lists accounts, even if none of them carries over.
+            token_req: private,
             response_type: response_type.map(str::to_owned),
             response_threshold_ms: threshold,
             account_token_position: position,
@@ -1328,6 +1339,17 @@ accounts {{
         let text = "jetstream: enabled\naccounts { A {} }\nauthorization { users [ { user: u, password: p } ] }\n";
         let plan = plan_of(text, Some("G")).unwrap();
         assert_eq!(plan.accounts[1].limits.max_jetstream_disk_storage, Some(0));
+    }
+
+    #[test]
+    fn the_system_account_is_left_out_and_exports_to_it_stay_private() {
+        let text = "system_account: SYS\naccounts {\n SYS { users [ { user: admin, password: p } ] }\n A { exports [ { service: s.x, accounts: [SYS] } ]\n imports [ { service: { account: SYS, subject: \"$SYS.REQ.SERVER.PING\" } } ] }\n}\n";
+        let plan = plan_of(text, None).unwrap();
+        assert_eq!(plan.accounts.len(), 1);
+        let a = &plan.accounts[0];
+        assert!(a.exports[0].token_req && a.exports[0].grants.is_empty());
+        assert!(a.imports.is_empty());
+        assert_eq!(plan.notes.len(), 3, "{:?}", plan.notes);
     }
 
     #[test]
