@@ -557,9 +557,7 @@ impl<'a> Parser<'a> {
                 let hex: String = [self.bump(), self.bump()].iter().flatten().collect();
                 match u8::from_str_radix(&hex, 16) {
                     Ok(b) if hex.len() == 2 => Ok(char::from(b)),
-                    _ => self.err(format!(
-                        "expected two hexadecimal digits after '\\x', got \"{hex}\""
-                    )),
+                    _ => self.err(format!("expected two hexadecimal digits after '\\x'")),
                 }
             }
             other => self.err(format!(
@@ -707,7 +705,7 @@ impl<'a> Parser<'a> {
                     let s: String = self.chars[start..self.pos].iter().collect();
                     return match s.parse::<f64>() {
                         Ok(f) if f.is_finite() => Ok(Node::new(Value::Float(f), &self.file, line)),
-                        _ => self.err(format!("{s} is not a number nats-server can read")),
+                        _ => self.err("a number nats-server cannot read"),
                     };
                 }
                 Some(s) if "kKmMgGtTpPeE".contains(s) => {
@@ -742,7 +740,10 @@ impl<'a> Parser<'a> {
     fn integer(&self, start: usize, digits_end: usize, suffix: &str, line: usize) -> Res<Node> {
         let digits: String = self.chars[start..digits_end].iter().collect();
         let Ok(n) = digits.parse::<i64>() else {
-            return self.err_at(line, format!("integer {digits} is out of range"));
+            return self.err_at(
+                line,
+                "an integer out of range (values are never quoted: this one may be a secret)",
+            );
         };
         let mult: i64 = match suffix.to_ascii_lowercase().as_str() {
             "" => 1,
@@ -758,16 +759,14 @@ impl<'a> Parser<'a> {
             "pb" | "pi" | "pib" => 1 << 50,
             "e" => 1000i64.pow(6),
             "eb" | "ei" | "eib" => 1 << 60,
-            other => {
-                return self.err_at(
-                    line,
-                    format!("unknown size suffix \"{other}\" in {digits}{other}"),
-                )
-            }
+            other => return self.err_at(line, format!("unknown size suffix \"{other}\"")),
         };
         match n.checked_mul(mult) {
             Some(v) => Ok(Node::new(Value::Int(v), &self.file, line)),
-            None => self.err_at(line, format!("{digits}{suffix} is out of range")),
+            None => self.err_at(
+                line,
+                "an integer out of range (values are never quoted: this one may be a secret)",
+            ),
         }
     }
 
