@@ -557,7 +557,7 @@ impl<'a> Parser<'a> {
                 let hex: String = [self.bump(), self.bump()].iter().flatten().collect();
                 match u8::from_str_radix(&hex, 16) {
                     Ok(b) if hex.len() == 2 => Ok(char::from(b)),
-                    _ => self.err(format!("expected two hexadecimal digits after '\\x'")),
+                    _ => self.err("expected two hexadecimal digits after '\\x'"),
                 }
             }
             other => self.err(format!(
