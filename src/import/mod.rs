@@ -274,7 +274,21 @@ pub async fn run(common: &CommonArgs, command: ImportCommand) -> Result<(), CliE
         ImportCommand::NatsConf(args) => {
             let plan = from_natsconf::plan(&args.config, args.global_account.as_deref())?;
             let pool = db::connect(common.database_url()?, 2).await?;
-            db::ensure_migrated(&pool).await?;
+            // Not `ensure_migrated`: an import may run as nats_pg_auth_admin, which cannot run
+            // (or even read) migrations; it only needs the tables.
+            let ready: bool = sqlx::query_scalar(
+                "SELECT to_regclass('nats.account_export_grants') IS NOT NULL \
+                    AND to_regclass('nats.user_certificates') IS NOT NULL",
+            )
+            .fetch_one(&pool)
+            .await
+            .map_err(db::DbError::from)?;
+            if !ready {
+                return Err(ConfigError::Invalid(
+                    "the nats schema is missing or older than this binary: run `nats-pg-auth migrate` (as the schema owner) first".into(),
+                )
+                .into());
+            }
             let options = Options {
                 dry_run: args.dry_run,
                 update: args.update,

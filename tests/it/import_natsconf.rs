@@ -341,6 +341,14 @@ async fn a_lone_authorization_token_becomes_a_token_of_the_global_account() {
 
     let env = TestEnv::start().await;
     let conf_s = conf.to_str().unwrap();
+    // Run as an administrator (nats_pg_auth_admin), not as the schema owner.
+    let (_, admin_url) =
+        create_login_role(&env.pool, &env.database_url, "nats_pg_auth_admin").await;
+    let import = |_: &TestEnv, args: &[&str]| {
+        let mut all = vec!["import", "nats-conf"];
+        all.extend_from_slice(args);
+        run_cli(&all, Some(&admin_url), "")
+    };
     // The global account must be named.
     let (code, _, err) = import(&env, &["--config", conf_s]);
     assert_eq!(code, Some(64), "{err}");
