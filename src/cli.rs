@@ -157,6 +157,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         Command::User(c) => crate::admin::user(common, c).await,
         Command::Token(c) => crate::admin::token(common, c).await,
         Command::Explain(args) => crate::admin::explain(common, args).await,
+        Command::Import(c) => crate::import::run(common, c).await,
         Command::GenerateKey => {
             out(&format!("{}\n", crate::keys::generate_key()))?;
             Ok(())

@@ -122,6 +122,41 @@ pub enum Command {
     /// What a login of a user would get right now (no password needed): account, role, merged
     /// permissions, limits and JWT lifetime, or the reason it would be denied.
     Explain(ExplainArgs),
+    /// Adopt a running deployment: read its accounts and users into the database, keeping
+    /// every client's credentials (`import nats-conf`; try `--dry-run` first).
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// A config-mode nats.conf: `accounts { … }` and the top-level `authorization` block, with
+    /// passwords (bcrypt kept, plain text hashed), permissions, tokens, exports, imports and
+    /// limits. One transaction; a second run changes nothing.
+    NatsConf(ImportNatsConfArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ImportNatsConfArgs {
+    /// The nats-server configuration file (its `include`s are followed).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The account the users of the top-level `authorization` block move to (required when it
+    /// has users, a user/password or a token).
+    #[arg(long)]
+    pub global_account: Option<String>,
+    /// Print what would be created, changed or left alone; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Overwrite rows that exist and differ from the file (without it they are refused).
+    #[arg(long)]
+    pub update: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// bcrypt cost for plain-text passwords.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=14))]
+    pub cost: u32,
 }
 
 /// `--json`: machine-readable output on stdout (and nothing else there).

@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod hardening;
 pub mod http;
+pub mod import;
 pub mod init;
 pub mod jwt;
 pub mod keys;

@@ -1,0 +1,307 @@
+//! Adopting a running deployment (issue 16). Each source reads its own format into one
+//! [`Plan`] (accounts with their limits, roles, users, tokens, exports, imports and export
+//! grants); one applier ([`apply`]) diffs the plan against the database and applies it in one
+//! transaction. A source never writes SQL; the applier never knows where a plan came from.
+//!
+//! Sources: `nats-conf` ([`from_natsconf`], a config-mode nats.conf). The nsc store and pb-nats
+//! database will produce the same plan (their account keys and seeds will need fields added
+//! here and in the applier: today every planned account gets new keys from the sync).
+
+pub mod apply;
+pub mod from_natsconf;
+pub mod natsconf;
+mod report;
+
+use crate::cli::CliError;
+use crate::config::{CommonArgs, ConfigError, ImportCommand};
+use crate::db;
+
+pub use apply::{apply, Action, Change, Options, Report};
+
+/// A secret (password, hash, token): never printed, never logged, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Everything a source wants in the database.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// What was read (`nats.conf /etc/nats/nats.conf`), for the report.
+    pub source: String,
+    pub accounts: Vec<Account>,
+    /// What the source holds that is not carried over (reported, not refused).
+    pub notes: Vec<String>,
+}
+
+/// Account limits the source sets; `None` leaves the column as it is (its default on insert).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: Option<i64>,
+    pub max_leafnodes: Option<i64>,
+    pub max_subscriptions: Option<i64>,
+    pub max_payload: Option<i64>,
+    pub max_data: Option<i64>,
+    pub max_jetstream_memory_storage: Option<i64>,
+    pub max_jetstream_disk_storage: Option<i64>,
+    pub max_jetstream_streams: Option<i64>,
+    pub max_jetstream_consumers: Option<i64>,
+}
+
+impl Limits {
+    /// (column, value) for every limit the source sets, in column order.
+    pub fn columns(&self) -> Vec<(&'static str, i64)> {
+        [
+            ("max_connections", self.max_connections),
+            ("max_leafnodes", self.max_leafnodes),
+            ("max_subscriptions", self.max_subscriptions),
+            ("max_payload", self.max_payload),
+            ("max_data", self.max_data),
+            (
+                "max_jetstream_memory_storage",
+                self.max_jetstream_memory_storage,
+            ),
+            (
+                "max_jetstream_disk_storage",
+                self.max_jetstream_disk_storage,
+            ),
+            ("max_jetstream_streams", self.max_jetstream_streams),
+            ("max_jetstream_consumers", self.max_jetstream_consumers),
+        ]
+        .into_iter()
+        .filter_map(|(c, v)| v.map(|v| (c, v)))
+        .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Account {
+    pub name: String,
+    pub limits: Limits,
+    pub roles: Vec<Role>,
+    pub users: Vec<User>,
+    pub exports: Vec<Export>,
+    pub imports: Vec<Import>,
+}
+
+/// Subject lists, sorted and without duplicates (so plans compare with rows as sets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish_allow: Vec<String>,
+    pub publish_deny: Vec<String>,
+    pub subscribe_allow: Vec<String>,
+    pub subscribe_deny: Vec<String>,
+}
+
+impl Permissions {
+    pub fn normalised(mut self) -> Permissions {
+        for l in [
+            &mut self.publish_allow,
+            &mut self.publish_deny,
+            &mut self.subscribe_allow,
+            &mut self.subscribe_deny,
+        ] {
+            l.sort();
+            l.dedup();
+        }
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.publish_allow.is_empty()
+            && self.publish_deny.is_empty()
+            && self.subscribe_allow.is_empty()
+            && self.subscribe_deny.is_empty()
+    }
+}
+
+/// Response permission (`allow_responses`): how many replies, for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    /// -1 unlimited.
+    pub max: i32,
+    pub ttl_ms: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Role {
+    pub name: String,
+    pub permissions: Permissions,
+    pub response: Option<Response>,
+    /// Upper case, as `nats.roles.allowed_connection_types` holds them; empty: any.
+    pub allowed_connection_types: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Password {
+    /// A bcrypt (or argon2id) hash, stored as it is.
+    Hash(Secret),
+    /// Plain text, hashed with bcrypt on import.
+    Plain(Secret),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct User {
+    pub username: String,
+    pub password: Option<Password>,
+    /// Public user nkey (`U…`).
+    pub nkey: Option<String>,
+    /// A role of the same account, by name.
+    pub role: Option<String>,
+    pub permissions: Permissions,
+    /// Bearer tokens (stored as SHA-256 digests).
+    pub tokens: Vec<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Stream,
+    Service,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Stream => "stream",
+            Kind::Service => "service",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub subject: String,
+    pub kind: Kind,
+    /// Private: importable only by the accounts in `grants`.
+    pub token_req: bool,
+    /// `Singleton`, `Stream` or `Chunked` (services only).
+    pub response_type: Option<String>,
+    pub response_threshold_ms: Option<i64>,
+    pub account_token_position: Option<i32>,
+    pub allow_trace: bool,
+    /// Accounts (by name, all in the plan or the database) granted a private export.
+    pub grants: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Import {
+    pub name: String,
+    /// The exporter's subject.
+    pub subject: String,
+    /// The exporting account, by name.
+    pub exporter: String,
+    pub local_subject: Option<String>,
+    pub kind: Kind,
+    pub share: bool,
+    pub allow_trace: bool,
+}
+
+/// Why an import did not happen. Every message is one line and names no secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The file could not be read as nats.conf.
+    #[error(transparent)]
+    Parse(#[from] natsconf::ParseError),
+    /// Read, but holds something that cannot be carried over faithfully.
+    #[error("{at}: {message}")]
+    Refused { at: String, message: String },
+    /// A usage problem (a missing flag).
+    #[error("{0}")]
+    Usage(String),
+    /// Rows that exist and differ from the source, without --update.
+    #[error("{}", differs_line(.0))]
+    Differs(Vec<Change>),
+    /// The schema refused a row (its trigger says which and why).
+    #[error("the database refused the import, nothing was changed: {0}")]
+    Schema(String),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+}
+
+fn differs_line(rows: &[Change]) -> String {
+    let shown: Vec<String> = rows.iter().take(5).map(Change::describe).collect();
+    format!(
+        "{} row(s) exist and differ from the source ({}{}); nothing was changed. Run again with --update to overwrite them, or with --dry-run to list every row",
+        rows.len(),
+        shown.join("; "),
+        if rows.len() > shown.len() { "; …" } else { "" }
+    )
+}
+
+impl From<sqlx::Error> for ImportError {
+    fn from(e: sqlx::Error) -> Self {
+        match e.as_database_error() {
+            // Constraint and trigger errors: the row is wrong, not the database.
+            Some(d)
+                if d.code()
+                    .is_some_and(|c| c.starts_with("23") || c == "P0001") =>
+            {
+                ImportError::Schema(d.message().to_owned())
+            }
+            _ => ImportError::Db(db::DbError::from(e)),
+        }
+    }
+}
+
+impl From<ImportError> for CliError {
+    fn from(e: ImportError) -> Self {
+        match e {
+            ImportError::Db(e) => CliError::Db(e),
+            // Bad input, refused content, conflicts: the user's to fix (exit 64).
+            other => CliError::Config(ConfigError::Invalid(other.to_string())),
+        }
+    }
+}
+
+/// `nats-pg-auth import …`.
+pub async fn run(common: &CommonArgs, command: ImportCommand) -> Result<(), CliError> {
+    match command {
+        ImportCommand::NatsConf(args) => {
+            let plan = from_natsconf::plan(&args.config, args.global_account.as_deref())?;
+            let pool = db::connect(common.database_url()?, 2).await?;
+            // Not `ensure_migrated`: an import may run as nats_pg_auth_admin, which cannot run
+            // (or even read) migrations; it only needs the tables.
+            let ready: bool = sqlx::query_scalar(
+                "SELECT to_regclass('nats.account_export_grants') IS NOT NULL \
+                    AND to_regclass('nats.user_certificates') IS NOT NULL",
+            )
+            .fetch_one(&pool)
+            .await
+            .map_err(db::DbError::from)?;
+            if !ready {
+                return Err(ConfigError::Invalid(
+                    "the nats schema is missing or older than this binary: run `nats-pg-auth migrate` (as the schema owner) first".into(),
+                )
+                .into());
+            }
+            let options = Options {
+                dry_run: args.dry_run,
+                update: args.update,
+                bcrypt_cost: args.cost,
+            };
+            let report = apply(&pool, &plan, &options).await?;
+            let text = if args.json {
+                report::json(&report)
+            } else {
+                report::table(&report)
+            };
+            crate::cli::out(&text)?;
+            Ok(())
+        }
+    }
+}
