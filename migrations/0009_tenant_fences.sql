@@ -306,6 +306,16 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_tem
 $$;
 CREATE INDEX user_certificates_san_folded ON nats.user_certificates (nats.san_folded(san))
   WHERE san IS NOT NULL;
+-- The subject DN's loose form, which the lookup narrows by before the service compares exactly
+-- (0007 used lower(), whose folding depends on the collation while the service's did not):
+-- ASCII whitespace removed, ASCII letters folded, as `Presented::subject_loose`.
+CREATE FUNCTION nats.dn_loose(dn text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT translate(dn, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\n\f\r', 'abcdefghijklmnopqrstuvwxyz')
+$$;
+CREATE INDEX user_certificates_dn_loose ON nats.user_certificates (nats.dn_loose(subject_dn))
+  WHERE subject_dn IS NOT NULL;
+DROP INDEX nats.user_certificates_subject_loose;
 
 -- ---------------------------------------------------------------------------------------------
 -- Validate the new constraints (rows that break one are kept, with a WARNING, as in 0004).
@@ -361,7 +371,7 @@ GRANT EXECUTE ON FUNCTION
   nats.subject_problem(text, boolean), nats.valid_subject(text, boolean),
   nats.valid_subjects(text[], boolean), nats.password_hash_limits(),
   nats.password_hash_problem(text), nats.valid_password_hash(text),
-  nats.max_element_length(text[]), nats.san_folded(text)
+  nats.max_element_length(text[]), nats.san_folded(text), nats.dn_loose(text)
   TO nats_pg_auth_service, nats_pg_auth_admin, nats_pg_auth_tenant;
 --   row-level security of the tenant policies: the tenant role;
 GRANT EXECUTE ON FUNCTION nats.is_member_of(text), nats.administered_accounts() TO nats_pg_auth_tenant;

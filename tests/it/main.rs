@@ -9,6 +9,7 @@ mod cli_admin;
 mod common;
 mod compose;
 mod doors;
+mod fences;
 mod init;
 mod login;
 mod manifests;
