@@ -229,9 +229,24 @@ impl Pki {
 }
 
 async fn start(pki: &Pki, verify: bool) -> TestEnv {
+    start_tweaked(pki, verify, |_| {}).await
+}
+
+/// `start` with every login read from Postgres (`--login-cache false`; the copy is still kept
+/// and answers while Postgres is away).
+async fn start_reading_postgres(pki: &Pki) -> TestEnv {
+    start_tweaked(pki, true, |args| args.login_cache = false).await
+}
+
+async fn start_tweaked(
+    pki: &Pki,
+    verify: bool,
+    tweak: fn(&mut nats_pg_auth::config::ServeArgs),
+) -> TestEnv {
     let env = TestEnv::start_with(EnvOptions {
         nats_extra: pki.tls_block(verify),
         nats_tls: pki.service_tls(),
+        tweak,
         ..Default::default()
     })
     .await;
@@ -443,7 +458,7 @@ async fn san_mappings_compare_the_same_from_postgres_and_from_the_copy() {
         "/CN=workload",
         &format!("{CLIENT_EXT}subjectAltName=URI:spiffe://acme/dev-uri\n"),
     );
-    let env = start(&pki, true).await;
+    let env = start_reading_postgres(&pki).await;
     env.sql(
         "INSERT INTO nats.user_certificates (user_id, san)
            SELECT id, 'email:Dev@ACME.example' FROM nats.users WHERE username = 'dev-email';
@@ -453,7 +468,7 @@ async fn san_mappings_compare_the_same_from_postgres_and_from_the_copy() {
            SELECT id, 'uri:spiffe://ACME/dev-uri' FROM nats.users WHERE username = 'dev-uri';",
     )
     .await;
-    // From Postgres: the first login of each certificate (nothing cached yet), and explain.
+    // From Postgres: logins (the copy does not answer while Postgres is up), and explain.
     logs_in_as(&env, &pki, "email", "dev-email").await;
     let explain = |file: &str| {
         let path = pki.path(file);
@@ -499,7 +514,7 @@ async fn san_mappings_compare_the_same_from_postgres_and_from_the_copy() {
 
 /// The Postgres lookup is bounded (100 rows); the most specific mapping must not be the one
 /// cut off. A certificate with 120 SANs, each mapped to one of two users (at most 100 mappings
-/// per user), and its fingerprint mapped to a third: the fingerprint row wins.
+/// per user), and its fingerprint mapped to a third user: the fingerprint row wins.
 #[tokio::test]
 async fn the_fingerprint_mapping_wins_among_more_than_100_candidates() {
     let dir = tempfile::tempdir().unwrap();
@@ -512,17 +527,21 @@ async fn the_fingerprint_mapping_wins_among_more_than_100_candidates() {
         "/CN=many names",
         &format!("{CLIENT_EXT}subjectAltName={}\n", sans.join(",")),
     );
-    let env = start(&pki, true).await;
+    let env = start_reading_postgres(&pki).await;
     env.sql(&format!(
         "INSERT INTO nats.user_certificates (user_id, san)
            SELECT u.id, 'dns:d' || g || '.acme.example' FROM nats.users u, generate_series(1, 120) g
            WHERE u.username = CASE WHEN g % 2 = 0 THEN 'dev-dn' ELSE 'dev-email' END;
+         INSERT INTO nats.users (account_id, role_id, username)
+           SELECT account_id, role_id, 'dev-late' FROM nats.users WHERE username = 'dev-fp';
          INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
-           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-fp';",
+           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-late';",
         pki.fingerprint_hex("many")
     ))
     .await;
-    logs_in_as(&env, &pki, "many", "dev-fp").await;
+    // The user and its row come last in every table, so an unordered bound cuts them off
+    // whichever way Postgres joins.
+    logs_in_as(&env, &pki, "many", "dev-late").await;
 }
 
 #[tokio::test]
