@@ -359,7 +359,11 @@ END $$;
 -- exist, and for the functions the migrating role creates from now on (a default privilege of
 -- that role in this database: per-schema defaults can only add privileges, not revoke PUBLIC's).
 -- A function added later without a decision is then callable by nobody but its owner, and the
--- function-listing test (tests/it/schema.rs) fails until it is given one.
+-- function-listing test (tests/it/schema.rs) fails until it is given one. The default is the
+-- role's, for every schema of this database: another function that role creates later (its
+-- own helpers, temporary functions) also needs an explicit GRANT EXECUTE to be callable by
+-- others. `ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC;` (as that role)
+-- undoes it; the grants above do not depend on it.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA nats FROM PUBLIC;
 ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
