@@ -433,3 +433,46 @@ async fn every_function_has_a_decision_on_who_may_execute_it_and_a_fixed_search_
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The Postgres certificate lookup and the login copy fold SANs and subject DNs the same way
+/// (`nats.san_folded` / `normalize_san`, `nats.dn_loose` / `subject_loose`): a mapping found on
+/// one path is found on the other.
+#[tokio::test]
+async fn certificate_name_folding_is_the_same_in_sql_and_in_the_service() {
+    use nats_pg_auth::callout::certificate::{normalize_san, Presented};
+    let pool = schema_only().await;
+    let sans = [
+        "email:Dev@ACME.example",
+        "dns:Box-7.Acme.Example ",
+        "uri:spiffe://ACME/Dev",
+        "email:\u{212A}elvin@x", // KELVIN SIGN: Unicode lower-cases it to 'k', ASCII does not
+        "dns:\u{C4}pfel.example", // Ä
+        "email: \tspaced@X \r\n",
+        "dns:a:b:C",
+    ];
+    for san in sans {
+        let sql: String = sqlx::query_scalar("SELECT nats.san_folded($1)")
+            .bind(san)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(sql, normalize_san(san), "{san:?}");
+    }
+    for dn in [
+        "CN=Foo Bar,O=Acme\\, Inc.",
+        "cn = \u{C4}pfel,\tO=X",
+        "CN=\u{212A}",
+    ] {
+        let sql: String = sqlx::query_scalar("SELECT nats.dn_loose($1)")
+            .bind(dn)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let p = Presented {
+            fingerprint: [0; 32],
+            subject_dn: dn.to_owned(),
+            sans: vec![],
+        };
+        assert_eq!(sql, p.subject_loose(), "{dn:?}");
+    }
+}
