@@ -380,8 +380,11 @@ GRANT EXECUTE ON FUNCTION
 --   row-level security of the tenant policies: the tenant role;
 GRANT EXECUTE ON FUNCTION nats.is_member_of(text), nats.administered_accounts() TO nats_pg_auth_tenant;
 --   rotations from SQL (the function runs with the caller's rights: a tenant finds only its
---   own accounts, and the outbox policy admits only rotation rows);
-GRANT EXECUTE ON FUNCTION nats.rotate_signing_key(text, boolean) TO nats_pg_auth_admin, nats_pg_auth_tenant;
+--   own accounts, and the outbox policy admits only rotation rows); the service role too, for
+--   `nats-pg-auth rotate-signing-key` run with the service's DATABASE_URL (it writes the outbox
+--   anyway);
+GRANT EXECUTE ON FUNCTION nats.rotate_signing_key(text, boolean)
+  TO nats_pg_auth_service, nats_pg_auth_admin, nats_pg_auth_tenant;
 --   the service queues pushes itself (it runs as its owner and writes any account's outbox row:
 --   nobody else).
 GRANT EXECUTE ON FUNCTION nats.enqueue_account_sync(bigint, text) TO nats_pg_auth_service;

@@ -369,7 +369,7 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
     ("nats.refuse_truncate()", [false, false, false, false]),
     (
         "nats.rotate_signing_key(text,boolean)",
-        [false, true, true, false],
+        [true, true, true, false],
     ),
     ("nats.san_folded(text)", [true, true, true, false]),
     (
