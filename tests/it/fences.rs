@@ -500,4 +500,19 @@ async fn sizes_a_tenant_writes_are_bounded() {
         "user \"u2\" already has 100 rows in nats.user_tokens, the most allowed per user",
     )
     .await;
+    // Certificate mappings per user (written by the operator): 100.
+    ok(
+        &admin,
+        "INSERT INTO nats.user_certificates (user_id, san)
+           SELECT u.id, 'dns:d' || g || '.acme.example' FROM nats.users u, generate_series(1, 100) g
+           WHERE u.username = 'u2'",
+    )
+    .await;
+    refused(
+        &admin,
+        "INSERT INTO nats.user_certificates (user_id, san)
+           SELECT id, 'dns:d101.acme.example' FROM nats.users WHERE username = 'u2'",
+        "user \"u2\" already has 100 rows in nats.user_certificates",
+    )
+    .await;
 }
