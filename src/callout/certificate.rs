@@ -61,12 +61,14 @@ impl Presented {
         keys
     }
 
-    /// The subject DN folded as the Postgres lookup folds it (see migration 0007).
+    /// The subject DN folded as the Postgres lookup folds it (`nats.dn_loose`, migration
+    /// 0009): ASCII whitespace removed, ASCII letters lower-cased. ASCII only, so the fold does
+    /// not depend on the database's collation.
     pub fn subject_loose(&self) -> String {
         self.subject_dn
             .chars()
-            .filter(|c| !c.is_whitespace())
-            .flat_map(char::to_lowercase)
+            .filter(|c| !c.is_ascii_whitespace())
+            .map(|c| c.to_ascii_lowercase())
             .collect()
     }
 }
@@ -333,19 +335,25 @@ pub fn normalize_dn(dn: &str) -> String {
     rdns.join(",")
 }
 
-/// `email:` and `dns:` compare without case; `uri:` as written. The prefix without case.
+/// `email:` and `dns:` compare without ASCII case; `uri:` as written. The prefix without ASCII
+/// case; surrounding ASCII whitespace ignored. The same rule as `nats.san_folded` (migration
+/// 0009), which the Postgres lookup uses: both paths must find the same rows. ASCII only on
+/// purpose: these SANs are IA5String (ASCII) in a certificate, and Unicode folding would make a
+/// row match here that SQL (whose `lower()` depends on the collation) does not find, or the
+/// reverse (U+212A KELVIN SIGN lower-cases to `k`).
 pub fn normalize_san(san: &str) -> String {
+    let trim = |s: &str| s.trim_matches(|c: char| c.is_ascii_whitespace()).to_owned();
     match san.split_once(':') {
         Some((kind, value)) => {
-            let kind = kind.trim().to_ascii_lowercase();
-            let value = value.trim();
+            let kind = trim(kind).to_ascii_lowercase();
+            let value = trim(value);
             if kind == "uri" {
                 format!("{kind}:{value}")
             } else {
-                format!("{kind}:{}", value.to_lowercase())
+                format!("{kind}:{}", value.to_ascii_lowercase())
             }
         }
-        None => san.trim().to_owned(),
+        None => trim(san),
     }
 }
 

@@ -214,9 +214,11 @@ pub async fn by_nkey(pool: &PgPool, nkey: &str) -> Result<Option<LoginRow>, sqlx
 
 const CERT_COLUMNS: &str = "c.id AS cert_id, c.fingerprint_sha256, c.subject_dn, c.san";
 
-/// The mappings that may match a certificate, with their users: by fingerprint, by one of its
-/// SANs, or by subject DN compared loosely here (case and whitespace folded, `subject_loose`)
-/// — the caller compares exactly. A superset; every identity column of a row must match.
+/// The mappings that may match a certificate, with their users: every identity column a row
+/// sets matches the fingerprint, one of the SANs (folded by `nats.san_folded`, the rule of
+/// `normalize_san`), or the subject DN compared loosely here (ASCII case and whitespace folded by
+/// `nats.dn_loose`, as `subject_loose`; the caller compares exactly). Most specific first (a fingerprint row, then
+/// more columns set), as the caller chooses: the bound can only cut off less specific rows.
 pub async fn by_certificate(
     pool: &PgPool,
     fingerprint_sha256: &[u8],
@@ -229,8 +231,14 @@ pub async fn by_certificate(
         &format!("SELECT {CERT_COLUMNS}, u.id AS user_id,"),
         1,
     ) + " JOIN nats.user_certificates c ON c.user_id = u.id \
-          WHERE c.fingerprint_sha256 = $1 OR c.san = ANY($2) \
-             OR lower(regexp_replace(c.subject_dn, '\\s', '', 'g')) = $3 \
+          WHERE (c.fingerprint_sha256 = $1 OR nats.san_folded(c.san) = ANY($2) \
+                 OR nats.dn_loose(c.subject_dn) = $3) \
+            AND (c.fingerprint_sha256 IS NULL OR c.fingerprint_sha256 = $1) \
+            AND (c.san IS NULL OR nats.san_folded(c.san) = ANY($2)) \
+            AND (c.subject_dn IS NULL OR nats.dn_loose(c.subject_dn) = $3) \
+          ORDER BY c.fingerprint_sha256 IS NOT NULL DESC, \
+                   (c.fingerprint_sha256 IS NOT NULL)::int + (c.subject_dn IS NOT NULL)::int \
+                     + (c.san IS NOT NULL)::int DESC, c.id \
           LIMIT 100";
     let rows = sqlx::query(&sql)
         .bind(fingerprint_sha256)

@@ -130,34 +130,40 @@ async fn resolve(
         // Another deployment's account: we cannot see its exports; the admin supplies the token.
         return Ok(Ok(import));
     };
+    // Only exports this account may see count: public ones (they are in the exporter's JWT
+    // anyway) and private ones granted to it. The importer reads this error, so it must not
+    // tell a private export that was not granted from no export at all, nor name one.
     let exports = sharing::exports_of(pool, exporter_id).await?;
-    let matching = exports
+    let mut matching = None;
+    for e in exports
         .iter()
-        .find(|e| e.kind == row.kind && subject_contains(&e.subject, &row.subject));
+        .filter(|e| e.kind == row.kind && subject_contains(&e.subject, &row.subject))
+    {
+        if !e.token_req || sharing::granted(pool, e.id, row.id).await? {
+            matching = Some(e);
+            break;
+        }
+    }
     let Some(export) = matching else {
         return Ok(Err(format!(
-            "no {} export of the exporting account covers subject {:?}",
+            "no {} export of the exporting account that is public or granted to this account \
+             covers subject {:?} (a private export needs a grant from the exporter's side: a row \
+             in nats.account_export_grants)",
             row.kind, row.subject
         )));
     };
     if let Some(pos) = export.account_token_position {
         let token = row.subject.split('.').nth(pos as usize - 1);
         if token != Some(importer) {
+            let which = if export.token_req {
+                format!("the export granted to this account for {:?}", row.subject)
+            } else {
+                format!("export {:?}", export.name)
+            };
             return Ok(Err(format!(
-                "export {:?} requires token {} of the subject to be the importing account's key {importer}",
-                export.name, pos
+                "{which} requires token {pos} of the subject to be the importing account's key {importer}"
             )));
         }
-    }
-    if export.token_req && !sharing::granted(pool, export.id, row.id).await? {
-        // Private: only accounts the exporter granted it to. A token supplied in the import
-        // row does not replace the grant (it may be an activation copied from an earlier JWT).
-        return Ok(Err(format!(
-            "export {:?} of the exporting account is private (token_req) and not granted to \
-             this account: the exporter's side must add a row to nats.account_export_grants \
-             (export_id {}, importer_account_id = this account)",
-            export.name, export.id
-        )));
     }
     if export.token_req && import.token.is_none() {
         match activation(pool, cipher, exporter_id, &exporter, importer, row).await? {

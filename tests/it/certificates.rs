@@ -229,9 +229,24 @@ impl Pki {
 }
 
 async fn start(pki: &Pki, verify: bool) -> TestEnv {
+    start_tweaked(pki, verify, |_| {}).await
+}
+
+/// `start` with every login read from Postgres (`--login-cache false`; the copy is still kept
+/// and answers while Postgres is away).
+async fn start_reading_postgres(pki: &Pki) -> TestEnv {
+    start_tweaked(pki, true, |args| args.login_cache = false).await
+}
+
+async fn start_tweaked(
+    pki: &Pki,
+    verify: bool,
+    tweak: fn(&mut nats_pg_auth::config::ServeArgs),
+) -> TestEnv {
     let env = TestEnv::start_with(EnvOptions {
         nats_extra: pki.tls_block(verify),
         nats_tls: pki.service_tls(),
+        tweak,
         ..Default::default()
     })
     .await;
@@ -419,6 +434,114 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
     refused(&env, &pki, "stranger", "still refused without Postgres").await;
     assert!(cache.in_outage(), "answered from the copy");
     outage.end().await;
+}
+
+/// A SAN mapping typed with capitals matches the same certificates whether the login reads
+/// Postgres (first login, `explain`) or the login copy (Postgres away): email and DNS SANs
+/// compare without ASCII case on both paths, URIs exactly.
+#[tokio::test]
+async fn san_mappings_compare_the_same_from_postgres_and_from_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    pki.leaf(
+        "email",
+        "/CN=mailer",
+        &format!("{CLIENT_EXT}subjectAltName=email:dev@acme.example\n"),
+    );
+    pki.leaf(
+        "dns",
+        "/CN=box",
+        &format!("{CLIENT_EXT}subjectAltName=DNS:box-7.acme.example\n"),
+    );
+    pki.leaf(
+        "uri",
+        "/CN=workload",
+        &format!("{CLIENT_EXT}subjectAltName=URI:spiffe://acme/dev-uri\n"),
+    );
+    let env = start_reading_postgres(&pki).await;
+    env.sql(
+        "INSERT INTO nats.user_certificates (user_id, san)
+           SELECT id, 'email:Dev@ACME.example' FROM nats.users WHERE username = 'dev-email';
+         INSERT INTO nats.user_certificates (user_id, san)
+           SELECT id, 'dns:Box-7.Acme.Example' FROM nats.users WHERE username = 'dev-dn';
+         INSERT INTO nats.user_certificates (user_id, san)
+           SELECT id, 'uri:spiffe://ACME/dev-uri' FROM nats.users WHERE username = 'dev-uri';",
+    )
+    .await;
+    // From Postgres: logins (the copy does not answer while Postgres is up), and explain.
+    logs_in_as(&env, &pki, "email", "dev-email").await;
+    let explain = |file: &str| {
+        let path = pki.path(file);
+        let (code, out, err) = crate::common::run_cli(
+            &["explain", "--json", "--certificate", path.to_str().unwrap()],
+            Some(&env.database_url),
+            "",
+        );
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    assert_eq!(explain("email.pem")["user"], "dev-email");
+    assert_eq!(explain("dns.pem")["user"], "dev-dn");
+    assert_eq!(explain("uri.pem")["deny_reason"], "unknown_certificate");
+    refused(&env, &pki, "uri", "a URI compares exactly (from Postgres)").await;
+
+    // From the copy: Postgres away, a certificate that never logged in before.
+    let pem = std::fs::read_to_string(pki.path("dns.pem")).unwrap();
+    let tls = serde_json::json!({"version": "1.3", "verified_chains": [[pem]]});
+    let presented = certificate::presented(Some(&tls), nats_pg_auth::jwt::now_unix()).unwrap();
+    let cache = env.callout.as_ref().unwrap().cache().clone();
+    wait_until(
+        Duration::from_secs(5),
+        "the copy to hold the mapping",
+        || {
+            let (cache, presented) = (cache.clone(), presented.clone());
+            async move {
+                cache.is_live()
+                    && matches!(
+                        cache.copy_certificate(&presented),
+                        nats_pg_auth::cache::CopyLookup::Found(_)
+                    )
+            }
+        },
+    )
+    .await;
+    let outage = DbOutage::begin(&env).await;
+    logs_in_as(&env, &pki, "dns", "dev-dn").await;
+    refused(&env, &pki, "uri", "a URI compares exactly (from the copy)").await;
+    assert!(cache.in_outage(), "answered from the copy");
+    outage.end().await;
+}
+
+/// The Postgres lookup is bounded (100 rows); the most specific mapping must not be the one
+/// cut off. A certificate with 120 SANs, each mapped to one of two users (at most 100 mappings
+/// per user), and its fingerprint mapped to a third user: the fingerprint row wins.
+#[tokio::test]
+async fn the_fingerprint_mapping_wins_among_more_than_100_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sans: Vec<String> = (1..=120)
+        .map(|i| format!("DNS:d{i}.acme.example"))
+        .collect();
+    pki.leaf(
+        "many",
+        "/CN=many names",
+        &format!("{CLIENT_EXT}subjectAltName={}\n", sans.join(",")),
+    );
+    let env = start_reading_postgres(&pki).await;
+    env.sql(&format!(
+        "INSERT INTO nats.user_certificates (user_id, san)
+           SELECT u.id, 'dns:d' || g || '.acme.example' FROM nats.users u, generate_series(1, 120) g
+           WHERE u.username = CASE WHEN g % 2 = 0 THEN 'dev-dn' ELSE 'dev-email' END;
+         INSERT INTO nats.users (account_id, role_id, username)
+           SELECT account_id, role_id, 'dev-late' FROM nats.users WHERE username = 'dev-fp';
+         INSERT INTO nats.user_certificates (user_id, fingerprint_sha256)
+           SELECT id, decode('{}', 'hex') FROM nats.users WHERE username = 'dev-late';",
+        pki.fingerprint_hex("many")
+    ))
+    .await;
+    // The user and its row come last in every table, so an unordered bound cuts them off
+    // whichever way Postgres joins.
+    logs_in_as(&env, &pki, "many", "dev-late").await;
 }
 
 #[tokio::test]

@@ -264,7 +264,10 @@ async fn a_role_from_another_account_is_refused_by_sql() {
                FROM nats.accounts a, nats.roles r WHERE a.name = 'other' AND r.name = 'sensor'",
         )
         .await;
-    assert!(err.contains("belongs to account"), "clear error: {err}");
+    assert!(
+        err.contains("user \"mallory\": no such role in this account"),
+        "clear error: {err}"
+    );
 }
 
 #[tokio::test]

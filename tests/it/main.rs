@@ -9,6 +9,7 @@ mod cli_admin;
 mod common;
 mod compose;
 mod doors;
+mod fences;
 mod import_natsconf;
 mod init;
 mod login;

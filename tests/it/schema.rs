@@ -319,3 +319,160 @@ async fn truncate_is_refused_on_admin_tables() {
     // The service's own bookkeeping may still be truncated.
     accepted(&pool, "TRUNCATE nats.audit_log").await;
 }
+
+/// Every function of schema `nats`, with who may execute it (service, admin, tenant, PUBLIC).
+/// A function added without a decision fails here: decide, grant (or not) in its migration, and
+/// add it. Trigger functions need no EXECUTE; what a CHECK, an index expression, a policy or a
+/// trigger body calls runs with the writer's privileges (so the writers need it).
+const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
+    //                                              service admin  tenant PUBLIC
+    (
+        "nats.account_admin_view(nats.accounts)",
+        [false, false, false, false],
+    ),
+    ("nats.account_keys_changed()", [false, false, false, false]),
+    ("nats.accounts_changed()", [false, false, false, false]),
+    ("nats.administered_accounts()", [false, false, true, false]),
+    ("nats.check_array_bounds()", [false, false, false, false]),
+    ("nats.check_limits()", [false, false, false, false]),
+    ("nats.check_max_users()", [false, false, false, false]),
+    ("nats.check_nkey_binding()", [false, false, false, false]),
+    ("nats.check_password_hash()", [false, false, false, false]),
+    ("nats.check_per_user_rows()", [false, false, false, false]),
+    ("nats.check_role_account()", [false, false, false, false]),
+    ("nats.check_role_unused()", [false, false, false, false]),
+    ("nats.check_subject_columns()", [false, false, false, false]),
+    ("nats.check_token_sha256()", [false, false, false, false]),
+    ("nats.check_user_role()", [false, false, false, false]),
+    ("nats.dn_loose(text)", [true, true, true, false]),
+    (
+        "nats.enqueue_account_sync(bigint,text)",
+        [true, false, false, false],
+    ),
+    ("nats.export_grants_changed()", [false, false, false, false]),
+    ("nats.exports_changed()", [false, false, false, false]),
+    ("nats.imports_changed()", [false, false, false, false]),
+    ("nats.is_member_of(text)", [false, false, true, false]),
+    ("nats.kick_on_change()", [false, false, false, false]),
+    ("nats.max_element_length(text[])", [true, true, true, false]),
+    ("nats.notify_change()", [false, false, false, false]),
+    (
+        "nats.owning_accounts(bigint,bigint)",
+        [false, false, false, false],
+    ),
+    ("nats.password_hash_limits()", [true, true, true, false]),
+    (
+        "nats.password_hash_problem(text)",
+        [true, true, true, false],
+    ),
+    ("nats.per_user_limits()", [false, false, false, false]),
+    ("nats.refuse_truncate()", [false, false, false, false]),
+    (
+        "nats.rotate_signing_key(text,boolean)",
+        [true, true, true, false],
+    ),
+    ("nats.san_folded(text)", [true, true, true, false]),
+    (
+        "nats.subject_problem(text,boolean)",
+        [true, true, true, false],
+    ),
+    ("nats.touch_updated_at()", [false, false, false, false]),
+    (
+        "nats.user_certificates_changed()",
+        [false, false, false, false],
+    ),
+    ("nats.valid_password_hash(text)", [true, true, true, false]),
+    (
+        "nats.valid_subject(text,boolean)",
+        [true, true, true, false],
+    ),
+    (
+        "nats.valid_subjects(text[],boolean)",
+        [true, true, true, false],
+    ),
+];
+
+#[tokio::test]
+async fn every_function_has_a_decision_on_who_may_execute_it_and_a_fixed_search_path() {
+    let pool = schema_only().await;
+    // PUBLIC has no role to ask has_function_privilege about: its grant is an ACL entry with an
+    // empty grantee (or no ACL at all, which means the default: PUBLIC may execute).
+    let rows: Vec<(String, bool, bool, bool, bool, bool)> = sqlx::query_as(
+        "SELECT p.oid::regprocedure::text,
+                has_function_privilege('nats_pg_auth_service', p.oid, 'EXECUTE'),
+                has_function_privilege('nats_pg_auth_admin', p.oid, 'EXECUTE'),
+                has_function_privilege('nats_pg_auth_tenant', p.oid, 'EXECUTE'),
+                p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a
+                                             WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'),
+                EXISTS (SELECT 1 FROM unnest(coalesce(p.proconfig, '{}')) c WHERE c LIKE 'search_path=%')
+           FROM pg_proc p WHERE p.pronamespace = 'nats'::regnamespace ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut problems = vec![];
+    for (name, service, admin, tenant, public, fixed_path) in &rows {
+        let actual = [*service, *admin, *tenant, *public];
+        match FUNCTION_PRIVILEGES.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!(
+                "{name}: no decision in FUNCTION_PRIVILEGES (it is {actual:?})"
+            )),
+            Some((_, want)) if *want != actual => problems.push(format!(
+                "{name}: [service, admin, tenant, PUBLIC] may execute {actual:?}, expected {want:?}"
+            )),
+            Some(_) => {}
+        }
+        if !fixed_path {
+            problems.push(format!("{name}: no fixed search_path"));
+        }
+    }
+    for (name, _) in FUNCTION_PRIVILEGES {
+        if !rows.iter().any(|r| &r.0 == name) {
+            problems.push(format!("{name}: listed but no longer in the schema"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The Postgres certificate lookup and the login copy fold SANs and subject DNs the same way
+/// (`nats.san_folded` / `normalize_san`, `nats.dn_loose` / `subject_loose`): a mapping found on
+/// one path is found on the other.
+#[tokio::test]
+async fn certificate_name_folding_is_the_same_in_sql_and_in_the_service() {
+    use nats_pg_auth::callout::certificate::{normalize_san, Presented};
+    let pool = schema_only().await;
+    let sans = [
+        "email:Dev@ACME.example",
+        "dns:Box-7.Acme.Example ",
+        "uri:spiffe://ACME/Dev",
+        "email:\u{212A}elvin@x", // KELVIN SIGN: Unicode lower-cases it to 'k', ASCII does not
+        "dns:\u{C4}pfel.example", // Ä
+        "email: \tspaced@X \r\n",
+        "dns:a:b:C",
+    ];
+    for san in sans {
+        let sql: String = sqlx::query_scalar("SELECT nats.san_folded($1)")
+            .bind(san)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(sql, normalize_san(san), "{san:?}");
+    }
+    for dn in [
+        "CN=Foo Bar,O=Acme\\, Inc.",
+        "cn = \u{C4}pfel,\tO=X",
+        "CN=\u{212A}",
+    ] {
+        let sql: String = sqlx::query_scalar("SELECT nats.dn_loose($1)")
+            .bind(dn)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let p = Presented {
+            fingerprint: [0; 32],
+            subject_dn: dn.to_owned(),
+            sans: vec![],
+        };
+        assert_eq!(sql, p.subject_loose(), "{dn:?}");
+    }
+}

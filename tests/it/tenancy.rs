@@ -211,7 +211,7 @@ async fn a_private_export_is_importable_only_with_the_exporters_grant() {
     wait_import_state(&env, "private-in", true).await;
     let err = import_error(&env, "private-in").await.unwrap();
     assert!(
-        err.contains("not granted") && err.contains("account_export_grants"),
+        err.contains("public or granted to this account") && err.contains("account_export_grants"),
         "{err}"
     );
     let cons = env.connect_user("cons", "pw").await.unwrap();
@@ -277,7 +277,7 @@ async fn a_private_export_is_importable_only_with_the_exporters_grant() {
     .await;
     wait_import_state(&env, "private-by-key", true).await;
     let err = import_error(&env, "private-by-key").await.unwrap();
-    assert!(err.contains("not granted"), "{err}");
+    assert!(err.contains("public or granted to this account"), "{err}");
     assert!(
         !delivered(&prov, &mut sub, "private.d", Duration::from_millis(700)).await,
         "no delivery through a copied activation"
