@@ -440,7 +440,8 @@ impl Sessions {
             }
             None => (Vec::new(), HashMap::new(), false),
         };
-        if !complete && !(roles.is_empty() && owners.is_empty()) {
+        let asks_users = !roles.is_empty() || !owners.is_empty();
+        if asks_users && !complete {
             match self.users_where(&roles, &owners).await {
                 Ok(rows) => {
                     for u in rows {
