@@ -23,7 +23,8 @@
 //! (harmless: it reconnects). The row is deleted after the re-scan.
 //!
 //! **Batches.** The rows read at one look form one batch: every target they name is resolved
-//! to (account, usernames), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
+//! to (account, usernames) from this replica's login copy, not from `nats.users`/`nats.roles`,
+//! which a tenant admin can lock (see `Sessions::targets`), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
 //! scans in flight over all batches), and the batch gets one re-scan. A burst (10,000 users
 //! deactivated) is a few batches, not 10,000 scans. At most [`MAX_IN_PROGRESS`] rows are
 //! being carried out at a time; more wait in the table.
