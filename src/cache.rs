@@ -1638,4 +1638,42 @@ mod tests {
         off.finish_load(off.ticket(), vec![], vec![]);
         assert!(!off.within_grace(), "grace 0 turns it off");
     }
+
+    #[test]
+    fn kicks_are_answered_from_the_copy_and_say_when_it_cannot_vouch() {
+        // alice (id 1) and bob (id 2) hold role 7 of account 1.
+        let c = loaded(&[login(1, "alice", "h"), login(2, "bob", "h")]);
+        let none = HashSet::new();
+        let names = |v: &KickView| {
+            let mut n: Vec<String> = v.users.iter().map(|u| u.username.to_string()).collect();
+            n.sort();
+            n
+        };
+        // Not live yet (the listener never connected): the copy answers but cannot vouch.
+        let v = c.kick_view(&HashSet::from([7]), &none);
+        assert_eq!(names(&v), ["alice", "bob"]);
+        assert!(!v.complete);
+        c.set_live();
+        let v = c.kick_view(&HashSet::from([7]), &none);
+        assert!(v.complete);
+        let v = c.kick_view(&none, &HashSet::from([2]));
+        assert_eq!(names(&v), ["bob"]);
+        assert!(v.complete);
+        // A token change of bob does not change who bob is.
+        c.on_notification(CHANGE_CHANNEL, "token:2");
+        assert!(c.kick_view(&none, &HashSet::from([2])).complete);
+        // A user change not re-read yet: that user's name may be old, and anyone may have
+        // moved into a role.
+        c.on_notification(CHANGE_CHANNEL, "user:1");
+        assert!(!c.kick_view(&none, &HashSet::from([1])).complete);
+        assert!(c.kick_view(&none, &HashSet::from([2])).complete);
+        assert!(!c.kick_view(&HashSet::from([7]), &none).complete);
+        // A user the copy does not hold.
+        assert!(!c.kick_view(&none, &HashSet::from([3])).complete);
+        // Unsignable accounts give no key (the caller reads nats.accounts).
+        assert!(c
+            .kick_view(&none, &HashSet::from([2]))
+            .account_keys
+            .is_empty());
+    }
 }
