@@ -151,7 +151,7 @@ impl Application {
         args.nats_tls
             .validate()
             .map_err(|e| AppError::NatsTls(e.to_string()))?;
-        let pool = db::connect(&config.database_url, args.db_pool_size).await?;
+        let pool = db::connect_service(&config.database_url, args.db_pool_size).await?;
         db::ensure_migrated(&pool).await?;
         let identities = ServiceIdentities::load(&pool).await?;
         check_seeds(&pool, &config.cipher, &identities).await?;
@@ -268,11 +268,14 @@ impl Application {
                     },
                     metrics.clone(),
                 )
-                .with_sessions(crate::sessions::Sessions::new(
-                    pool.clone(),
-                    sys_client.clone(),
-                    args.kicks_per_second,
-                )),
+                .with_sessions(
+                    crate::sessions::Sessions::new(
+                        pool.clone(),
+                        sys_client.clone(),
+                        args.kicks_per_second,
+                    )
+                    .with_copy(callout.cache().clone()),
+                ),
             )
         } else {
             None

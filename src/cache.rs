@@ -63,7 +63,7 @@ use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::callout::certificate::{self, CertKey, Mapping, Presented};
-use crate::callout::login::{Issuer, Login, Shape};
+use crate::callout::login::{Issuer, Login, Shape, Signing};
 use crate::callout::permissions::Merged;
 use crate::db::logins::{CertPart, TokenPart, TokenRow};
 use crate::keys::{KeyError, SeedCipher};
@@ -166,6 +166,27 @@ pub enum CopyLookup<T> {
     NotLoaded,
 }
 
+/// The copy's answer to "whose connections does this kick close" (see
+/// [`LoginCache::kick_view`]).
+#[derive(Debug, Default)]
+pub struct KickView {
+    /// Every user selected.
+    pub users: Vec<KickUser>,
+    /// Account id -> identity public key, for the accounts the copy can sign for.
+    pub account_keys: HashMap<i64, String>,
+    /// The copy is known to be complete and current for this question.
+    pub complete: bool,
+}
+
+/// A user a kick concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KickUser {
+    pub user_id: i64,
+    pub role_id: Option<i64>,
+    pub account_id: i64,
+    pub username: Arc<str>,
+}
+
 /// Counters, for tests, benchmarks and logs.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -233,6 +254,8 @@ pub struct Table {
     unsettled: HashMap<i64, u32>,
     stamps: HashMap<Scope, u64>,
     flushed_at: u64,
+    /// Ticket of the last full load (0: none yet).
+    loaded_at: u64,
 }
 
 impl Table {
@@ -1073,6 +1096,7 @@ impl LoginCache {
                 !digests.is_empty()
             });
             t.stamps.retain(|_, v| *v > g);
+            t.loaded_at = t.loaded_at.max(g);
         }
         self.loaded.store(true, Ordering::SeqCst);
         self.loaded_notify.notify_waiters();
@@ -1175,6 +1199,49 @@ impl LoginCache {
         if s.is_none() {
             *s = Some(Instant::now());
         }
+    }
+
+    /// Who the kicks of session control concern, from the copy: the users holding one of
+    /// `roles` and the users `users` (account id, username), and the identity key of every
+    /// account the copy can sign for. Session control asks this instead of `nats.users` /
+    /// `nats.roles`, which a tenant admin can lock (see `sessions`). `complete` says whether the
+    /// copy is known to hold the answer: loaded and live, no full reload owed, every named user
+    /// present and not changed since its read, and, when roles are asked for, no user change
+    /// (which may move a user into a role) waiting to be re-read. When it is false the caller
+    /// asks Postgres too (bounded by `db::LOCK_TIMEOUT`) and keeps this answer if it cannot.
+    pub fn kick_view(&self, roles: &HashSet<i64>, users: &HashSet<i64>) -> KickView {
+        let t = self.read();
+        let mut view = KickView {
+            complete: self.is_loaded() && self.is_live() && t.flushed_at <= t.loaded_at,
+            ..KickView::default()
+        };
+        if !roles.is_empty() && t.stamps.keys().any(|s| matches!(s, Scope::User(_))) {
+            view.complete = false;
+        }
+        for e in t.by_name.values() {
+            let shape = &e.login.shape;
+            if let Signing::Ready(issuer) = &shape.signing {
+                view.account_keys
+                    .entry(shape.account_id)
+                    .or_insert_with(|| issuer.account.clone());
+            }
+            let named = users.contains(&e.login.user_id);
+            if named && e.generation < t.stamp(Scope::User(e.login.user_id)) {
+                view.complete = false;
+            }
+            if named || shape.role_id.is_some_and(|r| roles.contains(&r)) {
+                view.users.push(KickUser {
+                    user_id: e.login.user_id,
+                    role_id: shape.role_id,
+                    account_id: shape.account_id,
+                    username: e.login.username.clone(),
+                });
+            }
+        }
+        if users.iter().any(|u| !t.by_id.contains_key(u)) {
+            view.complete = false;
+        }
+        view
     }
 
     /// Entry counts, for reports and benchmarks.
@@ -1570,5 +1637,43 @@ mod tests {
         });
         off.finish_load(off.ticket(), vec![], vec![]);
         assert!(!off.within_grace(), "grace 0 turns it off");
+    }
+
+    #[test]
+    fn kicks_are_answered_from_the_copy_and_say_when_it_cannot_vouch() {
+        // alice (id 1) and bob (id 2) hold role 7 of account 1.
+        let c = loaded(&[login(1, "alice", "h"), login(2, "bob", "h")]);
+        let none = HashSet::new();
+        let names = |v: &KickView| {
+            let mut n: Vec<String> = v.users.iter().map(|u| u.username.to_string()).collect();
+            n.sort();
+            n
+        };
+        // Not live yet (the listener never connected): the copy answers but cannot vouch.
+        let v = c.kick_view(&HashSet::from([7]), &none);
+        assert_eq!(names(&v), ["alice", "bob"]);
+        assert!(!v.complete);
+        c.set_live();
+        let v = c.kick_view(&HashSet::from([7]), &none);
+        assert!(v.complete);
+        let v = c.kick_view(&none, &HashSet::from([2]));
+        assert_eq!(names(&v), ["bob"]);
+        assert!(v.complete);
+        // A token change of bob does not change who bob is.
+        c.on_notification(CHANGE_CHANNEL, "token:2");
+        assert!(c.kick_view(&none, &HashSet::from([2])).complete);
+        // A user change not re-read yet: that user's name may be old, and anyone may have
+        // moved into a role.
+        c.on_notification(CHANGE_CHANNEL, "user:1");
+        assert!(!c.kick_view(&none, &HashSet::from([1])).complete);
+        assert!(c.kick_view(&none, &HashSet::from([2])).complete);
+        assert!(!c.kick_view(&HashSet::from([7]), &none).complete);
+        // A user the copy does not hold.
+        assert!(!c.kick_view(&none, &HashSet::from([3])).complete);
+        // Unsignable accounts give no key (the caller reads nats.accounts).
+        assert!(c
+            .kick_view(&none, &HashSet::from([2]))
+            .account_keys
+            .is_empty());
     }
 }

@@ -23,12 +23,14 @@
 //! (harmless: it reconnects). The row is deleted after the re-scan.
 //!
 //! **Batches.** The rows read at one look form one batch: every target they name is resolved
-//! to (account, usernames), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
+//! to (account, usernames) from this replica's login copy, not from `nats.users`/`nats.roles`,
+//! which a tenant admin can lock (see `Sessions::targets`), each account is scanned once (at most [`SCANS_AT_ONCE`] CONNZ
 //! scans in flight over all batches), and the batch gets one re-scan. A burst (10,000 users
 //! deactivated) is a few batches, not 10,000 scans. At most [`MAX_IN_PROGRESS`] rows are
 //! being carried out at a time; more wait in the table.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
@@ -40,6 +42,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{KickUser, LoginCache};
 use crate::db::notify;
 
 pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";
@@ -106,6 +109,8 @@ pub struct Sessions {
     /// Request rows this leader is carrying out (not read again until done).
     in_progress: std::sync::Mutex<HashSet<i64>>,
     scans: Semaphore,
+    /// This replica's login copy: who holds a role, whose token it is (see [`Self::targets`]).
+    copy: Option<Arc<LoginCache>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,7 +171,14 @@ impl Sessions {
             gather: Duration::from_millis(250),
             in_progress: Default::default(),
             scans: Semaphore::new(SCANS_AT_ONCE),
+            copy: None,
         }
+    }
+
+    /// Resolves kicks from this login copy (the callout's, in the same process).
+    pub fn with_copy(mut self, copy: Arc<LoginCache>) -> Self {
+        self.copy = Some(copy);
+        self
     }
 
     /// Carries out kick requests until `stop` (the end of this replica's leadership). Listens
@@ -355,30 +367,7 @@ impl Sessions {
         requests: &[KickRequest],
         before: Option<&ScanTimes>,
     ) -> Result<(BTreeMap<KickRequest, usize>, ScanTimes), KickError> {
-        // account public key -> username -> the (first) request that names it, by index
-        let mut targets: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-        for (index, request) in requests.iter().enumerate() {
-            let rows: Vec<(String, String)> = match request {
-                KickRequest::User { account_id, username } => {
-                    sqlx::query_as("SELECT public_key, $2::text FROM nats.accounts WHERE id = $1 AND public_key IS NOT NULL")
-                        .bind(account_id)
-                        .bind(username)
-                        .fetch_all(&self.pool)
-                        .await?
-                }
-                KickRequest::Role { role_id } => self.users_where(Some(*role_id), None).await?,
-                KickRequest::TokenOwner { user_id } => {
-                    self.users_where(None, Some(*user_id)).await?
-                }
-            };
-            for (account, user) in rows {
-                targets
-                    .entry(account)
-                    .or_default()
-                    .entry(user)
-                    .or_insert(index);
-            }
-        }
+        let targets = self.targets(requests).await?;
         let scans: Vec<Result<(Vec<usize>, ScanTimes), KickError>> = futures::stream::iter(targets)
             .map(|(account, users)| async move {
                 let _permit = self.scans.acquire().await;
@@ -418,21 +407,141 @@ impl Sessions {
         Ok((counts, times))
     }
 
-    /// (account key, username) of the users holding a role, or of one user.
+    /// Resolves requests to account public key -> username -> the (first) request that names
+    /// it, by index. Users come from this replica's login copy (see
+    /// [`LoginCache::kick_view`]), not from `nats.users` / `nats.roles`: a tenant admin can
+    /// `LOCK TABLE` those, and a kick must not wait for it. Postgres is asked too only when the
+    /// copy cannot vouch for its answer (not loaded or not live, a named user missing or
+    /// changed since its read, a user change not re-read yet while roles are asked for), bounded
+    /// by `db::LOCK_TIMEOUT`; if Postgres cannot answer, the copy's answer is used. Account keys
+    /// the copy does not have are read from `nats.accounts`, which tenants cannot lock (they
+    /// hold only column privileges there, and `LOCK TABLE` needs table-level ones).
+    async fn targets(
+        &self,
+        requests: &[KickRequest],
+    ) -> Result<BTreeMap<String, BTreeMap<String, usize>>, KickError> {
+        let mut roles = HashSet::new();
+        let mut owners = HashSet::new();
+        for r in requests {
+            match r {
+                KickRequest::Role { role_id } => {
+                    roles.insert(*role_id);
+                }
+                KickRequest::TokenOwner { user_id } => {
+                    owners.insert(*user_id);
+                }
+                KickRequest::User { .. } => {}
+            }
+        }
+        let copy = self.copy.as_ref().filter(|c| c.is_loaded());
+        let (mut users, mut account_keys, complete) = match copy {
+            Some(c) => {
+                let v = c.kick_view(&roles, &owners);
+                (v.users, v.account_keys, v.complete)
+            }
+            None => (Vec::new(), HashMap::new(), false),
+        };
+        let asks_users = !roles.is_empty() || !owners.is_empty();
+        if asks_users && !complete {
+            match self.users_where(&roles, &owners).await {
+                Ok(rows) => {
+                    for u in rows {
+                        if !users.contains(&u) {
+                            users.push(u);
+                        }
+                    }
+                }
+                // Without a copy there is nothing to go by: the batch is retried.
+                Err(e) if copy.is_none() => return Err(e.into()),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot read the users of a kick from Postgres; going by the login copy"
+                ),
+            }
+        }
+        // (account id, username) -> the first request naming it
+        let mut wanted: BTreeMap<(i64, String), usize> = BTreeMap::new();
+        for (index, request) in requests.iter().enumerate() {
+            match request {
+                KickRequest::User {
+                    account_id,
+                    username,
+                } => {
+                    wanted
+                        .entry((*account_id, username.clone()))
+                        .or_insert(index);
+                }
+                KickRequest::Role { role_id } => {
+                    for u in users.iter().filter(|u| u.role_id == Some(*role_id)) {
+                        wanted
+                            .entry((u.account_id, u.username.to_string()))
+                            .or_insert(index);
+                    }
+                }
+                KickRequest::TokenOwner { user_id } => {
+                    for u in users.iter().filter(|u| u.user_id == *user_id) {
+                        wanted
+                            .entry((u.account_id, u.username.to_string()))
+                            .or_insert(index);
+                    }
+                }
+            }
+        }
+        let unknown: Vec<i64> = wanted
+            .keys()
+            .map(|(a, _)| *a)
+            .filter(|a| !account_keys.contains_key(a))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !unknown.is_empty() {
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, public_key FROM nats.accounts WHERE id = ANY($1) AND public_key IS NOT NULL",
+            )
+            .bind(&unknown)
+            .fetch_all(&self.pool)
+            .await?;
+            account_keys.extend(rows);
+        }
+        let mut targets: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for ((account_id, username), index) in wanted {
+            // No identity key: the account never reached the servers, so nobody is connected.
+            if let Some(key) = account_keys.get(&account_id) {
+                targets
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(username)
+                    .or_insert(index);
+            }
+        }
+        Ok(targets)
+    }
+
+    /// The users holding one of `roles`, and the users `ids`, from Postgres.
     async fn users_where(
         &self,
-        role_id: Option<i64>,
-        user_id: Option<i64>,
-    ) -> Result<Vec<(String, String)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT a.public_key, u.username FROM nats.users u JOIN nats.accounts a ON a.id = u.account_id \
-             WHERE a.public_key IS NOT NULL AND ($1::bigint IS NULL OR u.role_id = $1) \
-               AND ($2::bigint IS NULL OR u.id = $2)",
+        roles: &HashSet<i64>,
+        ids: &HashSet<i64>,
+    ) -> Result<Vec<KickUser>, sqlx::Error> {
+        let roles: Vec<i64> = roles.iter().copied().collect();
+        let ids: Vec<i64> = ids.iter().copied().collect();
+        let rows: Vec<(i64, Option<i64>, i64, String)> = sqlx::query_as(
+            "SELECT u.id, u.role_id, u.account_id, u.username FROM nats.users u \
+             WHERE u.role_id = ANY($1) OR u.id = ANY($2)",
         )
-        .bind(role_id)
-        .bind(user_id)
+        .bind(&roles)
+        .bind(&ids)
         .fetch_all(&self.pool)
-        .await
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, role_id, account_id, username)| KickUser {
+                user_id,
+                role_id,
+                account_id,
+                username: username.into(),
+            })
+            .collect())
     }
 
     /// Asks every server for the account's connections and keeps those of `users`; also

@@ -11,6 +11,8 @@
 //! - on disconnect the copy stays as it was and the outage grace starts counting.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,8 +42,26 @@ pub(super) enum Read<R, T> {
     Copy(Found<T>),
 }
 
+/// What the maintainer's read in flight ended with.
+enum Outcome {
+    Reload(Result<(usize, usize, Duration), sqlx::Error>),
+    Refresh(Result<(), sqlx::Error>),
+}
+
+/// The maintainer's read in flight: polled in the same `select!` as the listener, so a
+/// notification is stamped the moment it arrives, whatever that read is waiting for.
+type Work = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
 impl Callout {
     /// Loads the copy and keeps it current until `stop`.
+    ///
+    /// No notification waits behind a read: the reload or re-read in flight is one branch of
+    /// the loop's `select!`, so every notification is received and stamped
+    /// ([`crate::cache::LoginCache::on_notification`]) when it arrives, making the entries it
+    /// covers unusable at once, even while a read waits for a lock (a tenant admin's `LOCK
+    /// TABLE`, an operator's `ALTER TABLE`; bounded by `db::LOCK_TIMEOUT`). Scopes notified
+    /// meanwhile accumulate and are re-read together when the read in flight is done; a failed
+    /// read puts its scopes back and is retried every second.
     pub async fn keep_copy(self: Arc<Self>, stop: CancellationToken) {
         let settings = ListenSettings {
             name: LISTENER_APPLICATION_NAME,
@@ -52,7 +72,13 @@ impl Callout {
         let mut connected = false;
         let mut need_reload = false;
         let mut reload_failures = 0u32;
+        // Stamped, not re-read yet, not in flight.
         let mut pending: HashSet<Scope> = HashSet::new();
+        // The scopes of the re-read in flight (back to `pending` if it fails).
+        let mut in_flight: HashSet<Scope> = HashSet::new();
+        let mut work: Option<Work> = None;
+        // The last read failed: the next one starts on the retry tick.
+        let mut backing_off = false;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut settle = tokio::time::interval(Duration::from_secs(2));
@@ -65,6 +91,11 @@ impl Callout {
                     Some(Event::Connected) => {
                         connected = true;
                         need_reload = true;
+                        backing_off = false;
+                        // Whatever was in flight may have missed notifications: a reload
+                        // covers it all.
+                        work = None;
+                        in_flight.clear();
                         pending.clear();
                     }
                     Some(Event::Notes(notes)) => {
@@ -78,69 +109,66 @@ impl Callout {
                     Some(Event::Disconnected(_)) => {
                         connected = false;
                         self.cache.set_disconnected();
+                        // The reload on reconnect covers what was in flight.
+                        work = None;
+                        pending.extend(in_flight.drain());
                     }
                 },
-                _ = retry.tick() => {}
+                done = async { work.as_mut().expect("polled only when set").await }, if work.is_some() => {
+                    work = None;
+                    match done {
+                        Outcome::Reload(Ok((users, tokens, took))) => {
+                            reload_failures = 0;
+                            tracing::info!(
+                                users,
+                                tokens,
+                                took_ms = took.as_millis() as u64,
+                                "login copy loaded"
+                            );
+                            // Scopes notified during the load were stamped after its ticket and
+                            // stay in `pending`: they are re-read next, and not served before.
+                            if connected && !need_reload {
+                                self.cache.set_live();
+                            }
+                        }
+                        Outcome::Reload(Err(e)) => {
+                            need_reload = true;
+                            backing_off = true;
+                            reload_failures += 1;
+                            if reload_failures == 1 {
+                                tracing::warn!(error = %e, "cannot load the login copy; retrying every second (logins read Postgres, or the previous copy while it is unreachable)");
+                            }
+                        }
+                        Outcome::Refresh(Ok(())) => in_flight.clear(),
+                        Outcome::Refresh(Err(e)) => {
+                            backing_off = true;
+                            tracing::debug!(error = %e, scopes = in_flight.len() + pending.len(), "cannot re-read changed users; retrying (they stay stamped: their logins read Postgres, or are refused from the copy)");
+                            pending.extend(in_flight.drain());
+                        }
+                    }
+                }
+                _ = retry.tick() => backing_off = false,
                 _ = settle.tick() => {
                     if connected && !need_reload {
                         pending.extend(self.cache.unsettled_accounts().into_iter().map(Scope::Account));
                     }
                 }
             }
-            if !connected {
+            if work.is_some() || !connected || backing_off {
                 continue;
             }
             if need_reload {
-                match self.reload().await {
-                    Ok((users, tokens, took)) => {
-                        need_reload = false;
-                        reload_failures = 0;
-                        pending.clear();
-                        // Notifications that queued up during the load stamp what they touch
-                        // before the copy answers again.
-                        while let Ok(ev) = events.try_recv() {
-                            match ev {
-                                Event::Notes(notes) => {
-                                    for n in notes {
-                                        match self.cache.on_notification(&n.channel, &n.payload) {
-                                            Some(scope) => {
-                                                pending.insert(scope);
-                                            }
-                                            None => need_reload = true,
-                                        }
-                                    }
-                                }
-                                Event::Connected => need_reload = true,
-                                Event::Disconnected(_) => {
-                                    connected = false;
-                                    self.cache.set_disconnected();
-                                }
-                            }
-                        }
-                        tracing::info!(
-                            users,
-                            tokens,
-                            took_ms = took.as_millis() as u64,
-                            "login copy loaded"
-                        );
-                        if connected && !need_reload {
-                            self.cache.set_live();
-                        }
-                    }
-                    Err(e) => {
-                        reload_failures += 1;
-                        if reload_failures == 1 {
-                            tracing::warn!(error = %e, "cannot load the login copy; retrying every second (logins read Postgres, or the previous copy while it is unreachable)");
-                        }
-                    }
-                }
+                // The reload's ticket is newer than every stamp so far: it covers them.
+                need_reload = false;
+                pending.clear();
+                let me = self.clone();
+                work = Some(Box::pin(async move { Outcome::Reload(me.reload().await) }));
             } else if !pending.is_empty() {
-                match self.refresh(&pending).await {
-                    Ok(()) => pending.clear(),
-                    Err(e) => {
-                        tracing::debug!(error = %e, scopes = pending.len(), "cannot re-read changed users; retrying (their logins read Postgres meanwhile)");
-                    }
-                }
+                in_flight = std::mem::take(&mut pending);
+                let (me, scopes) = (self.clone(), in_flight.clone());
+                work = Some(Box::pin(async move {
+                    Outcome::Refresh(me.refresh(&scopes).await)
+                }));
             }
         }
         self.cache.set_disconnected();

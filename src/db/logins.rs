@@ -465,6 +465,16 @@ pub async fn load(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
+    if filter.all {
+        // A full load streams every user: a statement bound of its own (the lock bound stays,
+        // see `db::LOCK_TIMEOUT`).
+        sqlx::query(&format!(
+            "SET LOCAL statement_timeout = '{}ms'",
+            super::FULL_LOAD_STATEMENT_TIMEOUT.as_millis()
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     let f = filter.sql();
     let accounts_sql = format!(
         "SELECT {} FROM nats.accounts a {}

@@ -14,7 +14,7 @@ pub mod sharing;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 
 /// Migrations are compiled into the binary so `migrate` needs no files next to it.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -31,9 +31,55 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
+/// How long a statement of the service may wait for a table or row lock before Postgres gives
+/// up on it (`lock_timeout`). A tenant admin may hold `LOCK TABLE nats.roles IN ACCESS
+/// EXCLUSIVE MODE` (its table-level UPDATE allows it), and an operator's `ALTER TABLE` holds the
+/// same lock: no read of the service may wait for them without bound. 500 ms is well inside
+/// nats-server's 2 s auth timeout, so a login's read gives up in time to be answered from the
+/// copy (and a user whose change is notified but not re-read is refused: fail closed). Plain
+/// reads never wait for row locks, so only such table locks (and the service's few writes
+/// meeting a row lock) ever reach this bound.
+pub const LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+/// The longest any one statement of the service may run (`statement_timeout`): a backstop for
+/// whatever is slow without waiting for a lock. A login's read is already abandoned by the
+/// callout after at most 1 s (`Callout::db_read`); this frees its connection soon after. The
+/// longest regular statements (a bulk re-queue of every account, a partial re-read of a big
+/// account) take well under a second at 100,000 rows.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The statement bound inside a full load of the login copy, which streams every user (1M users
+/// load in ~4.4 s, BENCHMARKS.md): set with `SET LOCAL` in the load's own transaction.
+pub const FULL_LOAD_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets [`LOCK_TIMEOUT`] and [`STATEMENT_TIMEOUT`] on a session of the service (every pooled
+/// connection, every LISTEN connection, the sync leader's lock connection).
+pub async fn bound_session<'c, E>(conn: E) -> Result<(), sqlx::Error>
+where
+    E: Executor<'c, Database = sqlx::Postgres>,
+{
+    let sql = format!(
+        "SELECT set_config('lock_timeout', '{}ms', false), \
+                set_config('statement_timeout', '{}ms', false)",
+        LOCK_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    );
+    conn.execute(sql.as_str()).await?;
+    Ok(())
+}
+
+/// Opens the pool of `serve`: like [`connect`], and every connection bounded by
+/// [`bound_session`] before its first use.
+pub async fn connect_service(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    open(url, max_connections, true).await
+}
+
 /// Opens a pool. `acquire_timeout` is short because a callout that waits longer than the
 /// server's auth timeout (2 s) is useless anyway; better to deny and log.
+/// Used by the CLI verbs and migrations (unbounded: a migration may rewrite a big table).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    open(url, max_connections, false).await
+}
+
+async fn open(url: &str, max_connections: u32, bounded: bool) -> Result<PgPool, DbError> {
     let opts: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
@@ -44,13 +90,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         opts.get_database().unwrap_or("postgres")
     );
     let opts = opts.application_name("nats-pg-auth");
-    match PgPoolOptions::new()
+    let mut options = PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1)
-        .acquire_timeout(Duration::from_millis(1500))
-        .connect_with(opts.clone())
-        .await
-    {
+        .acquire_timeout(Duration::from_millis(1500));
+    if bounded {
+        options =
+            options.after_connect(|conn, _meta| Box::pin(async move { bound_session(conn).await }));
+    }
+    match options.connect_with(opts.clone()).await {
         Ok(pool) => Ok(pool),
         // The pool only says it timed out; one plain connection says why (refused, no such
         // host, wrong password).
@@ -78,7 +126,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 
 /// For `serve` and `init`: runs the migrations only when some are not applied yet. So the
 /// service can run as `nats_pg_auth_service`, which may not run DDL, against a schema that
-/// `migrate` (run by the schema owner) brought up to date.
+/// `migrate` (run by the schema owner) brought up to date. The migrator gets a connection of
+/// its own, without the service's statement bounds (see [`connect_service`]).
 pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(pool)
@@ -98,5 +147,10 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
             }
         }
     }
-    migrate(pool).await
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+    let migrated = MIGRATOR.run(&mut conn).await;
+    let _ = conn.close().await;
+    migrated?;
+    Ok(())
 }

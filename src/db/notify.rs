@@ -140,6 +140,9 @@ async fn connect(pool: &PgPool, settings: &ListenSettings) -> Result<PgListener,
     // Reconnecting is this module's job: a silent reconnect inside sqlx would hide the gap.
     listener.eager_reconnect(false);
     harden(&mut listener).await;
+    // LISTEN and the health query take no table lock, but no session of the service waits
+    // without bound (see `db::LOCK_TIMEOUT`).
+    super::bound_session(&mut listener).await?;
     listener
         .listen_all(settings.channels.iter().copied())
         .await?;

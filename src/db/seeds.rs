@@ -51,6 +51,12 @@ async fn rewrite(
     skip: impl Fn(&str, &str) -> bool,
 ) -> Result<u64, ReencryptError> {
     let mut tx = pool.begin().await?;
+    // On `serve`'s pool every session gives up on a lock after `db::LOCK_TIMEOUT`; replicas
+    // starting together take these row locks one after the other, so wait longer here (this
+    // runs once at start, never on a login).
+    sqlx::query("SET LOCAL lock_timeout = '60s'")
+        .execute(&mut *tx)
+        .await?;
     let mut n = 0;
     for table in ["nats.service_identities", "nats.account_keys"] {
         let rows: Vec<(String, String)> =

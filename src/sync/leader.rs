@@ -43,6 +43,8 @@ impl Leadership {
             .connect()
             .await?;
         notify::harden(&mut conn).await;
+        // `pg_try_advisory_lock` never waits; the bounds keep it so (see `db::LOCK_TIMEOUT`).
+        crate::db::bound_session(&mut conn).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(SYNC_LOCK_KEY)
             .fetch_one(&mut conn)
