@@ -595,6 +595,18 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub credential_cache_ttl: Duration,
 
+    /// Postgres reads per second (per replica) for usernames and tokens the live login copy
+    /// does not hold. Such a read only catches a row inserted a moment ago whose notification is
+    /// still on its way; beyond this rate the copy's "no such user/token" answers, so a flood of
+    /// made-up tokens or names costs no query each. 0: never read (a new row logs in once its
+    /// notification has landed, milliseconds after COMMIT).
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_UNKNOWN_READS_PER_SECOND",
+        default_value_t = 50
+    )]
+    pub unknown_reads_per_second: u32,
+
     /// On SIGTERM/SIGINT: longest the replica takes to stop taking callouts, answer the ones in
     /// flight and release the sync leadership before it exits anyway.
     #[arg(long, env = "NATS_PG_AUTH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -625,6 +637,7 @@ impl ServeArgs {
             outage_ttl: self.db_outage_ttl,
             credentials: self.credential_cache,
             credential_ttl: self.credential_cache_ttl,
+            unknown_reads_per_second: self.unknown_reads_per_second,
             ..Default::default()
         }
     }

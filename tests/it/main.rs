@@ -10,6 +10,7 @@ mod common;
 mod compose;
 mod doors;
 mod init;
+mod lane;
 mod login;
 mod manifests;
 mod nkeys;

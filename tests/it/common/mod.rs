@@ -226,6 +226,7 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         db_outage_ttl: Duration::from_secs(300),
         credential_cache: true,
         credential_cache_ttl: Duration::from_secs(600),
+        unknown_reads_per_second: 50,
         lockout_failures: 10,
         lockout_duration: Duration::from_secs(300),
         shutdown_timeout: Duration::from_secs(10),
