@@ -4,7 +4,7 @@
 -- manifests give the container): one tenant row could OOM-kill every replica. The new bounds
 -- match the service's defaults (--max-bcrypt-cost 12, --max-argon2-memory-kib 65536,
 -- --max-argon2-iterations 8, --max-argon2-parallelism 16): bcrypt cost 12 takes ~350 ms,
--- argon2id m=64 MiB,t=8 ~270 ms, and two threads hold at most 128 MiB.
+-- argon2id m=64 MiB,t=8 ~270 ms, and the default three hashing threads hold at most 192 MiB.
 --
 -- Existing rows are NOT re-checked (a CHECK constraint is only evaluated on INSERT/UPDATE): a
 -- row above the new bounds stays, with a WARNING below, and the service refuses its password

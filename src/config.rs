@@ -503,8 +503,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CALLOUT_CONCURRENCY", default_value_t = 12)]
     pub callout_concurrency: usize,
 
-    /// Threads for password hashing (bcrypt/argon2), separate from the async runtime.
-    #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 2)]
+    /// Threads for password hashing (bcrypt/argon2), separate from the async runtime, at low
+    /// priority. One account runs at most all but one of them at once (a thread is always there
+    /// for the other accounts), so 3 keeps two for a single tenant's reconnect storm.
+    #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 3)]
     pub hash_threads: usize,
 
     /// Highest bcrypt cost a stored password hash may ask for (4..31). A hash above it is refused

@@ -61,7 +61,7 @@ pub const MIN_BCRYPT_COST: u32 = 4;
 /// The defaults keep one check well inside nats-server's 2 s auth timeout and the lane's memory
 /// well inside the 512 MiB the manifests give the container (measured on a 2-core machine, see
 /// BENCHMARKS.md "Hashing lane"): bcrypt cost 12 takes ~350 ms (13: ~700 ms, 14: ~1.3 s);
-/// argon2id m=64 MiB, t=8 ~270 ms, and two threads hold at most 128 MiB. The schema's
+/// argon2id m=64 MiB, t=8 ~270 ms, and the default three threads hold at most 192 MiB. The schema's
 /// `nats.password_hash_limits()` has the same bounds.
 impl Default for HashLimits {
     fn default() -> Self {

@@ -6,7 +6,10 @@
 //! - a key with queued checks gets a thread as soon as one frees up, however many checks
 //!   another key has queued: one tenant flooding wrong passwords delays another tenant's check
 //!   by at most one check already running, not by the flood;
-//! - the lane is work-conserving: a key alone may use every thread;
+//! - one key runs at most `threads - 1` checks at once (with several threads): a thread is
+//!   always free for the other keys, so another tenant's check starts at once instead of
+//!   waiting for one of the flooding tenant's (whose duration a loaded machine stretches);
+//!   otherwise the lane is work-conserving (a key alone uses every thread it may);
 //! - a key may have at most `per_key_queue` checks waiting; more are refused at once (it could
 //!   not be served before the auth timeout anyway, and it must not fill the lane's memory);
 //! - a check whose deadline passed while it waited, or whose caller went away, is dropped
@@ -63,10 +66,13 @@ struct Queues {
 }
 
 impl Queues {
-    /// The next check: of the first key in the ring with the fewest running checks.
-    fn next(&mut self) -> Option<(LaneKey, Job)> {
+    /// The next check: of the first key in the ring with the fewest running checks, among the
+    /// keys below `per_key_running`.
+    fn next(&mut self, per_key_running: usize) -> Option<(LaneKey, Job)> {
         let running = |k: &LaneKey| self.running.get(k).copied().unwrap_or(0);
-        let pos = (0..self.ring.len()).min_by_key(|&i| (running(&self.ring[i]), i))?;
+        let pos = (0..self.ring.len())
+            .filter(|&i| running(&self.ring[i]) < per_key_running)
+            .min_by_key(|&i| (running(&self.ring[i]), i))?;
         let key = self.ring.remove(pos)?;
         let queue = self.waiting.get_mut(&key)?;
         let job = queue.pop_front()?;
@@ -92,6 +98,9 @@ struct Shared {
     queues: Mutex<Queues>,
     ready: Condvar,
     per_key_queue: usize,
+    /// Checks one key may run at once: every thread but one (when there are several), so a
+    /// thread is always there for the other keys.
+    per_key_running: usize,
 }
 
 impl Shared {
@@ -114,6 +123,7 @@ impl Lane {
             queues: Mutex::new(Queues::default()),
             ready: Condvar::new(),
             per_key_queue: per_key_queue.max(1),
+            per_key_running: threads.saturating_sub(1).max(1),
         });
         for i in 0..threads.max(1) {
             let shared = shared.clone();
@@ -161,7 +171,7 @@ impl Drop for Lane {
 fn work(shared: &Shared) {
     let mut q = shared.lock();
     loop {
-        match q.next() {
+        match q.next(shared.per_key_running) {
             Some((key, job)) => {
                 if Instant::now() >= job.deadline {
                     drop(q);
@@ -176,6 +186,11 @@ fn work(shared: &Shared) {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.work)(Go::Run)));
                 q = shared.lock();
                 q.finished(key);
+                // A key that was at its limit may run again: a sleeping thread may take it
+                // while this one serves another key.
+                if !q.ring.is_empty() {
+                    shared.ready.notify_one();
+                }
             }
             None if q.closed => return,
             None => q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner()),
@@ -235,6 +250,49 @@ mod tests {
             .map(|_| order_rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
         assert_eq!(order, ["a1", "b1", "a2", "a3", "a4"]);
+    }
+
+    /// With two threads, a key flooding the lane holds one: another key's check runs while
+    /// both of the first key's running checks would still be blocked.
+    #[test]
+    fn one_key_never_holds_every_thread() {
+        let lane = Lane::start(2, 16, "t-lane", noop);
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate_rx = Arc::new(Mutex::new(gate_rx));
+        let (ran_tx, ran_rx) = mpsc::channel::<&'static str>();
+        let far = Instant::now() + Duration::from_secs(30);
+        for _ in 0..3 {
+            let (gate_rx, ran_tx) = (gate_rx.clone(), ran_tx.clone());
+            lane.submit(
+                LaneKey::Account(1),
+                Job {
+                    deadline: far,
+                    work: Box::new(move |_| {
+                        let _ = ran_tx.send("a");
+                        let _ = gate_rx.lock().unwrap().recv();
+                    }),
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(ran_rx.recv_timeout(Duration::from_secs(10)), Ok("a"));
+        let tx = ran_tx.clone();
+        lane.submit(
+            LaneKey::Unknown,
+            Job {
+                deadline: far,
+                work: Box::new(move |_| {
+                    let _ = tx.send("b");
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(ran_rx.recv_timeout(Duration::from_secs(10)), Ok("b"));
+        for _ in 0..3 {
+            let _ = gate_tx.send(());
+        }
+        assert_eq!(ran_rx.recv_timeout(Duration::from_secs(10)), Ok("a"));
+        assert_eq!(ran_rx.recv_timeout(Duration::from_secs(10)), Ok("a"));
     }
 
     #[test]

@@ -274,7 +274,7 @@ impl Default for CalloutSettings {
             max_ttl: Duration::from_secs(86400),
             defaults: Defaults::default(),
             concurrency: 12,
-            hash_threads: 2,
+            hash_threads: 3,
             hash_limits: credentials::HashLimits::default(),
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,

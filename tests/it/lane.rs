@@ -166,12 +166,18 @@ async fn a_tenant_flooding_wrong_passwords_does_not_starve_another_tenants_cold_
             }
         }));
     }
-    // The lane is busy with the flood before B's first login.
+    // The flood saturates the lane before B's first login: some of A's checks already waited
+    // until the auth timeout.
     let busy_from = callout.password_hashes_computed();
-    crate::common::wait_until(Duration::from_secs(20), "the flood to hash", || {
-        let callout = callout.clone();
-        async move { callout.password_hashes_computed() >= busy_from + 4 }
-    })
+    let metrics = env.metrics.clone();
+    crate::common::wait_until(
+        Duration::from_secs(30),
+        "the flood to saturate the lane",
+        || {
+            let metrics = metrics.clone();
+            async move { metrics.denied("overloaded") >= 1 }
+        },
+    )
     .await;
 
     let mut refused = Vec::new();
