@@ -170,10 +170,7 @@ async fn password_hash_work_factors_are_bounded() {
             argon("m=1048576,t=1,p=1"),
             "memory m=1048576 KiB is outside 8..65536",
         ),
-        (
-            argon("m=19456,t=9,p=1"),
-            "iterations t=9 are outside 1..8",
-        ),
+        (argon("m=19456,t=9,p=1"), "iterations t=9 are outside 1..8"),
         (
             argon("m=19456,t=2,p=17"),
             "parallelism p=17 is outside 1..16",
