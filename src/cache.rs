@@ -159,6 +159,9 @@ pub enum CredentialLookup<T> {
     Hit(T),
     /// Ask Postgres (not in the copy, or changed and not re-read yet).
     Miss,
+    /// Not in the live copy, and no read of such credentials left this second
+    /// (`--unknown-reads-per-second`): no such credential.
+    Unknown,
 }
 
 /// Result of a lookup in the copy during an outage.
@@ -769,7 +772,7 @@ impl LoginCache {
         TokenLookup::Miss
     }
 
-    /// Whether a username or token the live copy does not hold may be asked of Postgres (within
+    /// Whether a username, token or nkey the live copy does not hold may be asked of Postgres (within
     /// `--unknown-reads-per-second`); beyond it the copy's "unknown" stands.
     fn absent_read_allowed(&self) -> bool {
         if self.absent_reads.take() {
@@ -800,6 +803,8 @@ impl LoginCache {
                 bump(&self.stats.login_hits);
                 CredentialLookup::Hit(e.login.clone())
             }
+            // Any key pair signs its own nonce: made-up nkeys cost no query each.
+            None if !self.absent_read_allowed() => CredentialLookup::Unknown,
             _ => {
                 bump(&self.stats.login_misses);
                 CredentialLookup::Miss

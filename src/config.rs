@@ -597,7 +597,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub credential_cache_ttl: Duration,
 
-    /// Postgres reads per second (per replica) for usernames and tokens the live login copy
+    /// Postgres reads per second (per replica) for usernames, tokens and nkeys the live login copy
     /// does not hold. Such a read only catches a row inserted a moment ago whose notification is
     /// still on its way; beyond this rate the copy's "no such user/token" answers, so a flood of
     /// made-up tokens or names costs no query each. 0: never read (a new row logs in once its
