@@ -1,8 +1,9 @@
 //! Password and token checks.
 //!
-//! Password hashes are verified on threads of their own, at low priority, behind a semaphore
-//! ("the hashing lane"): bcrypt at cost 10 takes ~50 ms of CPU, and a flood of cold password
-//! logins must neither stall the async runtime nor take every thread from token logins.
+//! Password hashes are verified on threads of their own, at low priority, queued per account
+//! ("the hashing lane", see [`super::lane`]): bcrypt at cost 10 takes ~85 ms of CPU, and a flood
+//! of cold password logins must neither stall the async runtime, nor take every thread from
+//! token logins, nor starve another account's password logins.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
