@@ -29,7 +29,9 @@
 //! re-read lands, logins of that scope read Postgres. A read that raced with the change can
 //! never be served past it. A name the copy does not hold is asked of Postgres (its INSERT's
 //! notification may still be on the way); Postgres' "no such user" is remembered for 2 s
-//! unless a user changes meanwhile.
+//! unless a user changes meanwhile. Such reads (usernames and tokens) are bounded by
+//! `--unknown-reads-per-second`: beyond it the live copy's "no such user/token" stands, so a
+//! flood of made-up credentials costs no query each.
 //!
 //! A login whose account has a signing key the server does not have yet (a new account, or a
 //! rotation waiting for its push) is not served from the copy while Postgres is up: the sync
@@ -92,6 +94,9 @@ pub struct CacheSettings {
     pub outage_grace: Duration,
     /// Longest lifetime of a user JWT minted from the copy during an outage.
     pub outage_ttl: Duration,
+    /// Postgres reads per second for usernames and tokens the live copy does not hold (see
+    /// [`ReadBudget`]).
+    pub unknown_reads_per_second: u32,
 }
 
 impl Default for CacheSettings {
@@ -105,6 +110,7 @@ impl Default for CacheSettings {
             health_check_interval: Duration::from_secs(5),
             outage_grace: Duration::from_secs(3600),
             outage_ttl: Duration::from_secs(300),
+            unknown_reads_per_second: 50,
         }
     }
 }
@@ -153,6 +159,9 @@ pub enum CredentialLookup<T> {
     Hit(T),
     /// Ask Postgres (not in the copy, or changed and not re-read yet).
     Miss,
+    /// Not in the live copy, and no read of such credentials left this second
+    /// (`--unknown-reads-per-second`): no such credential.
+    Unknown,
 }
 
 /// Result of a lookup in the copy during an outage.
@@ -206,6 +215,44 @@ pub struct CacheStats {
     pub reloads: AtomicU64,
     /// Logins answered from the copy because Postgres could not be asked.
     pub logins_from_copy: AtomicU64,
+    /// Usernames and tokens the live copy does not hold, asked of Postgres (within
+    /// `--unknown-reads-per-second`) ...
+    pub absent_reads: AtomicU64,
+    /// ... and answered "unknown" by the copy without a query (beyond it).
+    pub absent_unread: AtomicU64,
+}
+
+/// A token bucket bounding the Postgres reads of credentials the live copy does not hold: a
+/// flood of made-up tokens or usernames (each distinct, so the 2 s "no such token" memory never
+/// hits) would otherwise cost one query each. Holds up to one second of reads.
+struct ReadBudget {
+    per_second: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl ReadBudget {
+    fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second);
+        Self {
+            per_second,
+            state: Mutex::new((per_second, Instant::now())),
+        }
+    }
+
+    /// Takes one read if the budget has one.
+    fn take(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.per_second;
+        s.0 = (s.0 + refill).min(self.per_second);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl CacheStats {
@@ -519,6 +566,8 @@ pub struct LoginCache {
     /// Token digests Postgres said do not exist (2 s): a client retrying a wrong token costs
     /// no query.
     unknown_tokens: Cache<[u8; 32], u64>,
+    /// Reads of usernames and tokens the live copy does not hold.
+    absent_reads: ReadBudget,
     /// When the copy stopped being kept current (listener lost); None while it is.
     stale_since: Mutex<Option<Instant>>,
     outage: Mutex<Option<Outage>>,
@@ -556,6 +605,7 @@ impl LoginCache {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(2))
                 .build(),
+            absent_reads: ReadBudget::new(settings.unknown_reads_per_second),
             stale_since: Mutex::new(None),
             outage: Mutex::new(None),
             in_outage: AtomicBool::new(false),
@@ -675,6 +725,9 @@ impl LoginCache {
                     }
                     self.unknown_users.invalidate(username);
                 }
+                if !self.absent_read_allowed() {
+                    return UserLookup::Unknown;
+                }
             }
         }
         bump(&self.stats.login_misses);
@@ -733,10 +786,25 @@ impl LoginCache {
                     }
                     self.unknown_tokens.invalidate(digest);
                 }
+                if !self.absent_read_allowed() {
+                    return TokenLookup::Unknown;
+                }
             }
         }
         bump(&self.stats.token_misses);
         TokenLookup::Miss
+    }
+
+    /// Whether a username, token or nkey the live copy does not hold may be asked of Postgres (within
+    /// `--unknown-reads-per-second`); beyond it the copy's "unknown" stands.
+    fn absent_read_allowed(&self) -> bool {
+        if self.absent_reads.take() {
+            bump(&self.stats.absent_reads);
+            true
+        } else {
+            bump(&self.stats.absent_unread);
+            false
+        }
     }
 
     /// Postgres said this token does not exist (as of `ticket`).
@@ -758,6 +826,8 @@ impl LoginCache {
                 bump(&self.stats.login_hits);
                 CredentialLookup::Hit(e.login.clone())
             }
+            // Any key pair signs its own nonce: made-up nkeys cost no query each.
+            None if !self.absent_read_allowed() => CredentialLookup::Unknown,
             _ => {
                 bump(&self.stats.login_misses);
                 CredentialLookup::Miss

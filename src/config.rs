@@ -155,7 +155,7 @@ pub struct ImportNatsConfArgs {
     #[arg(long)]
     pub json: bool,
     /// bcrypt cost for plain-text passwords.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=14))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=12))]
     pub cost: u32,
 }
 
@@ -538,28 +538,33 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CALLOUT_CONCURRENCY", default_value_t = 12)]
     pub callout_concurrency: usize,
 
-    /// Threads for password hashing (bcrypt/argon2), separate from the async runtime.
-    #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 2)]
+    /// Threads for password hashing (bcrypt/argon2), separate from the async runtime, at low
+    /// priority. One account runs at most all but one of them at once (a thread is always there
+    /// for the other accounts), so 3 keeps two for a single tenant's reconnect storm.
+    #[arg(long, env = "NATS_PG_AUTH_HASH_THREADS", default_value_t = 3)]
     pub hash_threads: usize,
 
     /// Highest bcrypt cost a stored password hash may ask for (4..31). A hash above it is refused
     /// at login without hashing: a hash sets its own work factor, and one row at cost 31 would
     /// otherwise cost a day of CPU per login attempt. Keep it in step with
-    /// `nats.password_hash_limits()` (the schema's bound, 14 unless replaced).
-    #[arg(long, env = "NATS_PG_AUTH_MAX_BCRYPT_COST", default_value_t = 14)]
+    /// `nats.password_hash_limits()` (the schema's bound, 12 unless replaced). Cost 12 takes
+    /// ~350 ms per check on a 2-core machine, each further step doubles it (2 s auth timeout).
+    #[arg(long, env = "NATS_PG_AUTH_MAX_BCRYPT_COST", default_value_t = 12)]
     pub max_bcrypt_cost: u32,
 
     /// Highest argon2id memory (`m`, in KiB) a stored password hash may ask for; above it the
-    /// login is refused without hashing. Each hashing thread may use this much memory.
+    /// login is refused without hashing. Each hashing thread may use this much memory: times
+    /// --hash-threads it must stay within half the memory this process may use (its cgroup's
+    /// limit, else the machine's), or the service refuses to start.
     #[arg(
         long,
         env = "NATS_PG_AUTH_MAX_ARGON2_MEMORY_KIB",
-        default_value_t = 1_048_576
+        default_value_t = 65_536
     )]
     pub max_argon2_memory_kib: u32,
 
     /// Highest argon2id iteration count (`t`) a stored password hash may ask for.
-    #[arg(long, env = "NATS_PG_AUTH_MAX_ARGON2_ITERATIONS", default_value_t = 10)]
+    #[arg(long, env = "NATS_PG_AUTH_MAX_ARGON2_ITERATIONS", default_value_t = 8)]
     pub max_argon2_iterations: u32,
 
     /// Highest argon2id parallelism (`p`, lanes) a stored password hash may ask for.
@@ -627,6 +632,18 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_CREDENTIAL_CACHE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub credential_cache_ttl: Duration,
 
+    /// Postgres reads per second (per replica) for usernames, tokens and nkeys the live login copy
+    /// does not hold. Such a read only catches a row inserted a moment ago whose notification is
+    /// still on its way; beyond this rate the copy's "no such user/token" answers, so a flood of
+    /// made-up tokens or names costs no query each. 0: never read (a new row logs in once its
+    /// notification has landed, milliseconds after COMMIT).
+    #[arg(
+        long,
+        env = "NATS_PG_AUTH_UNKNOWN_READS_PER_SECOND",
+        default_value_t = 50
+    )]
+    pub unknown_reads_per_second: u32,
+
     /// On SIGTERM/SIGINT: longest the replica takes to stop taking callouts, answer the ones in
     /// flight and release the sync leadership before it exits anyway.
     #[arg(long, env = "NATS_PG_AUTH_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -657,6 +674,7 @@ impl ServeArgs {
             outage_ttl: self.db_outage_ttl,
             credentials: self.credential_cache,
             credential_ttl: self.credential_cache_ttl,
+            unknown_reads_per_second: self.unknown_reads_per_second,
             ..Default::default()
         }
     }
@@ -781,6 +799,21 @@ impl ServeArgs {
                     .into(),
             ));
         }
+        // argon2 allocates `m` KiB per running check and the lane runs --hash-threads at once:
+        // a bound that does not fit gets the process OOM-killed by one row a tenant writes.
+        let lane_bytes =
+            u64::from(self.max_argon2_memory_kib) * 1024 * self.hash_threads.max(1) as u64;
+        if let Some(limit) = memory_limit_bytes() {
+            if lane_bytes > limit / 2 {
+                return Err(ConfigError::Invalid(format!(
+                    "--max-argon2-memory-kib ({} KiB) x --hash-threads ({}) = {} MiB is more than half of the {} MiB this process may use (cgroup memory limit, else the machine's memory): lower either, or give the service more memory",
+                    self.max_argon2_memory_kib,
+                    self.hash_threads,
+                    lane_bytes >> 20,
+                    limit >> 20
+                )));
+            }
+        }
         if self.http_addr().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "--http-listen {:?} is not an address like 127.0.0.1:9464 (or `off`)",
@@ -795,6 +828,26 @@ impl ServeArgs {
             )));
         }
         Ok(())
+    }
+}
+
+/// The memory this process may use: its cgroup's limit (v2, else v1), else the machine's
+/// (`MemTotal`); None when none can be read.
+fn memory_limit_bytes() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let total = read("/proc/meminfo").and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    // cgroup v1 says "no limit" with a huge number; "max" (v2) does not parse.
+    match (cgroup, total) {
+        (Some(c), Some(t)) => Some(c.min(t)),
+        (c, t) => c.or(t),
     }
 }
 
@@ -839,7 +892,7 @@ mod tests {
             a.hash_limits(),
             crate::callout::credentials::HashLimits::default()
         );
-        assert_eq!(a.hash_limits().max_bcrypt_cost, 14);
+        assert_eq!(a.hash_limits().max_bcrypt_cost, 12);
         let a = serve(&[
             "--max-bcrypt-cost",
             "12",
@@ -855,6 +908,8 @@ mod tests {
             &["--max-argon2-iterations", "0"],
             &["--max-argon2-parallelism", "0"],
             &["--max-argon2-memory-kib", "4"],
+            // 4 TiB per thread fits no machine.
+            &["--max-argon2-memory-kib", "4294967295"],
         ] {
             let err = serve(bad).validate().expect_err("refused");
             assert!(err.to_string().contains("--max-"), "{bad:?}: {err}");

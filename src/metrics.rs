@@ -272,6 +272,10 @@ pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
         ("unknown_tokens", "hit", &s.unknown_token_hits),
         ("credentials", "hit", &s.credential_hits),
         ("credentials", "miss", &s.credential_misses),
+        // Usernames and tokens the live copy does not hold: read from Postgres ("miss"), or,
+        // beyond --unknown-reads-per-second, answered unknown by the copy ("hit").
+        ("absent_credentials", "miss", &s.absent_reads),
+        ("absent_credentials", "hit", &s.absent_unread),
     ] {
         let _ = writeln!(
             out,

@@ -1,8 +1,9 @@
 //! Password and token checks.
 //!
-//! Password hashes are verified on threads of their own, at low priority, behind a semaphore
-//! ("the hashing lane"): bcrypt at cost 10 takes ~50 ms of CPU, and a flood of cold password
-//! logins must neither stall the async runtime nor take every thread from token logins.
+//! Password hashes are verified on threads of their own, at low priority, queued per account
+//! ("the hashing lane", see [`super::lane`]): bcrypt at cost 10 takes ~85 ms of CPU, and a flood
+//! of cold password logins must neither stall the async runtime, nor take every thread from
+//! token logins, nor starve another account's password logins.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use std::time::Instant;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+
+use super::lane::{self, Go, Job, Lane, LaneKey};
 
 /// A valid bcrypt hash of a random password nobody knows. Unknown users are checked against it
 /// so that "no such user" and "wrong password" take the same time.
@@ -28,6 +30,9 @@ pub enum HashError {
     Worker,
     /// No hashing slot came free before the deadline (the server would have given up anyway).
     Busy,
+    /// The account already has its share of checks waiting in the lane
+    /// ([`QUEUED_PER_THREAD`] per hashing thread); refused without queueing.
+    QueueFull,
 }
 
 /// Niceness of the hashing threads. On a small machine bcrypt would otherwise take every core
@@ -35,8 +40,6 @@ pub enum HashError {
 /// the hashing threads about a tenth of a contended core, so token and cached logins keep their
 /// latency while cold ones still use every idle cycle.
 pub const HASH_THREAD_NICE: i32 = 10;
-
-type Job = Box<dyn FnOnce() + Send>;
 
 /// The work factors a stored hash may ask for. A hash sets its own cost: without bounds one row
 /// (`$2b$31$…`: a day per check; `m=4294967295`: terabytes) stalls or aborts the service on
@@ -56,12 +59,17 @@ pub struct HashLimits {
 /// bcrypt's own floor (and the schema's).
 pub const MIN_BCRYPT_COST: u32 = 4;
 
+/// The defaults keep one check well inside nats-server's 2 s auth timeout and the lane's memory
+/// well inside the 512 MiB the manifests give the container (measured on a 2-core machine, see
+/// BENCHMARKS.md "Hashing lane"): bcrypt cost 12 takes ~350 ms (13: ~700 ms, 14: ~1.3 s);
+/// argon2id m=64 MiB, t=8 ~270 ms, and the default three threads hold at most 192 MiB. The schema's
+/// `nats.password_hash_limits()` has the same bounds.
 impl Default for HashLimits {
     fn default() -> Self {
         Self {
-            max_bcrypt_cost: 14,
-            max_argon2_memory_kib: 1_048_576,
-            max_argon2_iterations: 10,
+            max_bcrypt_cost: 12,
+            max_argon2_memory_kib: 65_536,
+            max_argon2_iterations: 8,
             max_argon2_parallelism: 16,
         }
     }
@@ -141,14 +149,27 @@ impl HashLimits {
 }
 
 /// The hashing lane: at most `threads` hashes at once, on threads of its own (named
-/// `npa-hash`, at low priority). Only password checks that miss the credential cache come
-/// here; token and cached logins never wait on it.
+/// `npa-hash`, at low priority), shared fairly between accounts (see [`super::lane`]). Only
+/// password checks that miss the credential cache come here; token and cached logins never
+/// wait on it.
 #[derive(Clone)]
 pub struct PasswordVerifier {
     limits: HashLimits,
-    lane: Arc<Semaphore>,
+    lane: Arc<Lane>,
     computed: Arc<AtomicU64>,
-    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// Checks one account may have waiting, per hashing thread. A check waits for the ones of its
+/// account queued before it (other accounts' only in turn): 16 per thread is about 1.4 s of
+/// bcrypt cost 10 on two threads, more than a login can wait anyway.
+pub const QUEUED_PER_THREAD: usize = 16;
+
+fn lower_priority() {
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), HASH_THREAD_NICE)
+    {
+        tracing::debug!(error = %e, "cannot lower the priority of a hashing thread");
+    }
 }
 
 impl PasswordVerifier {
@@ -159,40 +180,16 @@ impl PasswordVerifier {
     /// A lane whose hashes must stay within `limits` (refused without hashing otherwise).
     pub fn with_limits(threads: usize, limits: HashLimits) -> Self {
         let threads = threads.max(1);
-        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("npa-hash-{i}"))
-                .spawn(move || {
-                    if let Err(e) = rustix::process::setpriority_process(
-                        Some(rustix::thread::gettid()),
-                        HASH_THREAD_NICE,
-                    ) {
-                        tracing::debug!(error = %e, "cannot lower the priority of a hashing thread");
-                    }
-                    loop {
-                        // The lock is held only while waiting for the next job.
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return, // the verifier is gone
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a password hashing thread");
-            }
-        }
+        let lane = Lane::start(
+            threads,
+            threads * QUEUED_PER_THREAD,
+            "npa-hash",
+            lower_priority,
+        );
         Self {
             limits,
-            lane: Arc::new(Semaphore::new(threads)),
+            lane: Arc::new(lane),
             computed: Arc::new(AtomicU64::new(0)),
-            jobs,
         }
     }
 
@@ -202,34 +199,49 @@ impl PasswordVerifier {
     }
 
     /// Verifies `password` against a stored hash, or against the fallback hash when the user does
-    /// not exist (`hash = None`; the result is then always false). Gives up with `Busy` when no
-    /// hashing slot is free before `deadline`.
+    /// not exist (`hash = None`; the result is then always false), in `key`'s share of the lane.
+    /// Gives up with `Busy` when the check cannot start before `deadline`, and with `QueueFull`
+    /// when `key` already has its share of checks waiting.
     pub async fn verify(
         &self,
         password: SecretString,
         hash: Option<String>,
+        key: LaneKey,
         deadline: Instant,
     ) -> Result<bool, HashError> {
-        // Before taking a slot: an out-of-bounds hash costs nothing.
+        // Before queueing: an out-of-bounds hash costs nothing.
         if let Some(problem) = hash.as_deref().and_then(|h| self.limits.problem(h)) {
             return Err(HashError::OutOfBounds(problem));
         }
-        let _permit = tokio::time::timeout_at(deadline.into(), self.lane.acquire())
-            .await
-            .map_err(|_| HashError::Busy)?
-            .map_err(|_| HashError::Worker)?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| FALLBACK_BCRYPT.to_owned());
-        self.computed.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let limits = self.limits;
-        self.jobs
-            .send(Box::new(move || {
+        let computed = self.computed.clone();
+        let job = Job {
+            deadline,
+            work: Box::new(move |go| {
+                // The caller gave up (its deadline passed): nothing to hash for.
+                if go == Go::Expired || tx.is_closed() {
+                    let _ = tx.send(Err(HashError::Busy));
+                    return;
+                }
+                computed.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send(verify_within(password.expose_secret(), &hash, &limits));
-            }))
-            .map_err(|_| HashError::Worker)?;
-        // A panicking job drops `tx`: reported as Worker.
-        let ok = rx.await.map_err(|_| HashError::Worker)??;
+            }),
+        };
+        match self.lane.submit(key, job) {
+            Ok(()) => {}
+            Err(lane::Refused::QueueFull) => return Err(HashError::QueueFull),
+            Err(lane::Refused::Closed) => return Err(HashError::Worker),
+        }
+        // Past the deadline the server has given up: stop waiting (the job, if not started,
+        // sees the closed channel and is dropped without hashing).
+        let ok = match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => return Err(HashError::Busy),
+            // A panicking job drops `tx`: reported as Worker.
+            Ok(r) => r.map_err(|_| HashError::Worker)??,
+        };
         Ok(ok && known)
     }
 }
@@ -320,7 +332,7 @@ mod tests {
         let limits = HashLimits::default();
         let salt_and_hash = "Y5b1dW8Oq8N3Tbq7u3jY1eE8m4C7wWl6o5v9X0xH0x7h3lQe6dG1K";
         let started = std::time::Instant::now();
-        for cost in ["31", "15", "03", "99", "+9", "1x"] {
+        for cost in ["31", "15", "13", "03", "99", "+9", "1x"] {
             let h = format!("$2b${cost}${salt_and_hash}");
             assert!(
                 matches!(
@@ -333,7 +345,8 @@ mod tests {
         for params in [
             "m=4294967295,t=1,p=1",
             "m=1048577,t=1,p=1",
-            "m=19456,t=11,p=1",
+            "m=65537,t=1,p=1",
+            "m=19456,t=9,p=1",
             "m=19456,t=2,p=17",
             "m=19456,t=0,p=1",
         ] {
@@ -398,13 +411,23 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let h6 = bcrypt::hash("pw", 6).unwrap();
         let got = v
-            .verify(SecretString::from("pw".to_owned()), Some(h6), deadline)
+            .verify(
+                SecretString::from("pw".to_owned()),
+                Some(h6),
+                LaneKey::Unknown,
+                deadline,
+            )
             .await;
         assert!(matches!(got, Err(HashError::OutOfBounds(_))), "{got:?}");
         assert_eq!(v.hashes_computed(), 0);
         let h5 = bcrypt::hash("pw", 5).unwrap();
         let got = v
-            .verify(SecretString::from("pw".to_owned()), Some(h5), deadline)
+            .verify(
+                SecretString::from("pw".to_owned()),
+                Some(h5),
+                LaneKey::Unknown,
+                deadline,
+            )
             .await;
         assert_eq!(got, Ok(true));
         assert_eq!(v.hashes_computed(), 1);

@@ -56,6 +56,10 @@ impl Callout {
                 value: Some(login),
                 from_copy: false,
             },
+            CredentialLookup::Unknown => Found {
+                value: None,
+                from_copy: false,
+            },
             CredentialLookup::Miss => {
                 let read = self
                     .read_or_copy(deadline, db::logins::by_nkey(&self.pool, key), || {
@@ -108,6 +112,11 @@ impl Callout {
             },
             CredentialLookup::Hit(Err(users)) => Found {
                 value: Some(Choice::Ambiguous(users)),
+                from_copy: false,
+            },
+            // Not returned for certificates (only a verified chain gets here).
+            CredentialLookup::Unknown => Found {
+                value: None,
                 from_copy: false,
             },
             CredentialLookup::Miss => {

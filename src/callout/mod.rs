@@ -9,6 +9,7 @@ pub mod certificate;
 pub mod copy;
 pub mod credentials;
 mod doors;
+pub mod lane;
 pub mod lockout;
 pub mod login;
 pub mod mint;
@@ -273,7 +274,7 @@ impl Default for CalloutSettings {
             max_ttl: Duration::from_secs(86400),
             defaults: Defaults::default(),
             concurrency: 12,
-            hash_threads: 2,
+            hash_threads: 3,
             hash_limits: credentials::HashLimits::default(),
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,
@@ -763,9 +764,14 @@ impl Callout {
                 return Ok((login.clone(), from_copy));
             }
         }
+        // Each account gets its share of the hashing lane; unknown usernames share one.
+        let lane_key = match &login {
+            Some(login) => lane::LaneKey::Account(login.shape.account_id),
+            None => lane::LaneKey::Unknown,
+        };
         let ok = match self
             .passwords
-            .verify(password, hash.map(str::to_owned), deadline)
+            .verify(password, hash.map(str::to_owned), lane_key, deadline)
             .await
         {
             Ok(ok) => ok,
@@ -775,6 +781,16 @@ impl Callout {
                     DenyReason::Overloaded,
                     "no free password hashing slot before the auth timeout",
                 ))
+            }
+            Err(credentials::HashError::QueueFull) => {
+                let whose = match lane_key {
+                    lane::LaneKey::Account(_) => "this user's account",
+                    lane::LaneKey::Unknown => "unknown usernames",
+                };
+                return Err(Deny::new(
+                    DenyReason::Overloaded,
+                    format!("{whose} already had its share of password checks waiting in the hashing lane"),
+                ));
             }
             Err(credentials::HashError::OutOfBounds(why)) => {
                 return Err(Deny::new(

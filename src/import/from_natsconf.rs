@@ -37,8 +37,12 @@ const DEFAULT_RESPONSE_MAX: i32 = 1;
 const DEFAULT_RESPONSE_TTL_MS: i64 = 2 * 60 * 1000;
 /// `nats.roles.allow_response_ttl` is at most one day (migration 0004).
 const MAX_RESPONSE_TTL_MS: i64 = 24 * 3600 * 1000;
-/// `nats.password_hash_limits()`.
-const BCRYPT_COST: std::ops::RangeInclusive<u32> = 4..=14;
+/// The bcrypt costs `nats.password_hash_limits()` and the service accept (the service's defaults
+/// are the schema's bounds).
+fn bcrypt_costs() -> std::ops::RangeInclusive<u32> {
+    crate::callout::credentials::MIN_BCRYPT_COST
+        ..=crate::callout::credentials::HashLimits::default().max_bcrypt_cost
+}
 const CONNECTION_TYPES: [&str; 7] = [
     "STANDARD",
     "WEBSOCKET",
@@ -609,8 +613,9 @@ impl Planner {
             // Never quote it: it may be a password that happens to start like a hash.
             return refuse(node, "a password that starts like a bcrypt hash is not a complete one (expected 53 characters of salt and hash after the cost)");
         }
-        if !BCRYPT_COST.contains(&cost) {
-            return refuse(node, format!("bcrypt cost {cost} is outside {}..{} (nats.password_hash_limits()); re-hash it with a lower cost", BCRYPT_COST.start(), BCRYPT_COST.end()));
+        let costs = bcrypt_costs();
+        if !costs.contains(&cost) {
+            return refuse(node, format!("bcrypt cost {cost} is outside {}..{} (nats.password_hash_limits()); re-hash it with a lower cost", costs.start(), costs.end()));
         }
         Ok(Password::Hash(Secret::new(pw)))
     }

@@ -12,6 +12,7 @@ mod doors;
 mod fences;
 mod import_natsconf;
 mod init;
+mod lane;
 mod locks;
 mod login;
 mod manifests;
