@@ -201,7 +201,11 @@ pub async fn init(
             // An imported operator: add the service's own identities under it.
             let open = |kind: IdentityKind| -> Result<KeyPair, InitError> {
                 let row = find(kind).ok_or(InitError::Incomplete(kind.as_str()))?;
-                Ok(keys::keypair_from_stored(cipher, &row.seed, &row.public_key)?)
+                Ok(keys::keypair_from_stored(
+                    cipher,
+                    &row.seed,
+                    &row.public_key,
+                )?)
             };
             let signing = open(IdentityKind::OperatorSigning)?;
             let sys = open(IdentityKind::SysAccount)?;
@@ -422,7 +426,13 @@ fn create_under(
             &sys_user,
             Some(sys_user_jwt),
         )?,
-        row(cipher, IdentityKind::AuthAccount, "AUTH", &auth, Some(auth_jwt))?,
+        row(
+            cipher,
+            IdentityKind::AuthAccount,
+            "AUTH",
+            &auth,
+            Some(auth_jwt),
+        )?,
         IdentityRow {
             kind: IdentityKind::AuthXkey.as_str().to_owned(),
             name: "AUTH xkey".into(),

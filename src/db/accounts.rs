@@ -164,7 +164,10 @@ pub async fn record_error(pool: &PgPool, account_id: i64, error: &str) -> Result
 /// this second are refused): the stored list (`nats.account_revocations`: an imported account's
 /// own, users with a public nkey deleted since) and every inactive user bound to a public nkey,
 /// as of its row's last change (reactivating the user takes it out again).
-pub async fn revocations(pool: &PgPool, account_id: i64) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn revocations(
+    pool: &PgPool,
+    account_id: i64,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT public_key, max(t)::bigint FROM ( \
              SELECT public_key, revoked_before AS t FROM nats.account_revocations WHERE account_id = $1 \

@@ -261,10 +261,7 @@ fn nkeys_error(e: nkeys::error::Error) -> ImportError {
 }
 
 /// A fresh key pair of the service, sealed: (public key, stored seed).
-fn sealed_new(
-    cipher: &SeedCipher,
-    kp: &nkeys::KeyPair,
-) -> Result<(String, String), ImportError> {
+fn sealed_new(cipher: &SeedCipher, kp: &nkeys::KeyPair) -> Result<(String, String), ImportError> {
     crate::keys::seal_keypair(cipher, kp).map_err(|e| ImportError::Usage(e.to_string()))
 }
 

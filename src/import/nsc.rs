@@ -76,7 +76,10 @@ fn read(path: &Path) -> Result<String, ImportError> {
 }
 
 /// Decodes a JWT and checks its signature; the error names the file, never the token.
-fn decode<T: serde::de::DeserializeOwned>(path: &Path, token: &str) -> Result<Claims<T>, ImportError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    token: &str,
+) -> Result<Claims<T>, ImportError> {
     jwt::decode_verified(token).or_else(|e| refuse(path, format!("not a valid NATS JWT: {e}")))
 }
 
@@ -179,7 +182,11 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
         if !dir.is_dir() {
             continue;
         }
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         let path = dir.join(format!("{name}.jwt"));
         if !path.is_file() {
             return refuse(&dir, format!("no {name}.jwt in the account folder"));
@@ -187,12 +194,18 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
         let token = read(&path)?;
         let claims: Claims<AccountClaims> = decode(&path, &token)?;
         if !claims.sub.starts_with('A') {
-            return refuse(&path, "not an account JWT (its subject is not an account key)");
+            return refuse(
+                &path,
+                "not an account JWT (its subject is not an account key)",
+            );
         }
         if !trusted.contains(&claims.iss.as_str()) {
             return refuse(
                 &path,
-                format!("issued by {}, which is neither the operator nor one of its signing keys", claims.iss),
+                format!(
+                    "issued by {}, which is neither the operator nor one of its signing keys",
+                    claims.iss
+                ),
             );
         }
         if has_scoped_key(&token) {
@@ -233,7 +246,11 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
     for (dir, path, claims, name) in &read_accounts {
         let mut account = account(&seeds, path, claims, name)?;
         for i in &claims.nats.imports {
-            let iname = if i.name.is_empty() { i.subject.clone() } else { i.name.clone() };
+            let iname = if i.name.is_empty() {
+                i.subject.clone()
+            } else {
+                i.name.clone()
+            };
             let Some(exporter) = names.get(&i.account) else {
                 notes.push(format!(
                     "import {iname:?} of account {name:?} is from {}, an account outside this store: left out (add it as a row with exporter_public_key and its token)",
@@ -245,7 +262,10 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
                 let act: Claims<ActivationClaims> = match jwt::decode_verified(token) {
                     Ok(c) => c,
                     Err(e) => {
-                        return refuse(path, format!("the activation token of import {iname:?}: {e}"))
+                        return refuse(
+                            path,
+                            format!("the activation token of import {iname:?}: {e}"),
+                        )
                     }
                 };
                 if act.sub != claims.sub {
@@ -344,7 +364,11 @@ fn account(
     let mut exports = Vec::new();
     for e in &claims.nats.exports {
         exports.push(Export {
-            name: if e.name.is_empty() { e.subject.clone() } else { e.name.clone() },
+            name: if e.name.is_empty() {
+                e.subject.clone()
+            } else {
+                e.name.clone()
+            },
             subject: e.subject.clone(),
             kind: kind(e.export_type),
             token_req: e.token_req,
@@ -357,7 +381,10 @@ fn account(
                 .to_owned()
             }),
             // nanoseconds in the JWT, milliseconds in the plan
-            response_threshold_ms: e.response_threshold.map(|ns| ns / 1_000_000).filter(|ms| *ms > 0),
+            response_threshold_ms: e
+                .response_threshold
+                .map(|ns| ns / 1_000_000)
+                .filter(|ms| *ms > 0),
             account_token_position: e.account_token_position.map(|p| p as i32),
             allow_trace: e.allow_trace,
             grants: vec![],
@@ -400,7 +427,10 @@ fn users(
         if path.extension().and_then(|e| e.to_str()) != Some("jwt") {
             continue;
         }
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
         let token = read(&path)?;
         let user: Claims<UserClaims> = decode(&path, &token)?;
         if !user.sub.starts_with('U') {
@@ -412,12 +442,18 @@ fn users(
         if !issuer_ok {
             return refuse(
                 &path,
-                format!("issued by {}, which is neither account {:?} nor one of its signing keys", user.iss, account.name),
+                format!(
+                    "issued by {}, which is neither account {:?} nor one of its signing keys",
+                    user.iss, account.name
+                ),
             );
         }
         let username = format!("{}/{}", account.name, stem);
         if username.chars().any(char::is_whitespace) {
-            return refuse(&path, "user and account names with whitespace cannot be usernames");
+            return refuse(
+                &path,
+                "user and account names with whitespace cannot be usernames",
+            );
         }
         let p = &user.nats.permissions;
         let permissions = Permissions {
@@ -427,10 +463,28 @@ fn users(
             subscribe_deny: p.subscribe.deny.clone(),
         }
         .normalised();
-        let response = p.response.as_ref().map(|r| Response {
-            max: r.max.clamp(-1, i32::MAX as i64) as i32,
-            ttl_ms: r.ttl / 1_000_000,
-        });
+        // As nats-server reads a JWT's `resp`: 0 messages or 0 expiry mean its defaults
+        // (1 message, 2 minutes); a negative max is unlimited.
+        let response = match p.response.as_ref() {
+            None => None,
+            Some(r) if r.ttl < 0 || r.ttl / 1_000_000 > 86_400_000 => {
+                return refuse(
+                    &path,
+                    "a response permission that never expires or lasts over a day cannot be kept (roles.allow_response_ttl is at most 1 day)",
+                )
+            }
+            Some(r) => Some(Response {
+                max: match r.max {
+                    0 => 1,
+                    n if n < 0 => -1,
+                    n => i32::try_from(n).unwrap_or(i32::MAX),
+                },
+                ttl_ms: match r.ttl / 1_000_000 {
+                    0 => 120_000,
+                    ms => ms,
+                },
+            }),
+        };
         let types: Vec<String> = user
             .nats
             .allowed_connection_types

@@ -10,6 +10,7 @@ mod common;
 mod compose;
 mod doors;
 mod import_natsconf;
+mod import_nsc;
 mod init;
 mod login;
 mod manifests;
