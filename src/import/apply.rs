@@ -546,12 +546,19 @@ impl Run {
         let id: i64 = match row {
             None => {
                 self.record("account", a.name.clone(), Action::Create);
-                // With its existing key (nsc): the sync then keeps it instead of making one.
-                sqlx::query_scalar(
-                    "INSERT INTO nats.accounts (name, public_key) VALUES ($1, $2) RETURNING id",
-                )
-                .bind(&a.name)
-                .bind(public_key)
+                match public_key {
+                    // With its existing key (nsc): the sync then keeps it instead of making
+                    // one. Only the schema owner may write it (an admin imports nats.conf).
+                    Some(key) => sqlx::query_scalar(
+                        "INSERT INTO nats.accounts (name, public_key) VALUES ($1, $2) RETURNING id",
+                    )
+                    .bind(&a.name)
+                    .bind(key),
+                    None => sqlx::query_scalar(
+                        "INSERT INTO nats.accounts (name) VALUES ($1) RETURNING id",
+                    )
+                    .bind(&a.name),
+                }
                 .fetch_one(&mut *tx)
                 .await?
             }

@@ -352,6 +352,23 @@ pub async fn run(common: &CommonArgs, command: ImportCommand) -> Result<(), CliE
         )
         .into());
     }
+    if plan.operator.is_some() || plan.accounts.iter().any(|a| a.identity.is_some()) {
+        // Keys and identities are service-owned: an administrator cannot write them.
+        let owner: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege('nats.service_identities', 'INSERT') \
+                AND has_table_privilege('nats.account_keys', 'INSERT') \
+                AND has_column_privilege('nats.accounts', 'public_key', 'INSERT')",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(db::DbError::from)?;
+        if !owner {
+            return Err(ConfigError::Invalid(
+                "this import keeps the source's keys, which only the schema owner may write: run it as the role that runs `nats-pg-auth migrate`".into(),
+            )
+            .into());
+        }
+    }
     let report = apply(&pool, &plan, &options, &cipher).await?;
     let text = if json {
         report::json(&report)

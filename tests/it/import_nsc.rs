@@ -466,6 +466,24 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
     assert_eq!(env.account_key("B").await, store.b.public_key());
     env.wait_synced("A").await;
     env.wait_synced("B").await;
+    // Imported seeds are sealed like the service's own; B's identity seed was not in the keys
+    // directory, so B's key has none (B signs with the service's key it got beside it).
+    let plain: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT seed FROM nats.service_identities
+                               UNION ALL SELECT seed FROM nats.account_keys WHERE seed IS NOT NULL) s
+         WHERE seed NOT LIKE 'enc:%'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(plain, 0, "a seed is stored unsealed");
+    let b_seed: Option<String> =
+        sqlx::query_scalar("SELECT seed FROM nats.account_keys WHERE public_key = $1")
+            .bind(store.b.public_key())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(b_seed.is_none());
 
     // After: the same .creds, the same rights.
     same_rights(&env.url(), "the server on the fragment", &store).await;
@@ -549,6 +567,24 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
     assert_eq!(code, Some(64), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("\"OP\""), "{err}");
+
+    // Deleting an imported user's row revokes its JWT for good (not only while a row says so).
+    let (bob, mut bob_events) = user(&env.url(), &store, "B", "bob").await;
+    settle(&bob).await;
+    let start = std::time::Instant::now();
+    env.sql("DELETE FROM nats.users WHERE username = 'B/bob'")
+        .await;
+    disconnected_by(
+        &mut bob_events,
+        start,
+        Duration::from_secs(10),
+        "bob's .creds connection after his row was deleted",
+    )
+    .await;
+    let Err(refused) = connect_creds(&env.url(), &store.creds("B", "bob")).await else {
+        panic!("bob's .creds logs in although his row was deleted");
+    };
+    assert!(is_auth_refusal(&refused), "{refused}");
 }
 
 #[tokio::test]
@@ -604,6 +640,13 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
         empty,
         "a refused run changed the database"
     );
+
+    // Keys are service-owned: an administrator cannot import them.
+    let (_, admin_url) = create_login_role(&pool, &db, "nats_pg_auth_admin").await;
+    let (code, _, err) = import(&admin_url, &store, &[]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("only the schema owner may write"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // A name colliding with a different existing account.
     sqlx::query("INSERT INTO nats.accounts (name) VALUES ('A')")
