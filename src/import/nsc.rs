@@ -143,6 +143,58 @@ fn has_scoped_key(token: &str) -> bool {
         .is_some_and(|keys| keys.iter().any(|k| !k.is_string()))
 }
 
+/// Account claims the plan does not model. Those that change who may do what are refused
+/// (dropping `default_permissions` would give users without permissions everything; dropping
+/// `disallow_bearer` would let bearer JWTs in); descriptive ones are reported.
+fn unmodelled(
+    path: &Path,
+    token: &str,
+    name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(), ImportError> {
+    let Ok(claims) = jwt::decode_unverified::<serde_json::Value>(token) else {
+        return Ok(()); // decoded (and verified) typed before; nothing more to learn
+    };
+    let present = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+        Some(serde_json::Value::Object(m)) => !m.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    let nats = &claims.nats;
+    let limits = nats.get("limits");
+    for (what, value) in [
+        ("default_permissions", nats.get("default_permissions")),
+        ("mappings", nats.get("mappings")),
+        ("authorization", nats.get("authorization")),
+        ("trace", nats.get("trace")),
+        ("tiered_limits", limits.and_then(|l| l.get("tiered_limits"))),
+        (
+            "disallow_bearer",
+            limits.and_then(|l| l.get("disallow_bearer")),
+        ),
+    ] {
+        if present(value) {
+            return refuse(
+                path,
+                format!("account {name:?} sets `{what}`, which the service does not carry over (it would change who may do what); remove it with nsc first, or move the account by hand"),
+            );
+        }
+    }
+    let dropped: Vec<&str> = ["description", "info_url", "tags"]
+        .into_iter()
+        .filter(|k| present(nats.get(*k)))
+        .collect();
+    if !dropped.is_empty() {
+        notes.push(format!(
+            "account {name:?}: {} not carried over (descriptive only)",
+            dropped.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
     let mut out: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
@@ -228,6 +280,7 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
             }
             continue;
         }
+        unmodelled(&path, &token, &name, &mut notes)?;
         read_accounts.push((dir, path, claims, name));
     }
     let Some(system) = system else {

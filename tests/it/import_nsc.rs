@@ -634,6 +634,19 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
         "a tampered JWT",
         &format!("{}: not a valid NATS JWT", b_jwt.display()),
     );
+    // Account claims the service would drop and that change rights are refused, not dropped:
+    // default permissions (users without permissions would get everything).
+    let mut b_claims: Claims<AccountClaims> = nats_pg_auth::jwt::decode_verified(&good).unwrap();
+    b_claims.nats.default_permissions = Some(Default::default());
+    b_claims.nats.default_permissions.as_mut().unwrap().publish = perm(&["b.>"], &[]);
+    std::fs::write(&b_jwt, encode(&b_claims, &store.operator).unwrap()).unwrap();
+    refused(
+        "default permissions",
+        &format!(
+            "{}: account \"B\" sets `default_permissions`",
+            b_jwt.display()
+        ),
+    );
     std::fs::write(&b_jwt, good).unwrap();
     assert_eq!(
         snapshot(&pool).await,
