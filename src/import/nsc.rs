@@ -273,7 +273,10 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
                 identity: seeds.key(&claims.sub)?,
                 jwt: token.clone(),
             });
-            if dir.join("users").is_dir() {
+            let has_users = subdirs(&dir.join("users"))?
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "jwt"));
+            if has_users {
                 notes.push(format!(
                     "the users of system account {name:?} are not rows (the system account is the service's own); their JWTs keep working: its account JWT is kept as it is"
                 ));
