@@ -604,6 +604,34 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
         no_secret(&store, &err);
     };
 
+    // `init` on a database without an operator still needs its name.
+    let (code, _, err) = run_cli(
+        &[
+            "init",
+            "--resolver-dir",
+            dir.path().join("jwt").to_str().unwrap(),
+            "--out",
+            "-",
+        ],
+        Some(&db),
+        "",
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--operator-name is required"), "{err}");
+    // The operator's folder and `keys/` itself are accepted as well as the stores root and
+    // NKEYS_PATH.
+    let (code, out, err) = import_at(
+        &db,
+        &store.root.join("OP"),
+        &store.nkeys.join("keys"),
+        &["--dry-run"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("create                   key A signing key"),
+        "{out}"
+    );
+
     // A seed that is not the seed of its key (A's file holds another account's seed).
     let a_seed = store.seed_path(&store.a.public_key());
     let good = std::fs::read_to_string(&a_seed).unwrap();
