@@ -296,6 +296,10 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
         .iter()
         .map(|(_, _, c, name)| (c.sub.clone(), name.clone()))
         .collect();
+    let signers: HashMap<String, Vec<String>> = read_accounts
+        .iter()
+        .map(|(_, _, c, _)| (c.sub.clone(), c.nats.signing_keys.clone()))
+        .collect();
     let mut accounts = Vec::new();
     // exporter name → (export subject, kind) → importers granted by an activation token.
     let mut grants: HashMap<String, Vec<(String, ExportType, String)>> = HashMap::new();
@@ -308,10 +312,14 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
                 i.name.clone()
             };
             let Some(exporter) = names.get(&i.account) else {
-                notes.push(format!(
-                    "import {iname:?} of account {name:?} is from {}, an account outside this store: left out (add it as a row with exporter_public_key and its token)",
-                    i.account
-                ));
+                notes.push(if i.account == sys_key {
+                    format!("import {iname:?} of account {name:?} is from the system account: left out (the system account is not a tenant account; add it by hand as a row with exporter_public_key)")
+                } else {
+                    format!(
+                        "import {iname:?} of account {name:?} is from {}, an account outside this store: left out (add it as a row with exporter_public_key and its token)",
+                        i.account
+                    )
+                });
                 continue;
             };
             if let Some(token) = i.token.as_deref().filter(|t| !t.is_empty()) {
@@ -324,6 +332,33 @@ pub fn plan(store: &Path, keys: Option<&Path>) -> Result<Plan, ImportError> {
                         )
                     }
                 };
+                // Only an activation nats-server would accept becomes a grant: issued by the
+                // exporter or one of its signing keys, not expired.
+                let exporter_keys = &signers[&i.account];
+                let by_exporter = act.iss == i.account
+                    || (exporter_keys.contains(&act.iss)
+                        && act.nats.issuer_account.as_deref() == Some(i.account.as_str()));
+                if !by_exporter {
+                    return refuse(
+                        path,
+                        format!("the activation token of import {iname:?} is not issued by the exporting account {exporter:?} or one of its signing keys"),
+                    );
+                }
+                if act.exp.is_some_and(|exp| exp <= jwt::now_unix()) {
+                    notes.push(format!(
+                        "the activation token of import {iname:?} of account {name:?} has expired: no grant (the import stays out of the account JWT, as on the server today)"
+                    ));
+                    account.imports.push(Import {
+                        name: iname,
+                        subject: i.subject.clone(),
+                        exporter: exporter.clone(),
+                        local_subject: i.local_subject.clone().filter(|s| !s.is_empty()),
+                        kind: kind(i.import_type),
+                        share: i.share,
+                        allow_trace: i.allow_trace,
+                    });
+                    continue;
+                }
                 if act.sub != claims.sub {
                     return refuse(
                         path,

@@ -675,6 +675,23 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
             b_jwt.display()
         ),
     );
+    // An activation token signed by someone other than the exporter is not turned into a grant.
+    let mut b_claims: Claims<AccountClaims> = nats_pg_auth::jwt::decode_verified(&good).unwrap();
+    let forged = encode(
+        &named(
+            &store.b.public_key(),
+            "echo",
+            ActivationClaims::new("svc.echo", ExportType::Service, None),
+        ),
+        &KeyPair::new_account(),
+    )
+    .unwrap();
+    b_claims.nats.imports[0].token = Some(forged);
+    std::fs::write(&b_jwt, encode(&b_claims, &store.operator).unwrap()).unwrap();
+    refused(
+        "a forged activation",
+        "the activation token of import \"echo\" is not issued by the exporting account \"A\"",
+    );
     std::fs::write(&b_jwt, good).unwrap();
     assert_eq!(
         snapshot(&pool).await,
