@@ -548,6 +548,40 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
         "a run changed the database"
     );
 
+    // B's seed turns up later: a run names the differing key and changes nothing; --update
+    // stores it (sealed); .creds users are unaffected either way.
+    write_seed(&store.nkeys, &store.b);
+    let (code, _, err) = import(&env.database_url, &store, &[]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains(&format!(
+            "1 row(s) exist and differ from the source (key B identity key {}: seed)",
+            store.b.public_key()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&env.pool).await,
+        before,
+        "a refused run changed the database"
+    );
+    let (code, _, err) = import(&env.database_url, &store, &["--update"]);
+    assert_eq!(code, Some(0), "{err}");
+    no_secret(&store, &err);
+    let b_seed: Option<String> =
+        sqlx::query_scalar("SELECT seed FROM nats.account_keys WHERE public_key = $1")
+            .bind(store.b.public_key())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        b_seed.is_some_and(|s| s.starts_with("enc:")),
+        "B's seed is stored sealed"
+    );
+    let (code, out, err) = import(&env.database_url, &store, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nothing to do"), "{out}");
+
     // `init` again with another operator name is refused with one line.
     let (code, _, err) = run_cli(
         &[
