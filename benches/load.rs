@@ -1009,7 +1009,9 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
     nats_pg_auth::db::migrate(&pool).await.unwrap();
     let key: [u8; 32] = rand::random();
     let cipher = SeedCipher::new(Some(key));
-    let report = init::init(&pool, &cipher, "load-operator").await.unwrap();
+    let report = init::init(&pool, &cipher, Some("load-operator"))
+        .await
+        .unwrap();
     let resolver = dir.join("jwt");
     init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf")).unwrap();
     let ids = ServiceIdentities::load(&pool).await.unwrap();

@@ -45,7 +45,10 @@ impl CliError {
         match self {
             CliError::Config(_) => 64,
             CliError::Init(
-                InitError::OtherOperator { .. } | InitError::BadName | InitError::NotInitialised,
+                InitError::OtherOperator { .. }
+                | InitError::BadName
+                | InitError::NeedName
+                | InitError::NotInitialised,
             ) => 64,
             CliError::App(
                 AppError::NatsUrl { .. }
@@ -177,7 +180,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             let cipher = common.cipher()?;
             let pool = db::connect(common.database_url()?, 2).await?;
             db::ensure_migrated(&pool).await?;
-            let report = init::init(&pool, &cipher, &args.operator_name).await?;
+            let report = init::init(&pool, &cipher, args.operator_name.as_deref()).await?;
             init::write_fragment(
                 &report.identities,
                 &args.fragment.resolver_dir,

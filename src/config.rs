@@ -134,6 +134,32 @@ pub enum ImportCommand {
     /// passwords (bcrypt kept, plain text hashed), permissions, tokens, exports, imports and
     /// limits. One transaction; a second run changes nothing.
     NatsConf(ImportNatsConfArgs),
+    /// An nsc operator store: the operator, its system account and every account keep their
+    /// keys (existing user JWTs and `.creds` files keep working); users become rows bound to
+    /// their public nkey. Run before `init`, as the schema owner, with the encryption key
+    /// `serve` uses. One transaction; a second run changes nothing.
+    Nsc(ImportNscArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ImportNscArgs {
+    /// The operator's folder (holding `<Operator>.jwt` and `accounts/`), or the stores root
+    /// when it holds one operator.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// nsc's NKEYS_PATH (the folder holding `keys/` and `creds/`), or `keys/` itself: where the
+    /// seeds are. The operator's and the system account's seeds are required.
+    #[arg(long, env = "NKEYS_PATH")]
+    pub keys: Option<PathBuf>,
+    /// Print what would be created, changed or left alone; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Overwrite rows that exist and differ from the store (without it they are refused).
+    #[arg(long)]
+    pub update: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -299,9 +325,10 @@ pub struct ExplainArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct InitArgs {
-    /// Name of the operator (kept in the operator JWT).
+    /// Name of the operator (kept in the operator JWT). Required unless an operator was
+    /// imported (`import nsc`): it is then adopted, and another name is refused.
     #[arg(long, env = "NATS_PG_AUTH_OPERATOR_NAME")]
-    pub operator_name: String,
+    pub operator_name: Option<String>,
     #[command(flatten)]
     pub fragment: FragmentArgs,
 }

@@ -36,6 +36,8 @@ pub enum InitError {
     Incomplete(&'static str),
     #[error("operator name must be 1-64 characters of letters, digits, '-', '_' or '.'")]
     BadName,
+    #[error("--operator-name is required: this database has no operator yet (none was imported)")]
+    NeedName,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("{0}")]
@@ -164,13 +166,16 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-/// Creates the service identities unless they exist.
+/// Creates the service identities unless they exist. After `import nsc` the operator, its
+/// signing key and the system account exist already (the ones the servers trust): they are
+/// adopted, and only AUTH, the xkey, the system and service users and the sentinel are
+/// created under them. `operator_name` may then be left out; another name is refused.
 pub async fn init(
     pool: &PgPool,
     cipher: &SeedCipher,
-    operator_name: &str,
+    operator_name: Option<&str>,
 ) -> Result<InitReport, InitError> {
-    if !valid_name(operator_name) {
+    if operator_name.is_some_and(|n| !valid_name(n)) {
         return Err(InitError::BadName);
     }
     let mut tx = pool.begin().await?;
@@ -183,11 +188,39 @@ pub async fn init(
         .iter()
         .find(|r| r.kind == IdentityKind::Operator.as_str())
     {
-        if op.name != operator_name {
+        if let Some(requested) = operator_name.filter(|n| *n != op.name) {
             return Err(InitError::OtherOperator {
                 existing: op.name.clone(),
                 public_key: op.public_key.clone(),
-                requested: operator_name.to_owned(),
+                requested: requested.to_owned(),
+            });
+        }
+        let find = |kind: IdentityKind| existing.iter().find(|r| r.kind == kind.as_str());
+        let adopted = IdentityKind::ALL.iter().any(|k| find(*k).is_none());
+        if adopted {
+            // An imported operator: add the service's own identities under it.
+            let open = |kind: IdentityKind| -> Result<KeyPair, InitError> {
+                let row = find(kind).ok_or(InitError::Incomplete(kind.as_str()))?;
+                Ok(keys::keypair_from_stored(
+                    cipher,
+                    &row.seed,
+                    &row.public_key,
+                )?)
+            };
+            let signing = open(IdentityKind::OperatorSigning)?;
+            let sys = open(IdentityKind::SysAccount)?;
+            open(IdentityKind::Operator)?;
+            let mut rows = existing.clone();
+            for row in create_under(cipher, &signing, &sys, jwt::now_unix())? {
+                if !existing.iter().any(|r| r.kind == row.kind) {
+                    identities::insert(&mut tx, &row).await?;
+                    rows.push(row);
+                }
+            }
+            tx.commit().await?;
+            return Ok(InitReport {
+                created: true,
+                identities: ServiceIdentities::from_rows(rows)?,
             });
         }
         tx.rollback().await?;
@@ -199,6 +232,7 @@ pub async fn init(
             identities,
         });
     }
+    let operator_name = operator_name.ok_or(InitError::NeedName)?;
     let rows = create(cipher, operator_name)?;
     for row in &rows {
         identities::insert(&mut tx, row).await?;
@@ -267,11 +301,6 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
     let operator = KeyPair::new_operator();
     let operator_signing = KeyPair::new_operator();
     let sys = KeyPair::new_account();
-    let sys_user = KeyPair::new_user();
-    let auth = KeyPair::new_account();
-    let xkey = XKey::new();
-    let service_user = KeyPair::new_user();
-    let sentinel = KeyPair::new_user();
 
     let op = OperatorClaims {
         signing_keys: vec![operator_signing.public_key()],
@@ -291,6 +320,58 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
         &claims(&sys.public_key(), "SYS", unlimited_account(), iat),
         &operator_signing,
     )?;
+    let mut rows = vec![
+        row(
+            cipher,
+            IdentityKind::Operator,
+            operator_name,
+            &operator,
+            Some(operator_jwt),
+        )?,
+        row(
+            cipher,
+            IdentityKind::OperatorSigning,
+            operator_name,
+            &operator_signing,
+            None,
+        )?,
+        row(cipher, IdentityKind::SysAccount, "SYS", &sys, Some(sys_jwt))?,
+    ];
+    rows.extend(create_under(cipher, &operator_signing, &sys, iat)?);
+    Ok(rows)
+}
+
+fn row(
+    cipher: &SeedCipher,
+    kind: IdentityKind,
+    name: &str,
+    kp: &KeyPair,
+    jwt: Option<String>,
+) -> Result<IdentityRow, InitError> {
+    let seed = kp.seed().map_err(nk)?;
+    Ok(IdentityRow {
+        kind: kind.as_str().to_owned(),
+        name: name.to_owned(),
+        public_key: kp.public_key(),
+        seed: cipher.seal(&seed, &kp.public_key())?,
+        jwt,
+    })
+}
+
+/// The identities under an operator (its signing key signs AUTH) and its system account (it
+/// issues the system user): the system user, AUTH with its xkey, the service user and the
+/// sentinel.
+fn create_under(
+    cipher: &SeedCipher,
+    operator_signing: &KeyPair,
+    sys: &KeyPair,
+    iat: i64,
+) -> Result<Vec<IdentityRow>, InitError> {
+    let sys_user = KeyPair::new_user();
+    let auth = KeyPair::new_account();
+    let xkey = XKey::new();
+    let service_user = KeyPair::new_user();
+    let sentinel = KeyPair::new_user();
     let sys_user_jwt = jwt::encode(
         &claims(
             &sys_user.public_key(),
@@ -298,7 +379,7 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
             user(Permission::default(), Permission::default(), false),
             iat,
         ),
-        &sys,
+        sys,
     )?;
 
     let mut auth_account = unlimited_account();
@@ -309,7 +390,7 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
     });
     let auth_jwt = jwt::encode(
         &claims(&auth.public_key(), "AUTH", auth_account, iat),
-        &operator_signing,
+        operator_signing,
     )?;
     // Least privilege (protocol doc §3.3): answer on the server's inbox, listen for requests
     // and for the server's auth-error events.
@@ -336,42 +417,22 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
         &auth,
     )?;
 
-    let row = |kind: IdentityKind,
-               name: &str,
-               kp: &KeyPair,
-               jwt: Option<String>|
-     -> Result<IdentityRow, InitError> {
-        let seed = kp.seed().map_err(nk)?;
-        Ok(IdentityRow {
-            kind: kind.as_str().to_owned(),
-            name: name.to_owned(),
-            public_key: kp.public_key(),
-            seed: cipher.seal(&seed, &kp.public_key())?,
-            jwt,
-        })
-    };
     let xseed = xkey.seed().map_err(nk)?;
     Ok(vec![
         row(
-            IdentityKind::Operator,
-            operator_name,
-            &operator,
-            Some(operator_jwt),
-        )?,
-        row(
-            IdentityKind::OperatorSigning,
-            operator_name,
-            &operator_signing,
-            None,
-        )?,
-        row(IdentityKind::SysAccount, "SYS", &sys, Some(sys_jwt))?,
-        row(
+            cipher,
             IdentityKind::SysUser,
             "nats-pg-auth-system",
             &sys_user,
             Some(sys_user_jwt),
         )?,
-        row(IdentityKind::AuthAccount, "AUTH", &auth, Some(auth_jwt))?,
+        row(
+            cipher,
+            IdentityKind::AuthAccount,
+            "AUTH",
+            &auth,
+            Some(auth_jwt),
+        )?,
         IdentityRow {
             kind: IdentityKind::AuthXkey.as_str().to_owned(),
             name: "AUTH xkey".into(),
@@ -380,12 +441,14 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
             jwt: None,
         },
         row(
+            cipher,
             IdentityKind::ServiceUser,
             "nats-pg-auth-callout",
             &service_user,
             Some(service_jwt),
         )?,
         row(
+            cipher,
             IdentityKind::Sentinel,
             "sentinel",
             &sentinel,

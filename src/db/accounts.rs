@@ -75,7 +75,8 @@ pub async fn load(pool: &PgPool, id: i64) -> Result<Option<AccountRow>, sqlx::Er
 /// Keys of an account that are still valid (signing keys not retired, plus the identity).
 pub async fn live_keys(pool: &PgPool, account_id: i64) -> Result<Vec<AccountKeyRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, kind, public_key, seed, created_at, retired_at FROM nats.account_keys \
+        // An imported key without its seed reads as an empty seed: listed, never signed with.
+        "SELECT id, kind, public_key, COALESCE(seed, '') AS seed, created_at, retired_at FROM nats.account_keys \
          WHERE account_id = $1 AND (retired_at IS NULL OR retired_at > now()) \
          ORDER BY created_at, id",
     )
@@ -157,4 +158,25 @@ pub async fn record_error(pool: &PgPool, account_id: i64, error: &str) -> Result
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// The user JWTs an account JWT revokes (`revocations`: public key → JWTs issued at or before
+/// this second are refused): the stored list (`nats.account_revocations`: an imported account's
+/// own, users with a public nkey deleted since) and every inactive user bound to a public nkey,
+/// as of its row's last change (reactivating the user takes it out again).
+pub async fn revocations(
+    pool: &PgPool,
+    account_id: i64,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT public_key, max(t)::bigint FROM ( \
+             SELECT public_key, revoked_before AS t FROM nats.account_revocations WHERE account_id = $1 \
+             UNION ALL \
+             SELECT nkey, ceil(extract(epoch FROM updated_at))::bigint FROM nats.users \
+              WHERE account_id = $1 AND NOT active AND nkey IS NOT NULL) r \
+         GROUP BY public_key",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await
 }

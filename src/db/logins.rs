@@ -149,7 +149,7 @@ macro_rules! signing_key {
     -- retires in the future (a graceful rotation) is still in the server's JWT until then, and
     -- is what signs while the push of its successor has not landed.
     SELECT ak.public_key, ak.seed FROM nats.account_keys ak
-    WHERE ak.account_id = a.id AND ak.kind = 'signing'
+    WHERE ak.account_id = a.id AND ak.kind = 'signing' AND ak.seed IS NOT NULL
       AND (ak.retired_at IS NULL OR ak.retired_at > now())
       AND a.synced_at IS NOT NULL AND ak.created_at <= a.synced_at
     ORDER BY ak.created_at DESC, ak.id DESC LIMIT 1

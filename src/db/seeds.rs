@@ -60,7 +60,10 @@ async fn rewrite(
     let mut n = 0;
     for table in ["nats.service_identities", "nats.account_keys"] {
         let rows: Vec<(String, String)> =
-            sqlx::query_as(&format!("SELECT public_key, seed FROM {table} FOR UPDATE"))
+            // An imported account key may have no seed (migration 0012): nothing to re-seal.
+            sqlx::query_as(&format!(
+                "SELECT public_key, seed FROM {table} WHERE seed IS NOT NULL FOR UPDATE"
+            ))
                 .fetch_all(&mut *tx)
                 .await?;
         for (public_key, stored) in rows {

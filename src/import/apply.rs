@@ -12,7 +12,9 @@ use std::collections::HashMap;
 
 use sqlx::{PgConnection, PgPool, Row as _};
 
-use super::{Account, ImportError, Password, Plan};
+use super::{Account, ImportError, Key, Operator, Password, Plan};
+use crate::db::identities::{self, IdentityKind, IdentityRow};
+use crate::keys::SeedCipher;
 
 /// How to apply.
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +70,13 @@ impl Report {
     }
 }
 
-pub async fn apply(pool: &PgPool, plan: &Plan, opts: &Options) -> Result<Report, ImportError> {
+/// `cipher` seals the seeds a plan brings (nsc); a plan without keys never uses it.
+pub async fn apply(
+    pool: &PgPool,
+    plan: &Plan,
+    opts: &Options,
+    cipher: &SeedCipher,
+) -> Result<Report, ImportError> {
     check_plan(plan)?;
     let hashes = hash_new_passwords(pool, plan, opts.bcrypt_cost).await?;
     let mut tx = pool.begin().await?;
@@ -77,9 +85,15 @@ pub async fn apply(pool: &PgPool, plan: &Plan, opts: &Options) -> Result<Report,
         update: opts.update,
         account_ids: HashMap::new(),
         hashes,
+        source: plan.source.clone(),
     };
+    if let Some(op) = &plan.operator {
+        run.operator(&mut tx, op, cipher).await?;
+    }
     for account in &plan.accounts {
         run.account(&mut tx, account).await?;
+        run.keys(&mut tx, account, cipher).await?;
+        run.revocations(&mut tx, account).await?;
     }
     for account in &plan.accounts {
         run.roles_and_users(&mut tx, account).await?;
@@ -236,6 +250,27 @@ struct Run {
     account_ids: HashMap<String, i64>,
     /// username → the bcrypt hash of its plain-text password.
     hashes: HashMap<String, String>,
+    /// What was read, for refusals that are about the source as a whole.
+    source: String,
+}
+
+fn nkeys_error(e: nkeys::error::Error) -> ImportError {
+    // The nkeys text is not passed on: it may quote part of its input.
+    let _ = e;
+    ImportError::Usage("cannot generate or use an nkey".into())
+}
+
+/// A fresh key pair of the service, sealed: (public key, stored seed).
+fn sealed_new(cipher: &SeedCipher, kp: &nkeys::KeyPair) -> Result<(String, String), ImportError> {
+    crate::keys::seal_keypair(cipher, kp).map_err(|e| ImportError::Usage(e.to_string()))
+}
+
+fn seal(cipher: &SeedCipher, key: &Key) -> Result<Option<String>, ImportError> {
+    key.seed
+        .as_ref()
+        .map(|s| cipher.seal(s.expose(), &key.public_key))
+        .transpose()
+        .map_err(|e| ImportError::Usage(e.to_string()))
 }
 
 /// Sorted copy, to compare a stored array with a planned (sorted) list as sets.
@@ -246,6 +281,246 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 }
 
 impl Run {
+    fn refuse<T>(&self, message: String) -> Result<T, ImportError> {
+        Err(ImportError::Refused {
+            at: self.source.clone(),
+            message,
+        })
+    }
+
+    /// Adopts the operator the servers trust (and its system account) as the service's own:
+    /// `init` then adds AUTH, the service user and the sentinel under them. The operator JWT is
+    /// re-issued by the same identity key with one signing key of the service added (the
+    /// service signs account JWTs with it; every other claim, and every listed key, stays).
+    async fn operator(
+        &mut self,
+        tx: &mut PgConnection,
+        op: &Operator,
+        cipher: &SeedCipher,
+    ) -> Result<(), ImportError> {
+        let existing = identities::all_in(&mut *tx).await?;
+        let find = |kind: IdentityKind| existing.iter().find(|r| r.kind == kind.as_str());
+        let sys = &op.system_account;
+        if let Some(row) = find(IdentityKind::Operator) {
+            if row.public_key != op.identity.public_key {
+                return self.refuse(format!(
+                    "the database already has operator {:?} ({}), not this store's operator {:?} ({}); import into a fresh database (before `init`)",
+                    row.name, row.public_key, op.name, op.identity.public_key
+                ));
+            }
+            match find(IdentityKind::SysAccount) {
+                Some(s) if s.public_key == sys.identity.public_key => {}
+                Some(s) => {
+                    return self.refuse(format!(
+                        "the database's system account is {}, not this store's {} ({})",
+                        s.public_key, sys.name, sys.identity.public_key
+                    ))
+                }
+                None => {
+                    return self.refuse(
+                        "the database has this operator but no system account; import into a fresh database".into(),
+                    )
+                }
+            }
+            self.record("operator", op.name.clone(), Action::Keep);
+            self.record("system account", sys.name.clone(), Action::Keep);
+            return Ok(());
+        }
+        let Some(op_seed) = seal(cipher, &op.identity)? else {
+            return self.refuse(format!(
+                "the keys directory has no seed for operator {:?} ({}): the service must re-issue the operator JWT with its signing key (pass --keys with the directory holding keys/O/…)",
+                op.name, op.identity.public_key
+            ));
+        };
+        let Some(sys_seed) = seal(cipher, &sys.identity)? else {
+            return self.refuse(format!(
+                "the keys directory has no seed for the system account {:?} ({}): the service's system user is issued by it",
+                sys.name, sys.identity.public_key
+            ));
+        };
+        let identity = op
+            .identity
+            .seed
+            .as_ref()
+            .map(|s| nkeys::KeyPair::from_seed(s.expose()))
+            .transpose()
+            .map_err(nkeys_error)?
+            .expect("sealed above");
+        let signing = nkeys::KeyPair::new_operator();
+        let mut claims: crate::jwt::Claims<serde_json::Value> =
+            crate::jwt::decode_verified(&op.jwt).map_err(|e| ImportError::Refused {
+                at: self.source.clone(),
+                message: format!("the operator JWT: {e}"),
+            })?;
+        let keys = claims
+            .nats
+            .as_object_mut()
+            .ok_or_else(|| ImportError::Usage("the operator JWT has no nats claims".into()))?
+            .entry("signing_keys")
+            .or_insert_with(|| serde_json::Value::Array(vec![]));
+        match keys {
+            serde_json::Value::Array(list) => {
+                list.push(serde_json::Value::String(signing.public_key()))
+            }
+            _ => {
+                return self.refuse("the operator JWT's signing_keys is not a list".into());
+            }
+        }
+        claims.iat = crate::jwt::now_unix().max(claims.iat + 1);
+        let jwt = crate::jwt::encode(&claims, &identity)
+            .map_err(|e| ImportError::Usage(format!("cannot re-issue the operator JWT: {e}")))?;
+        let (signing_pk, signing_seed) = sealed_new(cipher, &signing)?;
+        for row in [
+            IdentityRow {
+                kind: IdentityKind::Operator.as_str().into(),
+                name: op.name.clone(),
+                public_key: op.identity.public_key.clone(),
+                seed: op_seed,
+                jwt: Some(jwt),
+            },
+            IdentityRow {
+                kind: IdentityKind::OperatorSigning.as_str().into(),
+                name: op.name.clone(),
+                public_key: signing_pk,
+                seed: signing_seed,
+                jwt: None,
+            },
+            IdentityRow {
+                kind: IdentityKind::SysAccount.as_str().into(),
+                name: sys.name.clone(),
+                public_key: sys.identity.public_key.clone(),
+                seed: sys_seed,
+                jwt: Some(sys.jwt.clone()),
+            },
+        ] {
+            identities::insert(&mut *tx, &row).await?;
+        }
+        self.record("operator", op.name.clone(), Action::Create);
+        self.record("system account", sys.name.clone(), Action::Create);
+        Ok(())
+    }
+
+    /// An account's existing keys (nsc): its identity key (the account's `public_key`) and
+    /// signing keys, with their seeds sealed when the source has them; plus one signing key of
+    /// the service, newer than the imported ones, so the callout and activations can sign even
+    /// when no imported seed was found.
+    async fn keys(
+        &mut self,
+        tx: &mut PgConnection,
+        a: &Account,
+        cipher: &SeedCipher,
+    ) -> Result<(), ImportError> {
+        let Some(identity) = &a.identity else {
+            return Ok(());
+        };
+        let account_id = self.account_ids[&a.name];
+        let planned = std::iter::once(("identity", identity))
+            .chain(a.signing_keys.iter().map(|k| ("signing", k)));
+        for (kind, key) in planned {
+            let row = sqlx::query(
+                "SELECT id, account_id, kind, seed IS NOT NULL AS has_seed FROM nats.account_keys WHERE public_key = $1",
+            )
+            .bind(&key.public_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let name = format!("{} {kind} key {}", a.name, key.public_key);
+            match row {
+                None => {
+                    self.record("key", name, Action::Create);
+                    sqlx::query(
+                        "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(account_id)
+                    .bind(kind)
+                    .bind(&key.public_key)
+                    .bind(seal(cipher, key)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Some(row) => {
+                    if row.get::<i64, _>("account_id") != account_id
+                        || row.get::<String, _>("kind") != kind
+                    {
+                        return self.refuse(format!(
+                            "key {} of account {:?} is already another key of this database",
+                            key.public_key, a.name
+                        ));
+                    }
+                    let action = if !row.get::<bool, _>("has_seed") && key.seed.is_some() {
+                        Action::Change(vec!["seed"])
+                    } else {
+                        Action::Keep
+                    };
+                    if self.record("key", name, action) {
+                        sqlx::query("UPDATE nats.account_keys SET seed = $2 WHERE id = $1")
+                            .bind(row.get::<i64, _>("id"))
+                            .bind(seal(cipher, key)?)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+        }
+        let own: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM nats.account_keys WHERE account_id = $1 AND kind = 'signing' \
+                AND seed IS NOT NULL AND NOT public_key = ANY($2))",
+        )
+        .bind(account_id)
+        .bind(a.signing_keys.iter().map(|k| k.public_key.clone()).collect::<Vec<_>>())
+        .fetch_one(&mut *tx)
+        .await?;
+        if !own {
+            let kp = nkeys::KeyPair::new_account();
+            let (pk, seed) = sealed_new(cipher, &kp)?;
+            self.record(
+                "key",
+                format!("{} signing key of the service", a.name),
+                Action::Create,
+            );
+            sqlx::query(
+                "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, 'signing', $2, $3)",
+            )
+            .bind(account_id)
+            .bind(pk)
+            .bind(seed)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The user JWTs the source's account JWT revokes.
+    async fn revocations(&mut self, tx: &mut PgConnection, a: &Account) -> Result<(), ImportError> {
+        let account_id = self.account_ids[&a.name];
+        for (key, before) in &a.revocations {
+            let stored: Option<i64> = sqlx::query_scalar(
+                "SELECT revoked_before FROM nats.account_revocations WHERE account_id = $1 AND public_key = $2",
+            )
+            .bind(account_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let name = format!("{} revokes {key}", a.name);
+            let action = match stored {
+                None => Action::Create,
+                Some(t) if t == *before => Action::Keep,
+                Some(_) => Action::Change(vec!["revoked_before"]),
+            };
+            if self.record("revocation", name, action) {
+                sqlx::query(
+                    "INSERT INTO nats.account_revocations (account_id, public_key, revoked_before) VALUES ($1, $2, $3) \
+                     ON CONFLICT (account_id, public_key) DO UPDATE SET revoked_before = EXCLUDED.revoked_before",
+                )
+                .bind(account_id)
+                .bind(key)
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     fn record(&mut self, kind: &'static str, name: String, action: Action) -> bool {
         let write = match &action {
             Action::Create => true,
@@ -258,25 +533,45 @@ impl Run {
 
     async fn account(&mut self, tx: &mut PgConnection, a: &Account) -> Result<(), ImportError> {
         let row = sqlx::query(
-            "SELECT id, max_connections, max_leafnodes, max_subscriptions, max_payload, max_data, \
-                    max_jetstream_memory_storage, max_jetstream_disk_storage, \
-                    max_jetstream_streams, max_jetstream_consumers \
+            "SELECT id, public_key, max_connections, max_leafnodes, max_subscriptions, max_payload, \
+                    max_data, max_jetstream_memory_storage, max_jetstream_disk_storage, \
+                    max_jetstream_streams, max_jetstream_consumers, max_imports, max_exports \
                FROM nats.accounts WHERE name = $1",
         )
         .bind(&a.name)
         .fetch_optional(&mut *tx)
         .await?;
         let limits = a.limits.columns();
+        let public_key = a.identity.as_ref().map(|k| k.public_key.as_str());
         let id: i64 = match row {
             None => {
                 self.record("account", a.name.clone(), Action::Create);
-                sqlx::query_scalar("INSERT INTO nats.accounts (name) VALUES ($1) RETURNING id")
+                match public_key {
+                    // With its existing key (nsc): the sync then keeps it instead of making
+                    // one. Only the schema owner may write it (an admin imports nats.conf).
+                    Some(key) => sqlx::query_scalar(
+                        "INSERT INTO nats.accounts (name, public_key) VALUES ($1, $2) RETURNING id",
+                    )
                     .bind(&a.name)
-                    .fetch_one(&mut *tx)
-                    .await?
+                    .bind(key),
+                    None => sqlx::query_scalar(
+                        "INSERT INTO nats.accounts (name) VALUES ($1) RETURNING id",
+                    )
+                    .bind(&a.name),
+                }
+                .fetch_one(&mut *tx)
+                .await?
             }
             Some(row) => {
                 let id: i64 = row.get("id");
+                let stored: Option<String> = row.get("public_key");
+                if let Some(want) = public_key.filter(|k| stored.as_deref() != Some(*k)) {
+                    return self.refuse(format!(
+                        "account {:?} already exists with {} (not this store's key {want}): a different account of the same name; rename one of them",
+                        a.name,
+                        stored.as_deref().map_or("no key yet".to_string(), |k| format!("key {k}"))
+                    ));
+                }
                 let differ: Vec<&'static str> = limits
                     .iter()
                     .filter(|(col, v)| row.get::<i64, _>(*col) != *v)

@@ -200,6 +200,7 @@ pub fn plan_from(root: &Map, source: &str, global: Option<&str>) -> Result<Plan,
     Ok(Plan {
         source: format!("nats.conf {source}"),
         accounts,
+        operator: None,
         notes: p.notes,
     })
 }

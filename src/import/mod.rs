@@ -3,13 +3,15 @@
 //! grants); one applier ([`apply`]) diffs the plan against the database and applies it in one
 //! transaction. A source never writes SQL; the applier never knows where a plan came from.
 //!
-//! Sources: `nats-conf` ([`from_natsconf`], a config-mode nats.conf). The nsc store and pb-nats
-//! database will produce the same plan (their account keys and seeds will need fields added
-//! here and in the applier: today every planned account gets new keys from the sync).
+//! Sources: `nats-conf` ([`from_natsconf`], a config-mode nats.conf: every planned account
+//! gets new keys from the sync) and `nsc` ([`nsc`], an nsc operator store: the operator, the
+//! system account and every account keep their keys, so existing user JWTs keep verifying).
+//! pb-nats will produce the same plan.
 
 pub mod apply;
 pub mod from_natsconf;
 pub mod natsconf;
+pub mod nsc;
 mod report;
 
 use crate::cli::CliError;
@@ -44,8 +46,40 @@ pub struct Plan {
     /// What was read (`nats.conf /etc/nats/nats.conf`), for the report.
     pub source: String,
     pub accounts: Vec<Account>,
+    /// The operator the servers already trust, with its system account (nsc); None: the
+    /// service's own (`init` creates it).
+    pub operator: Option<Operator>,
     /// What the source holds that is not carried over (reported, not refused).
     pub notes: Vec<String>,
+}
+
+/// A public key with its seed, when the source has it (checked to match the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub public_key: String,
+    pub seed: Option<Secret>,
+}
+
+/// An operator to adopt: the servers trust its JWT, so the service signs with its keys.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub name: String,
+    /// Its seed is required: the service re-issues the operator JWT with a signing key of its
+    /// own added (every other claim kept).
+    pub identity: Key,
+    /// The operator JWT as the source wrote it.
+    pub jwt: String,
+    pub system_account: SystemAccount,
+}
+
+/// The operator's system account: adopted as the service's SYS (not a tenant account).
+#[derive(Debug, Clone)]
+pub struct SystemAccount {
+    pub name: String,
+    /// Its seed is required: the service's system user is issued by it.
+    pub identity: Key,
+    /// The account JWT as the source wrote it (the servers already have it).
+    pub jwt: String,
 }
 
 /// Account limits the source sets; `None` leaves the column as it is (its default on insert).
@@ -60,6 +94,8 @@ pub struct Limits {
     pub max_jetstream_disk_storage: Option<i64>,
     pub max_jetstream_streams: Option<i64>,
     pub max_jetstream_consumers: Option<i64>,
+    pub max_imports: Option<i64>,
+    pub max_exports: Option<i64>,
 }
 
 impl Limits {
@@ -81,6 +117,8 @@ impl Limits {
             ),
             ("max_jetstream_streams", self.max_jetstream_streams),
             ("max_jetstream_consumers", self.max_jetstream_consumers),
+            ("max_imports", self.max_imports),
+            ("max_exports", self.max_exports),
         ]
         .into_iter()
         .filter_map(|(c, v)| v.map(|v| (c, v)))
@@ -91,6 +129,12 @@ impl Limits {
 #[derive(Debug, Clone, Default)]
 pub struct Account {
     pub name: String,
+    /// The account's existing identity key (nsc); None: the sync gives it new keys.
+    pub identity: Option<Key>,
+    /// Its existing signing keys (listed in its JWT; only those with a seed can sign).
+    pub signing_keys: Vec<Key>,
+    /// User JWTs its JWT revokes: user public key (or `*`) → JWTs issued at or before it.
+    pub revocations: Vec<(String, i64)>,
     pub limits: Limits,
     pub roles: Vec<Role>,
     pub users: Vec<User>,
@@ -270,38 +314,67 @@ impl From<ImportError> for CliError {
 
 /// `nats-pg-auth import …`.
 pub async fn run(common: &CommonArgs, command: ImportCommand) -> Result<(), CliError> {
-    match command {
-        ImportCommand::NatsConf(args) => {
-            let plan = from_natsconf::plan(&args.config, args.global_account.as_deref())?;
-            let pool = db::connect(common.database_url()?, 2).await?;
-            // Not `ensure_migrated`: an import may run as nats_pg_auth_admin, which cannot run
-            // (or even read) migrations; it only needs the tables.
-            let ready: bool = sqlx::query_scalar(
-                "SELECT to_regclass('nats.account_export_grants') IS NOT NULL \
-                    AND to_regclass('nats.user_certificates') IS NOT NULL",
-            )
-            .fetch_one(&pool)
-            .await
-            .map_err(db::DbError::from)?;
-            if !ready {
-                return Err(ConfigError::Invalid(
-                    "the nats schema is missing or older than this binary: run `nats-pg-auth migrate` (as the schema owner) first".into(),
-                )
-                .into());
-            }
-            let options = Options {
+    let (plan, options, json) = match command {
+        ImportCommand::NatsConf(args) => (
+            from_natsconf::plan(&args.config, args.global_account.as_deref())?,
+            Options {
                 dry_run: args.dry_run,
                 update: args.update,
                 bcrypt_cost: args.cost,
-            };
-            let report = apply(&pool, &plan, &options).await?;
-            let text = if args.json {
-                report::json(&report)
-            } else {
-                report::table(&report)
-            };
-            crate::cli::out(&text)?;
-            Ok(())
+            },
+            args.json,
+        ),
+        ImportCommand::Nsc(args) => (
+            nsc::plan(&args.store, args.keys.as_deref())?,
+            Options {
+                dry_run: args.dry_run,
+                update: args.update,
+                bcrypt_cost: 10,
+            },
+            args.json,
+        ),
+    };
+    let cipher = common.cipher()?;
+    let pool = db::connect(common.database_url()?, 2).await?;
+    // Not `ensure_migrated`: an import may run as nats_pg_auth_admin, which cannot run (or
+    // even read) migrations; it only needs the tables.
+    let ready: bool = sqlx::query_scalar(
+        "SELECT to_regclass('nats.account_export_grants') IS NOT NULL \
+            AND to_regclass('nats.user_certificates') IS NOT NULL \
+            AND to_regclass('nats.account_revocations') IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .map_err(db::DbError::from)?;
+    if !ready {
+        return Err(ConfigError::Invalid(
+            "the nats schema is missing or older than this binary: run `nats-pg-auth migrate` (as the schema owner) first".into(),
+        )
+        .into());
+    }
+    if plan.operator.is_some() || plan.accounts.iter().any(|a| a.identity.is_some()) {
+        // Keys and identities are service-owned: an administrator cannot write them.
+        let owner: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege('nats.service_identities', 'INSERT') \
+                AND has_table_privilege('nats.account_keys', 'INSERT') \
+                AND has_column_privilege('nats.accounts', 'public_key', 'INSERT')",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(db::DbError::from)?;
+        if !owner {
+            return Err(ConfigError::Invalid(
+                "this import keeps the source's keys, which only the schema owner may write: run it as the role that runs `nats-pg-auth migrate`".into(),
+            )
+            .into());
         }
     }
+    let report = apply(&pool, &plan, &options, &cipher).await?;
+    let text = if json {
+        report::json(&report)
+    } else {
+        report::table(&report)
+    };
+    crate::cli::out(&text)?;
+    Ok(())
 }

@@ -2,8 +2,18 @@
 
 use super::apply::{Action, Report};
 
-const KINDS: [&str; 7] = [
-    "account", "role", "user", "token", "export", "grant", "import",
+const KINDS: [&str; 11] = [
+    "operator",
+    "system account",
+    "account",
+    "key",
+    "revocation",
+    "role",
+    "user",
+    "token",
+    "export",
+    "grant",
+    "import",
 ];
 
 fn counts(report: &Report, kind: &str) -> (usize, usize, usize) {
@@ -43,11 +53,11 @@ pub fn table(report: &Report) -> String {
     } else {
         ("created", "changed", "unchanged")
     };
-    out += &format!("\n{:<10} {new:>12} {changed:>12} {kept:>10}\n", "");
+    out += &format!("\n{:<16} {new:>12} {changed:>12} {kept:>10}\n", "");
     for kind in KINDS {
         let (n, c, k) = counts(report, kind);
         if n + c + k > 0 {
-            out += &format!("{:<10} {n:>12} {c:>12} {k:>10}\n", format!("{kind}s"));
+            out += &format!("{:<16} {n:>12} {c:>12} {k:>10}\n", format!("{kind}s"));
         }
     }
     for note in &report.notes {

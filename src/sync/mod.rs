@@ -675,6 +675,10 @@ impl Sync {
         let mut claims = account_jwt::build(&row, &public_key, signing, 0);
         claims.nats.exports = exports;
         claims.nats.imports = plan.imports;
+        claims.nats.revocations = db::accounts::revocations(&self.pool, account_id)
+            .await?
+            .into_iter()
+            .collect();
         let mut import_errors = plan.errors;
         // The import rows behind `claims.nats.imports`, in the same order.
         let import_ids: Vec<usize> = (0..import_errors.len())

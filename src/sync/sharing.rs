@@ -186,7 +186,12 @@ async fn activation(
     row: &ImportRow,
 ) -> Result<Result<String, String>, sqlx::Error> {
     let keys = db::accounts::live_keys(pool, exporter_id).await?;
-    let Some(key) = keys.iter().rev().find(|k| k.kind == "signing") else {
+    // An imported signing key without its seed cannot sign (the import adds one that can).
+    let Some(key) = keys
+        .iter()
+        .rev()
+        .find(|k| k.kind == "signing" && !k.seed.is_empty())
+    else {
         return Ok(Err("the exporting account has no signing key yet".into()));
     };
     let signer: KeyPair = match keys::keypair_from_stored(cipher, &key.seed, &key.public_key) {

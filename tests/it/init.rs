@@ -15,10 +15,10 @@ async fn init_twice_changes_nothing_and_another_operator_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.conf"), dir.path().join("b.conf"));
 
-    let first = init::init(&pool, &cipher, "acme-ops").await.unwrap();
+    let first = init::init(&pool, &cipher, Some("acme-ops")).await.unwrap();
     assert!(first.created);
     init::write_fragment(&first.identities, &dir.path().join("jwt"), &a).unwrap();
-    let second = init::init(&pool, &cipher, "acme-ops").await.unwrap();
+    let second = init::init(&pool, &cipher, Some("acme-ops")).await.unwrap();
     assert!(!second.created);
     init::write_fragment(&second.identities, &dir.path().join("jwt"), &b).unwrap();
     assert_eq!(
@@ -52,7 +52,7 @@ async fn init_twice_changes_nothing_and_another_operator_is_refused() {
         "no seeds in the fragment"
     );
 
-    match init::init(&pool, &cipher, "someone-else").await {
+    match init::init(&pool, &cipher, Some("someone-else")).await {
         Err(InitError::OtherOperator { existing, .. }) => assert_eq!(existing, "acme-ops"),
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -11,6 +11,7 @@ mod compose;
 mod doors;
 mod fences;
 mod import_natsconf;
+mod import_nsc;
 mod init;
 mod lane;
 mod locks;

@@ -260,7 +260,13 @@ pub struct EnvOptions {
     pub service_role: bool,
     /// TLS towards nats-server for the service (when `nats_extra` has a `tls {}` block).
     pub nats_tls: nats_pg_auth::config::NatsTlsArgs,
+    /// Runs on the migrated database (its URL) before `init`: an import that brings its own
+    /// operator, which `init` then adopts (no operator name given).
+    pub before_init: Option<BeforeInit>,
 }
+
+/// See [`EnvOptions::before_init`].
+pub type BeforeInit = Box<dyn FnOnce(&str) + Send>;
 
 impl Default for EnvOptions {
     fn default() -> Self {
@@ -270,6 +276,7 @@ impl Default for EnvOptions {
             tweak: |_| {},
             service_role: false,
             nats_tls: Default::default(),
+            before_init: None,
         }
     }
 }
@@ -300,10 +307,17 @@ impl TestEnv {
             database_url.clone()
         };
         let cipher = SeedCipher::new(opts.encryption_key);
+        let operator_name = match opts.before_init {
+            Some(prepare) => {
+                prepare(&database_url);
+                None
+            }
+            None => Some("test-operator"),
+        };
         let init_pool = db::connect(&service_url, 2)
             .await
             .expect("connect for init");
-        let report = init::init(&init_pool, &cipher, "test-operator")
+        let report = init::init(&init_pool, &cipher, operator_name)
             .await
             .expect("init");
         init_pool.close().await;
