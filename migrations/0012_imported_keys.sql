@@ -64,3 +64,8 @@ BEGIN
 END $$;
 CREATE TRIGGER users_revocation_sync AFTER UPDATE OR DELETE ON nats.users
   FOR EACH ROW EXECUTE FUNCTION nats.user_revocation_changed();
+
+-- Trigger functions: nobody calls them (0009 made EXECUTE not PUBLIC by default for the migrating
+-- role; said again here for a schema migrated by another role).
+REVOKE EXECUTE ON FUNCTION nats.revocations_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION nats.user_revocation_changed() FROM PUBLIC;

@@ -368,6 +368,7 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
     ),
     ("nats.per_user_limits()", [false, false, false, false]),
     ("nats.refuse_truncate()", [false, false, false, false]),
+    ("nats.revocations_changed()", [false, false, false, false]),
     (
         "nats.rotate_signing_key(text,boolean)",
         [true, true, true, false],
@@ -380,6 +381,10 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
     ("nats.touch_updated_at()", [false, false, false, false]),
     (
         "nats.user_certificates_changed()",
+        [false, false, false, false],
+    ),
+    (
+        "nats.user_revocation_changed()",
         [false, false, false, false],
     ),
     ("nats.valid_password_hash(text)", [true, true, true, false]),
