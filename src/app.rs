@@ -161,7 +161,6 @@ impl Application {
                     let Some(opened) = crate::copy::snapshot::open_at_start(
                         args.snapshot_dir.as_deref(),
                         &config.cipher.refusing_plain(),
-                        &unreachable,
                     ) else {
                         return Err(unreachable.into());
                     };

@@ -673,7 +673,7 @@ pub fn open_newest(dir: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotEr
         match open(&path, cipher) {
             Ok(o) => return Ok(o),
             Err(e) => {
-                tracing::error!("login copy snapshot refused: {e}");
+                say_once(format!("login copy snapshot refused: {e}"));
                 last = e;
             }
         }
@@ -683,25 +683,38 @@ pub fn open_newest(dir: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotEr
 
 // ---- at start ------------------------------------------------------------------------------
 
-/// `serve` could not reach Postgres (`why`): the newest snapshot in `dir` that opens, if any.
-/// Says in one line why none is used.
-pub fn open_at_start(
-    dir: Option<&Path>,
-    cipher: &SeedCipher,
-    why: &dyn std::fmt::Display,
-) -> Option<Opened> {
+/// Logs `line` at ERROR unless it was the last line said: `serve` retries its start every 2 s
+/// while Postgres is unreachable, and a refused snapshot is said once, not once per retry.
+fn say_once(line: String) {
+    static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() != Some(line.as_str()) {
+        tracing::error!("{line}");
+        *last = Some(line);
+    }
+}
+
+/// `serve` could not reach Postgres: the newest snapshot in `dir` that opens, if any. Says in
+/// one line why none is used.
+pub fn open_at_start(dir: Option<&Path>, cipher: &SeedCipher) -> Option<Opened> {
     let dir = dir?;
     match open_newest(dir, cipher) {
         Ok(o) => Some(o),
         Err(SnapshotError::None(_)) => {
-            tracing::error!(dir = %dir.display(), "{why}; no snapshot of the login copy to answer from");
+            say_once(format!(
+                "no snapshot of the login copy in {} to answer from",
+                dir.display()
+            ));
             None
         }
         Err(SnapshotError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            tracing::error!(dir = %dir.display(), "{why}; no snapshot of the login copy to answer from");
+            say_once(format!(
+                "no snapshot of the login copy in {} to answer from",
+                dir.display()
+            ));
             None
         }
-        // open_newest logged each refused file.
+        // open_newest said why for each file it refused.
         Err(_) => None,
     }
 }
@@ -722,15 +735,15 @@ pub fn install_at_start(opened: &Opened, cache: &LoginCache) -> bool {
             true
         }
         Ok(None) => {
-            tracing::error!(
-                path = %opened.path.display(),
-                "Postgres unreachable at start and the snapshot of the login copy was taken {age} ago, past --db-outage-grace ({}): not used",
+            say_once(format!(
+                "{}: the snapshot of the login copy was taken {age} ago, past --db-outage-grace ({}): not used",
+                opened.path.display(),
                 humantime::format_duration(cache.settings().outage_grace)
-            );
+            ));
             false
         }
         Err(e) => {
-            tracing::error!("login copy snapshot refused: {e}");
+            say_once(format!("login copy snapshot refused: {e}"));
             false
         }
     }
