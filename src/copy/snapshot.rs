@@ -667,7 +667,7 @@ pub fn open_newest(dir: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotEr
         };
         found.push((ms, path));
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut last = SnapshotError::None(dir.to_owned());
     for (_, path) in found {
         match open(&path, cipher) {
