@@ -9,7 +9,8 @@ use base64::Engine as _;
 use nkeys::KeyPair;
 
 use crate::common::{
-    client_options, is_auth_refusal, wait_until, DbOutage, EnvOptions, ServiceProcess, TestEnv,
+    client_options, is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions, ServiceProcess,
+    TestEnv,
 };
 
 const KEY: [u8; 32] = [7; 32];
@@ -23,9 +24,11 @@ fn b64(key: &[u8; 32]) -> String {
 async fn tenants(env: &TestEnv, device: &KeyPair) {
     env.acme().await;
     env.sql(&format!(
-        "INSERT INTO nats.users (account_id, role_id, username, password_hash, active, nkey)
+        "INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
+           SELECT id, 'ops', '{{ops.>,$SYS.REQ.USER.INFO}}', '{{_INBOX.>}}' FROM nats.accounts WHERE name = 'acme';
+         INSERT INTO nats.users (account_id, role_id, username, password_hash, active, nkey)
            SELECT a.id, r.id, u.name, crypt('pw', gen_salt('bf', 4)), u.active, u.nkey
-           FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id,
+           FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id AND r.name = 'ops',
                 (VALUES ('bob', true, NULL), ('carol', false, NULL), ('device-1', true, '{}'))
                   AS u(name, active, nkey)
            WHERE a.name = 'acme';
@@ -123,9 +126,17 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
         },
     )
     .await;
-    login(&env, password("bob", "pw"))
+    // With the outage rules: JWT lifetime capped by --db-outage-ttl (5m), not the role's 1h.
+    let bob = client_options(password("bob", "pw"))
+        .connect(env.url())
         .await
         .expect("bob's password");
+    let info = user_info(&bob).await;
+    let expires_ns = info["expires"].as_i64().expect("the JWT expires");
+    assert!(
+        expires_ns > 0 && expires_ns <= 300_000_000_000,
+        "JWT lifetime capped by --db-outage-ttl: {expires_ns} ns"
+    );
     login(&env, ConnectOptions::with_token("bobs-token".into()))
         .await
         .expect("bob's token");
