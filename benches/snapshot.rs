@@ -134,6 +134,7 @@ fn main() {
     let cipher = SeedCipher::new(Some([7; 32]));
     let writer = Writer {
         dir: dir.clone(),
+        every: snapshot::REWRITE_EVERY,
         cipher: cipher.clone(),
         operator: nkeys::KeyPair::new_operator().public_key(),
         identities: vec![IdentityRow {

@@ -260,6 +260,7 @@ impl Application {
             .clone()
             .map(|dir| crate::copy::snapshot::Writer {
                 dir,
+                every: crate::copy::snapshot::REWRITE_EVERY,
                 cipher: cipher.clone(),
                 operator: identities.public_key(IdentityKind::Operator).to_owned(),
                 identities: IdentityKind::ALL

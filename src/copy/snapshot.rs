@@ -63,8 +63,6 @@ const HEADER_LEN: usize = 8 + OPERATOR_LEN + 16 + 8;
 const CONFIRM_LEN: usize = 8 + 16 + 8 + NONCE_LEN + 16;
 /// A changed copy is rewritten at most this often.
 pub const REWRITE_EVERY: Duration = Duration::from_secs(30);
-/// An unchanged copy's snapshot is confirmed this often.
-const CONFIRM_EVERY: Duration = Duration::from_secs(30);
 
 /// Why a snapshot was not written or not used.
 #[derive(Debug, thiserror::Error)]
@@ -751,9 +749,25 @@ pub fn install_at_start(opened: &Opened, cache: &LoginCache) -> bool {
 
 // ---- keeping it current ------------------------------------------------------------------------
 
+/// The writer's last snapshot.
+struct LastWrite {
+    /// [`LoginCache::changes`] it reflects.
+    changes: u64,
+    /// Full loads of the copy when it was taken (a new one is written after each).
+    reloads: u64,
+    id: [u8; 16],
+    /// When it was written (or a write last failed): a change waits for `Writer::every`.
+    written: Instant,
+    /// When it was last confirmed (or written).
+    confirmed: Instant,
+}
+
 /// Writes this replica's snapshot while it runs.
 pub struct Writer {
     pub dir: PathBuf,
+    /// A changed copy is rewritten, and an unchanged one confirmed, at most this often
+    /// ([`REWRITE_EVERY`] in `serve`).
+    pub every: Duration,
     pub cipher: SeedCipher,
     pub operator: String,
     pub identities: Vec<IdentityRow>,
@@ -761,8 +775,8 @@ pub struct Writer {
 
 impl Writer {
     /// Every second: when the copy is current and (never written, reloaded since, or changed
-    /// and the last write is [`REWRITE_EVERY`] old) it is written; when it is current and
-    /// unchanged, the snapshot is confirmed every [`CONFIRM_EVERY`]. Encoding and I/O run on
+    /// and the last write is `every` old) it is written; when it is current and unchanged, the
+    /// snapshot is confirmed every `every`. Encoding and I/O run on
     /// a blocking thread. Failures are logged (the first of a run at WARN) and retried.
     pub async fn keep_writing(self, cache: Arc<LoginCache>, stop: CancellationToken) {
         if !self.cipher.has_key() {
@@ -775,8 +789,7 @@ impl Writer {
         let me = Arc::new(self);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // (changes written, full loads then, snapshot id, when written or confirmed)
-        let mut last: Option<(u64, u64, [u8; 16], Instant)> = None;
+        let mut last: Option<LastWrite> = None;
         let mut failing = false;
         loop {
             tokio::select! {
@@ -790,8 +803,9 @@ impl Writer {
             let changes = cache.changes();
             let write = match &last {
                 None => true,
-                Some((c, r, _, at)) => {
-                    *r != reloads || (*c != changes && at.elapsed() >= REWRITE_EVERY)
+                Some(l) => {
+                    l.reloads != reloads
+                        || (l.changes != changes && l.written.elapsed() >= me.every)
                 }
             };
             if write {
@@ -823,7 +837,13 @@ impl Writer {
                             );
                         }
                         failing = false;
-                        last = Some((changes, reloads, id, Instant::now()));
+                        last = Some(LastWrite {
+                            changes,
+                            reloads,
+                            id,
+                            written: Instant::now(),
+                            confirmed: Instant::now(),
+                        });
                     }
                     Ok(Err(e)) => {
                         if !failing {
@@ -832,14 +852,14 @@ impl Writer {
                         failing = true;
                         // Retry on the next rewrite slot, not every second.
                         if let Some(l) = last.as_mut() {
-                            l.3 = Instant::now();
+                            l.written = Instant::now();
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "the snapshot writer failed"),
                 }
-            } else if let Some((c, _, id, at)) = last.as_mut() {
-                if *c == changes && at.elapsed() >= CONFIRM_EVERY {
-                    let (w, id2) = (me.clone(), *id);
+            } else if let Some(l) = last.as_mut() {
+                if l.changes == changes && l.confirmed.elapsed() >= me.every {
+                    let (w, id2) = (me.clone(), l.id);
                     let done = tokio::task::spawn_blocking(move || {
                         confirm(&w.dir, &w.cipher, &w.operator, &id2, SystemTime::now())
                     })
@@ -847,7 +867,7 @@ impl Writer {
                     if let Ok(Err(e)) = done {
                         tracing::debug!(error = %e, "cannot confirm the login copy's snapshot");
                     }
-                    *at = Instant::now();
+                    l.confirmed = Instant::now();
                 }
             }
         }
@@ -954,6 +974,7 @@ mod tests {
     fn writer(dir: &Path, key: Option<u8>) -> Writer {
         Writer {
             dir: dir.to_owned(),
+            every: Duration::ZERO,
             cipher: SeedCipher::new(key.map(|k| [k; 32])),
             operator: nkeys::KeyPair::new_operator().public_key(),
             identities: vec![IdentityRow {
@@ -1069,5 +1090,54 @@ mod tests {
         )
         .unwrap();
         assert!(open_newest(dir.path(), &w.cipher).unwrap().age() >= Duration::from_secs(7199));
+    }
+
+    #[tokio::test]
+    async fn the_writer_writes_a_live_copy_and_rewrites_it_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = copy_with(&[(1, "alice", true)]);
+        let c = Arc::new(c);
+        let w = writer(dir.path(), Some(9));
+        let cipher = w.cipher.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.keep_writing(c.clone(), stop.clone()));
+        let holds = |name: &'static str| {
+            let (dir, cipher) = (dir.path().to_owned(), cipher.clone());
+            move || {
+                open_newest(&dir, &cipher).is_ok_and(|o| {
+                    let copy = LoginCache::new(CacheSettings::default());
+                    o.install(&copy).is_ok() && matches!(copy.copy_user(name), CopyLookup::Found(_))
+                })
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !holds("alice")() {
+            assert!(
+                Instant::now() < deadline,
+                "the first snapshot was not written"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // bob arrives (as a re-read would add him): the next write has him.
+        let bob = match c.copy_user("alice") {
+            CopyLookup::Found(l) => Arc::new(Login {
+                user_id: 2,
+                username: Arc::from("bob"),
+                password_hash: None,
+                nkey: None,
+                user_active: true,
+                mqtt_client_ids: Box::default(),
+                shape: l.shape.clone(),
+            }),
+            _ => unreachable!(),
+        };
+        c.put_user("bob", c.ticket(), &bob);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !holds("bob")() {
+            assert!(Instant::now() < deadline, "the change was not written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
     }
 }
