@@ -206,6 +206,9 @@ pub struct CacheStats {
     pub reloads: AtomicU64,
     /// Logins answered from the copy because Postgres could not be asked.
     pub logins_from_copy: AtomicU64,
+    /// Unix seconds when this replica's snapshot was last written or confirmed current (0:
+    /// never; see `copy::snapshot`).
+    pub snapshot_current_at: AtomicU64,
 }
 
 impl CacheStats {

@@ -749,6 +749,18 @@ pub fn install_at_start(opened: &Opened, cache: &LoginCache) -> bool {
 
 // ---- keeping it current ------------------------------------------------------------------------
 
+/// For `nats_pg_auth_copy_snapshot_timestamp_seconds`: the snapshot on disk is current now.
+fn mark_current(cache: &LoginCache) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    cache
+        .stats()
+        .snapshot_current_at
+        .store(now, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The writer's last snapshot.
 struct LastWrite {
     /// [`LoginCache::changes`] it reflects.
@@ -837,6 +849,7 @@ impl Writer {
                             );
                         }
                         failing = false;
+                        mark_current(&cache);
                         last = Some(LastWrite {
                             changes,
                             reloads,
@@ -864,8 +877,12 @@ impl Writer {
                         confirm(&w.dir, &w.cipher, &w.operator, &id2, SystemTime::now())
                     })
                     .await;
-                    if let Ok(Err(e)) = done {
-                        tracing::debug!(error = %e, "cannot confirm the login copy's snapshot");
+                    match done {
+                        Ok(Ok(())) => mark_current(&cache),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "cannot confirm the login copy's snapshot")
+                        }
+                        Err(_) => {}
                     }
                     l.confirmed = Instant::now();
                 }

@@ -9,8 +9,8 @@ use base64::Engine as _;
 use nkeys::KeyPair;
 
 use crate::common::{
-    client_options, is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions, ServiceProcess,
-    TestEnv,
+    client_options, http_get, is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions,
+    ServiceProcess, TestEnv,
 };
 
 const KEY: [u8; 32] = [7; 32];
@@ -63,6 +63,14 @@ async fn wait_log(p: &ServiceProcess, what: &'static str, deadline: Duration) {
     .await;
 }
 
+/// The value of an unlabelled gauge on the replica's /metrics.
+async fn metric(p: &ServiceProcess, name: &str) -> u64 {
+    let (_, body) = http_get(p.http, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics of {}", p.name))
+}
+
 async fn login(env: &TestEnv, opts: ConnectOptions) -> Result<(), async_nats::ConnectError> {
     client_options(opts).connect(env.url()).await.map(|_| ())
 }
@@ -94,6 +102,8 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
             Duration::from_secs(20),
         )
         .await;
+        let stamp = metric(r, "nats_pg_auth_copy_snapshot_timestamp_seconds").await;
+        assert!(stamp > 1_700_000_000, "{}: {stamp}", r.name);
     }
 
     let outage = DbOutage::begin(&env).await;
@@ -115,6 +125,7 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
             "{}: {body}",
             r.name
         );
+        assert_eq!(metric(r, "nats_pg_auth_copy_from_snapshot").await, 1);
     }
     // Known users log in, with every kind of credential.
     wait_until(
@@ -176,6 +187,7 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
             r.name,
             r.log()
         );
+        assert_eq!(metric(r, "nats_pg_auth_copy_from_snapshot").await, 0);
     }
     env.sql("UPDATE nats.users SET password_hash = crypt('pw2', gen_salt('bf', 4)) WHERE username = 'bob'")
         .await;
