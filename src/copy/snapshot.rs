@@ -101,11 +101,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 
 #[derive(Serialize, Deserialize)]
 struct Body<'a> {
+    /// First: [`Head`] reads it alone.
     identities: Vec<IdentityRec<'a>>,
     shapes: Vec<ShapeRec<'a>>,
     users: Vec<UserRec<'a>>,
     tokens: Vec<TokenRec>,
     certs: Vec<CertRec<'a>>,
+}
+
+/// The first field of [`Body`] alone: what `serve` needs before the copy is decoded.
+#[derive(Deserialize)]
+struct Head<'a> {
+    identities: Vec<IdentityRec<'a>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -622,7 +629,8 @@ pub fn open(path: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotError> {
     // Only the identities are decoded here (`serve` needs them to start); the copy is decoded
     // by `install`.
     let identities = {
-        let b: Body = postcard::from_bytes(&body)
+        // postcard writes fields one after the other: the first field alone reads as `Head`.
+        let (b, _rest): (Head, _) = postcard::take_from_bytes(&body)
             .map_err(|e| SnapshotError::Malformed(path.to_owned(), e.to_string()))?;
         b.identities
             .into_iter()
