@@ -200,15 +200,15 @@ pub struct CacheStats {
     pub credential_misses: AtomicU64,
     pub notifications: AtomicU64,
     pub flushes: AtomicU64,
+    /// Unix seconds when this replica's snapshot was last written or confirmed current (0:
+    /// never; see `copy::snapshot`).
+    pub snapshot_current_at: AtomicU64,
     /// Times the listener (re)connected and the copy went live.
     pub listener_connects: AtomicU64,
     /// Full loads of the copy.
     pub reloads: AtomicU64,
     /// Logins answered from the copy because Postgres could not be asked.
     pub logins_from_copy: AtomicU64,
-    /// Unix seconds when this replica's snapshot was last written or confirmed current (0:
-    /// never; see `copy::snapshot`).
-    pub snapshot_current_at: AtomicU64,
 }
 
 impl CacheStats {
