@@ -19,7 +19,8 @@
 //! on disk in plain text); the replica says so once.
 //!
 //! `login-copy.confirmed`: `NPASCNF1` | snapshot id (16) | confirmed-at (i64 LE) | nonce | tag
-//! (an empty message sealed with the operator key, id and time as associated data). Written
+//! (an empty message sealed with the at-rest key; magic, operator public key, id and time as
+//! associated data, so the time cannot be moved without the key). Written
 //! every 30 s while the copy is current and has not changed since the snapshot: the snapshot was
 //! still what Postgres held then, so the outage grace counts from that time, not from the last
 //! change (a quiet deployment's snapshot does not age out of `--db-outage-grace`).
