@@ -68,6 +68,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// Cancelled when the NATS connections are closed on purpose (no "reconnecting" warning).
     closing: CancellationToken,
+    /// Keeps the login copy's sealed snapshot (`--snapshot-dir`).
+    snapshot_writer: Option<crate::copy::snapshot::Writer>,
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -151,11 +153,33 @@ impl Application {
         args.nats_tls
             .validate()
             .map_err(|e| AppError::NatsTls(e.to_string()))?;
-        let pool = db::connect_service(&config.database_url, args.db_pool_size).await?;
-        db::ensure_migrated(&pool).await?;
-        let identities = ServiceIdentities::load(&pool).await?;
-        check_seeds(&pool, &config.cipher, &identities).await?;
-        if config.cipher.has_key() {
+        let (pool, snapshot) =
+            match db::connect_service(&config.database_url, args.db_pool_size).await {
+                Ok(pool) => (pool, None),
+                // Postgres unreachable at start: the newest snapshot that opens, or fail as before.
+                Err(unreachable @ DbError::Unreachable { .. }) => {
+                    let Some(opened) = crate::copy::snapshot::open_at_start(
+                        args.snapshot_dir.as_deref(),
+                        &config.cipher.refusing_plain(),
+                    ) else {
+                        return Err(unreachable.into());
+                    };
+                    let pool = db::connect_service_lazy(&config.database_url, args.db_pool_size)?;
+                    (pool, Some((opened, unreachable)))
+                }
+                Err(e) => return Err(e.into()),
+            };
+        let identities = match &snapshot {
+            None => {
+                db::ensure_migrated(&pool).await?;
+                ServiceIdentities::load(&pool).await?
+            }
+            Some((opened, _)) => ServiceIdentities::from_rows(opened.identities.clone())?,
+        };
+        if snapshot.is_none() {
+            check_seeds(&pool, &config.cipher, &identities).await?;
+        }
+        if config.cipher.has_key() && snapshot.is_none() {
             // Seeds of a keyless start (or pb-nats) get encrypted the first time a key is
             // configured. Once seeds are encrypted, a plain one was written by someone else: it
             // is left as it is and refused at use.
@@ -188,8 +212,14 @@ impl Application {
         // From here on every seed is opened by a cipher that refuses plain seeds when it has a
         // key: the service itself never writes one then.
         let cipher = config.cipher.refusing_plain();
-        let identities = ServiceIdentities::load(&pool).await?;
-        check_seeds(&pool, &cipher, &identities).await?;
+        let identities = match &snapshot {
+            None => {
+                let identities = ServiceIdentities::load(&pool).await?;
+                check_seeds(&pool, &cipher, &identities).await?;
+                identities
+            }
+            Some(_) => identities,
+        };
 
         let metrics = Metrics::default();
         let closing = CancellationToken::new();
@@ -219,6 +249,25 @@ impl Application {
             args.cache_settings(),
             metrics.clone(),
         );
+
+        if let Some((opened, unreachable)) = snapshot {
+            if !crate::copy::snapshot::install_at_start(&opened, callout.cache()) {
+                return Err(unreachable.into());
+            }
+        }
+        let snapshot_writer = args
+            .snapshot_dir
+            .clone()
+            .map(|dir| crate::copy::snapshot::Writer {
+                dir,
+                every: crate::copy::snapshot::REWRITE_EVERY,
+                cipher: cipher.clone(),
+                operator: identities.public_key(IdentityKind::Operator).to_owned(),
+                identities: IdentityKind::ALL
+                    .iter()
+                    .map(|k| identities.get(*k).clone())
+                    .collect(),
+            });
 
         let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
         let callout_client = connect_options(
@@ -299,6 +348,7 @@ impl Application {
             http,
             shutdown_timeout: args.shutdown_timeout,
             closing,
+            snapshot_writer,
         })
     }
 
@@ -341,6 +391,10 @@ impl Application {
             .run(self.callout_client.clone(), stop.clone());
         let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
         names.insert(callout.id(), Task::Callout);
+        if let Some(writer) = self.snapshot_writer {
+            // Not essential: a replica without a snapshot still serves (it logs why).
+            tokio::spawn(writer.keep_writing(self.callout.cache().clone(), stop.clone()));
+        }
         if let Some(sync) = self.sync {
             let sync = sync.run(self.nats_connected, stop.clone());
             let handle = tasks.spawn(async move {

@@ -209,6 +209,9 @@ pub struct CacheStats {
     pub credential_misses: AtomicU64,
     pub notifications: AtomicU64,
     pub flushes: AtomicU64,
+    /// Unix seconds when this replica's snapshot was last written or confirmed current (0:
+    /// never; see `copy::snapshot`).
+    pub snapshot_current_at: AtomicU64,
     /// Times the listener (re)connected and the copy went live.
     pub listener_connects: AtomicU64,
     /// Full loads of the copy.
@@ -540,6 +543,23 @@ impl Table {
     }
 }
 
+/// One user of [`LoginCache::export`]: its login and whether a change of it (or of its tokens
+/// and certificate mappings) was notified and not re-read when the export was taken.
+pub struct ExportedUser {
+    pub login: Arc<Login>,
+    pub user_stale: bool,
+    pub credentials_stale: bool,
+}
+
+/// The copy's content, for the snapshot (see `copy::snapshot`).
+pub struct CopyExport {
+    /// [`LoginCache::changes`] when it was taken.
+    pub changes: u64,
+    pub users: Vec<ExportedUser>,
+    pub tokens: Vec<TokenPart>,
+    pub certs: Vec<CertPart>,
+}
+
 /// Why the copy is answering instead of Postgres (one per outage).
 struct Outage {
     since: Instant,
@@ -571,6 +591,12 @@ pub struct LoginCache {
     /// When the copy stopped being kept current (listener lost); None while it is.
     stale_since: Mutex<Option<Instant>>,
     outage: Mutex<Option<Outage>>,
+    /// When the snapshot this copy was restored from was taken (see `copy::snapshot`); None
+    /// once a load from Postgres replaced it.
+    snapshot_taken: Mutex<Option<std::time::SystemTime>>,
+    /// Bumped by every change of the table (under its write lock): the snapshot writer
+    /// rewrites only when it moved.
+    changes: AtomicU64,
     /// `outage.is_some()`, readable without the lock on every login.
     in_outage: AtomicBool,
     credentials: Cache<[u8; 16], [u8; 16]>,
@@ -608,6 +634,8 @@ impl LoginCache {
             absent_reads: ReadBudget::new(settings.unknown_reads_per_second),
             stale_since: Mutex::new(None),
             outage: Mutex::new(None),
+            snapshot_taken: Mutex::new(None),
+            changes: AtomicU64::new(0),
             in_outage: AtomicBool::new(false),
             credentials: Cache::builder()
                 .max_capacity(settings.max_credentials)
@@ -645,7 +673,10 @@ impl LoginCache {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.table.write().unwrap_or_else(|p| p.into_inner())
+        let t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        // Counted once the lock is held: a reader that sees the new count sees the change.
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        t
     }
 
     /// Answer logins from the copy while Postgres is up (off: always read Postgres).
@@ -1257,6 +1288,10 @@ impl LoginCache {
     pub fn set_live(&self) {
         self.live.store(true, Ordering::SeqCst);
         *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .snapshot_taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         bump(&self.stats.listener_connects);
         self.leave_outage("Postgres is back and the copy reloaded");
     }
@@ -1312,6 +1347,120 @@ impl LoginCache {
             view.complete = false;
         }
         view
+    }
+
+    // ---- the snapshot (see `copy::snapshot`) ------------------------------------------------
+
+    /// How many times the table changed so far (see [`LoginCache::export`]).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Everything the copy holds, as the outage path would judge it now, and the change count
+    /// it reflects. Taken under the read lock (pointer copies; encoding happens outside).
+    pub fn export(&self) -> CopyExport {
+        let t = self.read();
+        let changes = self.changes();
+        let mut users = Vec::with_capacity(t.by_name.len());
+        for e in t.by_name.values() {
+            let id = e.login.user_id;
+            let mut oldest = e.generation;
+            for d in t.tokens_of.get(&id).into_iter().flatten() {
+                if let Some(tok) = t.tokens.get(d) {
+                    oldest = oldest.min(tok.generation);
+                }
+            }
+            for c in t.certs_of.get(&id).into_iter().flatten() {
+                oldest = oldest.min(c.generation);
+            }
+            users.push(ExportedUser {
+                login: e.login.clone(),
+                user_stale: e.generation < t.stamp(Scope::User(id)),
+                credentials_stale: oldest < t.stamp(Scope::Tokens(id)),
+            });
+        }
+        let tokens = t
+            .tokens
+            .iter()
+            .map(|(digest, tok)| TokenPart {
+                user_id: tok.user_id,
+                token_id: tok.token_id,
+                token_sha256: digest.to_vec(),
+                token_expires_at: tok.expires_at,
+                token_revoked_at: tok.revoked_at,
+            })
+            .collect();
+        let certs = t
+            .certs_of
+            .iter()
+            .flat_map(|(user_id, certs)| {
+                certs.iter().map(|c| CertPart {
+                    user_id: *user_id,
+                    cert_id: c.mapping.cert_id,
+                    fingerprint_sha256: c.mapping.fingerprint.map(|f| f.to_vec()),
+                    subject_dn: c.mapping.subject_dn.as_deref().map(str::to_owned),
+                    san: c.mapping.san.as_deref().map(str::to_owned),
+                })
+            })
+            .collect();
+        CopyExport {
+            changes,
+            users,
+            tokens,
+            certs,
+        }
+    }
+
+    /// Installs a snapshot taken at `taken_at` as the copy (Postgres unreachable at start):
+    /// entries that were stale when it was taken stay stale (refused), the outage grace counts
+    /// from `taken_at`, and the copy is in outage mode at once (no login waits for a Postgres
+    /// connect first). False, and nothing installed, when the snapshot is already past
+    /// `--db-outage-grace`. The first load from Postgres replaces it ([`LoginCache::set_live`]).
+    pub fn restore(&self, snapshot: CopyExport, taken_at: std::time::SystemTime) -> bool {
+        let age = taken_at.elapsed().unwrap_or_default();
+        let Some(stale_since) = Instant::now().checked_sub(age) else {
+            return false;
+        };
+        if self.settings.outage_grace.is_zero() || age > self.settings.outage_grace {
+            return false;
+        }
+        let ticket = self.load_ticket();
+        let mut stale = Vec::new();
+        let mut logins = Vec::with_capacity(snapshot.users.len());
+        for u in snapshot.users {
+            if u.user_stale {
+                stale.push(Scope::User(u.login.user_id));
+            }
+            if u.credentials_stale {
+                stale.push(Scope::Tokens(u.login.user_id));
+            }
+            logins.push(u.login);
+        }
+        self.load_users(logins, ticket);
+        self.finish_load(ticket, snapshot.tokens, snapshot.certs);
+        for scope in stale {
+            let g = self.next_generation();
+            self.write().stamps.insert(scope, g);
+        }
+        *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(stale_since);
+        *self
+            .snapshot_taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(taken_at);
+        *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = Some(Outage {
+            since: Instant::now(),
+            logins: 0,
+        });
+        self.in_outage.store(true, Ordering::SeqCst);
+        true
+    }
+
+    /// How old the snapshot the copy answers from is (None: the copy came from Postgres).
+    pub fn snapshot_age(&self) -> Option<Duration> {
+        self.snapshot_taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().unwrap_or_default())
     }
 
     /// Entry counts, for reports and benchmarks.

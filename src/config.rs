@@ -640,6 +640,13 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_DB_OUTAGE_TTL", default_value = "5m", value_parser = parse_duration)]
     pub db_outage_ttl: Duration,
 
+    /// Directory where this replica keeps a sealed snapshot of the login copy (written after
+    /// each full load, then at most every 30 s when the copy changed), so that it can start and
+    /// answer logins while Postgres is unreachable. Needs the encryption key (the snapshot holds
+    /// signing seeds): without one nothing is written. Unset: no snapshot.
+    #[arg(long, env = "NATS_PG_AUTH_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<std::path::PathBuf>,
+
     /// Remember verified passwords (as a keyed hash, in memory only) so a reconnecting client
     /// does not pay bcrypt again. Turn off where a memory dump of the service is a bigger threat
     /// than a reconnect storm; see the trade-off in README.md.

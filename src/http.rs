@@ -93,6 +93,10 @@ impl Probes {
         match db {
             Ok(()) if cache.is_live() => Ok("ready\nmode: live\n".into()),
             Ok(()) => Ok("ready\nmode: catching up (login copy reloading; logins read Postgres)\n".into()),
+            Err(why) if cache.within_grace() && cache.snapshot_age().is_some() => Ok(format!(
+                "ready\nmode: outage, from snapshot taken {} ago ({why}); logins answered from the copy; restore Postgres\n",
+                crate::copy::snapshot::age_text(cache.snapshot_age().unwrap_or_default())
+            )),
             Err(why) if cache.within_grace() => Ok(format!(
                 "ready\nmode: outage ({why}); logins answered from the copy, stale for {}s; restore Postgres\n",
                 cache.stale_for().map_or(0, |d| d.as_secs())

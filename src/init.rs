@@ -74,7 +74,7 @@ impl ServiceIdentities {
         Self::from_rows(rows)
     }
 
-    fn from_rows(rows: Vec<IdentityRow>) -> Result<Self, InitError> {
+    pub fn from_rows(rows: Vec<IdentityRow>) -> Result<Self, InitError> {
         if rows.is_empty() {
             return Err(InitError::NotInitialised);
         }

@@ -20,7 +20,8 @@ use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 
 const PREFIX_V1: &str = "enc:v1:";
-const NONCE_LEN: usize = 12;
+/// Length of the AES-GCM nonce of sealed values and files.
+pub const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// Length in bytes of the at-rest key.
 pub const KEY_LEN: usize = 32;
@@ -293,6 +294,30 @@ impl SeedCipher {
     /// Whether [`SeedCipher::seal`] encrypts.
     pub fn has_key(&self) -> bool {
         self.aead.is_some()
+    }
+
+    /// Seals `buf` in place with the main key (AES-256-GCM, a fresh random nonce, the 16-byte
+    /// tag appended): for files sealed with the at-rest key, such as the login copy's snapshot.
+    /// Returns the nonce; None without a key (nothing is sealed then).
+    pub fn seal_in_place(&self, buf: &mut Vec<u8>, aad: &[u8]) -> Option<[u8; NONCE_LEN]> {
+        use aes_gcm::aead::AeadInPlace;
+        let aead = self.aead.as_ref()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        aead.encrypt_in_place(Nonce::from_slice(&nonce), aad, buf)
+            .ok()?;
+        Some(nonce)
+    }
+
+    /// Opens what [`SeedCipher::seal_in_place`] sealed (with the main key or an old one), in
+    /// place. False when no key opens it (wrong key, other `aad`, or altered bytes): `buf` is
+    /// then left as it was.
+    pub fn open_in_place(&self, nonce: &[u8; NONCE_LEN], buf: &mut Vec<u8>, aad: &[u8]) -> bool {
+        use aes_gcm::aead::AeadInPlace;
+        self.aead.iter().chain(&self.old).any(|aead| {
+            aead.decrypt_in_place(Nonce::from_slice(nonce), aad, buf)
+                .is_ok()
+        })
     }
 
     /// The value to store for `seed` (an `S…` nkey seed) of `public_key`.

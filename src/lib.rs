@@ -17,6 +17,7 @@ pub mod cache;
 pub mod callout;
 pub mod cli;
 pub mod config;
+pub mod copy;
 pub mod db;
 pub mod hardening;
 pub mod http;

@@ -324,6 +324,21 @@ pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
         "nats_pg_auth_copy_stale_seconds {}",
         cache.stale_for().map_or(0, |d| d.as_secs())
     );
+    let _ = writeln!(
+        out,
+        "# TYPE nats_pg_auth_copy_snapshot_timestamp_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_copy_snapshot_timestamp_seconds {}",
+        CacheStats::get(&s.snapshot_current_at)
+    );
+    let _ = writeln!(out, "# TYPE nats_pg_auth_copy_from_snapshot gauge");
+    let _ = writeln!(
+        out,
+        "nats_pg_auth_copy_from_snapshot {}",
+        u8::from(cache.snapshot_age().is_some())
+    );
     // 1 while logins are answered from the copy because Postgres is unreachable.
     let _ = writeln!(out, "# TYPE nats_pg_auth_db_outage gauge");
     let _ = writeln!(

@@ -72,6 +72,20 @@ pub async fn connect_service(url: &str, max_connections: u32) -> Result<PgPool, 
     open(url, max_connections, true).await
 }
 
+/// The pool of `serve` when Postgres is unreachable at start and the replica answers from its
+/// snapshot (`copy::snapshot`): no connection now; each use tries to connect, bounded like
+/// [`connect_service`].
+pub fn connect_service_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_millis(1500))
+        .after_connect(|conn, _meta| Box::pin(async move { bound_session(conn).await }))
+        .connect_lazy_with(opts.application_name("nats-pg-auth")))
+}
+
 /// Opens a pool. `acquire_timeout` is short because a callout that waits longer than the
 /// server's auth timeout (2 s) is useless anyway; better to deny and log.
 /// Used by the CLI verbs and migrations (unbounded: a migration may rewrite a big table).

@@ -28,6 +28,7 @@ mod schema;
 mod security;
 mod sessions;
 mod shutdown;
+mod snapshot;
 mod sync;
 mod sync_errors;
 mod tenancy;

@@ -224,6 +224,7 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         login_cache: true,
         db_outage_grace: Duration::from_secs(3600),
         db_outage_ttl: Duration::from_secs(300),
+        snapshot_dir: None,
         credential_cache: true,
         credential_cache_ttl: Duration::from_secs(600),
         unknown_reads_per_second: 50,
