@@ -69,6 +69,22 @@ fn creds(jwt: &str, seed: &str) -> String {
     )
 }
 
+/// A `nats_users` row of the fixture: id, name, account, role, public key, seed, JWT, creds,
+/// active, publish and subscribe additions.
+type UserRow<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    String,
+    &'a str,
+    &'a str,
+    &'a str,
+    bool,
+    &'a str,
+    &'a str,
+);
+
 /// The fixture: the database file and what the test needs to know about it.
 struct Fixture {
     db: PathBuf,
@@ -285,8 +301,10 @@ fn write_fixture(dir: &Path) -> Fixture {
     // password only), bob (plain, .creds and a password, per-user additions), eve (inactive).
     let alice = KeyPair::new_user();
     let bob = KeyPair::new_user();
-    let mut alice_claims = UserClaims::default();
-    alice_claims.issuer_account = Some(acme.public_key());
+    let mut alice_claims = UserClaims {
+        issuer_account: Some(acme.public_key()),
+        ..Default::default()
+    };
     alice_claims.permissions.publish = perm(&["a.>", "_INBOX.>"], &["a.secret"]);
     alice_claims.permissions.subscribe = perm(&["a.>", "svc.>", "_INBOX.>"], &[]);
     alice_claims.permissions.response = Some(ResponsePermission {
@@ -298,27 +316,17 @@ fn write_fixture(dir: &Path) -> Fixture {
         &acme_signing,
     )
     .unwrap();
-    let mut bob_claims = UserClaims::default();
-    bob_claims.issuer_account = Some(plain.public_key());
+    let mut bob_claims = UserClaims {
+        issuer_account: Some(plain.public_key()),
+        ..Default::default()
+    };
     bob_claims.permissions.publish = perm(&["echo", "_INBOX.>", "b.>"], &[]);
     bob_claims.permissions.subscribe = perm(&["_INBOX.>", "b.>"], &[]);
     let bob_jwt = encode(&named(&bob.public_key(), "bob", bob_claims), &plain_signing).unwrap();
     let alice_creds = creds(&alice_jwt, &alice.seed().unwrap());
     let bob_creds = creds(&bob_jwt, &bob.seed().unwrap());
     let hash = |pw: &str| bcrypt::hash(pw, 4).unwrap();
-    let users: [(
-        &str,
-        &str,
-        &str,
-        &str,
-        String,
-        &str,
-        &str,
-        &str,
-        bool,
-        &str,
-        &str,
-    ); 4] = [
+    let users: [UserRow; 4] = [
         (
             "usr00000000alic",
             "alice",
@@ -646,18 +654,14 @@ async fn a_pb_nats_deployment_moves_with_its_creds_and_passwords() {
     bob.publish("a.hello", "x".into()).await.unwrap();
     expect_violation(&mut bob_events, "a.hello").await;
     // eve was inactive in pb-nats: she stays out.
-    let refused = env
-        .connect_user("eve", "eve-pw")
-        .await
-        .err()
-        .expect("eve stays out");
+    let Err(refused) = env.connect_user("eve", "eve-pw").await else {
+        panic!("eve logs in although she was inactive in pb-nats");
+    };
     assert!(is_auth_refusal(&refused), "{refused}");
     // A wrong password is still wrong.
-    let refused = env
-        .connect_user("ann", "alice-pw")
-        .await
-        .err()
-        .expect("wrong password");
+    let Err(refused) = env.connect_user("ann", "alice-pw").await else {
+        panic!("ann logs in with a wrong password");
+    };
     assert!(is_auth_refusal(&refused), "{refused}");
 
     // A user inserted with SQL logs in to an imported account.
