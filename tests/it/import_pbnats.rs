@@ -866,6 +866,9 @@ async fn ten_thousand_users() {
     }
     conn.execute_batch("COMMIT").unwrap();
     drop(conn);
+    if let Ok(keep) = std::env::var("PBNATS_BENCH_COPY") {
+        std::fs::copy(&f.db, keep).unwrap();
+    }
     let db = fresh_database().await;
     let pool = nats_pg_auth::db::connect(&db, 2).await.unwrap();
     nats_pg_auth::db::migrate(&pool).await.unwrap();
