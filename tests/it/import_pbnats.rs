@@ -883,3 +883,127 @@ async fn ten_thousand_users() {
         );
     }
 }
+
+/// Older pb-nats (its older README): one signing key per record (`signing_public_key`,
+/// `signing_seed`), no `system_account_id`, no deny lists, no exports or imports tables. The
+/// reader takes missing columns as their defaults and finds "System Account" by name.
+#[tokio::test]
+async fn an_older_pb_nats_layout_is_read_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.db");
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE nats_system_operator (id TEXT PRIMARY KEY, name TEXT, public_key TEXT,
+            private_key TEXT, seed TEXT, signing_public_key TEXT, signing_private_key TEXT,
+            signing_seed TEXT, jwt TEXT, created TEXT, updated TEXT);
+         CREATE TABLE nats_accounts (id TEXT PRIMARY KEY, name TEXT, description TEXT,
+            public_key TEXT, private_key TEXT, seed TEXT, signing_public_key TEXT,
+            signing_private_key TEXT, signing_seed TEXT, jwt TEXT, active BOOLEAN,
+            max_connections NUMERIC);
+         CREATE TABLE nats_roles (id TEXT PRIMARY KEY, name TEXT, description TEXT,
+            publish_permissions TEXT, subscribe_permissions TEXT, max_subscriptions NUMERIC,
+            max_data NUMERIC, max_payload NUMERIC);
+         CREATE TABLE nats_users (id TEXT PRIMARY KEY, email TEXT, password TEXT, verified BOOLEAN,
+            nats_username TEXT, account_id TEXT, role_id TEXT, public_key TEXT, seed TEXT,
+            jwt TEXT, active BOOLEAN);",
+    )
+    .unwrap();
+    let op = KeyPair::new_operator();
+    let op_signing = KeyPair::new_operator();
+    let sys = KeyPair::new_account();
+    let acct = KeyPair::new_account();
+    let acct_signing = KeyPair::new_account();
+    let op_jwt = encode(
+        &named(
+            &op.public_key(),
+            "old-op",
+            OperatorClaims {
+                signing_keys: vec![op_signing.public_key()],
+                system_account: Some(sys.public_key()),
+                ..Default::default()
+            },
+        ),
+        &op,
+    )
+    .unwrap();
+    let sys_jwt = encode(
+        &named(
+            &sys.public_key(),
+            "System Account",
+            AccountClaims::default(),
+        ),
+        &op_signing,
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO nats_system_operator VALUES ('opr', 'old-op', ?1, '', ?2, ?3, '', ?4, ?5, '', '')",
+        rusqlite::params![
+            op.public_key(),
+            op.seed().unwrap(),
+            op_signing.public_key(),
+            op_signing.seed().unwrap(),
+            op_jwt
+        ],
+    )
+    .unwrap();
+    for (id, name, kp, sk) in [
+        ("accsys", "System Account", &sys, None),
+        ("accold", "legacy", &acct, Some(&acct_signing)),
+    ] {
+        conn.execute(
+            "INSERT INTO nats_accounts VALUES (?1, ?2, '', ?3, '', ?4, ?5, '', ?6, ?7, 1, 25)",
+            rusqlite::params![
+                id,
+                name,
+                kp.public_key(),
+                kp.seed().unwrap(),
+                sk.map(|k| k.public_key()),
+                sk.map(|k| k.seed().unwrap()),
+                if id == "accsys" {
+                    sys_jwt.clone()
+                } else {
+                    String::new()
+                }
+            ],
+        )
+        .unwrap();
+    }
+    conn.execute_batch(
+        r#"INSERT INTO nats_roles VALUES ('rol', 'reader', '', '["r.>"]', '["r.>", "_INBOX.>"]', 100, -1, -1);"#,
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO nats_users VALUES ('usr', 'x@example.com', ?1, 1, 'olduser', 'accold', 'rol', ?2, '', '', 1)",
+        rusqlite::params![bcrypt::hash("pw", 4).unwrap(), KeyPair::new_user().public_key()],
+    )
+    .unwrap();
+    drop(conn);
+
+    let db = fresh_database().await;
+    let pool = nats_pg_auth::db::connect(&db, 2).await.unwrap();
+    nats_pg_auth::db::migrate(&pool).await.unwrap();
+    let (code, out, err) = import_with(&db, &file, None, &["--dry-run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("system account System Account"), "{out}");
+    assert!(out.contains("key legacy signing key"), "{out}");
+    assert!(out.contains("user legacy/olduser"), "{out}");
+    let (code, out, err) = import_with(&db, &file, None, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (sys_key, max_conns, max_subs, signing_seeded): (String, i64, i64, bool) = sqlx::query_as(
+        "SELECT (SELECT public_key FROM nats.service_identities WHERE kind = 'sys_account'),
+                (SELECT max_connections FROM nats.accounts WHERE name = 'legacy'),
+                (SELECT max_subscriptions FROM nats.roles WHERE name = 'reader'),
+                (SELECT seed IS NOT NULL FROM nats.account_keys WHERE public_key = $1)",
+    )
+    .bind(acct_signing.public_key())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sys_key, sys.public_key());
+    assert_eq!(max_conns, 25);
+    assert_eq!(max_subs, 100);
+    assert!(signing_seeded);
+    let (code, out, err) = import_with(&db, &file, None, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nothing to do"), "{out}");
+}
