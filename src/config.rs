@@ -139,6 +139,32 @@ pub enum ImportCommand {
     /// their public nkey. Run before `init`, as the schema owner, with the encryption key
     /// `serve` uses. One transaction; a second run changes nothing.
     Nsc(ImportNscArgs),
+    /// A pb-nats PocketBase database (`pb_data/data.db`): the operator, its system account and
+    /// every account keep their keys and seeds (pb-nats `.creds` files keep working); roles,
+    /// users with their PocketBase password hashes and public nkeys, exports and imports. Run
+    /// before `init`, as the schema owner, with the encryption key `serve` uses. One
+    /// transaction; a second run changes nothing.
+    #[command(name = "pb-nats")]
+    PbNats(ImportPbNatsArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ImportPbNatsArgs {
+    /// PocketBase's SQLite database, usually `pb_data/data.db` (opened read-only).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// pb-nats' `EncryptionKey` (32 characters), when it encrypted seeds (`enc::` values).
+    #[arg(long, env = "PB_NATS_ENCRYPTION_KEY", hide_env_values = true)]
+    pub pb_encryption_key: Option<String>,
+    /// Print what would be created, changed or left alone; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Overwrite rows that exist and differ from the database (without it they are refused).
+    #[arg(long)]
+    pub update: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone)]

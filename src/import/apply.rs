@@ -273,6 +273,9 @@ fn seal(cipher: &SeedCipher, key: &Key) -> Result<Option<String>, ImportError> {
         .map_err(|e| ImportError::Usage(e.to_string()))
 }
 
+/// `nats.roles` per-user limit columns, in `Role::user_limits` order.
+const LIMIT_COLUMNS: [&str; 3] = ["max_subscriptions", "max_data", "max_payload"];
+
 /// Sorted copy, to compare a stored array with a planned (sorted) list as sets.
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -533,7 +536,7 @@ impl Run {
 
     async fn account(&mut self, tx: &mut PgConnection, a: &Account) -> Result<(), ImportError> {
         let row = sqlx::query(
-            "SELECT id, public_key, max_connections, max_leafnodes, max_subscriptions, max_payload, \
+            "SELECT id, public_key, active, max_connections, max_leafnodes, max_subscriptions, max_payload, \
                     max_data, max_jetstream_memory_storage, max_jetstream_disk_storage, \
                     max_jetstream_streams, max_jetstream_consumers, max_imports, max_exports \
                FROM nats.accounts WHERE name = $1",
@@ -572,11 +575,14 @@ impl Run {
                         stored.as_deref().map_or("no key yet".to_string(), |k| format!("key {k}"))
                     ));
                 }
-                let differ: Vec<&'static str> = limits
+                let mut differ: Vec<&'static str> = limits
                     .iter()
                     .filter(|(col, v)| row.get::<i64, _>(*col) != *v)
                     .map(|(col, _)| *col)
                     .collect();
+                if row.get::<bool, _>("active") == a.inactive {
+                    differ.push("active");
+                }
                 let action = if differ.is_empty() {
                     Action::Keep
                 } else {
@@ -603,6 +609,13 @@ impl Run {
             }
             q.execute(&mut *tx).await?;
         }
+        sqlx::query(
+            "UPDATE nats.accounts SET active = $2 WHERE id = $1 AND active IS DISTINCT FROM $2",
+        )
+        .bind(id)
+        .bind(!a.inactive)
+        .execute(&mut *tx)
+        .await?;
         self.account_ids.insert(a.name.clone(), id);
         Ok(())
     }
@@ -620,13 +633,14 @@ impl Run {
                 "SELECT id, publish_permissions, publish_deny_permissions, subscribe_permissions, \
                         subscribe_deny_permissions, allow_response, allow_response_max, \
                         (EXTRACT(EPOCH FROM allow_response_ttl) * 1000)::bigint AS ttl_ms, \
-                        allowed_connection_types \
+                        allowed_connection_types, max_subscriptions, max_data, max_payload \
                    FROM nats.roles WHERE account_id = $1 AND name = $2",
             )
             .bind(account_id)
             .bind(&role.name)
             .fetch_optional(&mut *tx)
             .await?;
+            let user_limits = role.user_limits.unwrap_or([-1; 3]);
             let (resp, max, ttl) = match role.response {
                 Some(r) => (true, r.max, Some(r.ttl_ms)),
                 None => (false, 1, None),
@@ -639,7 +653,7 @@ impl Run {
                         "INSERT INTO nats.roles (account_id, name, description, publish_permissions, \
                             publish_deny_permissions, subscribe_permissions, subscribe_deny_permissions, \
                             allow_response, allow_response_max, allow_response_ttl, allowed_connection_types) \
-                         VALUES ($1, $2, 'imported: the response permission and connection types of one user', \
+                         VALUES ($1, $2, coalesce($11, 'imported: the response permission and connection types of one user'), \
                                  $3, $4, $5, $6, $7, $8, make_interval(secs => $9::float8 / 1000), $10) RETURNING id",
                     )
                     .bind(account_id)
@@ -652,6 +666,7 @@ impl Run {
                     .bind(max)
                     .bind(ttl.map(|t| t as f64))
                     .bind(&role.allowed_connection_types)
+                    .bind(&role.description)
                     .fetch_one(&mut *tx)
                     .await?
                 }
@@ -677,6 +692,11 @@ impl Run {
                     }
                     if resp && row.get::<Option<i64>, _>("ttl_ms") != ttl {
                         differ.push("allow_response_ttl");
+                    }
+                    for (col, want) in LIMIT_COLUMNS.iter().zip(user_limits) {
+                        if row.get::<i64, _>(*col) != want {
+                            differ.push(col);
+                        }
                     }
                     let action = if differ.is_empty() {
                         Action::Keep
@@ -705,6 +725,20 @@ impl Run {
                     id
                 }
             };
+            {
+                // Per-user limits (pb-nats roles; -1 for other sources). A differing row only
+                // gets here with --update or in a run that is rolled back.
+                sqlx::query(
+                    "UPDATE nats.roles SET max_subscriptions = $2, max_data = $3, max_payload = $4 \
+                      WHERE id = $1 AND (max_subscriptions, max_data, max_payload) IS DISTINCT FROM ($2, $3, $4)",
+                )
+                .bind(id)
+                .bind(user_limits[0])
+                .bind(user_limits[1])
+                .bind(user_limits[2])
+                .execute(&mut *tx)
+                .await?;
+            }
             role_ids.insert(role.name.as_str(), id);
         }
         self.users(tx, a, account_id, &role_ids).await
@@ -757,6 +791,7 @@ impl Run {
                         "role_id": role_id,
                         "password_hash": hash,
                         "nkey": u.nkey,
+                        "active": !u.inactive,
                         "publish_permissions": p.publish_allow,
                         "publish_deny_permissions": p.publish_deny,
                         "subscribe_permissions": p.subscribe_allow,
@@ -779,7 +814,7 @@ impl Run {
                     if row.get::<Option<String>, _>("nkey") != u.nkey {
                         differ.push("nkey");
                     }
-                    if !row.get::<bool, _>("active") {
+                    if row.get::<bool, _>("active") == u.inactive {
                         differ.push("active");
                     }
                     for (col, want) in [
@@ -800,7 +835,7 @@ impl Run {
                     if self.record("user", name, action) {
                         sqlx::query(
                             "UPDATE nats.users SET account_id = $2, role_id = $3, password_hash = $4, nkey = $5, \
-                                active = true, publish_permissions = $6, publish_deny_permissions = $7, \
+                                active = $10, publish_permissions = $6, publish_deny_permissions = $7, \
                                 subscribe_permissions = $8, subscribe_deny_permissions = $9 WHERE id = $1",
                         )
                         .bind(id)
@@ -812,6 +847,7 @@ impl Run {
                         .bind(&p.publish_deny)
                         .bind(&p.subscribe_allow)
                         .bind(&p.subscribe_deny)
+                        .bind(!u.inactive)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -821,17 +857,17 @@ impl Run {
         if !new_rows.is_empty() {
             // One statement for all new users of the account (10,000 single INSERTs are slow).
             let rows: Vec<(String, i64)> = sqlx::query_as(
-                "INSERT INTO nats.users (account_id, role_id, username, password_hash, nkey, \
+                "INSERT INTO nats.users (account_id, role_id, username, password_hash, nkey, active, \
                     publish_permissions, publish_deny_permissions, subscribe_permissions, \
                     subscribe_deny_permissions, description) \
-                 SELECT $1, r.role_id, r.username, r.password_hash, r.nkey, \
+                 SELECT $1, r.role_id, r.username, r.password_hash, r.nkey, r.active, \
                         ARRAY(SELECT jsonb_array_elements_text(r.publish_permissions)), \
                         ARRAY(SELECT jsonb_array_elements_text(r.publish_deny_permissions)), \
                         ARRAY(SELECT jsonb_array_elements_text(r.subscribe_permissions)), \
                         ARRAY(SELECT jsonb_array_elements_text(r.subscribe_deny_permissions)), \
                         'imported' \
                    FROM jsonb_to_recordset($2) AS r(username text, role_id bigint, password_hash text, \
-                        nkey text, publish_permissions jsonb, publish_deny_permissions jsonb, \
+                        nkey text, active boolean, publish_permissions jsonb, publish_deny_permissions jsonb, \
                         subscribe_permissions jsonb, subscribe_deny_permissions jsonb) \
                  RETURNING username, id",
             )

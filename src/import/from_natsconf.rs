@@ -1230,6 +1230,7 @@ impl Account {
                 permissions: Permissions::default(),
                 response,
                 allowed_connection_types: connection_types,
+                ..Role::default()
             });
             Some(name)
         } else {
@@ -1242,6 +1243,7 @@ impl Account {
             role,
             permissions: permissions.normalised(),
             tokens: Vec::new(),
+            inactive: false,
         });
         Ok(())
     }

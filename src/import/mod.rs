@@ -6,12 +6,14 @@
 //! Sources: `nats-conf` ([`from_natsconf`], a config-mode nats.conf: every planned account
 //! gets new keys from the sync) and `nsc` ([`nsc`], an nsc operator store: the operator, the
 //! system account and every account keep their keys, so existing user JWTs keep verifying).
-//! pb-nats will produce the same plan.
+//! `pb-nats` ([`pbnats`], a pb-nats PocketBase database: keys and seeds kept as for nsc, users
+//! keep their PocketBase password hashes and public nkeys).
 
 pub mod apply;
 pub mod from_natsconf;
 pub mod natsconf;
 pub mod nsc;
+pub mod pbnats;
 mod report;
 
 use crate::cli::CliError;
@@ -140,6 +142,8 @@ pub struct Account {
     pub users: Vec<User>,
     pub exports: Vec<Export>,
     pub imports: Vec<Import>,
+    /// Disabled in the source (pb-nats `active` false): imported with `active` false.
+    pub inactive: bool,
 }
 
 /// Subject lists, sorted and without duplicates (so plans compare with rows as sets).
@@ -188,6 +192,10 @@ pub struct Role {
     pub response: Option<Response>,
     /// Upper case, as `nats.roles.allowed_connection_types` holds them; empty: any.
     pub allowed_connection_types: Vec<String>,
+    /// What the role is for; None: the applier's note on a role made for one user.
+    pub description: Option<String>,
+    /// Per-user limits (`max_subscriptions`, `max_data`, `max_payload`); None: unlimited (-1).
+    pub user_limits: Option<[i64; 3]>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +217,9 @@ pub struct User {
     pub permissions: Permissions,
     /// Bearer tokens (stored as SHA-256 digests).
     pub tokens: Vec<Secret>,
+    /// Disabled in the source (pb-nats `active` false): imported with `active` false, so its
+    /// JWT stays revoked and its password refused.
+    pub inactive: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +332,15 @@ pub async fn run(common: &CommonArgs, command: ImportCommand) -> Result<(), CliE
                 dry_run: args.dry_run,
                 update: args.update,
                 bcrypt_cost: args.cost,
+            },
+            args.json,
+        ),
+        ImportCommand::PbNats(args) => (
+            pbnats::plan(&args.db, args.pb_encryption_key.as_deref())?,
+            Options {
+                dry_run: args.dry_run,
+                update: args.update,
+                bcrypt_cost: 10,
             },
             args.json,
         ),

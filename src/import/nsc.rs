@@ -589,6 +589,7 @@ fn users(
                 permissions: Permissions::default(),
                 response,
                 allowed_connection_types: types,
+                ..Role::default()
             });
             name
         });
@@ -622,6 +623,7 @@ fn users(
             role,
             permissions,
             tokens: vec![],
+            inactive: false,
         });
     }
     Ok(())

@@ -12,6 +12,7 @@ mod doors;
 mod fences;
 mod import_natsconf;
 mod import_nsc;
+mod import_pbnats;
 mod init;
 mod lane;
 mod locks;
