@@ -161,3 +161,56 @@ async fn a_change_committed_after_a_later_one_is_applied() {
     })
     .await;
 }
+
+/// Who may touch the log: the service reads it, logs through `nats.log_change` and prunes it;
+/// a tenant admin can neither read it (other tenants' ids), write it, nor lock it (a lock would
+/// hold back every replica's reads); nor may it call `nats.log_change`.
+#[tokio::test]
+async fn only_the_service_reads_logs_and_prunes_the_change_log() {
+    use nats_pg_auth::db::changes;
+    let (env, tenant) = setup().await;
+    for sql in [
+        "SELECT count(*) FROM nats.changes",
+        "INSERT INTO nats.changes (scope) VALUES ('user:1')",
+        "SELECT nats.log_change('user:1')",
+        "DELETE FROM nats.changes",
+        "BEGIN; LOCK TABLE nats.changes IN ACCESS EXCLUSIVE MODE",
+    ] {
+        let mut conn = tenant.acquire().await.unwrap();
+        let err = sqlx::raw_sql(sql)
+            .execute(&mut *conn)
+            .await
+            .expect_err("a tenant admin may not");
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+        conn.close().await.unwrap();
+    }
+
+    let (_, service_url) =
+        create_login_role(&env.pool, &env.database_url, "nats_pg_auth_service").await;
+    let service = PgPool::connect(&service_url).await.unwrap();
+    let start = changes::current(&service).await.unwrap();
+    sqlx::query("SELECT nats.log_change('account:424242')")
+        .execute(&service)
+        .await
+        .expect("the service logs through the function");
+    let (scopes, after) = changes::since(&service, &start).await.unwrap();
+    assert_eq!(scopes, vec!["account:424242".to_owned()]);
+    let (scopes, _) = changes::since(&service, &after).await.unwrap();
+    assert!(scopes.is_empty(), "read twice: {scopes:?}");
+    // A change after `after` survives a prune with `after`; the ones `after` saw do not.
+    env.sql("UPDATE nats.users SET active = false WHERE username = 'gy'")
+        .await;
+    changes::prune(&service, &after)
+        .await
+        .expect("the service prunes");
+    let (left, _) = changes::since(&service, &start).await.unwrap();
+    let gy: i64 = sqlx::query_scalar("SELECT id FROM nats.users WHERE username = 'gy'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(left.contains(&format!("user:{gy}")), "{left:?}");
+    assert!(!left.contains(&"account:424242".to_owned()), "{left:?}");
+}
