@@ -53,8 +53,8 @@ enum Outcome {
     Refresh(Result<(), sqlx::Error>),
 }
 
-/// The maintainer's read in flight: polled in the same `select!` as the listener, so a
-/// notification is stamped the moment it arrives, whatever that read is waiting for.
+/// The maintainer's reload or re-read in flight: polled in the same `select!` as the listener
+/// and the log read, so a change is read and stamped whatever that read is waiting for.
 type Work = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// A read of the change log in flight: the scopes committed since the previous read, and the
