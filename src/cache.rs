@@ -19,14 +19,15 @@
 //!
 //! ## Freshness
 //!
-//! Triggers send `NOTIFY nats_pg_auth_change` with `user:<id>`, `role:<id>`, `account:<id>` or
-//! `token:<user_id>`, and `NOTIFY nats_pg_auth_sync` with `<account id>`. Each notification
-//! bumps a process-wide generation and *stamps* its scope with it, at once; the copy's
-//! maintainer then re-reads the users of the scope and stores them with the generation taken
-//! **before** that read. An entry is served only while no stamp of its user, role or account
-//! (or a flush) is newer than the entry, so a change is visible to the next login as soon as
-//! its notification is processed (sub-millisecond after COMMIT on loopback) — until the
-//! re-read lands, logins of that scope read Postgres. A read that raced with the change can
+//! Triggers write the scope of every change (`user:<id>`, `role:<id>`, `account:<id>`,
+//! `token:<user_id>`, `certificate:<user_id>`) to the log `nats.changes` and send a `NOTIFY`
+//! that only wakes the copy's maintainer (anyone may send one: a payload is never trusted; see
+//! [`crate::db::changes`]). Each scope read from the log bumps a process-wide generation and
+//! *stamps* that scope with it, at once; the maintainer then re-reads the users of the scope
+//! and stores them with the generation taken **before** that read. An entry is served only
+//! while no stamp of its user, role or account (or a flush) is newer than the entry, so a
+//! change is visible to the next login as soon as its log row is read (one indexed query after
+//! the wake-up) — until the re-read lands, logins of that scope read Postgres. A read that raced with the change can
 //! never be served past it. A name the copy does not hold is asked of Postgres (its INSERT's
 //! notification may still be on the way); Postgres' "no such user" is remembered for 2 s
 //! unless a user changes meanwhile. Such reads (usernames and tokens) are bounded by
@@ -70,9 +71,10 @@ use crate::callout::permissions::Merged;
 use crate::db::logins::{CertPart, TokenPart, TokenRow};
 use crate::keys::{KeyError, SeedCipher};
 
-/// Channel of per-row change notifications (users, roles, accounts, tokens).
+/// Channel of change wake-ups (users, roles, accounts, tokens): what changed is read from the
+/// log `nats.changes`, never from the payload.
 pub const CHANGE_CHANNEL: &str = "nats_pg_auth_change";
-/// Channel of account sync work; its payload is the account id.
+/// Channel of account sync work; a wake-up of the copy too (the account scopes are logged).
 pub const SYNC_CHANNEL: &str = "nats_pg_auth_sync";
 /// `application_name` of the listener connection (visible in `pg_stat_activity`).
 pub const LISTENER_APPLICATION_NAME: &str = "nats-pg-auth cache listener";
@@ -1097,43 +1099,36 @@ impl LoginCache {
         bump(&self.stats.flushes);
     }
 
-    /// Applies one notification: stamps its scope at once. Returns the scope the maintainer
-    /// must re-read, or None when the payload is not understood (then everything is stale and
-    /// the maintainer must reload).
-    pub fn on_notification(&self, channel: &str, payload: &str) -> Option<Scope> {
+    /// Counts a wake-up (a notification on one of the copy's channels, whoever sent it: its
+    /// payload is not read).
+    pub fn woken(&self) {
         bump(&self.stats.notifications);
+    }
+
+    /// Applies one change read from the log (`nats.changes`): stamps its scope at once.
+    /// Returns the scope the maintainer must re-read; None for a scope this binary does not
+    /// know (a newer release's), which it ignores: the log is written by the schema's triggers
+    /// only, so nothing there calls for a full reload.
+    pub fn on_change(&self, scope: &str) -> Option<Scope> {
         let id = |s: &str| s.trim().parse::<i64>().ok();
-        let scope = if channel == SYNC_CHANNEL {
-            id(payload).map(Scope::Account)
-        } else {
-            match payload.split_once(':') {
-                Some(("user", v)) => id(v).map(Scope::User),
-                Some(("token" | "certificate", v)) => id(v).map(Scope::Tokens),
-                Some(("role", v)) => id(v).map(Scope::Role),
-                Some(("account", v)) => id(v).map(Scope::Account),
-                _ => None,
+        let scope = match scope.split_once(':') {
+            Some(("user", v)) => id(v).map(Scope::User),
+            Some(("token" | "certificate", v)) => id(v).map(Scope::Tokens),
+            Some(("role", v)) => id(v).map(Scope::Role),
+            Some(("account", v)) => id(v).map(Scope::Account),
+            _ => {
+                tracing::debug!(scope, "unknown scope in the change log; ignored");
+                None
             }
-        };
+        }?;
+        let g = self.next_generation();
         match scope {
-            Some(scope) => {
-                let g = self.next_generation();
-                match scope {
-                    Scope::User(_) => self.users_changed_at.fetch_max(g, Ordering::SeqCst),
-                    Scope::Tokens(_) => self.tokens_changed_at.fetch_max(g, Ordering::SeqCst),
-                    _ => 0,
-                };
-                self.write().stamps.insert(scope, g);
-            }
-            None => {
-                tracing::debug!(
-                    channel,
-                    payload,
-                    "unknown change notification; reloading the login copy"
-                );
-                self.flush();
-            }
-        }
-        scope
+            Scope::User(_) => self.users_changed_at.fetch_max(g, Ordering::SeqCst),
+            Scope::Tokens(_) => self.tokens_changed_at.fetch_max(g, Ordering::SeqCst),
+            _ => 0,
+        };
+        self.write().stamps.insert(scope, g);
+        Some(scope)
     }
 
     /// Stores users of a full load read at `ticket`, in place (called in chunks while the load
@@ -1684,8 +1679,8 @@ mod tests {
         assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Found(_)));
 
         // alice changed, bob deleted: both stamped at once, re-read afterwards.
-        let alice = c.on_notification(CHANGE_CHANNEL, "user:1").unwrap();
-        let bob = c.on_notification(CHANGE_CHANNEL, "user:2").unwrap();
+        let alice = c.on_change("user:1").unwrap();
+        let bob = c.on_change("user:2").unwrap();
         assert!(matches!(c.copy_user("alice"), CopyLookup::Stale));
         assert!(matches!(c.copy_token(&[0xaa; 32]), CopyLookup::Stale));
         let t = c.ticket();
@@ -1705,10 +1700,10 @@ mod tests {
     #[test]
     fn a_change_during_a_reread_keeps_the_entry_stale() {
         let c = loaded(&[login(1, "alice", "h1")]);
-        let scope = c.on_notification(CHANGE_CHANNEL, "user:1").unwrap();
+        let scope = c.on_change("user:1").unwrap();
         let t = c.ticket();
         // A second change commits while the re-read runs.
-        c.on_notification(CHANGE_CHANNEL, "user:1");
+        c.on_change("user:1");
         c.apply(
             t,
             &HashSet::from([scope]),
@@ -1721,10 +1716,10 @@ mod tests {
 
     #[test]
     fn an_unread_role_or_account_change_does_not_lock_its_users_out_during_an_outage() {
-        for payload in ["role:7", "account:1", "garbage"] {
+        for payload in ["role:7", "account:1"] {
             let c = loaded(&[login(1, "alice", "h1")]);
             c.set_live();
-            c.on_notification(CHANGE_CHANNEL, payload);
+            c.on_change(payload);
             // Live: the change is not served stale (the login reads Postgres).
             assert!(matches!(c.user("alice"), UserLookup::Miss), "{payload}");
             // Postgres gone before the re-read: the copy as it was.
@@ -1741,7 +1736,7 @@ mod tests {
         let t = c.load_ticket();
         // While the reload streams, a login reads carol from Postgres (newer than the load).
         let newer = c.ticket();
-        c.on_notification(CHANGE_CHANNEL, "user:3");
+        c.on_change("user:3");
         c.put_user("carol", Ticket(newer.0 + 10), &login(3, "carol", "h3"));
         // The snapshot: alice changed, bob deleted, alice's token gone.
         c.load_users(vec![login(1, "alice", "h1b")], t);
@@ -1811,7 +1806,7 @@ mod tests {
         c.finish_load(t, vec![], vec![mapping(1, 10, 7)]);
         assert!(matches!(c.copy_nkey("UKEY1"), CopyLookup::Found(_)));
         assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Found(_)));
-        let scope = c.on_notification(CHANGE_CHANNEL, "certificate:1").unwrap();
+        let scope = c.on_change("certificate:1").unwrap();
         assert_eq!(scope, Scope::Tokens(1));
         assert!(matches!(c.copy_certificate(&cert(7)), CopyLookup::Stale));
         assert!(
@@ -1879,11 +1874,11 @@ mod tests {
         assert_eq!(names(&v), ["bob"]);
         assert!(v.complete);
         // A token change of bob does not change who bob is.
-        c.on_notification(CHANGE_CHANNEL, "token:2");
+        c.on_change("token:2");
         assert!(c.kick_view(&none, &HashSet::from([2])).complete);
         // A user change not re-read yet: that user's name may be old, and anyone may have
         // moved into a role.
-        c.on_notification(CHANGE_CHANNEL, "user:1");
+        c.on_change("user:1");
         assert!(!c.kick_view(&none, &HashSet::from([1])).complete);
         assert!(c.kick_view(&none, &HashSet::from([2])).complete);
         assert!(!c.kick_view(&HashSet::from([7]), &none).complete);

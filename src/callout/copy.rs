@@ -3,9 +3,13 @@
 //!
 //! One task per replica (`keep_copy`) owns the change listener ([`crate::db::notify`]):
 //! - on every (re)connect it loads the whole copy in one snapshot and installs it; only then
-//!   does the copy answer live logins again (notifications sent while disconnected were lost);
-//! - on every batch of notifications it stamps their scopes at once (those logins read
-//!   Postgres meanwhile) and re-reads the users of those scopes in one query per table;
+//!   (and after one read of the change log from that snapshot) does the copy answer live
+//!   logins again (changes made while disconnected were not followed);
+//! - on every wake-up (any notification on its channels, whoever sent it) and every second it
+//!   reads the change log ([`crate::db::changes`]) from where its previous read ended, stamps
+//!   the scopes found at once (those logins read Postgres meanwhile) and re-reads the users of
+//!   those scopes in one query per table. Payloads are never read: a forged notification costs
+//!   one indexed query of a table no tenant can lock or write, and names nobody;
 //! - every few seconds it re-reads accounts whose signing key is not on the server yet (their
 //!   push is recorded without a notification);
 //! - on disconnect the copy stays as it was and the outage grace starts counting.
@@ -21,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::login::{Login, Shape};
 use super::{Callout, Deny, DenyReason};
 use crate::cache::{CopyLookup, Scope, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL};
+use crate::db::changes::{self, Snapshot};
 use crate::db::logins::{AccountPart, LoginRow, RolePart, UserFilter, UserPart};
 use crate::db::notify::{self, Event, ListenSettings};
 
@@ -44,24 +49,40 @@ pub(super) enum Read<R, T> {
 
 /// What the maintainer's read in flight ended with.
 enum Outcome {
-    Reload(Result<(usize, usize, Duration), sqlx::Error>),
+    Reload(Result<((usize, usize, Duration), Snapshot), sqlx::Error>),
     Refresh(Result<(), sqlx::Error>),
 }
 
-/// The maintainer's read in flight: polled in the same `select!` as the listener, so a
-/// notification is stamped the moment it arrives, whatever that read is waiting for.
+/// The maintainer's reload or re-read in flight: polled in the same `select!` as the listener
+/// and the log read, so a change is read and stamped whatever that read is waiting for.
 type Work = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// A read of the change log in flight: the scopes committed since the previous read, and the
+/// snapshot the next read continues from. Runs beside [`Work`]: a re-read waiting for a lock
+/// never holds back the log (which no tenant can lock).
+type LogRead = Pin<Box<dyn Future<Output = Result<(Vec<String>, Snapshot), sqlx::Error>> + Send>>;
+
+/// A replica that could not read the log for this long reloads in full instead: the rows it
+/// missed may have been pruned by then (see [`PRUNE_AFTER`]).
+const LOG_GAP_RELOAD: Duration = Duration::from_secs(60);
+
+/// Rows of the change log that a snapshot at least this old saw are deleted (by every replica,
+/// in turn; a delete is idempotent). Every replica following the log read them long before: it
+/// reads every second, and one that could not for [`LOG_GAP_RELOAD`] reloads in full, as does
+/// one whose listener reconnects. So the log holds a few minutes of changes, whatever the rate.
+const PRUNE_AFTER: Duration = Duration::from_secs(300);
 
 impl Callout {
     /// Loads the copy and keeps it current until `stop`.
     ///
-    /// No notification waits behind a read: the reload or re-read in flight is one branch of
-    /// the loop's `select!`, so every notification is received and stamped
-    /// ([`crate::cache::LoginCache::on_notification`]) when it arrives, making the entries it
-    /// covers unusable at once, even while a read waits for a lock (a tenant admin's `LOCK
-    /// TABLE`, an operator's `ALTER TABLE`; bounded by `db::LOCK_TIMEOUT`). Scopes notified
-    /// meanwhile accumulate and are re-read together when the read in flight is done; a failed
-    /// read puts its scopes back and is retried every second.
+    /// No change waits behind a read: the reload or re-read in flight and the log read are
+    /// branches of the loop's `select!`, so every change committed is read from the log and
+    /// stamped ([`crate::cache::LoginCache::on_change`]) about when it is committed, making the
+    /// entries it covers unusable at once, even while a re-read waits for a lock (a tenant
+    /// admin's `LOCK TABLE`, an operator's `ALTER TABLE`; bounded by `db::LOCK_TIMEOUT`). The
+    /// log itself cannot be locked by tenants. Scopes found meanwhile accumulate and are
+    /// re-read together when the read in flight is done; a failed read puts its scopes back
+    /// and is retried every second.
     pub async fn keep_copy(self: Arc<Self>, stop: CancellationToken) {
         let settings = ListenSettings {
             name: LISTENER_APPLICATION_NAME,
@@ -77,6 +98,16 @@ impl Callout {
         // The scopes of the re-read in flight (back to `pending` if it fails).
         let mut in_flight: HashSet<Scope> = HashSet::new();
         let mut work: Option<Work> = None;
+        // Where the next log read continues (None: no full load since the last connect).
+        let mut log_from: Option<Snapshot> = None;
+        let mut log_read: Option<LogRead> = None;
+        // A wake-up (or the timer) asked for a log read.
+        let mut log_due = false;
+        let mut last_log_ok = Instant::now();
+        // The copy goes live after the first log read that follows a full load.
+        let mut live_after_log = false;
+        // A snapshot taken at least PRUNE_AFTER before the next prune (see `PRUNE_AFTER`).
+        let mut prune_mark: Option<(Instant, Snapshot)> = None;
         // The last read failed: the next one starts on the retry tick.
         let mut backing_off = false;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -97,14 +128,15 @@ impl Callout {
                         work = None;
                         in_flight.clear();
                         pending.clear();
+                        log_from = None;
+                        log_read = None;
                     }
                     Some(Event::Notes(notes)) => {
-                        for n in notes {
-                            match self.cache.on_notification(&n.channel, &n.payload) {
-                                Some(scope) => { pending.insert(scope); }
-                                None => need_reload = true,
-                            }
+                        // Wake-ups only: what changed is read from the log.
+                        for _ in &notes {
+                            self.cache.woken();
                         }
+                        log_due = true;
                     }
                     Some(Event::Disconnected(_)) => {
                         connected = false;
@@ -112,12 +144,14 @@ impl Callout {
                         // The reload on reconnect covers what was in flight.
                         work = None;
                         pending.extend(in_flight.drain());
+                        log_from = None;
+                        log_read = None;
                     }
                 },
                 done = async { work.as_mut().expect("polled only when set").await }, if work.is_some() => {
                     work = None;
                     match done {
-                        Outcome::Reload(Ok((users, tokens, took))) => {
+                        Outcome::Reload(Ok(((users, tokens, took), snapshot))) => {
                             reload_failures = 0;
                             tracing::info!(
                                 users,
@@ -125,10 +159,14 @@ impl Callout {
                                 took_ms = took.as_millis() as u64,
                                 "login copy loaded"
                             );
-                            // Scopes notified during the load were stamped after its ticket and
-                            // stay in `pending`: they are re-read next, and not served before.
+                            // Changes committed during the load are in the log after its
+                            // snapshot: they are stamped by the next log read, and the copy
+                            // answers live logins only then.
                             if connected && !need_reload {
-                                self.cache.set_live();
+                                log_from = Some(snapshot);
+                                log_due = true;
+                                last_log_ok = Instant::now();
+                                live_after_log = true;
                             }
                         }
                         Outcome::Reload(Err(e)) => {
@@ -147,10 +185,54 @@ impl Callout {
                         }
                     }
                 }
-                _ = retry.tick() => backing_off = false,
+                read = async { log_read.as_mut().expect("polled only when set").await }, if log_read.is_some() => {
+                    log_read = None;
+                    match read {
+                        Ok((scopes, next)) => {
+                            for scope in &scopes {
+                                pending.extend(self.cache.on_change(scope));
+                            }
+                            log_from = Some(next);
+                            last_log_ok = Instant::now();
+                            if std::mem::take(&mut live_after_log) && connected && !need_reload {
+                                self.cache.set_live();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot read the change log; retrying every second");
+                        }
+                    }
+                }
+                _ = retry.tick() => {
+                    backing_off = false;
+                    // The safety net for a lost wake-up, and the retry of a failed log read.
+                    log_due = true;
+                    if let Some(from) = log_from.as_ref() {
+                        self.prune_log(&mut prune_mark, from);
+                    }
+                }
                 _ = settle.tick() => {
                     if connected && !need_reload {
                         pending.extend(self.cache.unsettled_accounts().into_iter().map(Scope::Account));
+                    }
+                }
+            }
+            if connected && log_read.is_none() && log_due {
+                if let Some(from) = log_from.clone() {
+                    log_due = false;
+                    if last_log_ok.elapsed() > LOG_GAP_RELOAD {
+                        // Rows it missed may be pruned: start over from a full load.
+                        tracing::info!(
+                            "the change log was not read for a minute; reloading the login copy"
+                        );
+                        log_from = None;
+                        need_reload = true;
+                        work = None;
+                        pending.extend(in_flight.drain());
+                    } else {
+                        let pool = self.pool.clone();
+                        log_read =
+                            Some(Box::pin(async move { changes::since(&pool, &from).await }));
                     }
                 }
             }
@@ -162,7 +244,9 @@ impl Callout {
                 need_reload = false;
                 pending.clear();
                 let me = self.clone();
-                work = Some(Box::pin(async move { Outcome::Reload(me.reload().await) }));
+                work = Some(Box::pin(
+                    async move { Outcome::Reload(me.load_all().await) },
+                ));
             } else if !pending.is_empty() {
                 in_flight = std::mem::take(&mut pending);
                 let (me, scopes) = (self.clone(), in_flight.clone());
@@ -176,6 +260,30 @@ impl Callout {
 
     /// Reads everything into the copy, in place (see [`crate::cache::LoginCache::load_users`]).
     pub async fn reload(&self) -> Result<(usize, usize, Duration), sqlx::Error> {
+        Ok(self.load_all().await?.0)
+    }
+
+    /// Deletes the log rows a snapshot at least [`PRUNE_AFTER`] old saw (in the background; a
+    /// failure is retried at the next mark), and marks `now` for the next prune.
+    fn prune_log(&self, mark: &mut Option<(Instant, Snapshot)>, now: &Snapshot) {
+        match mark {
+            Some((at, _)) if at.elapsed() < PRUNE_AFTER => {}
+            _ => {
+                if let Some((_, old)) = mark.replace((Instant::now(), now.clone())) {
+                    let pool = self.pool.clone();
+                    tokio::spawn(async move {
+                        match changes::prune(&pool, &old).await {
+                            Ok(n) => tracing::debug!(rows = n, "change log pruned"),
+                            Err(e) => tracing::debug!(error = %e, "cannot prune the change log"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// A full load, and the snapshot it saw (the change log continues from it).
+    async fn load_all(&self) -> Result<((usize, usize, Duration), Snapshot), sqlx::Error> {
         const CHUNK: usize = 4096;
         let started = Instant::now();
         let ticket = self.cache.load_ticket();
@@ -195,10 +303,13 @@ impl Callout {
             })
             .await?;
         self.cache.load_users(chunk, ticket);
+        let snapshot = loaded
+            .snapshot
+            .expect("a full load returns the snapshot it saw");
         self.cache
             .finish_load(ticket, loaded.tokens, loaded.certificates);
         let (users, tokens) = self.cache.copy_size();
-        Ok((users, tokens, started.elapsed()))
+        Ok(((users, tokens, started.elapsed()), snapshot))
     }
 
     /// Re-reads the users the scopes select and applies them to the copy.

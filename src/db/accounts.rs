@@ -136,7 +136,8 @@ pub async fn record_synced(
         "WITH old AS (SELECT synced_at FROM nats.accounts WHERE id = $1 FOR UPDATE),
               upd AS (UPDATE nats.accounts SET jwt = $2, synced_at = $3, sync_error = NULL
                       WHERE id = $1 RETURNING id)
-         SELECT pg_notify('nats_pg_auth_change', 'account:' || upd.id)
+         SELECT nats.log_change('account:' || upd.id),
+                pg_notify('nats_pg_auth_change', 'account:' || upd.id)
          FROM upd, old
          WHERE EXISTS (SELECT 1 FROM nats.account_keys k
                        WHERE k.account_id = upd.id AND k.kind = 'signing'

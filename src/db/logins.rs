@@ -450,6 +450,8 @@ pub struct Loaded {
     pub tokens: Vec<TokenPart>,
     pub certificates: Vec<CertPart>,
     pub users: usize,
+    /// The snapshot the whole read saw (full loads only): the change log continues from it.
+    pub snapshot: Option<super::changes::Snapshot>,
 }
 
 /// Reads the users `filter` selects, with their roles, accounts and tokens, from one snapshot.
@@ -475,6 +477,12 @@ pub async fn load(
         .execute(&mut *tx)
         .await?;
     }
+    // REPEATABLE READ: every statement below, and this one, see the transaction's snapshot.
+    let snapshot = if filter.all {
+        Some(super::changes::current(&mut *tx).await?)
+    } else {
+        None
+    };
     let f = filter.sql();
     let accounts_sql = format!(
         "SELECT {} FROM nats.accounts a {}
@@ -541,5 +549,6 @@ pub async fn load(
         tokens,
         certificates,
         users,
+        snapshot,
     })
 }

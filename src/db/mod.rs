@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod audit;
+pub mod changes;
 pub mod identities;
 pub mod logins;
 pub mod notify;

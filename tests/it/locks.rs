@@ -1,9 +1,9 @@
 //! Revocations no lock can hold back (issue 15, finding 1). A tenant admin's table-level UPDATE
 //! on `nats.roles` / `nats.users` lets it `LOCK TABLE … IN ACCESS EXCLUSIVE MODE` in an open
-//! transaction (and an operator's `ALTER TABLE` takes the same lock); a forged change
-//! notification then sends the login copy's maintainer to read the locked table. Another
-//! tenant's revocation, committed meanwhile, must still refuse the token and close the live
-//! connection while the lock is held.
+//! transaction (and an operator's `ALTER TABLE` takes the same lock); a change of one of its
+//! users then sends the login copy's maintainer to read the locked table. Another tenant's
+//! revocation, committed meanwhile, must still refuse the token and close the live connection
+//! while the lock is held.
 
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,6 @@ struct Setup {
     /// A pool of acme's tenant admin.
     tenant: PgPool,
     tenant_url: String,
-    /// alice's user id, as acme's tenant admin sees it (read before any lock).
-    alice: i64,
 }
 
 async fn setup() -> Setup {
@@ -41,6 +39,13 @@ async fn setup() -> Setup {
            SELECT id, digest('gw-token', 'sha256') FROM nats.users WHERE username = 'gw'",
     )
     .await;
+    // A spare token of alice's: changing it is how `park_the_maintainer` sends the copy to
+    // re-read alice (a user's tokens are re-read with the user, its role and its account).
+    env.sql(
+        "INSERT INTO nats.user_tokens (user_id, token_sha256)
+           SELECT id, digest('alice-spare', 'sha256') FROM nats.users WHERE username = 'alice'",
+    )
+    .await;
     env.wait_synced("globex").await;
     let (role, tenant_url) =
         create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
@@ -51,15 +56,10 @@ async fn setup() -> Setup {
     let tenant = PgPool::connect(&tenant_url)
         .await
         .expect("connect as acme's tenant admin");
-    let alice = sqlx::query_scalar("SELECT id FROM nats.users WHERE username = 'alice'")
-        .fetch_one(&tenant)
-        .await
-        .expect("the tenant admin sees its own user");
     Setup {
         env,
         tenant,
         tenant_url,
-        alice,
     }
 }
 
@@ -79,14 +79,17 @@ async fn hold(s: &Setup, holder: Holder, lock: &str) -> PgConnection {
     conn
 }
 
-/// acme's tenant admin forges a change of its own user, which sends the copy's maintainer to
-/// read the locked table; returns once a service session waits for the lock.
+/// A change of alice's spare token (written beside the lock: `nats.user_tokens` is not
+/// locked, and changing the hash takes no lock on `nats.users`) sends the copy's maintainer to
+/// re-read alice, which reads the locked table; returns once a service session waits for the
+/// lock.
 async fn park_the_maintainer(s: &Setup) {
-    sqlx::query("SELECT pg_notify('nats_pg_auth_change', $1)")
-        .bind(format!("user:{}", s.alice))
-        .execute(&s.tenant)
-        .await
-        .expect("a forged notification");
+    s.env
+        .sql(
+            "UPDATE nats.user_tokens SET token_sha256 = digest('alice-spare-' || id, 'sha256')
+              WHERE token_sha256 = digest('alice-spare', 'sha256')",
+        )
+        .await;
     let pool = s.env.pool.clone();
     wait_until(
         Duration::from_secs(5),
@@ -215,6 +218,73 @@ async fn a_user_deactivated_under_a_tenants_lock_on_roles_is_refused_and_closed(
         "gx's connection after it was deactivated",
     )
     .await;
+    held.close().await.expect("release the lock");
+}
+
+/// Anyone may NOTIFY on any channel, so a payload proves nothing. acme's tenant admin holds a
+/// lock on `nats.users` and forges a change of globex's user, of globex's account and a
+/// payload nobody understands: globex's users (a password and a token) keep logging in while
+/// the lock is held. Before the change log, the forged scopes were stamped (their logins read
+/// the locked table, timed out and were refused from the copy) and the garbage marked every
+/// entry stale.
+#[tokio::test]
+async fn forged_notifications_under_a_tenants_lock_keep_nobody_out() {
+    let s = setup().await;
+    let env = &s.env;
+    let (gx, globex): (i64, i64) =
+        sqlx::query_as("SELECT id, account_id FROM nats.users WHERE username = 'gx'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    env.wait_login("gx", "pw", Duration::from_secs(10), "gx before the lock")
+        .await;
+    // The copy holds globex as pushed (its signing key is on the server): it answers globex's
+    // logins itself, without Postgres.
+    let cache = env
+        .callout
+        .clone()
+        .expect("service running")
+        .cache()
+        .clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the copy to hold globex as pushed",
+        || {
+            let c = cache.clone();
+            async move { c.is_live() && c.unsettled_accounts().is_empty() }
+        },
+    )
+    .await;
+    let held = hold(
+        &s,
+        Holder::Tenant,
+        "LOCK TABLE nats.users IN ACCESS EXCLUSIVE MODE",
+    )
+    .await;
+    for (channel, payload) in [
+        ("nats_pg_auth_change", format!("user:{gx}")),
+        ("nats_pg_auth_sync", globex.to_string()),
+        ("nats_pg_auth_change", "garbage".to_owned()),
+    ] {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(&payload)
+            .execute(&s.tenant)
+            .await
+            .expect("anyone may notify");
+    }
+    let forged = Instant::now();
+    let mut logins = 0;
+    while forged.elapsed() < Duration::from_secs(2) {
+        env.connect_user("gx", "pw")
+            .await
+            .unwrap_or_else(|e| panic!("gx refused after forged notifications: {e}"));
+        env.connect_token("gw-token")
+            .await
+            .unwrap_or_else(|e| panic!("gw's token refused after forged notifications: {e}"));
+        logins += 2;
+    }
+    assert!(logins >= 2);
     held.close().await.expect("release the lock");
 }
 

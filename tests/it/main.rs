@@ -3,6 +3,7 @@
 mod bounds;
 mod cache;
 mod certificates;
+mod change_log;
 mod chaos;
 mod cli;
 mod cli_admin;

@@ -355,6 +355,8 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
     ("nats.imports_changed()", [false, false, false, false]),
     ("nats.is_member_of(text)", [false, false, true, false]),
     ("nats.kick_on_change()", [false, false, false, false]),
+    // The service logs a change it makes itself (record_synced); triggers call it as its owner.
+    ("nats.log_change(text)", [true, false, false, false]),
     ("nats.max_element_length(text[])", [true, true, true, false]),
     ("nats.notify_change()", [false, false, false, false]),
     (
