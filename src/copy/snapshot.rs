@@ -1018,7 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (c, signer) = copy_with(&[(1, "alice", true), (2, "bob", false), (3, "carol", true)]);
         // carol changed and was not re-read when the snapshot was taken.
-        c.on_notification(crate::cache::CHANGE_CHANNEL, "user:3");
+        c.on_change("user:3");
         let w = writer(dir.path(), Some(9));
         w.write_now(&c.export(), SystemTime::now()).unwrap();
 
