@@ -11,7 +11,6 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod callout;

@@ -1,5 +1,9 @@
 //! The CLI verbs other than `serve`'s long-running part: each returns a one-line error for
-//! `main` to print.
+//! `main` to print. `mod.rs` dispatches and holds the shared output and error helpers;
+//! `admin` holds the SQL-convenience verbs (account, role, user, token, explain, status);
+//! `import` (src/import) the adoption of existing deployments.
+
+mod admin;
 
 use std::io::Read as _;
 
@@ -155,11 +159,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         other => other,
     };
     match command {
-        Command::Account(c) => crate::admin::account(common, c).await,
-        Command::Role(c) => crate::admin::role(common, c).await,
-        Command::User(c) => crate::admin::user(common, c).await,
-        Command::Token(c) => crate::admin::token(common, c).await,
-        Command::Explain(args) => crate::admin::explain(common, args).await,
+        Command::Account(c) => admin::account(common, c).await,
+        Command::Role(c) => admin::role(common, c).await,
+        Command::User(c) => admin::user(common, c).await,
+        Command::Token(c) => admin::token(common, c).await,
+        Command::Explain(args) => admin::explain(common, args).await,
         Command::Import(c) => crate::import::run(common, c).await,
         Command::GenerateKey => {
             out(&format!("{}\n", crate::keys::generate_key()))?;
@@ -212,7 +216,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 Err(e @ DbError::Unreachable { .. }) => return Err(CliError::PostgresDown(e)),
                 other => other?,
             };
-            crate::admin::status(&pool, args.json).await
+            admin::status(&pool, args.json).await
         }
         Command::AddAccount(args) => {
             let pool = db::connect(common.database_url()?, 2).await?;

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::callout::login::{Login, Signing};
 use crate::callout::permissions;
 use crate::callout::DenyReason;
-use crate::cli::{out, CliError};
+use super::{out, CliError};
 use crate::config::{
     AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
 };
@@ -167,7 +167,7 @@ pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), Cli
 async fn set_account_active(pool: &sqlx::PgPool, name: &str, active: bool) -> Result<(), CliError> {
     if !admin::set_account_active(pool, name, active)
         .await
-        .map_err(crate::cli::sql_error)?
+        .map_err(super::sql_error)?
     {
         return Err(usage(format!("no account {name:?}")));
     }
@@ -296,7 +296,7 @@ pub async fn user(common: &CommonArgs, cmd: UserCommand) -> Result<(), CliError>
 async fn set_user_active(pool: &sqlx::PgPool, name: &str, active: bool) -> Result<(), CliError> {
     if !admin::set_user_active(pool, name, active)
         .await
-        .map_err(crate::cli::sql_error)?
+        .map_err(super::sql_error)?
     {
         return Err(usage(format!("no user {name:?}")));
     }
