@@ -9,10 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
+use super::{out, CliError};
 use crate::callout::login::{Login, Signing};
 use crate::callout::permissions;
 use crate::callout::DenyReason;
-use super::{out, CliError};
 use crate::config::{
     AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
 };
