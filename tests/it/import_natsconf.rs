@@ -8,12 +8,11 @@
 //! the callout after the import.
 
 use std::path::Path;
-use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
-use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use crate::common::imports::*;
 use crate::common::*;
 
 const ALICE_PW: &str = "alice-Secret-1";
@@ -118,11 +117,7 @@ async fn same_rights(url: &str, what: &str, device: &nkeys::KeyPair) {
     let mut watch = ann.subscribe("a.>").await.unwrap();
     settle(&ann).await;
     alice.publish("a.hello", "hi".into()).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(3), watch.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: alice's allowed publish was not delivered"))
-        .unwrap();
-    assert_eq!(msg.subject.as_str(), "a.hello");
+    delivered_on(&mut watch, "a.hello", what, "alice's allowed publish").await;
 
     // The nkey user signs in with its seed and publishes where it may.
     let (dev, mut dev_events) = connect(url, ConnectOptions::with_nkey(device.seed().unwrap()))
@@ -130,53 +125,19 @@ async fn same_rights(url: &str, what: &str, device: &nkeys::KeyPair) {
         .unwrap_or_else(|e| panic!("{what}: the nkey user logs in: {e}"));
     settle(&dev).await;
     dev.publish("a.device.1", "t".into()).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(3), watch.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the nkey user's publish was not delivered"))
-        .unwrap();
-    assert_eq!(msg.subject.as_str(), "a.device.1");
-    dev.publish("a.other", "t".into()).await.unwrap();
-    expect_violation(&mut dev_events, "a.other").await;
+    delivered_on(&mut watch, "a.device.1", what, "the nkey user's publish").await;
+    publish_is_violation(&dev, &mut dev_events, "a.other", "t").await;
 
     // Denied publish refused (and not delivered).
-    alice.publish("a.secret", "no".into()).await.unwrap();
-    expect_violation(&mut alice_events, "a.secret").await;
+    publish_is_violation(&alice, &mut alice_events, "a.secret", "no").await;
     // Bob's subscribe deny.
-    let _hidden = bob.subscribe("b.hidden").await.unwrap();
-    expect_violation(&mut bob_events, "b.hidden").await;
+    let _hidden = subscribe_is_violation(&bob, &mut bob_events, "b.hidden").await;
 
     // The cross-account service answers: alice (allow_responses) serves svc.echo in A, bob
     // requests `echo` in B. Retried until alice's subscription is in place (bounded).
-    let mut service = alice.subscribe("svc.echo").await.unwrap();
-    let responder = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            while let Some(m) = service.next().await {
-                if let Some(reply) = m.reply {
-                    let _ = alice.publish(reply, m.payload).await;
-                }
-            }
-        }
-    });
-    let mut answered = None;
-    let start = std::time::Instant::now();
-    while answered.is_none() && start.elapsed() < Duration::from_secs(10) {
-        if let Ok(Ok(reply)) = tokio::time::timeout(
-            Duration::from_millis(500),
-            bob.request("echo", "ping".into()),
-        )
-        .await
-        {
-            answered = Some(reply);
-        }
-    }
-    let reply =
-        answered.unwrap_or_else(|| panic!("{what}: the cross-account service did not answer"));
-    assert_eq!(&reply.payload[..], b"ping");
-    responder.abort();
+    service_answers(&alice, &bob, what, false).await;
     // Bob may not publish outside his list.
-    bob.publish("a.hello", "x".into()).await.unwrap();
-    expect_violation(&mut bob_events, "a.hello").await;
+    publish_is_violation(&bob, &mut bob_events, "a.hello", "x").await;
 }
 
 /// Rows of the admin tables, to prove a run changed nothing.

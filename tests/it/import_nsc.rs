@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
 use base64::Engine as _;
-use futures::StreamExt;
 use nats_pg_auth::jwt::claims::{
     AccountClaims, ActivationClaims, Export, ExportType, Import, OperatorClaims, Permission,
     ResponsePermission, UserClaims,
@@ -23,6 +22,7 @@ use nats_pg_auth::jwt::{encode, Claims};
 use nkeys::KeyPair;
 use tokio::sync::mpsc;
 
+use crate::common::imports::*;
 use crate::common::*;
 
 const KEY: [u8; 32] = [9; 32];
@@ -290,48 +290,15 @@ async fn same_rights(url: &str, what: &str, store: &Store) {
     let mut watch = ann.subscribe("a.>").await.unwrap();
     settle(&ann).await;
     alice.publish("a.hello", "hi".into()).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(3), watch.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: alice's allowed publish was not delivered"))
-        .unwrap();
-    assert_eq!(msg.subject.as_str(), "a.hello");
+    delivered_on(&mut watch, "a.hello", what, "alice's allowed publish").await;
 
     // Denied publish refused; bob's subscribe deny.
-    alice.publish("a.secret", "no".into()).await.unwrap();
-    expect_violation(&mut alice_events, "a.secret").await;
-    let _hidden = bob.subscribe("b.hidden").await.unwrap();
-    expect_violation(&mut bob_events, "b.hidden").await;
+    publish_is_violation(&alice, &mut alice_events, "a.secret", "no").await;
+    let _hidden = subscribe_is_violation(&bob, &mut bob_events, "b.hidden").await;
 
     // The cross-account service answers (B imports A's private export with its activation).
-    let mut service = alice.subscribe("svc.echo").await.unwrap();
-    let responder = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            while let Some(m) = service.next().await {
-                if let Some(reply) = m.reply {
-                    let _ = alice.publish(reply, m.payload).await;
-                }
-            }
-        }
-    });
-    let mut answered = None;
-    let start = std::time::Instant::now();
-    while answered.is_none() && start.elapsed() < Duration::from_secs(10) {
-        if let Ok(Ok(reply)) = tokio::time::timeout(
-            Duration::from_millis(500),
-            bob.request("echo", "ping".into()),
-        )
-        .await
-        {
-            answered = Some(reply);
-        }
-    }
-    let reply =
-        answered.unwrap_or_else(|| panic!("{what}: the cross-account service did not answer"));
-    assert_eq!(&reply.payload[..], b"ping");
-    responder.abort();
-    bob.publish("a.hello", "x".into()).await.unwrap();
-    expect_violation(&mut bob_events, "a.hello").await;
+    service_answers(&alice, &bob, what, false).await;
+    publish_is_violation(&bob, &mut bob_events, "a.hello", "x").await;
 }
 
 /// Every row an import writes, to prove a run changed nothing.
@@ -631,10 +598,7 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
     let empty = snapshot(&pool).await;
     let refused = |what: &str, want: &str| {
         let (code, out, err) = import(&db, &store, &[]);
-        assert_eq!(code, Some(64), "{what}: {out}{err}");
-        assert!(out.is_empty(), "{what}: {out}");
-        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
-        assert!(err.contains(want), "{what}: {err}");
+        refused_with_one_line(what, code, &out, &err, want);
         no_secret(&store, &err);
     };
 

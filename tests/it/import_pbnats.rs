@@ -17,7 +17,6 @@ use aes_gcm::aead::Aead;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use async_nats::{Client, ConnectOptions, Event};
 use base64::Engine as _;
-use futures::StreamExt;
 use nats_pg_auth::jwt::claims::{
     AccountClaims, Export, ExportType, Import, OperatorClaims, Permission, ResponsePermission,
     UserClaims,
@@ -26,6 +25,7 @@ use nats_pg_auth::jwt::{encode, Claims};
 use nkeys::KeyPair;
 use tokio::sync::mpsc;
 
+use crate::common::imports::*;
 use crate::common::*;
 
 const KEY: [u8; 32] = [11; 32];
@@ -430,43 +430,13 @@ async fn connect_creds(
 }
 
 async fn delivered(watch: &mut async_nats::Subscriber, subject: &str, what: &str) {
-    let msg = tokio::time::timeout(Duration::from_secs(3), watch.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the allowed publish on {subject} was not delivered"))
-        .unwrap();
-    assert_eq!(msg.subject.as_str(), subject, "{what}");
-}
-
-/// alice serves svc.echo, bob asks through his import; the answer comes back.
-async fn service_answers(alice: &Client, bob: &Client, what: &str) {
-    let mut service = alice.subscribe("svc.echo").await.unwrap();
-    settle(alice).await;
-    let responder = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            while let Some(m) = service.next().await {
-                if let Some(reply) = m.reply {
-                    let _ = alice.publish(reply, m.payload).await;
-                }
-            }
-        }
-    });
-    let mut answered = None;
-    let start = std::time::Instant::now();
-    while answered.is_none() && start.elapsed() < Duration::from_secs(10) {
-        if let Ok(Ok(reply)) = tokio::time::timeout(
-            Duration::from_millis(500),
-            bob.request("echo", "ping".into()),
-        )
-        .await
-        {
-            answered = Some(reply);
-        }
-    }
-    responder.abort();
-    let reply =
-        answered.unwrap_or_else(|| panic!("{what}: the cross-account service did not answer"));
-    assert_eq!(&reply.payload[..], b"ping");
+    delivered_on(
+        watch,
+        subject,
+        what,
+        &format!("the allowed publish on {subject}"),
+    )
+    .await;
 }
 
 /// What the `.creds` users can do, on any server.
@@ -481,11 +451,9 @@ async fn creds_rights(url: &str, what: &str, f: &Fixture) {
     settle(&alice).await;
     alice.publish("a.hello", "hi".into()).await.unwrap();
     delivered(&mut watch, "a.hello", what).await;
-    alice.publish("a.secret", "no".into()).await.unwrap();
-    expect_violation(&mut alice_events, "a.secret").await;
-    service_answers(&alice, &bob, what).await;
-    bob.publish("a.hello", "x".into()).await.unwrap();
-    expect_violation(&mut bob_events, "a.hello").await;
+    publish_is_violation(&alice, &mut alice_events, "a.secret", "no").await;
+    service_answers(&alice, &bob, what, true).await;
+    publish_is_violation(&bob, &mut bob_events, "a.hello", "x").await;
 }
 
 async fn snapshot(pool: &sqlx::PgPool) -> String {
@@ -642,17 +610,15 @@ async fn a_pb_nats_deployment_moves_with_its_creds_and_passwords() {
     settle(&alice).await;
     ann.publish("a.from-ann", "hi".into()).await.unwrap();
     delivered(&mut watch, "a.from-ann", "ann's password login").await;
-    ann.publish("a.secret", "no".into()).await.unwrap();
-    expect_violation(&mut ann_events, "a.secret").await;
+    publish_is_violation(&ann, &mut ann_events, "a.secret", "no").await;
     // bob: the role's rights plus his own additions, and the service through the import.
     let (bob, mut bob_events) = env.connect_user_events("bob", "bob-pw").await.unwrap();
     let mut mine = bob.subscribe("b.>").await.unwrap();
     settle(&bob).await;
     bob.publish("b.note", "x".into()).await.unwrap();
     delivered(&mut mine, "b.note", "bob's own addition").await;
-    service_answers(&alice, &bob, "password logins").await;
-    bob.publish("a.hello", "x".into()).await.unwrap();
-    expect_violation(&mut bob_events, "a.hello").await;
+    service_answers(&alice, &bob, "password logins", true).await;
+    publish_is_violation(&bob, &mut bob_events, "a.hello", "x").await;
     // eve was inactive in pb-nats: she stays out.
     let Err(refused) = env.connect_user("eve", "eve-pw").await else {
         panic!("eve logs in although she was inactive in pb-nats");
@@ -724,10 +690,7 @@ async fn corrupt_pb_nats_databases_are_refused_with_one_line() {
     let empty = snapshot(&pool).await;
     let refused = |file: &Path, pb_key: Option<&str>, what: &str, want: &str| {
         let (code, out, err) = import_with(&db, file, pb_key, &[]);
-        assert_eq!(code, Some(64), "{what}: {out}{err}");
-        assert!(out.is_empty(), "{what}: {out}");
-        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
-        assert!(err.contains(want), "{what}: {err}");
+        refused_with_one_line(what, code, &out, &err, want);
         no_secret(&f, &err);
     };
     // A wrong pb-nats key; none at all.
