@@ -33,6 +33,17 @@ pub enum Action {
     Keep,
 }
 
+impl Action {
+    /// What an existing row needs, from the columns found to differ from the source.
+    fn compared(differ: Vec<&'static str>) -> Action {
+        if differ.is_empty() {
+            Action::Keep
+        } else {
+            Action::Change(differ)
+        }
+    }
+}
+
 /// One row of the plan and what happens to it.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -583,11 +594,7 @@ impl Run {
                 if row.get::<bool, _>("active") == a.inactive {
                     differ.push("active");
                 }
-                let action = if differ.is_empty() {
-                    Action::Keep
-                } else {
-                    Action::Change(differ)
-                };
+                let action = Action::compared(differ);
                 if !self.record("account", a.name.clone(), action) {
                     self.account_ids.insert(a.name.clone(), id);
                     return Ok(());
@@ -698,11 +705,7 @@ impl Run {
                             differ.push(col);
                         }
                     }
-                    let action = if differ.is_empty() {
-                        Action::Keep
-                    } else {
-                        Action::Change(differ)
-                    };
+                    let action = Action::compared(differ);
                     if self.record("role", name, action) {
                         sqlx::query(
                             "UPDATE nats.roles SET publish_permissions = $2, publish_deny_permissions = $3, \
@@ -827,11 +830,7 @@ impl Run {
                             differ.push(col);
                         }
                     }
-                    let action = if differ.is_empty() {
-                        Action::Keep
-                    } else {
-                        Action::Change(differ)
-                    };
+                    let action = Action::compared(differ);
                     if self.record("user", name, action) {
                         sqlx::query(
                             "UPDATE nats.users SET account_id = $2, role_id = $3, password_hash = $4, nkey = $5, \
@@ -925,11 +924,7 @@ impl Run {
                         if row.get::<bool, _>("expires") {
                             differ.push("expires_at");
                         }
-                        let action = if differ.is_empty() {
-                            Action::Keep
-                        } else {
-                            Action::Change(differ)
-                        };
+                        let action = Action::compared(differ);
                         if self.record("token", name, action) {
                             sqlx::query(
                                 "UPDATE nats.user_tokens SET user_id = $2, revoked_at = NULL, expires_at = NULL WHERE id = $1",
@@ -1012,11 +1007,7 @@ impl Run {
                     if row.get::<bool, _>("allow_trace") != e.allow_trace {
                         differ.push("allow_trace");
                     }
-                    let action = if differ.is_empty() {
-                        Action::Keep
-                    } else {
-                        Action::Change(differ)
-                    };
+                    let action = Action::compared(differ);
                     if self.record("export", name, action) {
                         sqlx::query(
                             "UPDATE nats.account_exports SET subject = $2, type = $3, token_req = $4, \
@@ -1137,11 +1128,7 @@ impl Run {
                     if row.get::<Option<String>, _>("token").is_some() {
                         differ.push("token");
                     }
-                    let action = if differ.is_empty() {
-                        Action::Keep
-                    } else {
-                        Action::Change(differ)
-                    };
+                    let action = Action::compared(differ);
                     if self.record("import", name, action) {
                         sqlx::query(
                             "UPDATE nats.account_imports SET subject = $2, exporter_account_id = $3, \
