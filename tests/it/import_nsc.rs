@@ -273,6 +273,27 @@ async fn user(
         .unwrap_or_else(|e| panic!("{name}'s .creds logs in at {url}: {e}"))
 }
 
+/// `sql` on the row of `user` (account, name) cuts its live `.creds` connection off within
+/// 10 s (`cut` names it), and its `.creds` is refused from then on (`logs_in` is the panic).
+async fn row_cuts_creds_off(
+    env: &TestEnv,
+    store: &Store,
+    (account, name): (&str, &str),
+    sql: &str,
+    cut: &str,
+    logs_in: &str,
+) {
+    let (client, mut events) = user(&env.url(), store, account, name).await;
+    settle(&client).await;
+    let start = std::time::Instant::now();
+    env.sql(sql).await;
+    disconnected_by(&mut events, start, Duration::from_secs(10), cut).await;
+    let Err(refused) = connect_creds(&env.url(), &store.creds(account, name)).await else {
+        panic!("{logs_in}");
+    };
+    assert!(is_auth_refusal(&refused), "{refused}");
+}
+
 /// The store's rights, as its `.creds` users see them.
 async fn same_rights(url: &str, what: &str, store: &Store) {
     // The revoked user stays out.
@@ -469,22 +490,15 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
     assert_eq!(user_info(&carol).await["account"], store.a.public_key());
 
     // Deactivating ann's row cuts her .creds connection off, and refuses it from then on.
-    let (ann, mut ann_events) = user(&env.url(), &store, "A", "ann").await;
-    settle(&ann).await;
-    let start = std::time::Instant::now();
-    env.sql("UPDATE nats.users SET active = false WHERE username = 'A/ann'")
-        .await;
-    disconnected_by(
-        &mut ann_events,
-        start,
-        Duration::from_secs(10),
+    row_cuts_creds_off(
+        &env,
+        &store,
+        ("A", "ann"),
+        "UPDATE nats.users SET active = false WHERE username = 'A/ann'",
         "ann's .creds connection after her row was deactivated",
+        "ann's .creds logs in although her row is inactive",
     )
     .await;
-    let Err(refused) = connect_creds(&env.url(), &store.creds("A", "ann")).await else {
-        panic!("ann's .creds logs in although her row is inactive");
-    };
-    assert!(is_auth_refusal(&refused), "{refused}");
     // Reactivated, the same .creds logs in again.
     env.sql("UPDATE nats.users SET active = true WHERE username = 'A/ann'")
         .await;
@@ -570,22 +584,15 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
     assert!(err.contains("\"OP\""), "{err}");
 
     // Deleting an imported user's row revokes its JWT for good (not only while a row says so).
-    let (bob, mut bob_events) = user(&env.url(), &store, "B", "bob").await;
-    settle(&bob).await;
-    let start = std::time::Instant::now();
-    env.sql("DELETE FROM nats.users WHERE username = 'B/bob'")
-        .await;
-    disconnected_by(
-        &mut bob_events,
-        start,
-        Duration::from_secs(10),
+    row_cuts_creds_off(
+        &env,
+        &store,
+        ("B", "bob"),
+        "DELETE FROM nats.users WHERE username = 'B/bob'",
         "bob's .creds connection after his row was deleted",
+        "bob's .creds logs in although his row was deleted",
     )
     .await;
-    let Err(refused) = connect_creds(&env.url(), &store.creds("B", "bob")).await else {
-        panic!("bob's .creds logs in although his row was deleted");
-    };
-    assert!(is_auth_refusal(&refused), "{refused}");
 }
 
 #[tokio::test]
