@@ -326,7 +326,8 @@ pub struct TokenRevokeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ExplainArgs {
     /// Login name.
-    #[arg(long, required_unless_present_any = ["nkey", "certificate"], conflicts_with_all = ["nkey", "certificate"])]
+    // Which one is given is checked by `explain` itself, so the error names all three.
+    #[arg(long, conflicts_with_all = ["nkey", "certificate"])]
     pub user: Option<String>,
     /// The user holding this public nkey (`U…`).
     #[arg(long, conflicts_with = "certificate")]
@@ -513,7 +514,8 @@ pub struct TryLoginArgs {
     #[arg(long, hide_env_values = true)]
     pub password: Option<String>,
     /// A bearer token instead of --user/--password.
-    #[arg(long, required_unless_present = "user")]
+    // `try-login` checks that --user/--password or --token is given, naming both ways.
+    #[arg(long)]
     pub token: Option<String>,
     /// Also publish one message to this subject and report whether the server allowed it.
     #[arg(long)]
@@ -767,10 +769,21 @@ pub enum ConfigError {
 
 impl CommonArgs {
     pub fn database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url
+        let url = self
+            .database_url
             .as_deref()
             .filter(|s| !s.trim().is_empty())
-            .ok_or(ConfigError::MissingDatabaseUrl)
+            .ok_or(ConfigError::MissingDatabaseUrl)?;
+        // sqlx would try any other scheme (mysql://…) as Postgres and report a refused
+        // connection; say what is wrong instead.
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+            return Err(ConfigError::Invalid(
+                "DATABASE_URL must be a Postgres URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                    .into(),
+            ));
+        }
+        Ok(url)
     }
 
     /// Builds the seed cipher from the key flag or file; no key means seeds are stored plain.

@@ -16,7 +16,7 @@ use crate::callout::DenyReason;
 use crate::config::{
     AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
 };
-use crate::db::{self, admin, DbError};
+use crate::db::{self, admin};
 
 /// A wrong name or value: one line, exit 64.
 fn usage(msg: String) -> CliError {
@@ -24,7 +24,7 @@ fn usage(msg: String) -> CliError {
 }
 
 fn q(e: sqlx::Error) -> CliError {
-    CliError::Db(DbError::from(e))
+    super::sql_error(e)
 }
 
 async fn pool(common: &CommonArgs) -> Result<sqlx::PgPool, CliError> {
@@ -500,6 +500,11 @@ async fn find_login(
 
 /// `explain --user U`: what a login of U would get now, decided by the callout's own code.
 pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliError> {
+    if args.user.is_none() && args.nkey.is_none() && args.certificate.is_none() {
+        return Err(usage(
+            "say whose login to explain: --user NAME, --nkey U… (a user public nkey) or --certificate FILE.pem".into(),
+        ));
+    }
     let Some((kind, client_type)) = client_kind(&args.connection_type) else {
         return Err(usage(format!(
             "--connection-type {:?} is not one of STANDARD, WEBSOCKET, LEAFNODE, LEAFNODE_WS, MQTT, MQTT_WS, IN_PROCESS",
@@ -661,9 +666,23 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
     report(&args, report_value)
 }
 
+/// Prints the report; a login that would be refused is also an error (exit 77, as
+/// `try-login`'s refused login), so a script can tell without parsing the report.
 fn report(args: &ExplainArgs, v: serde_json::Value) -> Result<(), CliError> {
+    print_report(args, &v)?;
+    if v["allowed"] == json!(true) {
+        return Ok(());
+    }
+    Err(CliError::WouldRefuse(format!(
+        "the login of {} would be refused: {}",
+        cell(&v["user"]),
+        cell(&v["deny_reason"])
+    )))
+}
+
+fn print_report(args: &ExplainArgs, v: &serde_json::Value) -> Result<(), CliError> {
     if args.output.json {
-        return print_json(&v);
+        return print_json(v);
     }
     let mut text = String::new();
     let line = |text: &mut String, k: &str, val: String| *text += &format!("{k:<20}{val}\n");

@@ -38,6 +38,16 @@ pub enum CliError {
     /// A service that is down (exit 69).
     #[error("{0}")]
     Unavailable(String),
+    /// Input the database refuses: a name that already exists, a value a constraint forbids
+    /// (exit 65, EX_DATAERR). The message says what is wrong and what is allowed, never the row.
+    #[error("{0}")]
+    Data(String),
+    /// `explain`: the login would be refused (exit 77, like `try-login`'s refused login).
+    #[error("{0}")]
+    WouldRefuse(String),
+    /// `try-login --publish`: logged in, but the server refused the publish (exit 78).
+    #[error("{0}")]
+    PublishRefused(String),
     /// Postgres unreachable, with what that means for logins.
     #[error("{0} Meanwhile every `serve` replica answers known users from its in-memory copy for --db-outage-grace (default 1h) after Postgres went away (see each replica's /readyz). Bring Postgres back before then, and do not restart replicas meanwhile: a restarted replica has no copy.")]
     PostgresDown(DbError),
@@ -69,8 +79,10 @@ impl CliError {
                 sqlx_exit_code(e)
             }
             CliError::App(AppError::Init(_)) => 64,
-            CliError::Refused(_) => 77,
+            CliError::Refused(_) | CliError::WouldRefuse(_) => 77,
+            CliError::PublishRefused(_) => 78,
             CliError::Unavailable(_) => 69,
+            CliError::Data(_) => 65,
             _ => 70,
         }
     }
@@ -99,7 +111,17 @@ fn sqlx_exit_code(e: &sqlx::Error) -> i32 {
         | sqlx::Error::WorkerCrashed => 69,
         sqlx::Error::Configuration(_) => 64,
         sqlx::Error::Database(d) => match d.code().as_deref() {
-            Some(c) if c.starts_with("28") || c.starts_with("3D") || c == "42501" => 64,
+            // 42P01/3F000: a database without the nats schema (not migrated).
+            Some(c)
+                if c.starts_with("28")
+                    || c.starts_with("3D")
+                    || c == "42501"
+                    || c == "42P01"
+                    || c == "3F000" =>
+            {
+                64
+            }
+            Some(c) if c.starts_with("23") => 65,
             Some(c) if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => 69,
             _ => 70,
         },
@@ -107,12 +129,57 @@ fn sqlx_exit_code(e: &sqlx::Error) -> i32 {
     }
 }
 
-/// A database error as the one line Postgres wrote for it (our triggers explain bad rows).
+/// A database error as one line that says what is wrong. Only Postgres's primary message is
+/// used, never its DETAIL: for a constraint violation that is the whole row, password hash and
+/// token digest included. Our triggers' messages already explain bad rows; the plain
+/// constraints get theirs from [`constraint_message`].
 pub(crate) fn sql_error(e: sqlx::Error) -> CliError {
-    match e.as_database_error() {
-        Some(d) => CliError::Other(d.message().to_owned()),
-        None => CliError::Db(DbError::from(e)),
+    let Some(d) = e.as_database_error() else {
+        return CliError::Db(DbError::from(e));
+    };
+    match d.code().as_deref() {
+        Some("23505") => CliError::Data(match d.constraint() {
+            Some("users_username_key") => "a user with that username already exists (usernames are unique across all accounts)".to_owned(),
+            Some("accounts_name_key") => "an account with that name already exists".to_owned(),
+            Some("users_nkey_unique") => "another user already has that nkey".to_owned(),
+            Some(c) => format!("that row already exists (unique constraint {c})"),
+            None => "that row already exists".to_owned(),
+        }),
+        Some("23514") if d.message().contains("violates check constraint") => {
+            CliError::Data(constraint_message(d.constraint().unwrap_or("?")))
+        }
+        Some("42P01" | "3F000") => no_schema(),
+        Some(c) if c.starts_with("23") || c == "P0001" => CliError::Data(d.message().to_owned()),
+        // Anything else keeps its kind, so the exit code still tells configuration (64) and
+        // an unreachable service (69) from a bug (70).
+        _ => CliError::Db(DbError::from(e)),
     }
+}
+
+/// The database has no `nats` schema (or not this table): it was never migrated.
+pub(crate) fn no_schema() -> CliError {
+    CliError::Config(ConfigError::Invalid(
+        "the database has no nats schema (or an old one): run `nats-pg-auth migrate` against it first, or check DATABASE_URL".into(),
+    ))
+}
+
+/// What a plain CHECK constraint allows, for the admin who broke it.
+fn constraint_message(constraint: &str) -> String {
+    let allowed = match constraint {
+        "username_not_blank" => "a username is one or more characters without spaces or other whitespace",
+        "username_at_most_256_characters" => "a username has at most 256 characters",
+        "nkey_is_user_public_key" => "an nkey is a user public key: 'U' followed by 55 characters A-Z and 2-7 (`nsc generate nkey --user` prints one)",
+        "account_name_format" => "an account name is 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        "certificate_san_prefix" => "a certificate SAN is 'email:', 'uri:' or 'dns:' followed by the value",
+        "import_exporter_public_key_format" => "an exporter public key is 'A' followed by 55 characters A-Z and 2-7",
+        c if c.ends_with("_at_least_minus_one") => "a limit is -1 (unlimited), 0 or more",
+        c if c.ends_with("_positive") => "the value must be greater than zero",
+        c if c.contains("_at_most_") || c.ends_with("_bounded") || c.ends_with("_bounds") => {
+            "the value is longer than allowed (the constraint's name says the bound)"
+        }
+        _ => "see the constraint in `\\d nats.TABLE` (psql)",
+    };
+    format!("refused by constraint {constraint}: {allowed}")
 }
 
 /// Writes to stdout. A reader that went away (`status | head -1`) ends the output quietly.
@@ -137,7 +204,10 @@ fn read_stdin_line() -> Result<String, CliError> {
         .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
     let pw = pw.trim_end_matches(['\n', '\r']).to_owned();
     if pw.is_empty() {
-        return Err(CliError::Other("no password on standard input".into()));
+        return Err(ConfigError::Invalid(
+            "no password on standard input: pipe it in, e.g. `printf %s \"$PASSWORD\" | nats-pg-auth user create …`".into(),
+        )
+        .into());
     }
     Ok(pw)
 }
@@ -229,9 +299,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                     let db = e.as_database_error();
                     match (db.and_then(|d| d.code()).as_deref(), db.and_then(|d| d.constraint())) {
                         (Some("23505"), _) => {
-                            CliError::Other(format!("account {} already exists", args.name))
+                            CliError::Data(format!("account {} already exists", args.name))
                         }
-                        (Some("23514"), Some("account_name_format")) => CliError::Other(format!(
+                        (Some("23514"), Some("account_name_format")) => CliError::Data(format!(
                             "invalid account name {:?}: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
                             args.name
                         )),
@@ -416,9 +486,10 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
             "the token".to_owned(),
         ),
         _ => {
-            return Err(
-                ConfigError::Invalid("give --user and --password, or --token".into()).into(),
+            return Err(ConfigError::Invalid(
+                "give --user NAME with --password PASSWORD, or --token TOKEN".into(),
             )
+            .into())
         }
     };
     args.tls.validate()?;
@@ -526,11 +597,25 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
                 }
             }
         }
-        text += &match (sent, refused) {
-            (true, None) => format!("publish {subject}: allowed\n"),
-            (_, Some(why)) => format!("publish {subject}: refused ({why})\n"),
-            (false, None) => format!("publish {subject}: could not be sent\n"),
+        let refusal = match (sent, refused) {
+            (true, None) => {
+                text += &format!("publish {subject}: allowed\n");
+                None
+            }
+            (_, Some(why)) => Some(CliError::PublishRefused(format!(
+                "publish {subject}: refused ({why})"
+            ))),
+            (false, None) => Some(CliError::Unavailable(format!(
+                "publish {subject}: could not be sent"
+            ))),
         };
+        if let Some(refusal) = refusal {
+            // The login's report still goes to stdout; the refusal is the error line and the
+            // exit code (78), so a script can tell a refused publish from an allowed one.
+            let _ = client.drain().await;
+            out(&text)?;
+            return Err(refusal);
+        }
     }
     let _ = client.drain().await;
     out(&text)

@@ -262,10 +262,17 @@ async fn token_verbs_create_list_and_revoke() {
     );
 }
 
+/// `explain --json --user …`: the report on stdout; exit 0 if the login would be allowed,
+/// 77 if it would be refused.
 fn explain(env: &TestEnv, args: &[&str]) -> Value {
     let mut all = vec!["explain", "--json", "--user"];
     all.extend_from_slice(args);
-    json(env, &all)
+    let (code, out, err) = run(env, &all, "");
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?}: not JSON ({e}): {out}"));
+    let refused = v["allowed"] != true;
+    assert_eq!(code, Some(if refused { 77 } else { 0 }), "{all:?}: {err}");
+    v
 }
 
 fn denied(v: &Value, reason: &str) {
@@ -365,9 +372,11 @@ async fn explain_says_what_a_login_would_get_or_why_not() {
     denied(&explain(&env, &["erin"]), "inactive_user");
     assert!(env.connect_user("erin", "pw").await.is_err());
     denied(&explain(&env, &["ghost"]), "unknown_user");
-    let (code, out, _) = run(&env, &["explain", "--user", "ghost"], "");
-    assert_eq!(code, Some(0));
+    let (code, out, err) = run(&env, &["explain", "--user", "ghost"], "");
+    assert_eq!(code, Some(77), "a refused login is exit 77: {err}");
     assert!(out.contains("unknown_user"), "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("would be refused: unknown_user"), "{err}");
 
     // Bad values.
     refused(
@@ -395,7 +404,8 @@ async fn explain_says_what_a_login_would_get_or_why_not() {
     let v = explain(&env, &["gina"]);
     denied(&v, "account_not_ready");
     assert_eq!(v["account"], "pending");
-    let table = ok(&env, &["explain", "--user", "gina"]);
+    let (code, table, err) = run(&env, &["explain", "--user", "gina"], "");
+    assert_eq!(code, Some(77), "{err}");
     assert!(table.contains("denied: account_not_ready"), "{table}");
 }
 
@@ -437,4 +447,111 @@ async fn status_shows_the_leader_the_backlog_and_every_account() {
     assert!(v["outbox"]["oldest_age_seconds"].as_f64().is_some(), "{v}");
     let text = ok(&env, &["status"]);
     assert!(text.contains("sync leader: none"), "{text}");
+}
+
+/// Fails with `code` and one line on stderr that contains each of `says` and shows no
+/// password hash (bcrypt's `$2`) or Postgres DETAIL (which holds the whole row).
+fn fails_with(env_url: &str, args: &[&str], stdin: &str, code: i32, says: &[&str]) {
+    let (got, _, err) = crate::common::run_cli(args, Some(env_url), stdin);
+    assert_eq!(got, Some(code), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+    for s in says {
+        assert!(err.contains(s), "{args:?}: says {s:?}: {err}");
+    }
+    assert!(!err.contains("$2"), "{args:?}: no password hash: {err}");
+    assert!(!err.contains("Failing row"), "{args:?}: no row: {err}");
+    assert!(
+        !err.contains("violates"),
+        "{args:?}: not Postgres's raw words: {err}"
+    );
+}
+
+/// Issue 18 items 2 and 3: refused input is exit 65 (EX_DATAERR) and configuration exit 64,
+/// each with one line that says what is wrong and what to do; never 70 (a bug), never the row.
+#[tokio::test]
+async fn refused_input_and_configuration_say_what_is_wrong_with_their_exit_code() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    let url = env.database_url.as_str();
+
+    // A name that exists: 65.
+    fails_with(
+        url,
+        &["account", "create", "acme"],
+        "",
+        65,
+        &["account acme already exists"],
+    );
+    fails_with(
+        url,
+        &["user", "create", "--account", "acme", "--username", "alice"],
+        "pw\n",
+        65,
+        &["a user with that username already exists"],
+    );
+    // A value a constraint forbids: what is allowed, not the row (with its hash).
+    fails_with(
+        url,
+        &["user", "create", "--account", "acme", "--username", "a b"],
+        "pw\n",
+        65,
+        &["username_not_blank", "without spaces"],
+    );
+    // No password on stdin: usage, and how to give one.
+    fails_with(
+        url,
+        &["user", "create", "--account", "acme", "--username", "bob"],
+        "",
+        64,
+        &["no password on standard input", "printf"],
+    );
+
+    // A database without the schema: run `migrate`.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let empty = format!("{db}_empty");
+    sqlx::raw_sql(&format!("CREATE DATABASE {empty}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let empty_url = format!("{}/{empty}", url.rsplit_once('/').unwrap().0);
+    for args in [&["account", "list"][..], &["account", "create", "x"][..]] {
+        fails_with(
+            &empty_url,
+            args,
+            "",
+            64,
+            &["no nats schema", "nats-pg-auth migrate"],
+        );
+    }
+    sqlx::raw_sql(&format!("DROP DATABASE {empty}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // Not a Postgres URL: said up front, not tried as Postgres.
+    fails_with(
+        "mysql://root@127.0.0.1:1/db",
+        &["account", "list"],
+        "",
+        64,
+        &["must be a Postgres URL"],
+    );
+
+    // Missing credentials name every way to give them.
+    fails_with(
+        url,
+        &["explain"],
+        "",
+        64,
+        &["--user", "--nkey", "--certificate"],
+    );
+    fails_with(
+        url,
+        &["try-login"],
+        "",
+        64,
+        &["--user", "--password", "--token"],
+    );
 }

@@ -93,8 +93,9 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
     );
     assert!(out.contains("publish sensors.t1: allowed"), "{out}");
     let (code, out, err) = try_login(&env, &["--token", "demo-token", "--publish", "other.x"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    assert!(out.contains("publish other.x: refused"), "{out}");
+    assert_eq!(code, Some(78), "a refused publish is exit 78: {out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("publish other.x: refused"), "{err}");
     let (code, out, err) = try_login(&env, &["--user", "alice", "--password", "wrong"]);
     assert_eq!(code, Some(77), "{out}{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
