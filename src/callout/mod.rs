@@ -1032,10 +1032,17 @@ impl Callout {
                 .min(Duration::from_secs((t - now).max(1) as u64)),
             None => login.shape.ttl,
         };
+        // MQTT `X/#` needs `X` too; computed per MQTT login so the shared shapes stay as they are.
+        let mqtt =
+            permissions::connection_type(client.kind.as_deref(), client.client_type.as_deref())
+                == "MQTT";
+        let mqtt_rights = mqtt
+            .then(|| permissions::for_mqtt(&login.shape.merged))
+            .flatten();
         let user_jwt = mint::user_jwt(
             req,
             &login.username,
-            &login.shape.merged,
+            mqtt_rights.as_ref().unwrap_or(&login.shape.merged),
             ttl,
             &issuer.account,
             &issuer.keypair,

@@ -105,6 +105,54 @@ pub fn merge(login: &LoginRow, defaults: &Defaults) -> Merged {
     }
 }
 
+/// The rights of an MQTT connection: `merged` plus, for each subscribe allow `X.>`, the parent
+/// `X` (`None` when nothing is added). MQTT's `X/#` also matches `X` itself, so nats-server
+/// subscribes both `X` and `X.>` for it and refuses the whole SUBACK unless both are allowed: a
+/// role granting `sensors.>` would otherwise never let a device subscribe `sensors/#`. A parent
+/// that a subscribe deny covers is left out (deny wins, as everywhere else). Only MQTT logins get
+/// it: a NATS client granted `sensors.>` keeps not receiving `sensors`.
+pub fn for_mqtt(merged: &Merged) -> Option<Merged> {
+    let sub = &merged.subscribe;
+    let parents: Vec<String> = sub
+        .allow
+        .iter()
+        // An allow a deny covers whole grants nothing, so it brings no parent either.
+        .filter(|allow| !sub.deny.iter().any(|deny| covers(deny, allow)))
+        .filter_map(|allow| allow.strip_suffix(".>"))
+        .filter(|parent| !parent.is_empty() && !parent.contains(' '))
+        .filter(|parent| !sub.deny.iter().any(|deny| covers(deny, parent)))
+        .filter(|parent| !sub.allow.iter().any(|a| a == parent))
+        .map(str::to_owned)
+        .collect();
+    if parents.is_empty() {
+        return None;
+    }
+    let mut out = merged.clone();
+    out.subscribe.allow = union(Some(&sub.allow), &parents);
+    Some(out)
+}
+
+/// Whether the NATS pattern `pattern` matches every subject `subject` does (`subject` may hold
+/// wildcards): `*` matches any one token but `>`, a final `>` one or more, anything else only
+/// itself.
+/// A deny with a queue group (`subject queue`) only denies that group, so it covers nothing here.
+fn covers(pattern: &str, subject: &str) -> bool {
+    if pattern.contains(' ') {
+        return false;
+    }
+    let mut want = subject.split('.');
+    for token in pattern.split('.') {
+        match (token, want.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(s)) if s != ">" => {}
+            (t, Some(s)) if t == s => {}
+            _ => return false,
+        }
+    }
+    want.next().is_none()
+}
+
 /// TTL: user → role → account → service default, capped by the configured maximum, never
 /// below one second (the server's expiry timer has one-second resolution).
 pub fn ttl(login: &LoginRow, default: Duration, max: Duration) -> Duration {
@@ -345,6 +393,77 @@ pub(crate) mod tests {
         assert_eq!(secs(Some(f64::NAN)), None);
         assert_eq!(secs(Some(0.0)), None);
         assert_eq!(secs(Some(1.5)), Some(Duration::from_millis(1500)));
+    }
+
+    /// MQTT `X/#` needs `X` as well as `X.>`: each `X.>` allow brings its parent, unless a
+    /// deny covers the parent.
+    #[test]
+    fn mqtt_gets_the_parent_of_each_full_wildcard_allow() {
+        let mut l = login();
+        l.role_sub_allow = Some(v(&["sensors.>", "a.*.>", "exact", ">", "q.> grp"]));
+        let m = merge(&l, &Defaults::default());
+        let mqtt = for_mqtt(&m).expect("parents added");
+        assert_eq!(
+            mqtt.subscribe.allow,
+            v(&[
+                ">",
+                "a.*",
+                "a.*.>",
+                "exact",
+                "q.> grp",
+                "sensors",
+                "sensors.>"
+            ])
+        );
+        assert_eq!(mqtt.publish, m.publish, "publish untouched");
+        assert_eq!(mqtt.subscribe.deny, m.subscribe.deny);
+
+        // Nothing to add: no copy.
+        l.role_sub_allow = Some(v(&["sensors.in", "sensors", "sensors.>"]));
+        assert_eq!(for_mqtt(&merge(&l, &Defaults::default())), None);
+
+        // Deny wins: the parent itself, a wildcard over it, or `>`.
+        l.role_sub_allow = Some(v(&["sensors.>", "a.b.>"]));
+        for (deny, left) in [
+            ("sensors", Some(v(&["a.b", "a.b.>", "sensors.>"]))),
+            ("*", Some(v(&["a.b", "a.b.>", "sensors.>"]))),
+            (">", None),
+            ("a.*", Some(v(&["a.b.>", "sensors", "sensors.>"]))),
+            ("a.>", Some(v(&["a.b.>", "sensors", "sensors.>"]))),
+            ("a.b.c", Some(v(&["a.b", "a.b.>", "sensors", "sensors.>"]))),
+            ("sensors.>", Some(v(&["a.b", "a.b.>", "sensors.>"]))),
+            (
+                "sensors.*",
+                Some(v(&["a.b", "a.b.>", "sensors", "sensors.>"])),
+            ),
+            (
+                "sensors grp",
+                Some(v(&["a.b", "a.b.>", "sensors", "sensors.>"])),
+            ),
+        ] {
+            l.role_sub_deny = Some(v(&[deny]));
+            let got = for_mqtt(&merge(&l, &Defaults::default())).map(|m| m.subscribe.allow);
+            assert_eq!(got, left, "deny {deny}");
+        }
+    }
+
+    #[test]
+    fn covers_follows_nats_wildcards() {
+        assert!(covers("a", "a"));
+        assert!(covers("*", "a"));
+        assert!(covers(">", "a.b"));
+        assert!(covers("a.>", "a.b.c"));
+        assert!(covers("a.*", "a.*"));
+        assert!(covers("a.>", "a.>"));
+        assert!(!covers("a.*", "a.>"));
+        assert!(!covers("a.>", "a"));
+        assert!(
+            !covers("a.b", "a.*"),
+            "a literal deny does not cover a wildcard"
+        );
+        assert!(!covers("a.*", "a.b.c"));
+        assert!(!covers("a.b.c", "a.b"));
+        assert!(!covers("b", "a"));
     }
 
     #[test]

@@ -592,6 +592,87 @@ async fn mqtt_password_login_gets_the_roles_rights() {
         .contains(&"alice".to_owned()));
 }
 
+/// MQTT's `X/#` also matches `X` itself, so nats-server subscribes both `X` and `X.>` for it
+/// and refuses the SUBACK unless both are allowed. A role granting `sensors.>` (the docs' and
+/// dev.sh's example) must let a device subscribe `sensors/#`: MQTT logins get the parent
+/// `sensors` too, a subscribe deny on it still wins, and NATS logins of the same user do not get it.
+#[tokio::test]
+async fn mqtt_hash_under_a_full_wildcard_grant() {
+    let d = Doors::start().await;
+    let watcher = d.watcher().await;
+    let mut alice = mqtt_connect(d.mqtt, "alice-hash", "alice", "s3cret")
+        .await
+        .expect("MQTT login");
+    assert!(
+        matches!(
+            alice.subscribe("sensors/#").await[..],
+            [SubscribeReasonCode::Success(_)]
+        ),
+        "sensors/# under a role granting sensors.>"
+    );
+    // Both levels arrive: a subject below `sensors` and `sensors` itself.
+    for (subject, topic) in [("sensors.t1", "sensors/t1"), ("sensors", "sensors")] {
+        let start = Instant::now();
+        loop {
+            watcher.publish(subject, subject.into()).await.unwrap();
+            watcher.flush().await.unwrap();
+            let got = tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    match alice.msgs.recv().await {
+                        Some((t, _)) if t == topic => return,
+                        Some(_) => continue,
+                        None => panic!("MQTT connection closed"),
+                    }
+                }
+            })
+            .await;
+            if got.is_ok() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{subject} never reached the MQTT subscription sensors/#"
+            );
+        }
+    }
+
+    // A TCP login of the same user is not granted `sensors`: its subscription gets nothing
+    // while one on `sensors.t2` after it does.
+    let tcp = d.env.connect_user("alice", "s3cret").await.unwrap();
+    let mut parent = tcp.subscribe("sensors").await.unwrap();
+    let mut below = tcp.subscribe("sensors.t2").await.unwrap();
+    tcp.flush().await.unwrap();
+    watcher.publish("sensors", "no".into()).await.unwrap();
+    deliver(&watcher, "sensors.t2", &mut below).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), parent.next())
+            .await
+            .ok()
+            .flatten()
+            .is_none(),
+        "a NATS login got sensors from a sensors.> grant"
+    );
+
+    // Deny wins: with `sensors` denied to bob, his `sensors/#` is refused, `sensors/t1` is not.
+    d.env
+        .sql(
+            "UPDATE nats.users SET subscribe_deny_permissions = '{sensors}' WHERE username = 'bob'",
+        )
+        .await;
+    let mut bob = mqtt_connect(d.mqtt, "bob-hash", "bob", "b0b")
+        .await
+        .expect("MQTT login");
+    assert_eq!(
+        bob.subscribe("sensors/#").await,
+        vec![SubscribeReasonCode::Failure],
+        "a denied parent still refuses sensors/#"
+    );
+    assert!(matches!(
+        bob.subscribe("sensors/t1").await[..],
+        [SubscribeReasonCode::Success(_)]
+    ));
+}
+
 /// What MQTT needs beyond the role's topics: nothing. Persistent sessions, QoS 1 messages
 /// kept while offline and retained messages all live in the account's JetStream, managed by
 /// the server itself; the deliveries to the client come on `$MQTT.sub.` /
