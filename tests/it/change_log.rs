@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nats_pg_auth::cache::{CacheStats, LoginCache};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::common::{create_login_role, is_auth_refusal, wait_until, TestEnv};
+use crate::common::{create_login_role, is_auth_refusal, tenant_admin, wait_until, TestEnv};
 
 /// acme (with a tenant admin: a LOGIN role of `nats_pg_auth_tenant`) and globex (gw with a
 /// token, gx and gy with passwords).
@@ -27,15 +27,7 @@ async fn setup() -> (TestEnv, PgPool) {
     )
     .await;
     env.wait_synced("globex").await;
-    let (role, tenant_url) =
-        create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
-    env.sql(&format!(
-        "INSERT INTO nats.account_admins (account_id, role_name) SELECT id, '{role}' FROM nats.accounts WHERE name = 'acme'"
-    ))
-    .await;
-    let tenant = PgPool::connect(&tenant_url)
-        .await
-        .expect("connect as acme's tenant admin");
+    let (_, tenant) = tenant_admin(&env, "acme").await;
     (env, tenant)
 }
 

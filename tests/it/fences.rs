@@ -9,7 +9,9 @@ use async_nats::ConnectOptions;
 use nkeys::KeyPair;
 use sqlx::PgPool;
 
-use crate::common::{create_login_role, is_auth_refusal, user_info, wait_until, TestEnv};
+use crate::common::{
+    create_login_role, is_auth_refusal, tenant_admin, user_info, wait_until, TestEnv,
+};
 
 async fn ok(pool: &PgPool, sql: &str) -> u64 {
     sqlx::raw_sql(sql)
@@ -44,21 +46,6 @@ async fn id_of(env: &TestEnv, account: &str) -> i64 {
         .fetch_one(&env.pool)
         .await
         .unwrap()
-}
-
-/// A LOGIN role administering `account` as a tenant: (its name, a pool connected as it).
-async fn tenant_admin(env: &TestEnv, account: &str) -> (String, PgPool) {
-    let (role, url) = create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
-    env.sql(&format!(
-        "INSERT INTO nats.account_admins (account_id, role_name) SELECT id, '{role}' FROM nats.accounts WHERE name = '{account}'"
-    ))
-    .await;
-    (
-        role,
-        PgPool::connect(&url)
-            .await
-            .expect("connect as the tenant admin"),
-    )
 }
 
 async fn operator_admin(env: &TestEnv) -> PgPool {

@@ -10,23 +10,17 @@ use std::time::Duration;
 use async_nats::ConnectOptions;
 use sqlx::PgPool;
 
-use crate::common::{client_options, create_login_role, is_auth_refusal, EnvOptions, TestEnv};
+use crate::common::{client_options, is_auth_refusal, EnvOptions, TestEnv};
 
 /// A tenant account with a LOGIN role administering it; returns a pool connected as that role.
-async fn tenant_admin(env: &TestEnv, account: &str) -> PgPool {
+async fn tenant_account(env: &TestEnv, account: &str) -> PgPool {
     env.sql(&format!(
         "INSERT INTO nats.accounts (name, max_connections) VALUES ('{account}', 1000)"
     ))
     .await;
-    let (role, url) = create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
-    env.sql(&format!(
-        "INSERT INTO nats.account_admins (account_id, role_name) SELECT id, '{role}' FROM nats.accounts WHERE name = '{account}'"
-    ))
-    .await;
+    let (_, tenant) = crate::common::tenant_admin(env, account).await;
     env.wait_synced(account).await;
-    PgPool::connect(&url)
-        .await
-        .expect("connect as the tenant admin")
+    tenant
 }
 
 /// `n` users `{prefix}{i}` of the tenant's account sharing one stored hash (computed once: each
@@ -50,7 +44,7 @@ async fn add_users(t: &PgPool, account: &str, prefix: &str, n: usize, bcrypt_cos
 async fn hashes_above_the_bounds_are_refused_at_login_without_hashing_and_tenants_cannot_write_them(
 ) {
     let env = TestEnv::start().await;
-    let t = tenant_admin(&env, "acme").await;
+    let t = tenant_account(&env, "acme").await;
 
     // As a tenant admin: the schema refuses argon2id above 64 MiB, bcrypt above 12.
     let argon = |user: &str, m: u32| {
@@ -145,8 +139,8 @@ async fn a_tenant_flooding_wrong_passwords_does_not_starve_another_tenants_cold_
         ..Default::default()
     })
     .await;
-    let a = tenant_admin(&env, "flooder").await;
-    let b = tenant_admin(&env, "bystander").await;
+    let a = tenant_account(&env, "flooder").await;
+    let b = tenant_account(&env, "bystander").await;
     add_users(&a, "flooder", "a", FLOODERS, 12).await;
     add_users(&b, "bystander", "b", 10, 10).await;
     env.wait_login("a0", "pw", Duration::from_secs(10), "the flooder's users")
@@ -217,7 +211,7 @@ async fn a_flood_of_unknown_tokens_is_answered_by_the_copy_and_a_new_token_still
         ..Default::default()
     })
     .await;
-    let t = tenant_admin(&env, "acme").await;
+    let t = tenant_account(&env, "acme").await;
     add_users(&t, "acme", "dev", 1, 4).await;
     let callout = env.callout.clone().unwrap();
     let stats = callout.cache().stats();

@@ -197,16 +197,9 @@ async fn tenant_admin_of_acme_administers_acme_only() {
            SELECT id, 'gpriv', 'gpriv.>', 'stream', true FROM nats.accounts WHERE name = 'globex'",
     )
     .await;
-    let (role, url) = create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
-    env.sql(&format!(
-        "INSERT INTO nats.account_admins (account_id, role_name) SELECT id, '{role}' FROM nats.accounts WHERE name = 'acme'"
-    ))
-    .await;
+    let (_, t) = crate::common::tenant_admin(&env, "acme").await;
     let acme = id_of(&env, "acme").await;
     let globex = id_of(&env, "globex").await;
-    let t = PgPool::connect(&url)
-        .await
-        .expect("connect as the tenant admin");
 
     // Adds a user who logs in.
     ok(

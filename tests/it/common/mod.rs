@@ -1142,3 +1142,18 @@ pub fn run_cli(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A LOGIN role administering `account` as a tenant: (its name, a pool connected as it).
+pub async fn tenant_admin(env: &TestEnv, account: &str) -> (String, PgPool) {
+    let (role, url) = create_login_role(&env.pool, &env.database_url, "nats_pg_auth_tenant").await;
+    env.sql(&format!(
+        "INSERT INTO nats.account_admins (account_id, role_name) SELECT id, '{role}' FROM nats.accounts WHERE name = '{account}'"
+    ))
+    .await;
+    (
+        role,
+        PgPool::connect(&url)
+            .await
+            .expect("connect as the tenant admin"),
+    )
+}
