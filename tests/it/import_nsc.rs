@@ -456,14 +456,7 @@ async fn an_nsc_deployment_moves_and_every_creds_file_keeps_working() {
     env.wait_synced("B").await;
     // Imported seeds are sealed like the service's own; B's identity seed was not in the keys
     // directory, so B's key has none (B signs with the service's key it got beside it).
-    let plain: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT seed FROM nats.service_identities
-                               UNION ALL SELECT seed FROM nats.account_keys WHERE seed IS NOT NULL) s
-         WHERE seed NOT LIKE 'enc:%'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let plain = crate::common::imports::unsealed_seeds(&env).await;
     assert_eq!(plain, 0, "a seed is stored unsealed");
     let b_seed: Option<String> =
         sqlx::query_scalar("SELECT seed FROM nats.account_keys WHERE public_key = $1")

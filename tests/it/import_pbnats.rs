@@ -580,14 +580,7 @@ async fn a_pb_nats_deployment_moves_with_its_creds_and_passwords() {
     assert_eq!(env.account_key("plain").await, f.plain.public_key());
     env.wait_synced("Acme-Corp").await;
     env.wait_synced("plain").await;
-    let plain_seeds: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT seed FROM nats.service_identities
-                               UNION ALL SELECT seed FROM nats.account_keys WHERE seed IS NOT NULL) s
-         WHERE seed NOT LIKE 'enc:%'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let plain_seeds = crate::common::imports::unsealed_seeds(&env).await;
     assert_eq!(plain_seeds, 0, "a seed is stored unsealed");
     // The encrypted signing key's seed was decrypted and kept.
     let has_seed: bool =

@@ -90,3 +90,15 @@ pub fn refused_with_one_line(what: &str, code: Option<i32>, out: &str, err: &str
     assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
     assert!(err.contains(want), "{what}: {err}");
 }
+
+/// How many seeds (service identities and account keys) are stored without the at-rest seal.
+pub async fn unsealed_seeds(env: &crate::common::TestEnv) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT seed FROM nats.service_identities
+                               UNION ALL SELECT seed FROM nats.account_keys WHERE seed IS NOT NULL) s
+         WHERE seed NOT LIKE 'enc:%'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
