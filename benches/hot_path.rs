@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use nats_pg_auth::cache::{CacheSettings, LoginCache};
 use nats_pg_auth::callout::login::{Issuer, Login, Signing};
 use nats_pg_auth::callout::permissions::{self, Defaults};
 use nats_pg_auth::callout::xbox::ServerBoxes;
 use nats_pg_auth::callout::{certificate, credentials, mint, nkey, request};
+use nats_pg_auth::copy::{CacheSettings, LoginCache};
 use nats_pg_auth::jwt;
 use nats_pg_auth::keys::{self, SeedCipher};
 use nkeys::{KeyPair, XKey};

@@ -15,10 +15,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use nats_pg_auth::cache::{CacheSettings, CopyLookup, LoginCache};
 use nats_pg_auth::callout::login::{Issuer, Login, Shape, Signing};
 use nats_pg_auth::callout::permissions::{Lists, Merged, Response};
 use nats_pg_auth::copy::snapshot::{self, Writer, FILE_NAME};
+use nats_pg_auth::copy::{CacheSettings, CopyLookup, LoginCache};
 use nats_pg_auth::db::identities::IdentityRow;
 use nats_pg_auth::db::logins::TokenPart;
 use nats_pg_auth::keys::SeedCipher;

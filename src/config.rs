@@ -729,8 +729,8 @@ impl ServeArgs {
     }
 
     /// The cache settings these flags ask for (the rest keep their defaults).
-    pub fn cache_settings(&self) -> crate::cache::CacheSettings {
-        crate::cache::CacheSettings {
+    pub fn cache_settings(&self) -> crate::copy::CacheSettings {
+        crate::copy::CacheSettings {
             logins: self.login_cache,
             outage_grace: self.db_outage_grace,
             outage_ttl: self.db_outage_ttl,

@@ -23,7 +23,7 @@ pub struct Probes {
     pub callout: Client,
     pub system: Client,
     /// The callout's caches, rendered with the other metrics.
-    pub cache: Option<std::sync::Arc<crate::cache::LoginCache>>,
+    pub cache: Option<std::sync::Arc<crate::copy::LoginCache>>,
     /// The callout: ready only once its subscription exists on the server.
     pub handler: Option<std::sync::Arc<crate::callout::Callout>>,
     /// Set once the replica is stopping (asked to, or because an essential task died): why

@@ -12,7 +12,6 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod app;
-pub mod cache;
 pub mod callout;
 pub mod cli;
 pub mod config;

@@ -258,8 +258,8 @@ impl Metrics {
 
 /// Prometheus text for the login caches: hits and misses per cache, notifications applied,
 /// flushes, and whether the change listener is connected (0 means logins read Postgres).
-pub fn render_cache(cache: &crate::cache::LoginCache) -> String {
-    use crate::cache::CacheStats;
+pub fn render_cache(cache: &crate::copy::LoginCache) -> String {
+    use crate::copy::CacheStats;
     let s = cache.stats();
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE nats_pg_auth_cache_lookups_total counter");

@@ -42,7 +42,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{KickUser, LoginCache};
+use crate::copy::{KickUser, LoginCache};
 use crate::db::notify;
 
 pub const KICK_CHANNEL: &str = "nats_pg_auth_kick";

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::certificate::{self as cert, CertError, Choice};
-use super::copy::{Found, Read};
 use super::login::Login;
 use super::nkey::{verify, NkeyError};
 use super::request::VerifiedRequest;
 use super::{Callout, Deny, DenyReason};
-use crate::cache::CredentialLookup;
+use crate::copy::CredentialLookup;
+use crate::copy::{Found, Read};
 use crate::db;
 
 impl Callout {

@@ -6,7 +6,6 @@
 //! than queued forever.
 
 pub mod certificate;
-pub mod copy;
 pub mod credentials;
 mod doors;
 pub mod lane;
@@ -30,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{CacheSettings, LoginCache, TokenLookup, UserLookup};
+use crate::copy::{CacheSettings, LoginCache, TokenLookup, UserLookup};
 use crate::db;
 use crate::db::logins::LoginRow;
 use crate::jwt;
@@ -145,7 +144,7 @@ pub struct Deny {
 }
 
 impl Deny {
-    fn new(reason: DenyReason, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: DenyReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -320,7 +319,7 @@ impl CopyListener {
 
 /// Shared state of the callout handlers.
 pub struct Callout {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     auth: AuthIdentity,
     cipher: SeedCipher,
     settings: CalloutSettings,
@@ -329,7 +328,7 @@ pub struct Callout {
     limiter: Arc<Semaphore>,
     passwords: PasswordVerifier,
     lockout: lockout::Lockout,
-    cache: Arc<LoginCache>,
+    pub(crate) cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
     /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
     serving: std::sync::atomic::AtomicBool,
@@ -687,7 +686,7 @@ impl Callout {
     }
 
     /// A slot for reading Postgres, or `Overloaded` when none frees up before the deadline.
-    async fn db_slot(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, Deny> {
+    pub(crate) async fn db_slot(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, Deny> {
         match tokio::time::timeout_at(deadline.into(), self.limiter.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(Deny::new(
@@ -698,7 +697,7 @@ impl Callout {
     }
 
     /// Turns a row into a login (parsed signing key and interned permissions from the cache).
-    fn prepare(&self, row: LoginRow) -> Login {
+    pub(crate) fn prepare(&self, row: LoginRow) -> Login {
         let signing = match (
             row.account_public_key.as_deref(),
             row.signing_public_key.as_deref(),
@@ -871,8 +870,8 @@ impl Callout {
         &self,
         username: &str,
         deadline: Instant,
-    ) -> Result<copy::Found<Arc<Login>>, Deny> {
-        let live = |value| copy::Found {
+    ) -> Result<crate::copy::Found<Arc<Login>>, Deny> {
+        let live = |value| crate::copy::Found {
             value,
             from_copy: false,
         };
@@ -890,22 +889,22 @@ impl Callout {
             )
             .await?;
         match read {
-            copy::Read::Postgres(Some(row)) => {
+            crate::copy::Read::Postgres(Some(row)) => {
                 let login = Arc::new(self.prepare(row));
                 self.cache.put_user(username, ticket, &login);
                 Ok(live(Some(login)))
             }
-            copy::Read::Postgres(None) => {
+            crate::copy::Read::Postgres(None) => {
                 self.cache.put_unknown_user(username, ticket);
                 Ok(live(None))
             }
-            copy::Read::Copy(found) => Ok(found),
+            crate::copy::Read::Copy(found) => Ok(found),
         }
     }
 
     /// A Postgres read bounded by the client's deadline (and at most 1 s, leaving time to
     /// answer from the copy when it fails).
-    async fn db_read<T>(
+    pub(crate) async fn db_read<T>(
         &self,
         deadline: Instant,
         read: impl std::future::Future<Output = Result<T, sqlx::Error>>,
@@ -929,11 +928,11 @@ impl Callout {
     ) -> Result<(Arc<Login>, Option<i64>, bool), Deny> {
         let digest = credentials::token_digest(token.expose_secret());
         let found = match self.cache.token(&digest) {
-            TokenLookup::Hit(login, tok) => copy::Found {
+            TokenLookup::Hit(login, tok) => crate::copy::Found {
                 value: Some((login, tok)),
                 from_copy: false,
             },
-            TokenLookup::Unknown => copy::Found {
+            TokenLookup::Unknown => crate::copy::Found {
                 value: None,
                 from_copy: false,
             },
@@ -945,11 +944,11 @@ impl Callout {
                     })
                     .await?;
                 match read {
-                    copy::Read::Postgres(found) => {
+                    crate::copy::Read::Postgres(found) => {
                         if found.is_none() {
                             self.cache.put_unknown_token(digest, ticket);
                         }
-                        copy::Found {
+                        crate::copy::Found {
                             value: found.map(|(row, tok)| {
                                 let login = Arc::new(self.prepare(row));
                                 self.cache.put_token(digest, ticket, &login, &tok);
@@ -958,7 +957,7 @@ impl Callout {
                             from_copy: false,
                         }
                     }
-                    copy::Read::Copy(found) => found,
+                    crate::copy::Read::Copy(found) => found,
                 }
             }
         };

@@ -1,4 +1,18 @@
-//! The login copy's room. For now it holds the copy's sealed snapshot ([`snapshot`]); the table
-//! (`crate::cache`) and its maintainer (`crate::callout::copy`) are to move here too (issue 17).
+//! The login copy: every replica's in-memory copy of what logins need (users, roles, accounts,
+//! tokens, nkeys, certificate mappings, signing keys), so logins are answered without Postgres
+//! and survive its outages.
+//!
+//! - [`table`]: what the copy holds and how a login is looked up in it (plus the short-lived
+//!   caches beside it), the outage rules, kicks resolved from it;
+//! - [`feed`]: its maintainer: the full load on every (re)connect, the change feed that keeps
+//!   it current (change log read by snapshot, woken by notifications), reading Postgres or the
+//!   copy per login;
+//! - [`snapshot`]: its sealed snapshot on disk, from which a replica (re)started while Postgres
+//!   is down answers.
 
+pub mod feed;
 pub mod snapshot;
+pub mod table;
+
+pub(crate) use feed::{Found, Read};
+pub use table::*;

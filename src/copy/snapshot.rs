@@ -47,9 +47,9 @@ use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CopyExport, ExportedUser, LoginCache};
 use crate::callout::login::{Issuer, Login, Shape, Signing};
 use crate::callout::permissions::{Lists, Merged, Response};
+use crate::copy::{CopyExport, ExportedUser, LoginCache};
 use crate::db::identities::IdentityRow;
 use crate::db::logins::{CertPart, TokenPart};
 use crate::keys::{SeedCipher, NONCE_LEN};
@@ -820,7 +820,7 @@ impl Writer {
             if !cache.is_live() {
                 continue;
             }
-            let reloads = crate::cache::CacheStats::get(&cache.stats().reloads);
+            let reloads = crate::copy::CacheStats::get(&cache.stats().reloads);
             let changes = cache.changes();
             let write = match &last {
                 None => true,
@@ -924,7 +924,7 @@ pub fn age_text(age: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{CacheSettings, CopyLookup};
+    use crate::copy::{CacheSettings, CopyLookup};
 
     fn shape(signing: Signing) -> Arc<Shape> {
         Arc::new(Shape {

@@ -49,7 +49,7 @@ pub async fn current(conn: impl PgExecutor<'_>) -> Result<Snapshot, sqlx::Error>
     Ok(Snapshot(s))
 }
 
-/// Deletes the rows `old` (a snapshot taken at least [`crate::cache`]'s retention ago) saw:
+/// Deletes the rows `old` (a snapshot taken at least [`crate::copy::feed`]'s retention ago) saw:
 /// every replica still reading the log has read them since. Returns how many.
 pub async fn prune(conn: impl PgExecutor<'_>, old: &Snapshot) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nats_pg_auth::cache::{CacheStats, LoginCache, UserLookup, LISTENER_APPLICATION_NAME};
 use nats_pg_auth::callout::Callout;
+use nats_pg_auth::copy::{CacheStats, LoginCache, UserLookup, LISTENER_APPLICATION_NAME};
 
 use crate::common::{is_auth_refusal, wait_until, TestEnv};
 

@@ -425,7 +425,7 @@ async fn verified_certificates_map_to_users_by_fingerprint_subject_or_san() {
                 cache.is_live()
                     && matches!(
                         cache.copy_certificate(&presented),
-                        nats_pg_auth::cache::CopyLookup::Found(_)
+                        nats_pg_auth::copy::CopyLookup::Found(_)
                     )
             }
         },
@@ -503,7 +503,7 @@ async fn san_mappings_compare_the_same_from_postgres_and_from_the_copy() {
                 cache.is_live()
                     && matches!(
                         cache.copy_certificate(&presented),
-                        nats_pg_auth::cache::CopyLookup::Found(_)
+                        nats_pg_auth::copy::CopyLookup::Found(_)
                     )
             }
         },

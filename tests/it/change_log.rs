@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nats_pg_auth::cache::{CacheStats, LoginCache};
+use nats_pg_auth::copy::{CacheStats, LoginCache};
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::common::{create_login_role, is_auth_refusal, tenant_admin, wait_until, TestEnv};

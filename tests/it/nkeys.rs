@@ -172,7 +172,7 @@ async fn nkey_logins_work_from_the_copy_while_postgres_is_unreachable() {
             cache.is_live()
                 && matches!(
                     cache.copy_nkey(&pk),
-                    nats_pg_auth::cache::CopyLookup::Found(_)
+                    nats_pg_auth::copy::CopyLookup::Found(_)
                 )
         }
     })

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nats_pg_auth::cache::{CacheStats, LoginCache};
+use nats_pg_auth::copy::{CacheStats, LoginCache};
 
 use crate::common::{is_auth_refusal, user_info, wait_until, DbOutage, EnvOptions, TestEnv};
 
@@ -22,9 +22,9 @@ async fn copy_holds(env: &TestEnv, users: &'static [&'static str], tokens: usize
             async move {
                 c.is_live()
                     && c.copy_size() == (users.len(), tokens)
-                    && users.iter().all(|u| {
-                        matches!(c.copy_user(u), nats_pg_auth::cache::CopyLookup::Found(_))
-                    })
+                    && users
+                        .iter()
+                        .all(|u| matches!(c.copy_user(u), nats_pg_auth::copy::CopyLookup::Found(_)))
             }
         },
     )
@@ -59,7 +59,7 @@ async fn known_users_log_in_from_the_copy_while_postgres_is_unreachable() {
     // goes away.
     let c = cache(&env);
     let hash_of = |c: &LoginCache| match c.copy_user("dave") {
-        nats_pg_auth::cache::CopyLookup::Found(l) => l.password_hash.clone(),
+        nats_pg_auth::copy::CopyLookup::Found(l) => l.password_hash.clone(),
         _ => None,
     };
     let old_hash = hash_of(&c);
@@ -183,7 +183,7 @@ async fn a_user_changed_in_bulk_is_reread_with_its_role() {
             let c = c.clone();
             async move {
                 match c.copy_user("dave") {
-                    nats_pg_auth::cache::CopyLookup::Found(l) => {
+                    nats_pg_auth::copy::CopyLookup::Found(l) => {
                         l.shape.merged.publish.allow.iter().any(|s| s == "other.>")
                     }
                     _ => false,

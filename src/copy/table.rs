@@ -6,7 +6,7 @@
 //! reloaded whenever the listener comes back (notifications sent meanwhile are lost). While
 //! the listener is live the copy answers logins without Postgres — including "no such user"
 //! and "no such token". While Postgres is unreachable it answers them for up to
-//! `--db-outage-grace` (see `callout::copy`): the data plane keeps running while the control
+//! `--db-outage-grace` (see `copy::feed`): the data plane keeps running while the control
 //! plane is down.
 //!
 //! | part | key | value | bound |

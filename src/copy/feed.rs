@@ -1,4 +1,4 @@
-//! Keeps the login copy (see [`crate::cache`]) complete and current, and answers from it when
+//! Keeps the login copy (see [`super::table`]) complete and current, and answers from it when
 //! Postgres cannot be asked.
 //!
 //! One task per replica (`keep_copy`) owns the change listener ([`crate::db::notify`]):
@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::login::{Login, Shape};
-use super::{Callout, Deny, DenyReason};
-use crate::cache::{CopyLookup, Scope, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL};
+use super::table::{CopyLookup, Scope, CHANGE_CHANNEL, LISTENER_APPLICATION_NAME, SYNC_CHANNEL};
+use crate::callout::login::{Login, Shape};
+use crate::callout::{Callout, Deny, DenyReason};
 use crate::db::changes::{self, Snapshot};
 use crate::db::logins::{AccountPart, LoginRow, RolePart, UserFilter, UserPart};
 use crate::db::notify::{self, Event, ListenSettings};
@@ -34,13 +34,13 @@ type ShapeMemo = HashMap<(Option<i64>, i64), Arc<Shape>>;
 
 /// Result of a lookup: the login (None: no such user/token) and whether the copy answered
 /// because Postgres could not (the JWT lifetime is then capped).
-pub(super) struct Found<T> {
+pub(crate) struct Found<T> {
     pub value: Option<T>,
     pub from_copy: bool,
 }
 
 /// Where [`Callout::read_or_copy`] got its answer.
-pub(super) enum Read<R, T> {
+pub(crate) enum Read<R, T> {
     /// Postgres answered (the row or rows, or none).
     Postgres(R),
     /// Postgres could not be asked: the copy's answer.
@@ -77,7 +77,7 @@ impl Callout {
     ///
     /// No change waits behind a read: the reload or re-read in flight and the log read are
     /// branches of the loop's `select!`, so every change committed is read from the log and
-    /// stamped ([`crate::cache::LoginCache::on_change`]) about when it is committed, making the
+    /// stamped ([`super::LoginCache::on_change`]) about when it is committed, making the
     /// entries it covers unusable at once, even while a re-read waits for a lock (a tenant
     /// admin's `LOCK TABLE`, an operator's `ALTER TABLE`; bounded by `db::LOCK_TIMEOUT`). The
     /// log itself cannot be locked by tenants. Scopes found meanwhile accumulate and are
@@ -258,7 +258,7 @@ impl Callout {
         self.cache.set_disconnected();
     }
 
-    /// Reads everything into the copy, in place (see [`crate::cache::LoginCache::load_users`]).
+    /// Reads everything into the copy, in place (see [`super::LoginCache::load_users`]).
     pub async fn reload(&self) -> Result<(usize, usize, Duration), sqlx::Error> {
         Ok(self.load_all().await?.0)
     }
@@ -392,7 +392,7 @@ impl Callout {
     /// from Postgres: in a DB slot, bounded by the client's deadline. While Postgres is known to
     /// be down, or when the read fails, the copy answers instead, within the outage grace. Every
     /// credential kind (username, token, nkey, certificate) looks up this way.
-    pub(super) async fn read_or_copy<R, T>(
+    pub(crate) async fn read_or_copy<R, T>(
         &self,
         deadline: Instant,
         read: impl std::future::Future<Output = Result<R, sqlx::Error>>,
@@ -415,7 +415,7 @@ impl Callout {
     }
 
     /// The copy's answer when Postgres could not be asked (`why`).
-    pub(super) fn answer_from_copy<T>(
+    pub(crate) fn answer_from_copy<T>(
         &self,
         lookup: impl FnOnce() -> CopyLookup<T>,
         why: &str,
