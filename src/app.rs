@@ -70,6 +70,10 @@ pub struct Application {
     closing: CancellationToken,
     /// Keeps the login copy's sealed snapshot (`--snapshot-dir`).
     snapshot_writer: Option<crate::copy::snapshot::Writer>,
+    /// This replica's name (`--replica-name`) and whether it runs the sync, for its row in
+    /// `nats.replicas`.
+    replica: String,
+    runs_sync: bool,
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -240,6 +244,7 @@ impl Application {
                 duration: args.lockout_duration,
             },
             clock_skew: args.clock_skew,
+            replica: crate::replica::name(args.replica_name.as_deref()),
         };
         let callout = Callout::with_cache(
             pool.clone(),
@@ -349,6 +354,8 @@ impl Application {
             shutdown_timeout: args.shutdown_timeout,
             closing,
             snapshot_writer,
+            replica: crate::replica::name(args.replica_name.as_deref()),
+            runs_sync: args.sync,
         })
     }
 
@@ -405,17 +412,27 @@ impl Application {
         }
         // The HTTP endpoints outlive the others, so /readyz answers "stopping" meanwhile.
         let http_stop = CancellationToken::new();
+        let probes = crate::http::Probes {
+            metrics: self.metrics.clone(),
+            pool: self.pool.clone(),
+            callout: self.callout_client.clone(),
+            system: self.sys_client.clone(),
+            cache: Some(self.callout.cache().clone()),
+            handler: Some(self.callout.clone()),
+            not_ready: not_ready.clone(),
+            db_check: Default::default(),
+        };
+        // Not essential: the row is for `status`; a replica that cannot write it still serves.
+        let heartbeat = tokio::spawn(
+            crate::replica::Heartbeat::new(
+                self.pool.clone(),
+                self.replica.clone(),
+                self.runs_sync,
+                probes.clone(),
+            )
+            .run(http_stop.clone()),
+        );
         if let Some(listener) = self.http {
-            let probes = crate::http::Probes {
-                metrics: self.metrics.clone(),
-                pool: self.pool.clone(),
-                callout: self.callout_client.clone(),
-                system: self.sys_client.clone(),
-                cache: Some(self.callout.cache().clone()),
-                handler: Some(self.callout.clone()),
-                not_ready: not_ready.clone(),
-                db_check: Default::default(),
-            };
             let serve = crate::http::serve(listener, probes, http_stop.clone());
             let handle = tasks.spawn(async move {
                 serve.await;
@@ -486,6 +503,17 @@ impl Application {
         }
         http_stop.cancel();
         tasks.abort_all();
+        // The heartbeat has stopped writing: the row goes, so `status` does not count a replica
+        // that stopped on purpose as one not heard from.
+        // (Bounded: a look takes ≤ 1 s, a write ≤ 2 s.)
+        let stopping = heartbeat.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(3), heartbeat)
+            .await
+            .is_err()
+        {
+            stopping.abort();
+        }
+        crate::replica::Heartbeat::deregister(&self.pool, &self.replica).await;
         // Replies still buffered go out; then the connections close. Bounded as well: neither
         // NATS nor Postgres need be reachable now.
         let grace = deadline

@@ -86,8 +86,10 @@ pub enum Command {
     HashPassword(HashPasswordArgs),
     /// Print a fresh random at-rest encryption key (base64 of 32 bytes).
     GenerateKey,
-    /// Show the operator, the sync leader, the outbox and kick backlog, and the sync state of
-    /// every account.
+    /// Is the service healthy? Every replica (ready, NATS, mode, build), the sync leader, the
+    /// outbox and kick backlog, and the sync state of every account and import. Exits 69 when a
+    /// replica is not ready, silent or missing, 65 when the server refused an account or
+    /// import, else 0.
     Status(OutputArgs),
     /// Add an account (plain SQL works the same; this is a convenience).
     AddAccount(AddAccountArgs),
@@ -113,7 +115,7 @@ pub enum Command {
     /// Roles: list, show.
     #[command(subcommand)]
     Role(RoleCommand),
-    /// Users: list, show, create, disable, enable.
+    /// Users: list, show, create, disable, enable, unlock.
     #[command(subcommand)]
     User(UserCommand),
     /// Bearer tokens: list, create, revoke.
@@ -253,6 +255,8 @@ pub enum UserCommand {
     Disable(NameOnly),
     /// Set a user active again.
     Enable(NameOnly),
+    /// Lift a user's lockout (wrong passwords) on every replica at once.
+    Unlock(NameOnly),
 }
 
 #[derive(Debug, Subcommand)]
@@ -715,6 +719,12 @@ pub struct ServeArgs {
     /// an authorization request's expiry. Requests expired beyond it get no answer (and a warning).
     #[arg(long, env = "NATS_PG_AUTH_CLOCK_SKEW", default_value = "5s", value_parser = parse_duration)]
     pub clock_skew: Duration,
+
+    /// This replica's name in `status`, in the lockouts `explain` and `user show` report, and
+    /// in `nats.replicas`; give each replica its own (a pod name, a host name). Default: the
+    /// host name and process id, `host:pid`.
+    #[arg(long, env = "NATS_PG_AUTH_REPLICA_NAME")]
+    pub replica_name: Option<String>,
 }
 
 impl ServeArgs {
@@ -894,6 +904,9 @@ impl ServeArgs {
             )));
         }
         self.nats_tls.validate()?;
+        if let Some(name) = &self.replica_name {
+            crate::replica::check_name(name).map_err(ConfigError::Invalid)?;
+        }
         if self.callout_concurrency as u32 >= self.db_pool_size {
             return Err(ConfigError::Invalid(format!(
                 "--callout-concurrency ({}) must be below --db-pool-size ({}) so the sync and change listener always get a connection",

@@ -64,11 +64,17 @@ fn postgres_problem(e: &sqlx::Error) -> String {
 }
 
 impl Probes {
+    /// Both NATS connections (callout and system) are up.
+    pub fn nats_connected(&self) -> bool {
+        self.callout.connection_state() == State::Connected
+            && self.system.connection_state() == State::Connected
+    }
+
     /// Ready when both NATS connections are up and the login copy is loaded and usable: then
     /// logins can be answered. Postgres being down does not make a replica unready while the
     /// copy answers (the body says so); it does once `--db-outage-grace` has passed. Not ready
     /// while shutting down or after an essential task died.
-    async fn ready(&self) -> Result<String, String> {
+    pub(crate) async fn ready(&self) -> Result<String, String> {
         if let Some(why) = self.not_ready.get() {
             return Err(why.clone());
         }

@@ -12,6 +12,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod app;
+pub mod build_info;
 pub mod callout;
 pub mod cli;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod operator;
+pub mod replica;
 pub mod sessions;
 pub mod sync;
 pub mod telemetry;

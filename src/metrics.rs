@@ -171,9 +171,22 @@ impl Metrics {
         None
     }
 
+    /// True while this replica leads the sync (for its `nats.replicas` row).
+    pub fn is_leader(&self) -> bool {
+        self.inner.leader.load(Ordering::Relaxed) == 1
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        // The usual `_build_info` gauge: always 1, the labels say which build runs.
+        let _ = writeln!(out, "# TYPE nats_pg_auth_build_info gauge");
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_build_info{{version=\"{}\",git_sha=\"{}\"}} 1",
+            crate::build_info::VERSION,
+            crate::build_info::GIT_SHA
+        );
         let _ = writeln!(out, "# TYPE nats_pg_auth_logins_allowed_total counter");
         let _ = writeln!(out, "nats_pg_auth_logins_allowed_total {}", self.allowed());
         let _ = writeln!(out, "# TYPE nats_pg_auth_logins_denied_total counter");

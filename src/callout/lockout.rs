@@ -170,6 +170,21 @@ impl Lockout {
         }
     }
 
+    /// How long the lockout of `username` still lasts; None when it is not locked out.
+    pub fn remaining(&self, username: &str) -> Option<Duration> {
+        let entry = self.entries.as_ref()?.get(&self.key(username))?;
+        let mut s = entry.state();
+        s.expire(self.window);
+        let since = s.since.filter(|_| s.failures >= self.failures)?;
+        Some(self.window.saturating_sub(since.elapsed()))
+    }
+
+    /// An operator lifted the lockout (`user unlock`): failures are forgotten, as after a
+    /// successful login.
+    pub fn lift(&self, username: &str) {
+        self.succeeded(username);
+    }
+
     /// A successful login (also one answered by the credential cache) forgets earlier failures.
     pub fn succeeded(&self, username: &str) {
         if let Some(entry) = self
@@ -282,9 +297,27 @@ mod tests {
         assert!(l.is_locked("a"));
         assert_eq!(l.attempt("a", soon()).await.err(), Some(Refused::Locked));
         assert!(!l.is_locked("b"), "per username");
+        let left = l.remaining("a").expect("locked out");
+        assert!(left > Duration::from_secs(50) && left <= Duration::from_secs(60));
+        assert_eq!(l.remaining("b"), None);
         // An attempt dropped without an outcome (an internal error) counts as nothing.
         drop(l.attempt("c", soon()).await.unwrap());
         assert!(!l.is_locked("c"));
+    }
+
+    #[tokio::test]
+    async fn lifting_ends_a_lockout_at_once() {
+        let l = Lockout::new(&LockoutSettings {
+            failures: 2,
+            duration: Duration::from_secs(60),
+        });
+        l.attempt("a", soon()).await.unwrap().failed();
+        l.attempt("a", soon()).await.unwrap().failed();
+        assert!(l.is_locked("a"));
+        l.lift("a");
+        assert!(!l.is_locked("a"));
+        assert_eq!(l.remaining("a"), None);
+        assert!(l.attempt("a", soon()).await.is_ok(), "checked again");
     }
 
     #[tokio::test]

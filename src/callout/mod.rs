@@ -264,6 +264,8 @@ pub struct CalloutSettings {
     pub lockout: lockout::LockoutSettings,
     /// Clock difference with nats-server tolerated on request expiry (`--clock-skew`).
     pub clock_skew: Duration,
+    /// This replica's name (`--replica-name`): recorded with the lockouts it starts.
+    pub replica: String,
 }
 
 impl Default for CalloutSettings {
@@ -277,6 +279,7 @@ impl Default for CalloutSettings {
             hash_limits: credentials::HashLimits::default(),
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,
+            replica: crate::replica::name(None),
         }
     }
 }
@@ -327,7 +330,8 @@ pub struct Callout {
     /// take a slot.
     limiter: Arc<Semaphore>,
     passwords: PasswordVerifier,
-    lockout: lockout::Lockout,
+    /// Shared with the unlock that reads a username from Postgres (`lift_lockout`).
+    lockout: Arc<lockout::Lockout>,
     pub(crate) cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
     /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
@@ -380,7 +384,7 @@ impl Callout {
         Arc::new(Self {
             limiter: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             passwords: PasswordVerifier::with_limits(settings.hash_threads, settings.hash_limits),
-            lockout: lockout::Lockout::new(&settings.lockout),
+            lockout: Arc::new(lockout::Lockout::new(&settings.lockout)),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             serving: std::sync::atomic::AtomicBool::new(false),
@@ -811,11 +815,11 @@ impl Callout {
                 Ok((login.clone(), from_copy))
             }
             (None, _) => {
-                self.count_failure(username, attempt);
+                self.count_failure(username, None, attempt);
                 Err(Deny::new(DenyReason::UnknownUser, "no such user"))
             }
             _ => {
-                self.count_failure(username, attempt);
+                self.count_failure(username, login.as_ref().map(|l| l.user_id), attempt);
                 Err(Deny::new(
                     DenyReason::BadPassword,
                     "password does not match",
@@ -836,8 +840,10 @@ impl Callout {
         )
     }
 
-    /// A wrong password or unknown user; the one that starts a lockout is logged and audited.
-    fn count_failure(&self, username: &str, attempt: lockout::Attempt) {
+    /// A wrong password or unknown user; the one that starts a lockout is logged and audited,
+    /// and, for a user that exists, recorded in `nats.lockouts` with this replica's name and
+    /// when it ends (best effort: `explain` and `user show` report it from there).
+    fn count_failure(&self, username: &str, user_id: Option<i64>, attempt: lockout::Attempt) {
         if !attempt.failed() {
             return;
         }
@@ -847,12 +853,22 @@ impl Callout {
         let user: String = username.chars().take(200).collect();
         let failures = lock.failures;
         let seconds = lock.duration.as_secs();
+        let left = self.lockout.remaining(username).unwrap_or(lock.duration);
+        let replica = self.settings.replica.clone();
         tokio::spawn(async move {
+            if let Some(id) = user_id {
+                let recorded =
+                    crate::db::lockouts::record(&pool, id, &replica, failures, left.as_secs_f64())
+                        .await;
+                if let Err(e) = recorded {
+                    tracing::warn!(user, error = %e, "cannot record the lockout in nats.lockouts (it holds all the same; `explain` and `user show` will not show it)");
+                }
+            }
             crate::db::audit::record(
                 &pool,
                 crate::db::audit::kind::USER_LOCKED_OUT,
                 &user,
-                serde_json::json!({ "failures": failures, "seconds": seconds }),
+                serde_json::json!({ "failures": failures, "seconds": seconds, "replica": replica }),
             )
             .await
         });
@@ -862,6 +878,32 @@ impl Callout {
             "user locked out for {} after repeated wrong passwords (its logins are refused without checking; see --lockout-failures)",
             humantime::format_duration(lock.duration)
         );
+    }
+
+    /// The change log's `unlock:<user id>` (`user unlock`, `nats.unlock_requests`): lifts that
+    /// user's lockout on this replica. True when `scope` was one (it concerns no copied row).
+    pub(crate) fn lift_lockout(&self, scope: &str) -> bool {
+        let Some(id) = scope.strip_prefix("unlock:") else {
+            return false;
+        };
+        let Ok(id) = id.parse::<i64>() else {
+            return true;
+        };
+        if let Some(name) = self.cache.username_of(id) {
+            self.lockout.lift(&name);
+            tracing::info!(user = %name, "lockout lifted (user unlock)");
+            return true;
+        }
+        // Not in the copy (not loaded yet, or just created): ask Postgres for the name.
+        let pool = self.pool.clone();
+        let lockout = self.lockout.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(name)) = crate::db::logins::username_of(&pool, id).await {
+                lockout.lift(&name);
+                tracing::info!(user = %name, "lockout lifted (user unlock)");
+            }
+        });
+        true
     }
 
     /// The login of a username: from the copy when it is current, else from Postgres, else

@@ -32,7 +32,7 @@ async fn pool(common: &CommonArgs) -> Result<sqlx::PgPool, CliError> {
 }
 
 /// Columns padded to their widest cell, two spaces apart.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in width.iter_mut().zip(row) {
@@ -96,7 +96,7 @@ fn state(active: bool) -> String {
     if active { "active" } else { "inactive" }.into()
 }
 
-fn secs_text(s: Option<f64>) -> String {
+pub(super) fn secs_text(s: Option<f64>) -> String {
     permissions::secs(s).map_or("-".into(), |d| {
         humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
     })
@@ -123,8 +123,23 @@ pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), Cli
     match cmd {
         AccountCommand::List(o) => {
             let rows = admin::accounts(&pool).await.map_err(q)?;
+            // Imports the server left out count as their account's sync error.
+            let imports = admin::import_errors(&pool).await.map_err(q)?;
+            let import_errors = |account: &str| -> Vec<&admin::ImportError> {
+                imports.iter().filter(|i| i.account == account).collect()
+            };
             if o.json {
-                return print_json(&rows);
+                let listed: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|a| {
+                        let mut v = serde_json::to_value(a).unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("import_errors".into(), json!(import_errors(&a.name)));
+                        }
+                        v
+                    })
+                    .collect();
+                return print_json(&listed);
             }
             let cells: Vec<Vec<String>> = rows
                 .iter()
@@ -136,7 +151,7 @@ pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), Cli
                         a.roles.to_string(),
                         a.max_connections.to_string(),
                         a.synced_at.clone().unwrap_or_else(|| "never".into()),
-                        opt(&a.sync_error),
+                        sync_errors(a, &import_errors(&a.name)),
                     ]
                 })
                 .collect();
@@ -160,6 +175,25 @@ pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), Cli
         AccountCommand::Disable(a) => set_account_active(&pool, &a.name, false).await,
         AccountCommand::Enable(a) => set_account_active(&pool, &a.name, true).await,
         AccountCommand::Create(_) => unreachable!("`run` handles it as add-account"),
+    }
+}
+
+/// An account's SYNC ERROR cell: its own error, then each import the server left out.
+fn sync_errors(a: &admin::Account, imports: &[&admin::ImportError]) -> String {
+    let all: Vec<String> = a
+        .sync_error
+        .iter()
+        .cloned()
+        .chain(
+            imports
+                .iter()
+                .map(|i| format!("import {}: {}", i.import, i.sync_error)),
+        )
+        .collect();
+    if all.is_empty() {
+        "-".into()
+    } else {
+        all.join("; ")
     }
 }
 
@@ -283,9 +317,15 @@ pub async fn user(common: &CommonArgs, cmd: UserCommand) -> Result<(), CliError>
             ))
         }
         UserCommand::Show(a) => match admin::user(&pool, &a.name).await.map_err(q)? {
-            Some(row) => print_show(&row, a.output.json),
+            Some(row) => {
+                let mut shown = serde_json::to_value(&row)
+                    .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
+                super::lockouts::add_to_show(&pool, &a.name, &mut shown, a.output.json).await?;
+                print_show(&shown, a.output.json)
+            }
             None => Err(usage(format!("no user {:?}", a.name))),
         },
+        UserCommand::Unlock(a) => super::lockouts::unlock(&pool, &a.name).await,
         UserCommand::Disable(a) => set_user_active(&pool, &a.name, false).await,
         UserCommand::Enable(a) => set_user_active(&pool, &a.name, true).await,
         UserCommand::Create(_) => unreachable!("`run` handles it as add-user"),
@@ -659,7 +699,21 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
         )),
         Err(d) => Some((d.reason.as_str(), d.detail)),
     };
+    // A password login is also refused while a replica holds a lockout of the username.
+    let locked = match &args.user {
+        Some(user) => super::lockouts::in_force(&pool, user).await?,
+        None => None,
+    };
+    let deny = deny.or_else(|| {
+        locked
+            .as_ref()
+            .map(|(_, why)| (DenyReason::LockedOut.as_str(), why.clone()))
+    });
     let obj = report_value.as_object_mut().expect("an object");
+    obj.insert(
+        "lockouts".into(),
+        json!(locked.map(|(l, _)| l).unwrap_or_default()),
+    );
     obj.insert("allowed".into(), json!(deny.is_none()));
     obj.insert("deny_reason".into(), json!(deny.as_ref().map(|d| d.0)));
     obj.insert("detail".into(), json!(deny.as_ref().map(|d| &d.1)));
@@ -745,74 +799,6 @@ fn print_report(args: &ExplainArgs, v: &serde_json::Value) -> Result<(), CliErro
         &mut text,
         "connection types:",
         cell(&v["allowed_connection_types"]),
-    );
-    out(&text)
-}
-
-/// `status`: what an operator checks first. Everything comes from Postgres (which NATS servers
-/// each replica is connected to is on its `/readyz` and `/metrics`, not here).
-pub async fn status(pool: &sqlx::PgPool, json: bool) -> Result<(), CliError> {
-    use crate::db::identities::IdentityKind;
-    let identities = crate::init::ServiceIdentities::load(pool).await?;
-    let s = db::admin::status(pool, crate::sync::leader::SYNC_LOCK_KEY)
-        .await
-        .map_err(q)?;
-    let operator = serde_json::json!({
-        "name": identities.operator_name(),
-        "public_key": identities.public_key(IdentityKind::Operator),
-    });
-    if json {
-        return print_json(&serde_json::json!({
-            "operator": operator,
-            "leader": s.leader,
-            "outbox": s.outbox,
-            "kicks_pending": s.kicks_pending,
-            "accounts": s.accounts,
-        }));
-    }
-    let mut text = format!(
-        "operator {:?} {}\n",
-        identities.operator_name(),
-        identities.public_key(IdentityKind::Operator)
-    );
-    text += &match &s.leader {
-        Some(l) => format!(
-            "sync leader: {} ({}) since {}\n",
-            l.application_name,
-            l.client_addr.as_deref().unwrap_or("local socket"),
-            l.since
-        ),
-        None => {
-            "sync leader: none (no replica holds the sync lock: changes wait, nothing is lost)\n"
-                .to_owned()
-        }
-    };
-    text += &format!(
-        "{} accounts, {} pending sync rows ({} bulk), oldest {}; {} pending kick requests\n\n",
-        s.accounts.len(),
-        s.outbox.pending,
-        s.outbox.bulk,
-        secs_text(s.outbox.oldest_age_seconds),
-        s.kicks_pending
-    );
-    let rows: Vec<Vec<String>> = s
-        .accounts
-        .iter()
-        .map(|a| {
-            vec![
-                a.name.clone(),
-                state(a.active),
-                a.public_key
-                    .clone()
-                    .unwrap_or_else(|| "(no key yet)".into()),
-                a.synced_at.clone().unwrap_or_else(|| "never synced".into()),
-                a.sync_error.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    text += &table(
-        &["ACCOUNT", "STATE", "PUBLIC KEY", "SYNCED AT", "SYNC ERROR"],
-        &rows,
     );
     out(&text)
 }

@@ -1,9 +1,12 @@
 //! The CLI verbs other than `serve`'s long-running part: each returns a one-line error for
 //! `main` to print. `mod.rs` dispatches and holds the shared output and error helpers;
-//! `admin` holds the SQL-convenience verbs (account, role, user, token, explain, status);
+//! `admin` holds the SQL-convenience verbs (account, role, user, token, explain); `status` the
+//! health report; `lockouts` `user unlock` and the lockout lines of `user show` and `explain`;
 //! `import` (src/import) the adoption of existing deployments.
 
 mod admin;
+mod lockouts;
+mod status;
 
 use std::io::Read as _;
 
@@ -286,7 +289,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 Err(e @ DbError::Unreachable { .. }) => return Err(CliError::PostgresDown(e)),
                 other => other?,
             };
-            admin::status(&pool, args.json).await
+            status::status(&pool, args.json).await
         }
         Command::AddAccount(args) => {
             let pool = db::connect(common.database_url()?, 2).await?;

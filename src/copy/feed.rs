@@ -190,7 +190,10 @@ impl Callout {
                     match read {
                         Ok((scopes, next)) => {
                             for scope in &scopes {
-                                pending.extend(self.cache.on_change(scope));
+                                // `unlock:` lifts a lockout (`user unlock`); it names no copied row.
+                                if !self.lift_lockout(scope) {
+                                    pending.extend(self.cache.on_change(scope));
+                                }
                             }
                             log_from = Some(next);
                             last_log_ok = Instant::now();

@@ -1482,6 +1482,11 @@ impl LoginCache {
         (t.users(), t.token_count())
     }
 
+    /// The username of a user the copy holds (lockouts are kept by username).
+    pub fn username_of(&self, user_id: i64) -> Option<Arc<str>> {
+        self.read().by_id.get(&user_id).cloned()
+    }
+
     // ---- verified credentials ------------------------------------------------------------
 
     /// The keyed hash of a username and password (the key is random per process), truncated

@@ -371,3 +371,22 @@ pub async fn status(pool: &PgPool, lock_key: i64) -> Result<Status, sqlx::Error>
         accounts,
     })
 }
+
+/// An import the server left out of its account's JWT (`nats.account_imports.sync_error`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ImportError {
+    pub account: String,
+    pub import: String,
+    pub sync_error: String,
+}
+
+/// Every import with a sync error, by account and name.
+pub async fn import_errors(pool: &PgPool) -> Result<Vec<ImportError>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.name AS account, i.name AS import, i.sync_error
+         FROM nats.account_imports i JOIN nats.accounts a ON a.id = i.account_id
+         WHERE i.sync_error IS NOT NULL ORDER BY a.name, i.name",
+    )
+    .fetch_all(pool)
+    .await
+}

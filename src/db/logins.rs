@@ -177,6 +177,14 @@ pub async fn by_username(pool: &PgPool, username: &str) -> Result<Option<LoginRo
         .await
 }
 
+/// The username of a user id (an unlock for a user the login copy does not hold).
+pub async fn username_of(pool: &PgPool, user_id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT username FROM nats.users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+}
+
 pub async fn by_token(
     pool: &PgPool,
     token_sha256: &[u8],

@@ -6,9 +6,11 @@ pub mod admin;
 pub mod audit;
 pub mod changes;
 pub mod identities;
+pub mod lockouts;
 pub mod logins;
 pub mod notify;
 pub mod outbox;
+pub mod replicas;
 pub mod seeds;
 pub mod sharing;
 
