@@ -14,7 +14,7 @@ use crate::keys::{self, SeedCipher};
 #[derive(Debug, Parser)]
 #[command(
     name = "nats-pg-auth",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("NATS_PG_AUTH_GIT_SHA"), ")"),
     about = "Postgres as the single source of truth for NATS identities (auth callout + account JWT sync)"
 )]
 pub struct Cli {

@@ -112,6 +112,7 @@ fn a_default_ttl_above_max_ttl_is_refused() {
 #[tokio::test]
 async fn status_into_a_closed_pipe_ends_quietly() {
     let env = TestEnv::start().await;
+    crate::common::wait_healthy(&env.database_url).await;
     for _ in 0..3 {
         let mut child = Command::new(BIN)
             .arg("status")

@@ -422,11 +422,10 @@ async fn status_shows_the_leader_the_backlog_and_every_account() {
         "a replica to lead",
     )
     .await;
+    crate::common::wait_healthy(&env.database_url).await;
     let text = ok(&env, &["status"]);
-    assert!(
-        text.contains("sync leader: nats-pg-auth sync leader"),
-        "{text}"
-    );
+    assert!(text.contains("sync leader: replica "), "{text}");
+    assert!(text.contains("(nats-pg-auth sync leader, "), "{text}");
     assert!(text.contains("ACCOUNT") && text.contains("acme"), "{text}");
     assert!(text.contains("pending kick requests"), "{text}");
     let v: Value = serde_json::from_str(&ok(&env, &["status", "--json"])).expect("JSON only");
@@ -441,12 +440,17 @@ async fn status_shows_the_leader_the_backlog_and_every_account() {
     env.stop_service().await;
     env.sql("UPDATE nats.accounts SET max_connections = 7 WHERE name = 'acme'")
         .await;
-    let v: Value = serde_json::from_str(&ok(&env, &["status", "--json"])).unwrap();
+    // No replica runs: the report is printed, and the exit code says unavailable (69).
+    let (code, out, err) = run(&env, &["status", "--json"], "");
+    assert_eq!(code, Some(69), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["leader"].is_null(), "{v}");
     assert!(v["outbox"]["pending"].as_i64().unwrap() >= 1, "{v}");
     assert!(v["outbox"]["oldest_age_seconds"].as_f64().is_some(), "{v}");
-    let text = ok(&env, &["status"]);
+    let (code, text, err) = run(&env, &["status"], "");
+    assert_eq!(code, Some(69), "{err}");
     assert!(text.contains("sync leader: none"), "{text}");
+    assert!(err.contains("no replica reports"), "{err}");
 }
 
 /// Fails with `code` and one line on stderr that contains each of `says` and shows no

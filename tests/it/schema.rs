@@ -381,6 +381,7 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
         [true, true, true, false],
     ),
     ("nats.touch_updated_at()", [false, false, false, false]),
+    ("nats.unlock_requested()", [false, false, false, false]),
     (
         "nats.user_certificates_changed()",
         [false, false, false, false],

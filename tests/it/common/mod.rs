@@ -1158,3 +1158,28 @@ pub async fn tenant_admin(env: &TestEnv, account: &str) -> (String, PgPool) {
             .expect("connect as the tenant admin"),
     )
 }
+
+/// `run_cli` off the runtime's thread (the in-process service keeps running meanwhile).
+pub async fn run_cli_async(
+    args: &[&str],
+    database_url: &str,
+    stdin: &str,
+) -> (Option<i32>, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let (url, stdin) = (database_url.to_owned(), stdin.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&args, Some(&url), &stdin)
+    })
+    .await
+    .expect("run the CLI")
+}
+
+/// Waits until `nats-pg-auth status` says healthy (exit 0): every replica has reported ready
+/// and one leads the sync.
+pub async fn wait_healthy(database_url: &str) {
+    wait_until(Duration::from_secs(15), "status to say healthy", || async {
+        run_cli_async(&["status"], database_url, "").await.0 == Some(0)
+    })
+    .await;
+}
