@@ -503,17 +503,6 @@ impl Application {
         }
         http_stop.cancel();
         tasks.abort_all();
-        // The heartbeat has stopped writing: the row goes, so `status` does not count a replica
-        // that stopped on purpose as one not heard from.
-        // (Bounded: a look takes ≤ 1 s, a write ≤ 2 s.)
-        let stopping = heartbeat.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(3), heartbeat)
-            .await
-            .is_err()
-        {
-            stopping.abort();
-        }
-        crate::replica::Heartbeat::deregister(&self.pool, &self.replica).await;
         // Replies still buffered go out; then the connections close. Bounded as well: neither
         // NATS nor Postgres need be reachable now.
         let grace = deadline
@@ -521,8 +510,18 @@ impl Application {
             .max(Duration::from_millis(500));
         self.closing.cancel();
         let _ = tokio::time::timeout(grace, async {
-            let _ = self.callout_client.drain().await;
-            let _ = self.sys_client.drain().await;
+            // Meanwhile the replica's row goes (once its heartbeat, stopped with the HTTP
+            // endpoints, has finished its last write), so `status` does not count a replica that
+            // stopped on purpose as one not heard from.
+            let deregister = async {
+                let _ = heartbeat.await;
+                crate::replica::Heartbeat::deregister(&self.pool, &self.replica).await;
+            };
+            let drain = async {
+                let _ = self.callout_client.drain().await;
+                let _ = self.sys_client.drain().await;
+            };
+            tokio::join!(deregister, drain);
             self.pool.close().await;
         })
         .await;

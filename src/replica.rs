@@ -132,6 +132,9 @@ impl Heartbeat {
                 _ = tick.tick() => {}
             }
             let report = self.look().await;
+            if stop.is_cancelled() {
+                break;
+            }
             if written
                 .as_ref()
                 .is_some_and(|(r, at)| *r == report && at.elapsed() < BEAT_EVERY)
