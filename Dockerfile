@@ -20,6 +20,10 @@ RUN mkdir -p src benches \
  && cargo build --release --locked --bin nats-pg-auth || true
 COPY src ./src
 COPY migrations ./migrations
+# .git is not in the build context: the commit comes in as a build arg
+# (`docker build --build-arg GIT_SHA=$(git rev-parse --short=12 HEAD) .`), else `unknown`.
+ARG GIT_SHA=unknown
+ENV NATS_PG_AUTH_GIT_SHA=${GIT_SHA}
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked --bin nats-pg-auth \
  && cp target/release/nats-pg-auth /nats-pg-auth
