@@ -72,16 +72,20 @@ async fn status_exits_69_and_names_the_replica_that_lost_nats() {
     assert_eq!(v["replicas"][0]["nats_connected"], false);
 }
 
-/// Two replicas: each under its own name, the leader named, and a replica stopped with
-/// SIGTERM leaves the list (it is not reported as silent).
+/// Two replicas: each under its own name (`--replica-name`, else `host:pid`), the leader
+/// named, and a replica stopped with SIGTERM leaves the list (it is not reported as silent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_are_named_apart_and_the_leader_is_named() {
     let env = TestEnv::start_with(named_a()).await;
     env.acme().await;
     wait_healthy(&env.database_url).await;
-    let mut b =
-        ServiceProcess::for_env_with(&env, "b", &[("NATS_PG_AUTH_REPLICA_NAME", "replica-b")]);
+    let mut b = ServiceProcess::for_env(&env, "b");
     b.wait_ready(Duration::from_secs(15)).await;
+    let b_name = format!(
+        "{}:{}",
+        nats_pg_auth::replica::host_name().expect("a host name"),
+        b.pid().unwrap()
+    );
     let db = env.database_url.clone();
     wait_until(Duration::from_secs(15), "both replicas to report", || {
         let db = db.clone();
@@ -99,20 +103,27 @@ async fn two_replicas_are_named_apart_and_the_leader_is_named() {
     let (code, out, err) = status(&env, true).await;
     assert_eq!(code, Some(0), "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
-    let names: Vec<&str> = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["replica-a", "replica-b"]);
+    let replica = |name: &str| {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no replica {name}: {v}"))
+            .clone()
+    };
     // The in-process replica started first and holds the lock.
     assert_eq!(v["leader"]["replica"], "replica-a", "{v}");
-    assert_eq!(v["replicas"][0]["leader"], true);
-    assert_eq!(v["replicas"][1]["leader"], false);
+    assert_eq!(replica("replica-a")["leader"], true);
+    assert_eq!(replica(&b_name)["leader"], false);
+    assert_eq!(replica(&b_name)["pid"], b.pid().unwrap());
     let (_, text, _) = status(&env, false).await;
     assert!(text.contains("sync leader: replica replica-a ("), "{text}");
-    assert!(text.contains("replica-b  ready  live  up    no"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&b_name))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("  ready  live  up    no "), "{row}");
 
     b.signal(rustix::process::Signal::TERM);
     assert!(b.wait_exit(Duration::from_secs(15)).await.success());
