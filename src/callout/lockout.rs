@@ -185,6 +185,23 @@ impl Lockout {
         self.succeeded(username);
     }
 
+    /// An unlock requested `ago` (replayed after a full load of the copy, for a replica that
+    /// was not following the change log then): lifts the lockout of `username` only if it
+    /// started before the request, so a lockout earned since stays.
+    pub fn lift_if_started_before(&self, username: &str, ago: Duration) {
+        let Some(entry) = self
+            .entries
+            .as_ref()
+            .and_then(|e| e.get(&self.key(username)))
+        else {
+            return;
+        };
+        let started_before = entry.state().since.is_some_and(|t| t.elapsed() >= ago);
+        if started_before {
+            self.lift(username);
+        }
+    }
+
     /// A successful login (also one answered by the credential cache) forgets earlier failures.
     pub fn succeeded(&self, username: &str) {
         if let Some(entry) = self
@@ -318,6 +335,20 @@ mod tests {
         assert!(!l.is_locked("a"));
         assert_eq!(l.remaining("a"), None);
         assert!(l.attempt("a", soon()).await.is_ok(), "checked again");
+    }
+
+    /// A replayed unlock lifts a lockout that started before it, not one earned since.
+    #[tokio::test]
+    async fn a_replayed_unlock_spares_a_newer_lockout() {
+        let l = Lockout::new(&LockoutSettings {
+            failures: 1,
+            duration: Duration::from_secs(60),
+        });
+        l.attempt("a", soon()).await.unwrap().failed();
+        l.lift_if_started_before("a", Duration::from_secs(30));
+        assert!(l.is_locked("a"), "locked after the unlock 30 s ago");
+        l.lift_if_started_before("a", Duration::ZERO);
+        assert!(!l.is_locked("a"), "locked before the unlock just now");
     }
 
     #[tokio::test]

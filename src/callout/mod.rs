@@ -906,6 +906,28 @@ impl Callout {
         true
     }
 
+    /// After a full load of the copy: unlocks logged while this replica was not following the
+    /// change log (its listener was down) are not read from it; replay those of the lockout
+    /// window from `nats.unlock_requests` (in the background; best effort).
+    pub(crate) fn replay_unlocks(&self) {
+        let window = self.settings.lockout.duration.as_secs_f64();
+        if self.settings.lockout.failures == 0 || window == 0.0 {
+            return;
+        }
+        let (pool, lockout) = (self.pool.clone(), self.lockout.clone());
+        tokio::spawn(async move {
+            match crate::db::lockouts::unlocked_since(&pool, window).await {
+                Ok(unlocks) => {
+                    for (name, ago) in unlocks {
+                        let ago = Duration::try_from_secs_f64(ago).unwrap_or_default();
+                        lockout.lift_if_started_before(&name, ago);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read recent unlocks"),
+            }
+        });
+    }
+
     /// The login of a username: from the copy when it is current, else from Postgres, else
     /// (Postgres unreachable) from the copy within the outage grace.
     async fn find_user(

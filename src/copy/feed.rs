@@ -153,6 +153,8 @@ impl Callout {
                     match done {
                         Outcome::Reload(Ok(((users, tokens, took), snapshot))) => {
                             reload_failures = 0;
+                            // Unlocks logged while the log was not followed (`user unlock`).
+                            self.replay_unlocks();
                             tracing::info!(
                                 users,
                                 tokens,

@@ -65,6 +65,21 @@ pub async fn of_user(pool: &PgPool, username: &str) -> Result<Vec<Lockout>, sqlx
     .await
 }
 
+/// Unlocks requested within the last `seconds`: (username, seconds ago).
+pub async fn unlocked_since(
+    pool: &PgPool,
+    seconds: f64,
+) -> Result<Vec<(String, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT u.username, greatest(EXTRACT(EPOCH FROM now() - r.requested_at)::float8, 0)
+         FROM nats.unlock_requests r JOIN nats.users u ON u.id = r.user_id
+         WHERE r.requested_at > now() - make_interval(secs => $1)",
+    )
+    .bind(seconds)
+    .fetch_all(pool)
+    .await
+}
+
 /// Asks every replica to lift `username`'s lockout. None: no such user (or, for a tenant, not
 /// one of its accounts'); else the lockouts in force that were recorded before.
 pub async fn unlock(pool: &PgPool, username: &str) -> Result<Option<usize>, sqlx::Error> {

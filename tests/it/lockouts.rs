@@ -234,3 +234,37 @@ async fn tenants_see_and_lift_only_their_own_users_lockouts() {
     let audit = audit_row(&env, "user_unlocked", "alice").await;
     assert_eq!(audit["requested_by"], acme_role.as_str());
 }
+
+/// A replica that was not following the change log when the unlock was logged (its listener
+/// down) lifts the lockout after its next full load: it replays recent unlock requests.
+#[tokio::test]
+async fn an_unlock_missed_in_the_change_log_is_replayed_after_a_reload() {
+    let env = TestEnv::start_with(locking()).await;
+    env.acme().await;
+    lock_out_alice(&env, 1).await;
+    // The request without its change-log row: what a replica with its listener down misses.
+    env.sql(
+        "ALTER TABLE nats.unlock_requests DISABLE TRIGGER unlock_requested;
+         INSERT INTO nats.unlock_requests (user_id) SELECT id FROM nats.users WHERE username = 'alice';
+         ALTER TABLE nats.unlock_requests ENABLE TRIGGER unlock_requested;",
+    )
+    .await;
+    assert!(
+        env.connect_user("alice", "s3cret").await.is_err(),
+        "not read from the log"
+    );
+    // The listener reconnects and the copy reloads in full.
+    env.sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = '{}' AND datname = current_database()",
+        nats_pg_auth::copy::LISTENER_APPLICATION_NAME
+    ))
+    .await;
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "the unlock to be replayed after the reload",
+    )
+    .await;
+}
