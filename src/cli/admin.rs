@@ -102,7 +102,7 @@ pub(super) fn secs_text(s: Option<f64>) -> String {
     })
 }
 
-fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
+pub(super) fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
     out(&(text + "\n"))

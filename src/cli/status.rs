@@ -15,12 +15,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::admin::{print_json, table};
 use super::{out, CliError};
 use crate::db::admin::{self, ImportError, Status};
 use crate::db::replicas::Replica;
-
-/// Columns padded to their widest cell (the admin verbs' table).
-use super::admin::table;
 
 fn age(secs: f64) -> String {
     humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string()
@@ -229,12 +227,6 @@ pub async fn status(pool: &sqlx::PgPool, json: bool) -> Result<(), CliError> {
         )));
     }
     Ok(())
-}
-
-fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
-    out(&(text + "\n"))
 }
 
 #[cfg(test)]
