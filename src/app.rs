@@ -39,6 +39,10 @@ pub enum AppError {
     Nats(String),
     #[error("cannot seal the stored seeds with the current encryption key: {0}")]
     Seeds(crate::db::seeds::ReencryptError),
+    /// The stored seeds do not open with the configured keys: how many, under which key ids,
+    /// and the command that fixes it ([`crate::db::seeds::Census::explain`]).
+    #[error("cannot open the stored seeds: {0}")]
+    SeedKeys(String),
     #[error("cannot listen for HTTP on {0}: {1} (set --http-listen to another address, or `off`)")]
     Http(std::net::SocketAddr, std::io::Error),
     #[error("the auth callout cannot subscribe: {0}")]
@@ -70,6 +74,8 @@ pub struct Application {
     closing: CancellationToken,
     /// Keeps the login copy's sealed snapshot (`--snapshot-dir`).
     snapshot_writer: Option<crate::copy::snapshot::Writer>,
+    /// Whether this replica's at-rest key is still the database's, and the cipher it checks.
+    key_watch: (crate::key_watch::KeyWatch, SeedCipher),
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -221,6 +227,22 @@ impl Application {
             Some(_) => identities,
         };
 
+        // A key that is no longer the database's (a rotation this replica did not follow) seals
+        // nothing: see crate::key_watch. Checked now, then every few seconds.
+        let key_watch = crate::key_watch::KeyWatch::default();
+        if snapshot.is_none() {
+            let found = crate::db::seeds::superseded_by(&pool, &cipher, false)
+                .await
+                .map_err(DbError::from)?;
+            key_watch.record(&cipher, found);
+        }
+        if let Some(id) = cipher.key_id() {
+            tracing::info!(
+                key_id = id,
+                "seeds are sealed with the encryption key of this id"
+            );
+        }
+
         let metrics = Metrics::default();
         let closing = CancellationToken::new();
         let auth = AuthIdentity {
@@ -324,7 +346,8 @@ impl Application {
                         args.kicks_per_second,
                     )
                     .with_copy(callout.cache().clone()),
-                ),
+                )
+                .with_key_watch(key_watch.clone()),
             )
         } else {
             None
@@ -349,6 +372,7 @@ impl Application {
             shutdown_timeout: args.shutdown_timeout,
             closing,
             snapshot_writer,
+            key_watch: (key_watch, cipher),
         })
     }
 
@@ -391,6 +415,13 @@ impl Application {
             .run(self.callout_client.clone(), stop.clone());
         let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
         names.insert(callout.id(), Task::Callout);
+        // Not essential either: it only ever stops this replica from sealing.
+        let (key_watch, key_cipher) = self.key_watch;
+        tokio::spawn(
+            key_watch
+                .clone()
+                .run(self.pool.clone(), key_cipher, stop.clone()),
+        );
         if let Some(writer) = self.snapshot_writer {
             // Not essential: a replica without a snapshot still serves (it logs why).
             tokio::spawn(writer.keep_writing(self.callout.cache().clone(), stop.clone()));
@@ -415,6 +446,7 @@ impl Application {
                 handler: Some(self.callout.clone()),
                 not_ready: not_ready.clone(),
                 db_check: Default::default(),
+                key_watch: Some(key_watch.clone()),
             };
             let serve = crate::http::serve(listener, probes, http_stop.clone());
             let handle = tasks.spawn(async move {
@@ -551,8 +583,29 @@ fn task_end(
     (task, result)
 }
 
-/// A wrong or missing key must fail at startup with one clear line, never at login time.
+/// A wrong or missing key must fail at startup with one clear line, never at login time. When
+/// the seeds are under other keys, the line counts them per key id and says what fixes it.
 async fn check_seeds(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    identities: &ServiceIdentities,
+) -> Result<(), AppError> {
+    use crate::keys::KeyErrorKind as K;
+    match try_seeds(pool, cipher, identities).await {
+        Err(AppError::Key(e)) if matches!(e.kind(), K::WrongKey | K::OtherKey | K::MissingKey) => {
+            let census = crate::db::seeds::census(pool, cipher)
+                .await
+                .map_err(DbError::from)?;
+            if census.unopenable.is_empty() {
+                return Err(AppError::Key(e));
+            }
+            Err(AppError::SeedKeys(census.explain(cipher)))
+        }
+        other => other,
+    }
+}
+
+async fn try_seeds(
     pool: &PgPool,
     cipher: &SeedCipher,
     identities: &ServiceIdentities,

@@ -1,8 +1,11 @@
-//! Re-encrypting every stored seed (identities and account keys) under another at-rest key.
+//! Re-encrypting every stored seed (identities and account keys) under another at-rest key, and
+//! telling which key the database's seeds are under now.
+
+use std::collections::BTreeMap;
 
 use sqlx::PgPool;
 
-use crate::keys::{self, SeedCipher};
+use crate::keys::{self, SealedWith, SeedCipher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReencryptError {
@@ -31,15 +34,125 @@ pub async fn reencrypt(
 }
 
 /// `serve` with `--old-encryption-key`: seeds still sealed with the previous key are sealed
-/// with the current one. Plain seeds are left alone (see [`encrypt_keyless_start`]).
+/// with the current one. Plain seeds are left alone (see [`encrypt_keyless_start`]), and so are
+/// seeds an earlier release sealed with the current key (`enc:v1:`, no key id): rewriting them
+/// at every upgrade would make them unreadable to the replicas not yet upgraded.
 pub async fn reseal_previous_key(
     pool: &PgPool,
     cipher: &SeedCipher,
 ) -> Result<u64, ReencryptError> {
     rewrite(pool, cipher, cipher, |stored, public_key| {
-        stored.starts_with('S') || cipher.is_current(stored, public_key)
+        stored.starts_with('S') || cipher.writes_like(stored, public_key)
     })
     .await
+}
+
+/// Whether `cipher` still seals as the database's seeds are sealed: None when it does (or the
+/// database has no operator yet), else what the operator's seed is sealed with. The operator's
+/// seed stands for the database because every change of key re-seals it
+/// (`rotate-encryption-key`, `serve`'s start-up re-seal and first encryption).
+///
+/// `lock` takes FOR SHARE on that row: a transaction that checks this and then inserts seeds
+/// cannot interleave with a rotation (which locks every seed FOR UPDATE, this row among them,
+/// before it reads the others): it either commits first, and the rotation re-seals its new
+/// seeds, or sees the rotation's result and inserts nothing.
+pub async fn superseded_by(
+    conn: impl sqlx::PgExecutor<'_>,
+    cipher: &SeedCipher,
+    lock: bool,
+) -> Result<Option<SealedWith>, sqlx::Error> {
+    let row: Option<(String, String)> = sqlx::query_as(if lock {
+        "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator' FOR SHARE"
+    } else {
+        "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator'"
+    })
+    .fetch_optional(conn)
+    .await?;
+    Ok(match row {
+        Some((public_key, seed)) if !cipher.writes_like(&seed, &public_key) => {
+            Some(keys::sealed_with(&seed))
+        }
+        _ => None,
+    })
+}
+
+/// The stored seeds a cipher cannot open, counted by the key they are sealed with.
+#[derive(Debug, Default)]
+pub struct Census {
+    pub total: usize,
+    pub unopenable: BTreeMap<SealedWith, usize>,
+}
+
+/// Opens every stored seed with `cipher` (only on the way to an error: a start that cannot
+/// open the seeds), and counts the ones it cannot by key.
+pub async fn census(pool: &PgPool, cipher: &SeedCipher) -> Result<Census, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT public_key, seed FROM nats.service_identities
+         UNION ALL SELECT public_key, seed FROM nats.account_keys WHERE seed IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut census = Census {
+        total: rows.len(),
+        ..Default::default()
+    };
+    for (public_key, seed) in rows {
+        if cipher.open(&seed, &public_key).is_err() {
+            *census
+                .unopenable
+                .entry(keys::sealed_with(&seed))
+                .or_default() += 1;
+        }
+    }
+    Ok(census)
+}
+
+impl Census {
+    /// One line for an operator whose replica cannot open the seeds: how many, under which
+    /// keys, and the command that fixes it. Key ids only, never a key.
+    pub fn explain(&self, cipher: &SeedCipher) -> String {
+        let bad: usize = self.unopenable.values().sum();
+        let mine = match cipher.key_id() {
+            Some(id) => format!("this replica's encryption key (id {id})"),
+            None => "this replica, which has no encryption key,".to_owned(),
+        };
+        let olds = cipher.old_key_ids();
+        let olds = if olds.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " or NATS_PG_AUTH_OLD_ENCRYPTION_KEY (id {})",
+                olds.join(", ")
+            )
+        };
+        let under = self
+            .unopenable
+            .iter()
+            .map(|(with, n)| format!("{n} under {with}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let other = self.unopenable.keys().find_map(|w| match w {
+            SealedWith::Key(id) => Some(format!("the key whose id is {id}")),
+            _ => None,
+        });
+        let other = other.unwrap_or_else(|| "the previous key".to_owned());
+        if cipher.key_id().is_none() {
+            return format!(
+                "{bad} of the {} stored seeds are encrypted ({under}) but {mine} cannot open them: set NATS_PG_AUTH_ENCRYPTION_KEY (or --encryption-key-file) to {other}",
+                self.total
+            );
+        }
+        if bad == self.total {
+            return format!(
+                "none of the {} stored seeds opens with {mine}{olds}: {under}. NATS_PG_AUTH_ENCRYPTION_KEY is not the key this database is sealed with (it was rotated, or this is another database): set it to {other}; `nats-pg-auth key-id` prints the id of a key",
+                self.total
+            );
+        }
+        format!(
+            "{bad} of the {} stored seeds do not open with {mine}{olds}: {under}. A replica that still ran with {other} after `rotate-encryption-key` sealed them. Fix: NATS_PG_AUTH_OLD_ENCRYPTION_KEY=<{other}> nats-pg-auth rotate-encryption-key (with this replica's DATABASE_URL and NATS_PG_AUTH_ENCRYPTION_KEY; `nats-pg-auth key-id` prints the id of a key), or start serve once with NATS_PG_AUTH_OLD_ENCRYPTION_KEY set to that key",
+            self.total
+        )
+    }
 }
 
 /// Opens with `old` and seals with `new` every seed that `skip` does not leave alone, in one
