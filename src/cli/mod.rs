@@ -247,8 +247,18 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::Migrate => {
             let pool = db::connect(common.database_url()?, 2).await?;
-            db::migrate(&pool).await?;
-            say!("schema `nats` is up to date");
+            let applied = db::migrate(&pool).await?;
+            if applied.is_empty() {
+                say!("schema `nats` is up to date: nothing to apply");
+            } else {
+                let list: Vec<String> =
+                    applied.iter().map(|(v, d)| format!("{v:04} {d}")).collect();
+                say!(
+                    "applied {} migration(s) to schema `nats`: {}; it is up to date",
+                    applied.len(),
+                    list.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Init(args) => {
