@@ -60,6 +60,7 @@ impl CliError {
             CliError::Config(_) => 64,
             CliError::Init(
                 InitError::OtherOperator { .. }
+                | InitError::KeyNotCurrent(_)
                 | InitError::BadName
                 | InitError::NeedName
                 | InitError::NotInitialised,

@@ -76,6 +76,26 @@ pub async fn superseded_by(
     })
 }
 
+/// For the CLI verbs that seal seeds (`init` under an imported operator, `import` of keys,
+/// `rotate-operator-key`), in their transaction: refuses, with the line to show, when `cipher`
+/// does not seal like the database (an operator shell still holding the previous key would
+/// otherwise leave seeds the next start cannot open).
+pub async fn refuse_unless_current(
+    conn: impl sqlx::PgExecutor<'_>,
+    cipher: &SeedCipher,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let Some(found) = superseded_by(conn, cipher, true).await? else {
+        return Ok(Ok(()));
+    };
+    let mine = match cipher.key_id() {
+        Some(id) => format!("key id {id}"),
+        None => "no key".to_owned(),
+    };
+    Ok(Err(format!(
+        "the stored seeds are sealed with {found}, but NATS_PG_AUTH_ENCRYPTION_KEY is {mine}: set it to the database's current key (`nats-pg-auth key-id` prints a key's id); nothing was changed"
+    )))
+}
+
 /// The stored seeds a cipher cannot open, counted by the key they are sealed with.
 #[derive(Debug, Default)]
 pub struct Census {
