@@ -236,11 +236,14 @@ impl Application {
                 .map_err(DbError::from)?;
             key_watch.record(&cipher, found);
         }
-        if let Some(id) = cipher.key_id() {
-            tracing::info!(
-                key_id = id,
-                "seeds are sealed with the encryption key of this id"
-            );
+        match cipher.key_id() {
+            Some(id) => {
+                tracing::info!(key_id = id, "seeds are sealed with the encryption key of this id")
+            }
+            // Said once, once the seeds were found readable without a key (a database whose
+            // seeds are encrypted stops above with its own line): a deployment without a key is
+            // legal (a dev stack) but must not be one by accident.
+            None => tracing::warn!("no encryption key (NATS_PG_AUTH_ENCRYPTION_KEY / --encryption-key-file): the seeds of the operator, the accounts and the service users are stored in PLAIN TEXT in nats.service_identities and nats.account_keys; anyone who can read a pg_dump or those tables can sign as them. Generate a key with `nats-pg-auth generate-key` and restart with it: the seeds are encrypted at that start"),
         }
 
         let metrics = Metrics::default();

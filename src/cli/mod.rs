@@ -500,11 +500,6 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
                 cipher: common.cipher()?,
                 args,
             };
-            if !config.cipher.has_key() {
-                // Said once per process, before any retry loop: a deployment without a key is
-                // legal (a dev stack) but must not be one by accident.
-                tracing::warn!("no encryption key (NATS_PG_AUTH_ENCRYPTION_KEY / --encryption-key-file): the seeds of the operator, the accounts and the service users are stored in PLAIN TEXT in nats.service_identities and nats.account_keys; anyone who can read a pg_dump or those tables can sign as them. Generate a key with `nats-pg-auth generate-key` and restart with it: the seeds are encrypted at that start");
-            }
             // A replica started while Postgres is down waits for it (it has no copy of the login
             // data yet, so it could answer nothing anyway); every other error ends `serve`.
             let mut waiting = false;
