@@ -231,7 +231,7 @@ impl Application {
         // nothing: see crate::key_watch. Checked now, then every few seconds.
         let key_watch = crate::key_watch::KeyWatch::default();
         if snapshot.is_none() {
-            let found = crate::db::seeds::superseded_by(&pool, &cipher, false)
+            let found = crate::db::seeds::superseded_by(&pool, &cipher)
                 .await
                 .map_err(DbError::from)?;
             key_watch.record(&cipher, found);

@@ -213,7 +213,7 @@ pub async fn init(
             let signing = open(IdentityKind::OperatorSigning)?;
             let sys = open(IdentityKind::SysAccount)?;
             open(IdentityKind::Operator)?;
-            crate::db::seeds::refuse_unless_current(&mut *tx, cipher)
+            crate::db::seeds::refuse_unless_current(&mut tx, cipher)
                 .await?
                 .map_err(InitError::KeyNotCurrent)?;
             let mut rows = existing.clone();

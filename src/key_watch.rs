@@ -5,8 +5,9 @@
 //! the next start with only the new key could not open them. So a replica whose key no longer
 //! seals like the database ([`crate::db::seeds::superseded_by`]) creates and rotates no keys,
 //! does not lead the sync (a replica with the current key does), fails `/readyz` with the
-//! reason, and says so once in the log. The check runs every [`CHECK_EVERY`] and, under a row
-//! lock, inside every transaction that inserts a seed, so no seed is sealed in between.
+//! reason, and says so once in the log. The check runs every [`CHECK_EVERY`] and, under
+//! [`crate::db::seeds::SEED_KEY_LOCK`], inside every transaction that inserts a seed, so no
+//! seed is sealed in between.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -55,7 +56,7 @@ impl KeyWatch {
     /// being away is for the outage handling to report).
     pub async fn run(self, pool: PgPool, cipher: SeedCipher, stop: CancellationToken) {
         loop {
-            match crate::db::seeds::superseded_by(&pool, &cipher, false).await {
+            match crate::db::seeds::superseded_by(&pool, &cipher).await {
                 Ok(found) => self.record(&cipher, found),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot compare the encryption key with the database's")

@@ -62,7 +62,7 @@ pub async fn begin(pool: &PgPool, cipher: &SeedCipher) -> Result<Step, InitError
     let next = match existing {
         Some(pk) => pk,
         None => {
-            crate::db::seeds::refuse_unless_current(&mut *tx, cipher)
+            crate::db::seeds::refuse_unless_current(&mut tx, cipher)
                 .await?
                 .map_err(InitError::KeyNotCurrent)?;
             let kp = keys::new_operator();

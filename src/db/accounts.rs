@@ -107,7 +107,7 @@ pub async fn assign_keys(
     let mut tx = pool.begin().await?;
     // Seeds sealed with a key that is no longer the database's would not open at the next
     // start with the current key only: insert nothing then (issue 18 item 6).
-    if let Some(found) = super::seeds::superseded_by(&mut *tx, sealed_by, true).await? {
+    if let Some(found) = super::seeds::lock_and_check(&mut tx, sealed_by).await? {
         tx.rollback().await?;
         return Ok(Assigned::KeyNotCurrent(found));
     }

@@ -47,25 +47,22 @@ pub async fn reseal_previous_key(
     .await
 }
 
+/// The advisory lock between sealing seeds and changing the key: a re-seal of every seed
+/// (`rotate-encryption-key`, `serve`'s start-up re-seal and first encryption) takes it
+/// exclusively, a transaction that inserts seeds takes it shared ([`lock_and_check`]). An
+/// in-memory lock: no row is written, however many accounts get keys at once.
+pub const SEED_KEY_LOCK: i64 = 0x6e61_7473_7067_0003; // "natspg" + 3
+
 /// Whether `cipher` still seals as the database's seeds are sealed: None when it does (or the
 /// database has no operator yet), else what the operator's seed is sealed with. The operator's
-/// seed stands for the database because every change of key re-seals it
-/// (`rotate-encryption-key`, `serve`'s start-up re-seal and first encryption).
-///
-/// `lock` takes FOR SHARE on that row: a transaction that checks this and then inserts seeds
-/// cannot interleave with a rotation (which locks every seed FOR UPDATE, this row among them,
-/// before it reads the others): it either commits first, and the rotation re-seals its new
-/// seeds, or sees the rotation's result and inserts nothing.
+/// seed stands for the database because every change of key re-seals it.
 pub async fn superseded_by(
     conn: impl sqlx::PgExecutor<'_>,
     cipher: &SeedCipher,
-    lock: bool,
 ) -> Result<Option<SealedWith>, sqlx::Error> {
-    let row: Option<(String, String)> = sqlx::query_as(if lock {
-        "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator' FOR SHARE"
-    } else {
-        "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator'"
-    })
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator'",
+    )
     .fetch_optional(conn)
     .await?;
     Ok(match row {
@@ -76,15 +73,29 @@ pub async fn superseded_by(
     })
 }
 
+/// [`superseded_by`] in a transaction about to insert seeds, holding [`SEED_KEY_LOCK`] shared
+/// until it ends: it either commits before a re-seal starts (which then re-seals its seeds
+/// too), or reads what the re-seal committed and inserts nothing.
+pub async fn lock_and_check(
+    conn: &mut sqlx::PgConnection,
+    cipher: &SeedCipher,
+) -> Result<Option<SealedWith>, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(SEED_KEY_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    superseded_by(&mut *conn, cipher).await
+}
+
 /// For the CLI verbs that seal seeds (`init` under an imported operator, `import` of keys,
 /// `rotate-operator-key`), in their transaction: refuses, with the line to show, when `cipher`
 /// does not seal like the database (an operator shell still holding the previous key would
 /// otherwise leave seeds the next start cannot open).
 pub async fn refuse_unless_current(
-    conn: impl sqlx::PgExecutor<'_>,
+    conn: &mut sqlx::PgConnection,
     cipher: &SeedCipher,
 ) -> Result<Result<(), String>, sqlx::Error> {
-    let Some(found) = superseded_by(conn, cipher, true).await? else {
+    let Some(found) = lock_and_check(conn, cipher).await? else {
         return Ok(Ok(()));
     };
     let mine = match cipher.key_id() {
@@ -188,6 +199,12 @@ async fn rewrite(
     // starting together take these row locks one after the other, so wait longer here (this
     // runs once at start, never on a login).
     sqlx::query("SET LOCAL lock_timeout = '60s'")
+        .execute(&mut *tx)
+        .await?;
+    // Waits for every transaction that checked the key and is inserting seeds (they hold the
+    // lock shared, see [`lock_and_check`]), and keeps new ones out until this one commits.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SEED_KEY_LOCK)
         .execute(&mut *tx)
         .await?;
     let mut n = 0;

@@ -101,7 +101,7 @@ pub async fn apply(
                 .any(|k| k.seed.is_some())
         });
     if seals {
-        crate::db::seeds::refuse_unless_current(&mut *tx, cipher)
+        crate::db::seeds::refuse_unless_current(&mut tx, cipher)
             .await?
             .map_err(ImportError::Usage)?;
     }

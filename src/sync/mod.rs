@@ -148,7 +148,7 @@ impl Sync {
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     ) -> Result<(), AccountSyncError> {
-        let found = db::seeds::superseded_by(&mut **tx, &self.cipher, true).await?;
+        let found = db::seeds::lock_and_check(tx, &self.cipher).await?;
         let current = found.is_none();
         self.key_watch.record(&self.cipher, found);
         if current {
