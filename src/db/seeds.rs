@@ -179,8 +179,9 @@ impl Census {
                 self.total
             );
         }
+        let verb = if bad == 1 { "does" } else { "do" };
         format!(
-            "{bad} of the {} stored seeds do not open with {mine}{olds}: {under}. A replica that still ran with {other} after `rotate-encryption-key` sealed them. Fix: NATS_PG_AUTH_OLD_ENCRYPTION_KEY=<{other}> nats-pg-auth rotate-encryption-key (with this replica's DATABASE_URL and NATS_PG_AUTH_ENCRYPTION_KEY; `nats-pg-auth key-id` prints the id of a key), or start serve once with NATS_PG_AUTH_OLD_ENCRYPTION_KEY set to that key",
+            "{bad} of the {} stored seeds {verb} not open with {mine}{olds}: {under}. A replica that still ran with {other} after `rotate-encryption-key` sealed them. Fix: NATS_PG_AUTH_OLD_ENCRYPTION_KEY=<{other}> nats-pg-auth rotate-encryption-key (with this replica's DATABASE_URL and NATS_PG_AUTH_ENCRYPTION_KEY; `nats-pg-auth key-id` prints the id of a key), or start serve once with NATS_PG_AUTH_OLD_ENCRYPTION_KEY set to that key",
             self.total
         )
     }

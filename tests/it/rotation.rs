@@ -188,7 +188,7 @@ async fn a_start_that_cannot_open_some_seeds_counts_them_per_key_id_and_prints_t
     let (k1, k2) = (key_id(&K1), key_id(&K2));
     assert!(
         log.contains(&format!(
-            "stored seeds do not open with this replica's encryption key (id {k2}): 1 under key id {k1}"
+            "stored seeds does not open with this replica's encryption key (id {k2}): 1 under key id {k1}"
         )),
         "counts per key id: {log}"
     );
