@@ -39,6 +39,10 @@ pub enum AppError {
     Nats(String),
     #[error("cannot seal the stored seeds with the current encryption key: {0}")]
     Seeds(crate::db::seeds::ReencryptError),
+    /// The stored seeds do not open with the configured keys: how many, under which key ids,
+    /// and the command that fixes it ([`crate::db::seeds::Census::explain`]).
+    #[error("cannot open the stored seeds: {0}")]
+    SeedKeys(String),
     #[error("cannot listen for HTTP on {0}: {1} (set --http-listen to another address, or `off`)")]
     Http(std::net::SocketAddr, std::io::Error),
     #[error("the auth callout cannot subscribe: {0}")]
@@ -74,6 +78,8 @@ pub struct Application {
     /// `nats.replicas`.
     replica: String,
     runs_sync: bool,
+    /// Whether this replica's at-rest key is still the database's, and the cipher it checks.
+    key_watch: (crate::key_watch::KeyWatch, SeedCipher),
 }
 
 fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
@@ -225,6 +231,25 @@ impl Application {
             Some(_) => identities,
         };
 
+        // A key that is no longer the database's (a rotation this replica did not follow) seals
+        // nothing: see crate::key_watch. Checked now, then every few seconds.
+        let key_watch = crate::key_watch::KeyWatch::default();
+        if snapshot.is_none() {
+            let found = crate::db::seeds::superseded_by(&pool, &cipher)
+                .await
+                .map_err(DbError::from)?;
+            key_watch.record(&cipher, found);
+        }
+        match cipher.key_id() {
+            Some(id) => {
+                tracing::info!(key_id = id, "seeds are sealed with the encryption key of this id")
+            }
+            // Said once, once the seeds were found readable without a key (a database whose
+            // seeds are encrypted stops above with its own line): a deployment without a key is
+            // legal (a dev stack) but must not be one by accident.
+            None => tracing::warn!("no encryption key (NATS_PG_AUTH_ENCRYPTION_KEY / --encryption-key-file): the seeds of the operator, the accounts and the service users are stored in PLAIN TEXT in nats.service_identities and nats.account_keys; anyone who can read a pg_dump or those tables can sign as them. Generate a key with `nats-pg-auth generate-key` and restart with it: the seeds are encrypted at that start"),
+        }
+
         let metrics = Metrics::default();
         let closing = CancellationToken::new();
         let auth = AuthIdentity {
@@ -329,7 +354,8 @@ impl Application {
                         args.kicks_per_second,
                     )
                     .with_copy(callout.cache().clone()),
-                ),
+                )
+                .with_key_watch(key_watch.clone()),
             )
         } else {
             None
@@ -356,6 +382,7 @@ impl Application {
             snapshot_writer,
             replica: crate::replica::name(args.replica_name.as_deref()),
             runs_sync: args.sync,
+            key_watch: (key_watch, cipher),
         })
     }
 
@@ -398,6 +425,13 @@ impl Application {
             .run(self.callout_client.clone(), stop.clone());
         let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
         names.insert(callout.id(), Task::Callout);
+        // Not essential either: it only ever stops this replica from sealing.
+        let (key_watch, key_cipher) = self.key_watch;
+        tokio::spawn(
+            key_watch
+                .clone()
+                .run(self.pool.clone(), key_cipher, stop.clone()),
+        );
         if let Some(writer) = self.snapshot_writer {
             // Not essential: a replica without a snapshot still serves (it logs why).
             tokio::spawn(writer.keep_writing(self.callout.cache().clone(), stop.clone()));
@@ -421,6 +455,7 @@ impl Application {
             handler: Some(self.callout.clone()),
             not_ready: not_ready.clone(),
             db_check: Default::default(),
+            key_watch: Some(key_watch.clone()),
         };
         // Not essential: the row is for `status`; a replica that cannot write it still serves.
         let heartbeat = tokio::spawn(
@@ -578,8 +613,29 @@ fn task_end(
     (task, result)
 }
 
-/// A wrong or missing key must fail at startup with one clear line, never at login time.
+/// A wrong or missing key must fail at startup with one clear line, never at login time. When
+/// the seeds are under other keys, the line counts them per key id and says what fixes it.
 async fn check_seeds(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    identities: &ServiceIdentities,
+) -> Result<(), AppError> {
+    use crate::keys::KeyErrorKind as K;
+    match try_seeds(pool, cipher, identities).await {
+        Err(AppError::Key(e)) if matches!(e.kind(), K::WrongKey | K::OtherKey | K::MissingKey) => {
+            let census = crate::db::seeds::census(pool, cipher)
+                .await
+                .map_err(DbError::from)?;
+            if census.unopenable.is_empty() {
+                return Err(AppError::Key(e));
+            }
+            Err(AppError::SeedKeys(census.explain(cipher)))
+        }
+        other => other,
+    }
+}
+
+async fn try_seeds(
     pool: &PgPool,
     cipher: &SeedCipher,
     identities: &ServiceIdentities,

@@ -107,8 +107,13 @@ pub enum Command {
     /// of the whole chain: nats-server → callout → Postgres).
     TryLogin(TryLoginArgs),
     /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
-    /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain).
+    /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain). Without
+    /// --new-key: seal every seed with the current key, opening those under
+    /// NATS_PG_AUTH_OLD_ENCRYPTION_KEY (finishes a rotation that left seeds under the old key).
     RotateEncryptionKey(RotateEncryptionKeyArgs),
+    /// Print the id of the at-rest key (--encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY, and of
+    /// NATS_PG_AUTH_OLD_ENCRYPTION_KEY): the id the stored seeds and the service's messages name.
+    KeyId,
     /// Accounts: list, show, create, disable, enable.
     #[command(subcommand)]
     Account(AccountCommand),

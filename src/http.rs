@@ -32,6 +32,9 @@ pub struct Probes {
     /// The last Postgres check and when it ran: shared by every /readyz caller (see
     /// [`Probes::postgres`]).
     pub db_check: std::sync::Arc<tokio::sync::Mutex<Option<DbCheck>>>,
+    /// Not ready while this replica's at-rest key is no longer the database's (it would need a
+    /// restart with the current key; see [`crate::key_watch`]).
+    pub key_watch: Option<crate::key_watch::KeyWatch>,
 }
 
 /// When the last Postgres check ran, and what it found.
@@ -77,6 +80,9 @@ impl Probes {
     pub(crate) async fn ready(&self) -> Result<String, String> {
         if let Some(why) = self.not_ready.get() {
             return Err(why.clone());
+        }
+        if let Some(why) = self.key_watch.as_ref().and_then(|w| w.superseded()) {
+            return Err(why);
         }
         if self.callout.connection_state() != State::Connected {
             return Err("callout connection to NATS is down".into());

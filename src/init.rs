@@ -53,6 +53,9 @@ pub enum InitError {
     Nkeys(String),
     #[error("{0}")]
     Rotation(String),
+    /// The configured at-rest key is not the one the stored seeds are sealed with now.
+    #[error("{0}")]
+    KeyNotCurrent(String),
 }
 
 /// The identities of an initialised database, with seeds still as stored.
@@ -210,6 +213,9 @@ pub async fn init(
             let signing = open(IdentityKind::OperatorSigning)?;
             let sys = open(IdentityKind::SysAccount)?;
             open(IdentityKind::Operator)?;
+            crate::db::seeds::refuse_unless_current(&mut tx, cipher)
+                .await?
+                .map_err(InitError::KeyNotCurrent)?;
             let mut rows = existing.clone();
             for row in create_under(cipher, &signing, &sys, jwt::now_unix())? {
                 if !existing.iter().any(|r| r.kind == row.kind) {

@@ -1,10 +1,14 @@
 //! NKey helpers and at-rest encryption of the seeds kept in Postgres.
 //!
 //! A stored seed is either the plain nkey seed (`S…`, when no key is configured) or
-//! `enc:v1:<base64 standard(nonce || ciphertext+tag)>`: AES-256-GCM with a random 12-byte nonce
-//! and the key's **public key** (its ASCII bytes) as associated data. Binding the public key
-//! means a seed copied onto another row does not open there (`WrongKey`) instead of silently
-//! signing as the wrong identity.
+//! `enc:v2:<key id>:<base64 standard(nonce || ciphertext+tag)>`: AES-256-GCM with a random
+//! 12-byte nonce and the key's **public key** (its ASCII bytes) as associated data. Binding the
+//! public key means a seed copied onto another row does not open there (`WrongKey`) instead of
+//! silently signing as the wrong identity. The key id ([`key_id`]: 8 hex digits of a SHA-256 of
+//! the key, which says nothing usable about the key) names the key a seed is sealed with, so a
+//! database holding seeds under several keys (a rotation a replica did not follow) can be told
+//! apart and counted without any key. `enc:v1:<base64>` (the same without the id, written by
+//! earlier releases) is still read.
 //!
 //! Nothing in this module prints a seed or the encryption key: not in `Debug`, not in errors.
 
@@ -20,6 +24,9 @@ use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 
 const PREFIX_V1: &str = "enc:v1:";
+const PREFIX_V2: &str = "enc:v2:";
+/// Hex digits of a key id.
+pub const KEY_ID_LEN: usize = 8;
 /// Length of the AES-GCM nonce of sealed values and files.
 pub const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -46,6 +53,11 @@ pub enum KeyError {
     },
     #[error("the stored seed of {public_key} belongs to another key ({actual})")]
     Mismatch { public_key: String, actual: String },
+    #[error(
+        "cannot decrypt the seed of {public_key}: it is sealed with the encryption key whose id is \
+         {key_id}, which is not this replica's key"
+    )]
+    OtherKey { public_key: String, key_id: String },
     #[error("invalid encryption key: {0}")]
     BadKey(String),
     #[error("cannot encrypt the seed of {public_key}")]
@@ -65,6 +77,7 @@ pub enum KeyErrorKind {
     WrongKey,
     Malformed,
     Mismatch,
+    OtherKey,
     BadKey,
     Encrypt,
     Plain,
@@ -77,6 +90,7 @@ impl KeyError {
             KeyError::WrongKey { .. } => KeyErrorKind::WrongKey,
             KeyError::Malformed { .. } => KeyErrorKind::Malformed,
             KeyError::Mismatch { .. } => KeyErrorKind::Mismatch,
+            KeyError::OtherKey { .. } => KeyErrorKind::OtherKey,
             KeyError::BadKey(_) => KeyErrorKind::BadKey,
             KeyError::Encrypt { .. } => KeyErrorKind::Encrypt,
             KeyError::Plain { .. } => KeyErrorKind::Plain,
@@ -204,6 +218,63 @@ pub fn generate_key() -> String {
     B64.encode(key.as_ref())
 }
 
+/// The id of an at-rest key: the first 4 bytes of SHA-256("nats-pg-auth key id\0" ‖ key), in
+/// hex. Stored in the clear beside each seed sealed with the key; a one-way digest of a random
+/// 32-byte key gives nothing away about it.
+pub fn key_id(key: &[u8; KEY_LEN]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"nats-pg-auth key id\0")
+        .chain_update(key)
+        .finalize();
+    digest[..KEY_ID_LEN / 2]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What a stored seed says about the key it is sealed with (no key needed to tell).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SealedWith {
+    /// A plain seed (no key).
+    Plain,
+    /// `enc:v1:` (before key ids): some key, which one is not recorded.
+    Unlabelled,
+    /// `enc:v2:` with this key id.
+    Key(String),
+    /// Neither.
+    Unknown,
+}
+
+impl fmt::Display for SealedWith {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SealedWith::Plain => f.write_str("plain text (no key)"),
+            SealedWith::Unlabelled => {
+                f.write_str("a key without an id (sealed by an earlier release)")
+            }
+            SealedWith::Key(id) => write!(f, "key id {id}"),
+            SealedWith::Unknown => f.write_str("an unknown format"),
+        }
+    }
+}
+
+/// The key `stored` is sealed with, as far as the stored value says.
+pub fn sealed_with(stored: &str) -> SealedWith {
+    if stored.starts_with('S') {
+        SealedWith::Plain
+    } else if stored.starts_with(PREFIX_V1) {
+        SealedWith::Unlabelled
+    } else if let Some((id, _)) = stored
+        .strip_prefix(PREFIX_V2)
+        .and_then(|rest| rest.split_once(':'))
+    {
+        SealedWith::Key(id.to_owned())
+    } else {
+        SealedWith::Unknown
+    }
+}
+
 /// True for `enc:…` values (any version), false for plain seeds.
 pub fn is_encrypted(stored: &str) -> bool {
     stored.starts_with("enc:")
@@ -216,10 +287,27 @@ pub fn is_encrypted(stored: &str) -> bool {
 /// it has a key: the service never writes one then, so one is foreign.
 #[derive(Clone)]
 pub struct SeedCipher {
-    aead: Option<Aes256Gcm>,
+    aead: Option<Key>,
     refuse_plain: bool,
     /// Keys that only open (never seal): the previous key during a rotation.
-    old: Vec<Aes256Gcm>,
+    old: Vec<Key>,
+}
+
+/// One at-rest key and its id.
+#[derive(Clone)]
+struct Key {
+    aead: Aes256Gcm,
+    id: String,
+}
+
+impl Key {
+    fn new(key: [u8; KEY_LEN]) -> Self {
+        let k = Zeroizing::new(key);
+        Key {
+            aead: Aes256Gcm::new(k.as_ref().into()),
+            id: key_id(&k),
+        }
+    }
 }
 
 impl fmt::Debug for SeedCipher {
@@ -232,12 +320,8 @@ impl fmt::Debug for SeedCipher {
 
 impl SeedCipher {
     pub fn new(key: Option<[u8; KEY_LEN]>) -> Self {
-        let aead = key.map(|k| {
-            let k = Zeroizing::new(k);
-            Aes256Gcm::new(k.as_ref().into())
-        });
         Self {
-            aead,
+            aead: key.map(Key::new),
             refuse_plain: false,
             old: vec![],
         }
@@ -265,8 +349,7 @@ impl SeedCipher {
     /// Also opens seeds sealed with `key` (the previous key, while a rotation is finished);
     /// sealing still uses only the main key.
     pub fn with_old_key(mut self, key: [u8; KEY_LEN]) -> Self {
-        let k = Zeroizing::new(key);
-        self.old.push(Aes256Gcm::new(k.as_ref().into()));
+        self.old.push(Key::new(key));
         self
     }
 
@@ -277,11 +360,12 @@ impl SeedCipher {
         self
     }
 
-    /// True when `stored` is sealed with the main key (so re-sealing it would change nothing).
+    /// True when `stored` is sealed with the main key in the current format (so re-sealing it
+    /// would change nothing).
     pub fn is_current(&self, stored: &str, public_key: &str) -> bool {
-        match (&self.aead, stored.strip_prefix(PREFIX_V1)) {
-            (Some(aead), Some(_)) => Self {
-                aead: Some(aead.clone()),
+        match (&self.aead, sealed_with(stored)) {
+            (Some(key), SealedWith::Key(id)) if id == key.id => Self {
+                aead: Some(key.clone()),
                 refuse_plain: false,
                 old: vec![],
             }
@@ -289,6 +373,34 @@ impl SeedCipher {
             .is_ok(),
             _ => false,
         }
+    }
+
+    /// True when `stored` is what this cipher would write now: sealed with its main key, or
+    /// plain when it has none. A replica whose cipher does not write like the database's own
+    /// seeds (the operator's, which every rotation re-seals) no longer holds the current key.
+    pub fn writes_like(&self, stored: &str, public_key: &str) -> bool {
+        match &self.aead {
+            None => sealed_with(stored) == SealedWith::Plain,
+            // Sealed by an earlier release with this very key: still current.
+            Some(_) if sealed_with(stored) == SealedWith::Unlabelled => Self {
+                aead: self.aead.clone(),
+                refuse_plain: false,
+                old: vec![],
+            }
+            .open(stored, public_key)
+            .is_ok(),
+            Some(_) => self.is_current(stored, public_key),
+        }
+    }
+
+    /// The id of the main key (the one that seals), if any.
+    pub fn key_id(&self) -> Option<&str> {
+        self.aead.as_ref().map(|k| k.id.as_str())
+    }
+
+    /// The ids of the keys that only open (`--old-encryption-key`).
+    pub fn old_key_ids(&self) -> Vec<&str> {
+        self.old.iter().map(|k| k.id.as_str()).collect()
     }
 
     /// Whether [`SeedCipher::seal`] encrypts.
@@ -301,7 +413,7 @@ impl SeedCipher {
     /// Returns the nonce; None without a key (nothing is sealed then).
     pub fn seal_in_place(&self, buf: &mut Vec<u8>, aad: &[u8]) -> Option<[u8; NONCE_LEN]> {
         use aes_gcm::aead::AeadInPlace;
-        let aead = self.aead.as_ref()?;
+        let aead = &self.aead.as_ref()?.aead;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         aead.encrypt_in_place(Nonce::from_slice(&nonce), aad, buf)
@@ -314,8 +426,9 @@ impl SeedCipher {
     /// then left as it was.
     pub fn open_in_place(&self, nonce: &[u8; NONCE_LEN], buf: &mut Vec<u8>, aad: &[u8]) -> bool {
         use aes_gcm::aead::AeadInPlace;
-        self.aead.iter().chain(&self.old).any(|aead| {
-            aead.decrypt_in_place(Nonce::from_slice(nonce), aad, buf)
+        self.aead.iter().chain(&self.old).any(|key| {
+            key.aead
+                .decrypt_in_place(Nonce::from_slice(nonce), aad, buf)
                 .is_ok()
         })
     }
@@ -325,12 +438,13 @@ impl SeedCipher {
         if !seed.starts_with('S') {
             return Err(malformed(public_key, "not an nkey seed"));
         }
-        let Some(aead) = &self.aead else {
+        let Some(key) = &self.aead else {
             return Ok(seed.to_owned());
         };
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let sealed = aead
+        let sealed = key
+            .aead
             .encrypt(
                 Nonce::from_slice(&nonce),
                 Payload {
@@ -344,28 +458,51 @@ impl SeedCipher {
         let mut blob = Vec::with_capacity(NONCE_LEN + sealed.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&sealed);
-        Ok(format!("{PREFIX_V1}{}", B64.encode(blob)))
+        Ok(format!("{PREFIX_V2}{}:{}", key.id, B64.encode(blob)))
     }
 
-    /// The seed of `public_key` from its stored value (plain `S…` or `enc:v1:`).
+    /// The seed of `public_key` from its stored value (plain `S…`, `enc:v2:` or `enc:v1:`).
     pub fn open(&self, stored: &str, public_key: &str) -> Result<SecretString, KeyError> {
-        if stored.starts_with('S') {
-            if self.refuse_plain && self.aead.is_some() {
-                return Err(KeyError::Plain {
-                    public_key: public_key.to_owned(),
-                });
+        let (encoded, candidates): (&str, Vec<&Key>) = match sealed_with(stored) {
+            SealedWith::Plain => {
+                if self.refuse_plain && self.aead.is_some() {
+                    return Err(KeyError::Plain {
+                        public_key: public_key.to_owned(),
+                    });
+                }
+                return Ok(SecretString::from(stored.to_owned()));
             }
-            return Ok(SecretString::from(stored.to_owned()));
-        }
-        let Some(encoded) = stored.strip_prefix(PREFIX_V1) else {
-            return Err(malformed(
-                public_key,
-                if is_encrypted(stored) {
-                    "unknown encryption version"
-                } else {
-                    "neither a seed nor enc:v1"
-                },
-            ));
+            SealedWith::Unknown => {
+                return Err(malformed(
+                    public_key,
+                    if is_encrypted(stored) {
+                        "unknown encryption version"
+                    } else {
+                        "neither a seed nor enc:v2/enc:v1"
+                    },
+                ))
+            }
+            // No id: every key is tried.
+            SealedWith::Unlabelled => (
+                &stored[PREFIX_V1.len()..],
+                self.aead.iter().chain(&self.old).collect(),
+            ),
+            SealedWith::Key(id) => {
+                let encoded = &stored[PREFIX_V2.len() + id.len() + 1..];
+                let keys: Vec<&Key> = self
+                    .aead
+                    .iter()
+                    .chain(&self.old)
+                    .filter(|k| k.id == id)
+                    .collect();
+                if keys.is_empty() && (self.aead.is_some() || !self.old.is_empty()) {
+                    return Err(KeyError::OtherKey {
+                        public_key: public_key.to_owned(),
+                        key_id: id,
+                    });
+                }
+                (encoded, keys)
+            }
         };
         if self.aead.is_none() && self.old.is_empty() {
             return Err(KeyError::MissingKey {
@@ -374,26 +511,26 @@ impl SeedCipher {
         }
         let blob = B64
             .decode(encoded)
-            .map_err(|_| malformed(public_key, "enc:v1 payload is not base64"))?;
+            .map_err(|_| malformed(public_key, "sealed payload is not base64"))?;
         if blob.len() < NONCE_LEN + TAG_LEN {
-            return Err(malformed(public_key, "enc:v1 payload is too short"));
+            return Err(malformed(public_key, "sealed payload is too short"));
         }
         let (nonce, sealed) = blob.split_at(NONCE_LEN);
         // GCM cannot tell a wrong key from a wrong AAD (another row's public key): both are
         // WrongKey, and the message names both causes.
         let plain = Zeroizing::new(
-            self.aead
+            candidates
                 .iter()
-                .chain(&self.old)
-                .find_map(|aead| {
-                    aead.decrypt(
-                        Nonce::from_slice(nonce),
-                        Payload {
-                            msg: sealed,
-                            aad: public_key.as_bytes(),
-                        },
-                    )
-                    .ok()
+                .find_map(|key| {
+                    key.aead
+                        .decrypt(
+                            Nonce::from_slice(nonce),
+                            Payload {
+                                msg: sealed,
+                                aad: public_key.as_bytes(),
+                            },
+                        )
+                        .ok()
                 })
                 .ok_or_else(|| KeyError::WrongKey {
                     public_key: public_key.to_owned(),
@@ -418,7 +555,9 @@ mod tests {
         let cipher = key(7);
         for kp in [new_operator(), new_account(), new_user()] {
             let (pk, stored) = seal_keypair(&cipher, &kp).expect("seals");
-            assert!(stored.starts_with("enc:v1:") && is_encrypted(&stored));
+            let id = key_id(&[7; KEY_LEN]);
+            assert!(stored.starts_with(&format!("enc:v2:{id}:")) && is_encrypted(&stored));
+            assert_eq!(sealed_with(&stored), SealedWith::Key(id));
             let seed = kp.seed().expect("seed");
             assert!(!stored.contains(&seed));
             assert_eq!(
@@ -442,6 +581,56 @@ mod tests {
         );
     }
 
+    /// Seeds written before key ids (`enc:v1:`, no id) still open, with the main or an old key.
+    #[test]
+    fn unlabelled_v1_seeds_still_open() {
+        let kp = new_account();
+        let (pk, seed) = (kp.public_key(), kp.seed().expect("seed"));
+        let aead = Aes256Gcm::new((&[6u8; KEY_LEN]).into());
+        let nonce = [3u8; NONCE_LEN];
+        let sealed = aead
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: seed.as_bytes(),
+                    aad: pk.as_bytes(),
+                },
+            )
+            .expect("seals");
+        let v1 = format!("enc:v1:{}", B64.encode([&nonce[..], &sealed].concat()));
+        assert_eq!(sealed_with(&v1), SealedWith::Unlabelled);
+        assert_eq!(key(6).open(&v1, &pk).expect("opens").expose_secret(), seed);
+        let rotated = key(8).with_old_key([6; KEY_LEN]);
+        assert_eq!(rotated.open(&v1, &pk).expect("opens").expose_secret(), seed);
+        // Current for the key that wrote it (no re-seal needed), not for another.
+        assert!(key(6).writes_like(&v1, &pk) && !key(6).is_current(&v1, &pk));
+        assert!(!rotated.writes_like(&v1, &pk));
+        assert_eq!(
+            key(9).open(&v1, &pk).expect_err("wrong").kind(),
+            KeyErrorKind::WrongKey
+        );
+    }
+
+    /// A seed under a key this cipher does not hold names that key's id (and no key material).
+    #[test]
+    fn a_seed_under_another_key_names_its_key_id() {
+        let kp = new_account();
+        let (pk, stored) = seal_keypair(&key(1), &kp).expect("seals");
+        let err = key(2).open(&stored, &pk).expect_err("other key");
+        assert_eq!(err.kind(), KeyErrorKind::OtherKey);
+        assert!(err.to_string().contains(&key_id(&[1; KEY_LEN])), "{err}");
+        assert_eq!(key(1).key_id(), Some(key_id(&[1; KEY_LEN]).as_str()));
+        assert_ne!(key_id(&[1; KEY_LEN]), key_id(&[2; KEY_LEN]));
+        assert_eq!(key_id(&[1; KEY_LEN]).len(), KEY_ID_LEN);
+        // The old key opens it; the cipher writes like the database only with it as main key.
+        let rotated = key(2).with_old_key([1; KEY_LEN]);
+        assert!(rotated.open(&stored, &pk).is_ok());
+        assert_eq!(rotated.old_key_ids(), vec![key_id(&[1; KEY_LEN])]);
+        assert!(key(1).writes_like(&stored, &pk) && !rotated.writes_like(&stored, &pk));
+        assert!(!SeedCipher::plain().writes_like(&stored, &pk));
+        assert!(SeedCipher::plain().writes_like(&kp.seed().expect("seed"), &pk));
+    }
+
     #[test]
     fn nonce_is_fresh_per_seal() {
         let cipher = key(1);
@@ -458,7 +647,7 @@ mod tests {
         let kp = new_account();
         let (pk, stored) = seal_keypair(&key(1), &kp).expect("seals");
         let err = key(2).open(&stored, &pk).expect_err("must not open");
-        assert_eq!(err.kind(), KeyErrorKind::WrongKey);
+        assert_eq!(err.kind(), KeyErrorKind::OtherKey);
         assert!(err.to_string().contains(&pk));
     }
 
@@ -540,7 +729,17 @@ mod tests {
     #[test]
     fn malformed_values() {
         let c = key(5);
-        for bad in ["", "enc:v2:AAAA", "enc:v1:!!!", "enc:v1:AAAA", "hello"] {
+        let id = key_id(&[5; KEY_LEN]);
+        for bad in [
+            "",
+            "enc:v3:AAAA",
+            "enc:v2:AAAA",
+            "enc:v1:!!!",
+            "enc:v1:AAAA",
+            &format!("enc:v2:{id}:AAAA"),
+            &format!("enc:v2:{id}:!!!"),
+            "hello",
+        ] {
             assert_eq!(
                 c.open(bad, "A").expect_err(bad).kind(),
                 KeyErrorKind::Malformed,

@@ -23,6 +23,7 @@ pub mod http;
 pub mod import;
 pub mod init;
 pub mod jwt;
+pub mod key_watch;
 pub mod keys;
 pub mod metrics;
 pub mod operator;

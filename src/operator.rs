@@ -62,6 +62,9 @@ pub async fn begin(pool: &PgPool, cipher: &SeedCipher) -> Result<Step, InitError
     let next = match existing {
         Some(pk) => pk,
         None => {
+            crate::db::seeds::refuse_unless_current(&mut tx, cipher)
+                .await?
+                .map_err(InitError::KeyNotCurrent)?;
             let kp = keys::new_operator();
             let (pk, stored) = keys::seal_keypair(cipher, &kp)?;
             sqlx::query("INSERT INTO nats.service_identities (kind, name, public_key, seed) VALUES ($1, $2, $3, $4)")

@@ -63,6 +63,7 @@ impl CliError {
             CliError::Config(_) => 64,
             CliError::Init(
                 InitError::OtherOperator { .. }
+                | InitError::KeyNotCurrent(_)
                 | InitError::BadName
                 | InitError::NeedName
                 | InitError::NotInitialised,
@@ -71,6 +72,7 @@ impl CliError {
                 AppError::NatsUrl { .. }
                 | AppError::NatsTls(_)
                 | AppError::Key(_)
+                | AppError::SeedKeys(_)
                 | AppError::Init(InitError::NotInitialised)
                 | AppError::Http(..)
                 | AppError::Seeds(db::seeds::ReencryptError::Open(..)),
@@ -249,8 +251,18 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::Migrate => {
             let pool = db::connect(common.database_url()?, 2).await?;
-            db::migrate(&pool).await?;
-            say!("schema `nats` is up to date");
+            let applied = db::migrate(&pool).await?;
+            if applied.is_empty() {
+                say!("schema `nats` is up to date: nothing to apply");
+            } else {
+                let list: Vec<String> =
+                    applied.iter().map(|(v, d)| format!("{v:04} {d}")).collect();
+                say!(
+                    "applied {} migration(s) to schema `nats`: {}; it is up to date",
+                    applied.len(),
+                    list.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Init(args) => {
@@ -419,13 +431,26 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::TryLogin(args) => try_login(args).await,
         Command::RotateEncryptionKey(args) => {
-            let old = common.cipher()?;
-            let new_args = crate::config::CommonArgs {
-                encryption_key: args.new_key.clone(),
-                encryption_key_file: args.new_key_file.clone(),
-                ..common.clone()
+            let current = common.cipher()?;
+            let finishing = args.new_key.is_none() && args.new_key_file.is_none();
+            let new = if finishing {
+                // No new key: seal everything with the current one (opening with the old one).
+                if !current.has_key() {
+                    return Err(ConfigError::Invalid(
+                        "give the new key with --new-key or --new-key-file (or, to finish a rotation, set NATS_PG_AUTH_ENCRYPTION_KEY to the current key and NATS_PG_AUTH_OLD_ENCRYPTION_KEY to the previous one)".into(),
+                    )
+                    .into());
+                }
+                current.clone()
+            } else {
+                crate::config::CommonArgs {
+                    encryption_key: args.new_key.clone(),
+                    encryption_key_file: args.new_key_file.clone(),
+                    old_encryption_key: None,
+                    ..common.clone()
+                }
+                .cipher()?
             };
-            let new = new_args.cipher()?;
             if !new.has_key() {
                 return Err(ConfigError::Invalid(
                     "give the new key with --new-key or --new-key-file".into(),
@@ -435,12 +460,41 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             let pool = db::connect(common.database_url()?, 2).await?;
             // Seeds already under the new key (an earlier run, or written by a replica that
             // already runs with it) are opened with it: running this again finishes a rotation.
-            let old = old.also_opening(&new);
+            let old = current.clone().also_opening(&new);
             let n = db::seeds::reencrypt(&pool, &old, &new, false)
                 .await
                 .map_err(|e| CliError::Other(format!("{e}; nothing was changed")))?;
-            say!("re-encrypted {n} seeds; restart every `serve` with the new key (and NATS_PG_AUTH_OLD_ENCRYPTION_KEY set to the old one while any replica may still run with it: see README)");
+            let from: Vec<&str> = current
+                .key_id()
+                .into_iter()
+                .chain(current.old_key_ids())
+                .filter(|id| Some(*id) != new.key_id())
+                .collect();
+            let to = new.key_id().unwrap_or_default();
+            db::audit::record(
+                &pool,
+                db::audit::kind::ENCRYPTION_KEY_ROTATED,
+                to,
+                serde_json::json!({ "seeds": n, "from_key_ids": from, "to_key_id": to }),
+            )
+            .await;
+            say!("re-encrypted {n} seeds under the key whose id is {to}. Replicas still running with another key stop sealing seeds and fail /readyz until restarted; restart every `serve` with NATS_PG_AUTH_ENCRYPTION_KEY set to the new key (see README, Seeds encrypted at rest)");
             Ok(())
+        }
+        Command::KeyId => {
+            let cipher = common.cipher()?;
+            let Some(id) = cipher.key_id() else {
+                return Err(ConfigError::Invalid(
+                    "no encryption key: set NATS_PG_AUTH_ENCRYPTION_KEY or --encryption-key-file"
+                        .into(),
+                )
+                .into());
+            };
+            let mut text = format!("{id}\n");
+            for old in cipher.old_key_ids() {
+                text.push_str(&format!("{old} (NATS_PG_AUTH_OLD_ENCRYPTION_KEY)\n"));
+            }
+            out(&text)
         }
         Command::Serve(args) => {
             args.validate()?;

@@ -85,15 +85,32 @@ pub async fn live_keys(pool: &PgPool, account_id: i64) -> Result<Vec<AccountKeyR
     .await
 }
 
-/// Gives an account created by SQL its identity and first signing key. Returns false when
-/// another writer got there first (the account then already has keys).
+/// What [`assign_keys`] did.
+#[derive(Debug)]
+pub enum Assigned {
+    Assigned,
+    /// Another push gave the account keys first.
+    AlreadyHad,
+    /// Nothing: the database's seeds are sealed with another key than `sealed_by`'s.
+    KeyNotCurrent(crate::keys::SealedWith),
+}
+
+/// Gives an account created by SQL its identity and first signing key, sealed by `sealed_by`
+/// (checked against the database's key in the same transaction).
 pub async fn assign_keys(
     pool: &PgPool,
     account_id: i64,
     identity: (&str, &str),
     signing: (&str, &str),
-) -> Result<bool, sqlx::Error> {
+    sealed_by: &crate::keys::SeedCipher,
+) -> Result<Assigned, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // Seeds sealed with a key that is no longer the database's would not open at the next
+    // start with the current key only: insert nothing then (issue 18 item 6).
+    if let Some(found) = super::seeds::lock_and_check(&mut tx, sealed_by).await? {
+        tx.rollback().await?;
+        return Ok(Assigned::KeyNotCurrent(found));
+    }
     super::outbox::mark_own_writes(&mut tx).await?;
     let updated = sqlx::query(
         "UPDATE nats.accounts SET public_key = $2 WHERE id = $1 AND public_key IS NULL",
@@ -105,7 +122,7 @@ pub async fn assign_keys(
     .rows_affected();
     if updated == 0 {
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(Assigned::AlreadyHad);
     }
     for (kind, (public_key, seed)) in [("identity", identity), ("signing", signing)] {
         sqlx::query(
@@ -119,7 +136,7 @@ pub async fn assign_keys(
         .await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Assigned::Assigned)
 }
 
 /// Records a successful push. `built_at` is when the JWT was built (before its keys were read),

@@ -16,6 +16,7 @@ pub mod kind {
     pub const SESSIONS_KICKED: &str = "sessions_kicked";
     pub const USER_LOCKED_OUT: &str = "user_locked_out";
     pub const ACCOUNT_DELETE_REFUSED: &str = "account_delete_refused";
+    pub const ENCRYPTION_KEY_ROTATED: &str = "encryption_key_rotated";
 }
 
 pub async fn record(pool: &PgPool, kind: &str, subject: &str, detail: serde_json::Value) {

@@ -136,9 +136,30 @@ async fn open(url: &str, max_connections: u32, bounded: bool) -> Result<PgPool, 
     }
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+/// Applies the pending migrations; returns the ones it applied (version, description), in order.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<(i64, String)>, DbError> {
+    let before = applied_versions(pool).await;
     MIGRATOR.run(pool).await?;
-    Ok(())
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !before.contains(&m.version))
+        .map(|m| (m.version, m.description.to_string()))
+        .collect())
+}
+
+/// The migrations recorded as applied (none when the table does not exist yet).
+async fn applied_versions(pool: &PgPool) -> Vec<i64> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false);
+    if !exists {
+        return vec![];
+    }
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
 }
 
 /// For `serve` and `init`: runs the migrations only when some are not applied yet. So the

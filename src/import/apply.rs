@@ -91,6 +91,20 @@ pub async fn apply(
     check_plan(plan)?;
     let hashes = hash_new_passwords(pool, plan, opts.bcrypt_cost).await?;
     let mut tx = pool.begin().await?;
+    // Seeds sealed with a key that is no longer the database's would not open at the next
+    // start (issue 18 item 6).
+    let seals = plan.operator.is_some()
+        || plan.accounts.iter().any(|a| {
+            a.identity
+                .iter()
+                .chain(&a.signing_keys)
+                .any(|k| k.seed.is_some())
+        });
+    if seals {
+        crate::db::seeds::refuse_unless_current(&mut tx, cipher)
+            .await?
+            .map_err(ImportError::Usage)?;
+    }
     let mut run = Run {
         changes: Vec::new(),
         update: opts.update,

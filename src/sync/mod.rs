@@ -51,6 +51,9 @@ pub struct Sync {
     sessions: Option<std::sync::Arc<crate::sessions::Sessions>>,
     /// Last `iat` used per account, so two pushes in one second still increase it.
     last_iat: tokio::sync::Mutex<std::collections::HashMap<i64, i64>>,
+    /// Whether this replica's at-rest key is still the database's: a replica whose key is not
+    /// does not lead, and seals nothing.
+    key_watch: crate::key_watch::KeyWatch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,10 @@ enum AccountSyncError {
     /// keep their lease and the next leader does the work.
     #[error("no longer the sync leader")]
     NotLeader,
+    /// The database's seeds are sealed with another key now: nothing was sealed; a replica
+    /// with the current key does it.
+    #[error("deferred: this replica's encryption key is no longer current (see its /readyz)")]
+    KeyNotCurrent,
 }
 
 /// Fails when this replica no longer leads: checked right before every publish and every
@@ -125,6 +132,29 @@ impl Sync {
             metrics,
             sessions: None,
             last_iat: Default::default(),
+            key_watch: Default::default(),
+        }
+    }
+
+    /// Shares the replica's key watch (see [`crate::key_watch`]).
+    pub fn with_key_watch(mut self, key_watch: crate::key_watch::KeyWatch) -> Self {
+        self.key_watch = key_watch;
+        self
+    }
+
+    /// In a transaction about to insert seeds: fails unless this replica's key is the
+    /// database's, holding a lock that keeps a rotation out until the transaction ends.
+    async fn ensure_key_current(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), AccountSyncError> {
+        let found = db::seeds::lock_and_check(tx, &self.cipher).await?;
+        let current = found.is_none();
+        self.key_watch.record(&self.cipher, found);
+        if current {
+            Ok(())
+        } else {
+            Err(AccountSyncError::KeyNotCurrent)
         }
     }
 
@@ -150,6 +180,15 @@ impl Sync {
         // One line per outage, not one every 2 s for as long as it lasts.
         let mut logged_unreachable = false;
         while !shutdown.is_cancelled() {
+            // A replica whose key is not current would seal new seeds under it: it leaves the
+            // sync to one whose key is (the watch logged why).
+            if self.key_watch.superseded().is_some() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                continue;
+            }
             let attempt = Leadership::try_acquire(&self.settings.database_url).await;
             if attempt.is_ok() && logged_unreachable {
                 tracing::info!("sync reaches Postgres again");
@@ -218,6 +257,10 @@ impl Sync {
         // only queues outbox rows.
         tokio::spawn(self.clone().reconcile_every(leading.clone()));
         loop {
+            if self.key_watch.superseded().is_some() {
+                tracing::warn!("standing down as sync leader: this replica's encryption key is no longer current");
+                break;
+            }
             self.drain(&leading).await;
             if leading.is_cancelled() {
                 break;
@@ -473,9 +516,10 @@ impl Sync {
         result: Result<(), (Option<i64>, AccountSyncError)>,
         leading: &CancellationToken,
     ) {
-        if leading.is_cancelled() {
+        if leading.is_cancelled() || matches!(result, Err((_, AccountSyncError::KeyNotCurrent))) {
             // Not ours to settle any more: the rows keep their lease and the next leader
             // pushes them again (the reconcile also repairs a JWT pushed but not recorded).
+            // A replica whose key is no longer current stands down right after this.
             return;
         }
         match result {
@@ -579,6 +623,7 @@ impl Sync {
             self.settings.signing_key_grace
         };
         let mut tx = self.pool.begin().await?;
+        self.ensure_key_current(&mut tx).await?;
         db::outbox::mark_own_writes(&mut tx).await?;
         let new_id: i64 = sqlx::query_scalar(
             "INSERT INTO nats.account_keys (account_id, kind, public_key, seed) VALUES ($1, 'signing', $2, $3) RETURNING id",
@@ -648,8 +693,18 @@ impl Sync {
             let (ipk, iseed) = seal(&identity)?;
             let (spk, sseed) = seal(&signing)?;
             still_leading(leading)?;
-            db::accounts::assign_keys(&self.pool, account_id, (&ipk, &iseed), (&spk, &sseed))
-                .await?;
+            let assigned = db::accounts::assign_keys(
+                &self.pool,
+                account_id,
+                (&ipk, &iseed),
+                (&spk, &sseed),
+                &self.cipher,
+            )
+            .await?;
+            if let db::accounts::Assigned::KeyNotCurrent(found) = assigned {
+                self.key_watch.record(&self.cipher, Some(found));
+                return Err(AccountSyncError::KeyNotCurrent);
+            }
             // Importers that named this account before it had keys can now be completed.
             db::sharing::enqueue_importers(&self.pool, account_id, "exporter got its keys").await?;
             row = match db::accounts::load(&self.pool, account_id).await? {

@@ -294,3 +294,21 @@ async fn errors_say_what_to_do() {
     one_line(&err);
     assert_eq!(err.matches("invalid encryption key").count(), 1, "{err}");
 }
+
+/// Issue 18 item 7: `migrate` on an empty database says what it applied, not "up to date"; a
+/// second run says there was nothing to apply.
+#[tokio::test]
+async fn migrate_says_what_it_applied() {
+    let url = fresh_database().await;
+    let (code, out, err) = run(&["migrate"], Some(&url));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains("applied") && said.contains("0001 schema") && !said.contains("nothing"),
+        "{said}"
+    );
+    let (code, out, err) = run(&["migrate"], Some(&url));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("up to date: nothing to apply"), "{said}");
+}

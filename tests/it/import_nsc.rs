@@ -717,3 +717,45 @@ async fn corrupt_stores_and_colliding_accounts_are_refused_with_one_line() {
         "a refused run changed the database"
     );
 }
+
+/// Issue 18 item 6: an import run with a key that is not the one the database's seeds are
+/// sealed with now (a shell still holding the previous key after `rotate-encryption-key`) is
+/// refused before it seals anything: the next start could not open those seeds.
+#[tokio::test]
+async fn an_import_with_a_key_that_is_not_the_databases_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = write_store(dir.path());
+    let db = fresh_database().await;
+    let pool = nats_pg_auth::db::connect(&db, 2).await.unwrap();
+    nats_pg_auth::db::migrate(&pool).await.unwrap();
+    // The database's seeds are under another key than the import's (KEY).
+    let other = [7u8; 32];
+    let (code, out, err) = import(&db, &store, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = run_cli(
+        &[
+            "--encryption-key",
+            &key_flag(),
+            "rotate-encryption-key",
+            "--new-key",
+            &base64::engine::general_purpose::STANDARD.encode(other),
+        ],
+        Some(&db),
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let before = snapshot(&pool).await;
+    let (code, out, err) = import(&db, &store, &["--update"]);
+    refused_with_one_line(
+        "a stale key",
+        code,
+        &out,
+        &err,
+        &format!(
+            "the stored seeds are sealed with key id {}, but NATS_PG_AUTH_ENCRYPTION_KEY is key id {}",
+            nats_pg_auth::keys::key_id(&other),
+            nats_pg_auth::keys::key_id(&KEY)
+        ),
+    );
+    assert_eq!(snapshot(&pool).await, before, "nothing changed");
+}

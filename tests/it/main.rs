@@ -10,6 +10,7 @@ mod cli_admin;
 mod common;
 mod compose;
 mod doors;
+mod explain_checks;
 mod fences;
 mod health;
 mod import_natsconf;

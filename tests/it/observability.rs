@@ -170,6 +170,19 @@ async fn alerts_and_dashboard_name_only_exported_metrics() {
             }
         }
     }
+    // docs/operations.md lists every exported family in its table (issue 18 item 7: it said
+    // the outbox and the leadership were not exported while /metrics had them).
+    let operations = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    for family in &typed {
+        assert!(
+            operations.contains(&format!("`{family}")),
+            "docs/operations.md does not list {family}, which /metrics exports"
+        );
+    }
+    assert!(
+        !operations.contains("Not exported"),
+        "docs/operations.md still says some metrics are not exported"
+    );
     // The gauges the runbooks rely on are alerted on.
     for name in [
         "nats_pg_auth_cache_listener_up",

@@ -1,6 +1,7 @@
 //! The README's quick start cannot drift (issue 10): dev.sh's demo tenant and then every SQL
-//! block of README.md, in order, run on a freshly `init`ed stack; `try-login` as the quick start
-//! shows it.
+//! block of README.md, in order, run on one freshly `init`ed stack; `try-login` as the quick start
+//! shows it. Fails on what a reader would see go wrong (issue 18 item 7): an error, a statement
+//! that changes nothing, the quick start's tenant gone, a sync_error, nats-server refusing a JWT.
 
 use std::process::Command;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use crate::common::TestEnv;
 
 const README: &str = include_str!("../../README.md");
 const DEV_SH: &str = include_str!("../../scripts/dev.sh");
+const ADMIN_GUIDE: &str = include_str!("../../docs/admin-guide.md");
 
 /// The bodies of the README's ```sql blocks.
 fn sql_blocks(markdown: &str) -> Vec<String> {
@@ -111,14 +113,112 @@ async fn the_quick_start_and_every_readme_sql_block_run_on_a_fresh_stack() {
     let blocks = unique_roles(sql_blocks(README));
     assert!(blocks.len() >= 4, "found {} SQL blocks", blocks.len());
     for (i, block) in blocks.iter().enumerate() {
-        if let Err(e) = sqlx::raw_sql(block).execute(&env.pool).await {
-            panic!("README SQL block {} fails: {e}\n{block}", i + 1);
-        }
+        run_as_a_reader(&env, &format!("README SQL block {}", i + 1), block).await;
         // The first block's tenant is on the server before the next block changes it.
         if i == 0 {
             env.wait_synced("globex").await;
         }
     }
+    // The admin guide's nkey and certificate examples (user device-17), on the same stack.
+    for block in sql_blocks(ADMIN_GUIDE)
+        .iter()
+        .filter(|b| b.contains("device-17"))
+    {
+        run_as_a_reader(&env, "admin guide SQL block", block).await;
+    }
+    // What a reader would see go wrong after running them all (issue 18 item 7).
+    settled(&env).await;
+    let problems: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT 'account ' || name, sync_error FROM nats.accounts WHERE sync_error IS NOT NULL
+         UNION ALL SELECT 'import ' || name, sync_error FROM nats.account_imports WHERE sync_error IS NOT NULL",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        problems.is_empty(),
+        "sync errors left by the README: {problems:?}"
+    );
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "the quick start's tenant still works after the README's SQL",
+    )
+    .await;
+    // Every client reconnects (a server restart): nats-server must not refuse a JWT the
+    // README's rows made.
+    let mut env = env;
+    env.nats.restart(false).await;
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "after the restart",
+    )
+    .await;
+    settled(&env).await;
+    let log = env.nats.log();
+    assert!(
+        !log.contains("jwt validation failed") && !log.contains("validation errors"),
+        "nats-server refuses a JWT made from the README's rows:\n{}",
+        log.lines()
+            .filter(|l| l.contains("validation"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Runs `block` statement by statement as a reader pasting it into psql would, failing on what
+/// they would see go wrong: an error, or an INSERT/UPDATE that changes nothing (a silent no-op:
+/// the example names a row that does not exist).
+async fn run_as_a_reader(env: &TestEnv, what: &str, block: &str) {
+    for statement in statements(block) {
+        let done = sqlx::raw_sql(&statement)
+            .execute(&env.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{what} fails: {e}\n{statement}"));
+        let verb = statement.split_whitespace().next().unwrap_or("");
+        if matches!(verb.to_ascii_uppercase().as_str(), "INSERT" | "UPDATE") {
+            assert!(
+                done.rows_affected() > 0,
+                "{what}: this statement changes no row:\n{statement}"
+            );
+        }
+    }
+}
+
+/// The statements of a SQL block, without their `--` comments (the README's statements end a
+/// line with `;`; no string in them holds `--` or `;`).
+fn statements(block: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut current = String::new();
+    for line in block.lines() {
+        let code = line.split("--").next().unwrap_or("").trim_end();
+        if code.trim().is_empty() {
+            continue;
+        }
+        current.push_str(code);
+        current.push('\n');
+        if code.ends_with(';') {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.trim().is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Nothing queued that was not tried yet, and every account pushed or failed with a reason.
+async fn settled(env: &TestEnv) {
+    env.wait_sql(
+        "SELECT NOT EXISTS (SELECT 1 FROM nats.sync_outbox WHERE attempts = 0)
+            AND NOT EXISTS (SELECT 1 FROM nats.accounts WHERE synced_at IS NULL AND sync_error IS NULL)",
+        Duration::from_secs(20),
+        "every account pushed",
+    )
+    .await;
 }
 
 /// Roles are cluster-wide and the suite shares one cluster: the roles the README creates get a

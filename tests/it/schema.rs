@@ -351,6 +351,26 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
         [true, false, false, false],
     ),
     ("nats.export_grants_changed()", [false, false, false, false]),
+    (
+        "nats.explain_account_export_grants()",
+        [false, false, false, false],
+    ),
+    (
+        "nats.explain_account_exports()",
+        [false, false, false, false],
+    ),
+    (
+        "nats.explain_account_imports()",
+        [false, false, false, false],
+    ),
+    ("nats.explain_accounts()", [false, false, false, false]),
+    ("nats.explain_roles()", [false, false, false, false]),
+    (
+        "nats.explain_user_certificates()",
+        [false, false, false, false],
+    ),
+    ("nats.explain_user_tokens()", [false, false, false, false]),
+    ("nats.explain_users()", [false, false, false, false]),
     ("nats.exports_changed()", [false, false, false, false]),
     ("nats.imports_changed()", [false, false, false, false]),
     ("nats.is_member_of(text)", [false, false, true, false]),
@@ -369,6 +389,12 @@ const FUNCTION_PRIVILEGES: &[(&str, [bool; 4])] = &[
         [true, true, true, false],
     ),
     ("nats.per_user_limits()", [false, false, false, false]),
+    // Helpers of the explain_* triggers (migration 0016), which run as the writing role.
+    ("nats.quote_short(text)", [true, true, true, false]),
+    (
+        "nats.refuse_row(text,text,text,text,text)",
+        [true, true, true, false],
+    ),
     ("nats.refuse_truncate()", [false, false, false, false]),
     ("nats.revocations_changed()", [false, false, false, false]),
     (

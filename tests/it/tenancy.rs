@@ -519,7 +519,7 @@ async fn seeds_are_encrypted_at_rest_and_logins_work() {
     assert!(seeds.len() >= 10);
     for s in &seeds {
         assert!(
-            s.starts_with("enc:v1:"),
+            s.starts_with("enc:v2:"),
             "encrypted: {}",
             &s[..8.min(s.len())]
         );
