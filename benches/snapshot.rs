@@ -133,7 +133,8 @@ fn main() {
     );
     let cipher = SeedCipher::new(Some([7; 32]));
     let writer = Writer {
-        dir: dir.clone(),
+        dir: Some(dir.clone()),
+        jetstream: None,
         every: snapshot::REWRITE_EVERY,
         cipher: cipher.clone(),
         operator: nkeys::KeyPair::new_operator().public_key(),

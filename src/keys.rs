@@ -209,6 +209,14 @@ pub fn is_encrypted(stored: &str) -> bool {
     stored.starts_with("enc:")
 }
 
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key)
+        .expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
 /// Seals and opens stored seeds. Without a key, seeds are stored and read in plain; with one,
 /// new seeds are encrypted and plain ones are still read (so a key can be introduced later:
 /// the CLI verbs and `serve`'s start-up encryption of a keyless database). A cipher made
@@ -217,6 +225,9 @@ pub fn is_encrypted(stored: &str) -> bool {
 #[derive(Clone)]
 pub struct SeedCipher {
     aead: Option<Aes256Gcm>,
+    /// HMAC-SHA256 of the main key under a fixed label: the root of [`SeedCipher::derive`]
+    /// (the key itself is not kept outside the AEAD).
+    derive_root: Option<Zeroizing<[u8; 32]>>,
     refuse_plain: bool,
     /// Keys that only open (never seal): the previous key during a rotation.
     old: Vec<Aes256Gcm>,
@@ -232,12 +243,14 @@ impl fmt::Debug for SeedCipher {
 
 impl SeedCipher {
     pub fn new(key: Option<[u8; KEY_LEN]>) -> Self {
+        let derive_root = key.map(|k| Zeroizing::new(hmac_sha256(&k, b"nats-pg-auth derive v1")));
         let aead = key.map(|k| {
             let k = Zeroizing::new(k);
             Aes256Gcm::new(k.as_ref().into())
         });
         Self {
             aead,
+            derive_root,
             refuse_plain: false,
             old: vec![],
         }
@@ -247,6 +260,7 @@ impl SeedCipher {
     pub fn plain() -> Self {
         Self {
             aead: None,
+            derive_root: None,
             refuse_plain: false,
             old: vec![],
         }
@@ -257,6 +271,7 @@ impl SeedCipher {
     pub fn refusing_plain(&self) -> Self {
         Self {
             aead: self.aead.clone(),
+            derive_root: self.derive_root.clone(),
             refuse_plain: true,
             old: self.old.clone(),
         }
@@ -282,6 +297,7 @@ impl SeedCipher {
         match (&self.aead, stored.strip_prefix(PREFIX_V1)) {
             (Some(aead), Some(_)) => Self {
                 aead: Some(aead.clone()),
+                derive_root: None,
                 refuse_plain: false,
                 old: vec![],
             }
@@ -289,6 +305,14 @@ impl SeedCipher {
             .is_ok(),
             _ => false,
         }
+    }
+
+    /// 32 secret bytes derived from the main key for `label` (HMAC-SHA256), the same on every
+    /// replica with the same key: for keys a replica must find again without Postgres (the
+    /// snapshot account in JetStream, `copy::snapshot_jetstream`). None without a key.
+    pub fn derive(&self, label: &str) -> Option<Zeroizing<[u8; 32]>> {
+        let root = self.derive_root.as_ref()?;
+        Some(Zeroizing::new(hmac_sha256(&root[..], label.as_bytes())))
     }
 
     /// Whether [`SeedCipher::seal`] encrypts.

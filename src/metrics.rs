@@ -111,6 +111,11 @@ impl Metrics {
     }
 
     /// Successful account pushes (CLAIMS.UPDATE / DELETE answered 200).
+    /// Whether this replica is the sync leader now (the JetStream snapshot's one writer).
+    pub fn is_leader(&self) -> bool {
+        self.inner.leader.load(Ordering::Relaxed) == 1
+    }
+
     /// This replica took or gave up the sync leadership (a follower reports an empty outbox).
     pub fn set_leader(&self, leading: bool) {
         self.inner
