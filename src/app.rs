@@ -318,6 +318,8 @@ impl Application {
                     usize::from(args.snapshot_replicas),
                     sys_client.clone(),
                     Arc::new(identities.keypair(&cipher, IdentityKind::OperatorSigning)?),
+                    pool.clone(),
+                    cipher.clone(),
                     metrics.clone(),
                 )))
             }
@@ -338,10 +340,15 @@ impl Application {
         });
 
         let sync = if args.sync {
-            let system_accounts = BTreeSet::from([
+            let mut system_accounts = BTreeSet::from([
                 identities.public_key(IdentityKind::SysAccount).to_owned(),
                 identities.public_key(IdentityKind::AuthAccount).to_owned(),
             ]);
+            // The snapshot account is the service's too: never deleted by an outbox row.
+            if let Some(account) = crate::copy::snapshot_jetstream::SnapshotAccount::derive(&cipher)
+            {
+                system_accounts.insert(account.public_key());
+            }
             Some(
                 Sync::new(
                     pool.clone(),

@@ -276,7 +276,11 @@ pub struct Publisher {
     pub replicas: usize,
     /// The system account's connection (pushes the account JWT).
     pub system: Client,
+    /// The operator signing key at start; the current one is read from Postgres before each
+    /// push (`rotate-operator-key` replaces it).
     pub operator_signing: std::sync::Arc<KeyPair>,
+    pub pool: sqlx::PgPool,
+    pub cipher: SeedCipher,
     pub metrics: crate::metrics::Metrics,
     bucket: tokio::sync::Mutex<Option<(Client, ObjectStore)>>,
 }
@@ -297,6 +301,8 @@ impl Publisher {
         replicas: usize,
         system: Client,
         operator_signing: std::sync::Arc<KeyPair>,
+        pool: sqlx::PgPool,
+        cipher: SeedCipher,
         metrics: crate::metrics::Metrics,
     ) -> Publisher {
         Publisher {
@@ -306,6 +312,8 @@ impl Publisher {
             replicas,
             system,
             operator_signing,
+            pool,
+            cipher,
             metrics,
             bucket: tokio::sync::Mutex::new(None),
         }
@@ -316,22 +324,41 @@ impl Publisher {
         self.metrics.is_leader()
     }
 
-    /// The bucket, created if missing (the account JWT pushed first).
-    async fn bucket(&self) -> Result<(Client, ObjectStore), StoreError> {
-        let mut held = self.bucket.lock().await;
-        if let Some(b) = held.as_ref() {
-            return Ok(b.clone());
+    /// The operator signing key now (after a `rotate-operator-key` it is not the one at start).
+    async fn signing_key(&self) -> std::sync::Arc<KeyPair> {
+        let row: Result<Option<(String, String)>, _> = sqlx::query_as(
+            "SELECT public_key, seed FROM nats.service_identities WHERE kind = 'operator_signing'",
+        )
+        .fetch_optional(&self.pool)
+        .await;
+        match row {
+            Ok(Some((public_key, seed))) if public_key != self.operator_signing.public_key() => {
+                crate::keys::keypair_from_stored(&self.cipher, &seed, &public_key)
+                    .map(std::sync::Arc::new)
+                    .unwrap_or_else(|_| self.operator_signing.clone())
+            }
+            _ => self.operator_signing.clone(),
         }
+    }
+
+    /// Pushes the account JWT (before every write: it costs one request, and heals a server
+    /// that lost it or an operator signing key that changed), then returns the bucket, created
+    /// if missing.
+    async fn bucket(&self) -> Result<(Client, ObjectStore), StoreError> {
         // A server without JetStream says so in its INFO: no account is pushed to it for nothing.
         if !self.system.server_info().jetstream {
             return Err(StoreError::NotEnabled(
                 "the server's INFO says jetstream: false".into(),
             ));
         }
-        let jwt = self.account.account_jwt(&self.operator_signing)?;
+        let jwt = self.account.account_jwt(&*self.signing_key().await)?;
         crate::sync::publish::update(&self.system, &jwt, Duration::from_secs(5))
             .await
             .map_err(|e| StoreError::Push(e.to_string()))?;
+        let mut held = self.bucket.lock().await;
+        if let Some(b) = held.as_ref() {
+            return Ok(b.clone());
+        }
         let client = self.account.connect(&self.addrs, &self.tls, true).await?;
         let js = async_nats::jetstream::new(client.clone());
         let bucket = match js.get_object_store(BUCKET).await {
