@@ -220,7 +220,8 @@ pub struct Fetched {
     pub confirmation: Option<Vec<u8>>,
 }
 
-async fn read_object(bucket: &ObjectStore, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+/// Reads one object whole (None: there is none).
+pub async fn read_object(bucket: &ObjectStore, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
     let mut object = match bucket.get(name).await {
         Ok(o) => o,
         Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
@@ -232,6 +233,21 @@ async fn read_object(bucket: &ObjectStore, name: &str) -> Result<Option<Vec<u8>>
         .await
         .map_err(|e| StoreError::JetStream(format!("reading {name}: {e}")))?;
     Ok(Some(out))
+}
+
+/// Writes one object in [`CHUNK`]-sized chunks (each acknowledged), then its metadata; the
+/// previous version's chunks are purged.
+pub async fn put_object(bucket: &ObjectStore, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let meta = ObjectMetadata {
+        name: name.into(),
+        chunk_size: Some(CHUNK),
+        ..Default::default()
+    };
+    bucket
+        .put(meta, &mut &bytes[..])
+        .await
+        .map(|_| ())
+        .map_err(|e| classify(&e))
 }
 
 /// Reads the snapshot from JetStream (at start, Postgres unreachable). Ok(None): there is none.
@@ -411,15 +427,7 @@ impl Publisher {
         let started = Instant::now();
         let result = async {
             let (_, bucket) = self.bucket().await?;
-            let meta = ObjectMetadata {
-                name: name.into(),
-                chunk_size: Some(CHUNK),
-                ..Default::default()
-            };
-            bucket
-                .put(meta, &mut &bytes[..])
-                .await
-                .map_err(|e| classify(&e))
+            put_object(&bucket, name, bytes).await
         }
         .await;
         match result {
