@@ -1,5 +1,5 @@
-//! A sealed snapshot of the login copy on local disk, so that a replica that (re)starts while
-//! Postgres is unreachable can answer logins (`--snapshot-dir`).
+//! A sealed snapshot of the login copy, so that a replica that (re)starts while Postgres is
+//! unreachable can answer logins (`--snapshot-dir`, `--snapshot-jetstream`).
 //!
 //! ## What it holds
 //! Everything a login answered from the copy needs, and what `serve` needs to start without
@@ -31,8 +31,12 @@
 //! fsynced, renamed over the old one, directory fsynced: a crash leaves the old or the new
 //! snapshot, never half of one.
 //!
+//! ## Where
+//! In `--snapshot-dir` (every replica that sets it) and, written by the sync leader, in
+//! JetStream (`copy::snapshot_jetstream`), the same bytes: a pod moved to another node with an
+//! empty directory finds the JetStream one. At start the newer of the two is used.
+//!
 //! ## Limits
-//! Local directory only: a pod moved to another node with an empty directory has no snapshot.
 //! Anyone who can write the directory can put back an *older* snapshot sealed with the same key
 //! (rollback): protect the directory like the key.
 
