@@ -106,6 +106,18 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
         assert!(stamp > 1_700_000_000, "{}: {stamp}", r.name);
     }
 
+    // This nats-server runs no JetStream: the sync leader says so once and keeps the directory.
+    let no_jetstream = "JetStream is not available for the login copy's snapshot";
+    wait_until(
+        Duration::from_secs(10),
+        "the leader to say JetStream is not available",
+        || {
+            let said = replicas.iter().any(|r| r.log().contains(no_jetstream));
+            async move { said }
+        },
+    )
+    .await;
+
     let outage = DbOutage::begin(&env).await;
     for r in &mut replicas {
         r.kill();
@@ -172,6 +184,14 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
         assert!(is_auth_refusal(&err), "{what}: {err}");
     }
 
+    let said: usize = replicas
+        .iter()
+        .map(|r| r.log().matches(no_jetstream).count())
+        .sum();
+    assert_eq!(
+        said, 1,
+        "said once, by the leader (no one leads during the outage)"
+    );
     // Postgres back: both leave outage mode, and a change made now takes effect.
     outage.end().await;
     for r in &replicas {
