@@ -768,15 +768,15 @@ fn say_once(line: String) {
     }
 }
 
-/// JetStream is asked again at start only after a growing pause (2 s, 4 s, … 30 s) when it
-/// had no snapshot: each try is a NATS connection, and a server that does not know the
-/// snapshot account makes the client library log the refusal.
+/// JetStream is asked again at start only after a growing pause (2 s, 4 s, … 30 s): each try is
+/// a NATS connection (a server that does not know the snapshot account makes the client library
+/// log the refusal) and may read the whole snapshot.
 fn jetstream_due() -> bool {
     let next = JETSTREAM_NEXT.lock().unwrap_or_else(|p| p.into_inner());
     next.0.is_none_or(|at| Instant::now() >= at)
 }
 
-fn jetstream_failed() {
+fn jetstream_tried() {
     let mut next = JETSTREAM_NEXT.lock().unwrap_or_else(|p| p.into_inner());
     let pause = (next.1 * 2).clamp(Duration::from_secs(2), Duration::from_secs(30));
     *next = (Some(Instant::now() + pause), pause);
@@ -865,11 +865,10 @@ pub async fn open_at_start(
     };
     let remote = match &jetstream {
         Some(js) if jetstream_due() => {
-            let opened = open_from_jetstream(js, cipher).await;
-            if opened.is_none() {
-                jetstream_failed();
-            }
-            opened
+            // Also after a snapshot that opened: `serve` only retries when it could not be
+            // installed (past the grace, say), and ~100 MB are not fetched again every 2 s.
+            jetstream_tried();
+            open_from_jetstream(js, cipher).await
         }
         _ => None,
     };
