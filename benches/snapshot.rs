@@ -9,8 +9,11 @@
 //! - load: read, open, decode, rebuild every login (shapes shared, signing keys parsed once
 //!   per shape), install as the copy.
 //!
+//! Then the same snapshot is put into and read back from JetStream (see `jetstream` below).
+//!
 //! `cargo bench --bench snapshot` (`SNAPSHOT_USERS=100000` for a quick run; `SNAPSHOT_DIR` to
-//! write somewhere else than a temporary directory under target/).
+//! write somewhere else than a temporary directory under target/; `NATS_SERVER_BIN` for the
+//! JetStream part).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -133,7 +136,8 @@ fn main() {
     );
     let cipher = SeedCipher::new(Some([7; 32]));
     let writer = Writer {
-        dir: dir.clone(),
+        dir: Some(dir.clone()),
+        jetstream: None,
         every: snapshot::REWRITE_EVERY,
         cipher: cipher.clone(),
         operator: nkeys::KeyPair::new_operator().public_key(),
@@ -178,4 +182,149 @@ fn main() {
         drop(restored);
     }
     println!("file: {}", dir.join(FILE_NAME).display());
+    jetstream(&cache, &writer, n, &dir);
+}
+
+/// The same snapshot put into and read back from JetStream as the sync leader and a starting
+/// replica do (`copy::snapshot_jetstream`: an Object Store bucket, 512 KiB chunks each
+/// acknowledged, the previous version's chunks purged), on local nats-servers 2.15.1 with
+/// JetStream (file storage): one server (one replica), then a 3-server cluster (3 replicas, what
+/// the Kubernetes example runs). Authentication does not change the data path, so the servers
+/// run without operator mode. Skipped when no nats-server is found (`NATS_SERVER_BIN`).
+fn jetstream(cache: &LoginCache, writer: &Writer, n: usize, dir: &std::path::Path) {
+    for servers in [1, 3] {
+        if !jetstream_on(cache, writer, n, dir, servers) {
+            return;
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn jetstream_on(
+    cache: &LoginCache,
+    writer: &Writer,
+    n: usize,
+    dir: &std::path::Path,
+    servers: usize,
+) -> bool {
+    use nats_pg_auth::copy::snapshot_jetstream::{self as js, BUCKET, OBJECT};
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let ports: Vec<(u16, u16)> = (0..servers).map(|_| (free_port(), free_port())).collect();
+    let mut children = Vec::new();
+    for (i, (port, route)) in ports.iter().enumerate() {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
+            .args(["-n", &format!("bench-{i}"), "-sd"])
+            .arg(dir.join(format!("jetstream-{servers}-{i}")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if servers > 1 {
+            let routes: Vec<String> = ports
+                .iter()
+                .map(|(_, r)| format!("nats://127.0.0.1:{r}"))
+                .collect();
+            cmd.args([
+                "--cluster_name",
+                "bench",
+                "--cluster",
+                &format!("nats://127.0.0.1:{route}"),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(_) => {
+                println!("no nats-server ({bin}): JetStream not measured");
+                return false;
+            }
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("nats://127.0.0.1:{}", ports[0].0);
+        let client = loop {
+            match async_nats::connect(&url).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let context = async_nats::jetstream::new(client);
+        // A cluster elects its JetStream meta leader first: retry until the bucket exists.
+        let started = Instant::now();
+        let bucket = loop {
+            match context
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: BUCKET.into(),
+                    num_replicas: servers,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(b) => break b,
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("bucket: {e}"),
+            }
+        };
+        for round in 1..=3 {
+            let export = cache.export();
+            let sealed = snapshot::seal(
+                &writer.cipher,
+                &writer.operator,
+                &writer.identities,
+                &export,
+                SystemTime::now(),
+            )
+            .expect("sealed");
+            drop(export);
+            let t = Instant::now();
+            js::put_object(&bucket, OBJECT, &sealed.bytes)
+                .await
+                .expect("put");
+            let put = t.elapsed();
+            let t = Instant::now();
+            let bytes = js::read_object(&bucket, OBJECT)
+                .await
+                .expect("get")
+                .expect("there");
+            let get = t.elapsed();
+            let t = Instant::now();
+            let opened = snapshot::open_bytes(
+                std::path::Path::new("jetstream"),
+                secrecy::zeroize::Zeroizing::new(bytes),
+                None,
+                &writer.cipher,
+            )
+            .expect("opens");
+            let restored = LoginCache::new(CacheSettings::default());
+            assert_eq!(opened.install(&restored).unwrap(), Some(n));
+            let install = t.elapsed();
+            let mut stream = context
+                .get_stream(format!("OBJ_{BUCKET}"))
+                .await
+                .expect("stream");
+            let stored = stream.info().await.expect("info").state.bytes;
+            println!(
+                "jetstream, {servers} server(s), {servers} replica(s), round {round}: seal {:.2?}, put {put:.2?}, \
+                 get {get:.2?}, open+install {install:.2?}; object {} bytes, stream holds {stored} bytes after the put",
+                sealed.took,
+                sealed.bytes.len(),
+            );
+        }
+    });
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    true
 }

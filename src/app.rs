@@ -155,6 +155,18 @@ fn connect_options(
     })
 }
 
+/// The JetStream snapshot's account, when `--snapshot-jetstream` is on and there is an
+/// encryption key to derive it from (without one no snapshot is kept anywhere).
+fn snapshot_account(
+    args: &crate::config::ServeArgs,
+    cipher: &crate::keys::SeedCipher,
+) -> Option<crate::copy::snapshot_jetstream::SnapshotAccount> {
+    if !args.snapshot_jetstream {
+        return None;
+    }
+    crate::copy::snapshot_jetstream::SnapshotAccount::derive(cipher)
+}
+
 impl Application {
     pub async fn build(config: ServeConfig) -> Result<Self, AppError> {
         let args = &config.args;
@@ -168,10 +180,23 @@ impl Application {
                 Ok(pool) => (pool, None),
                 // Postgres unreachable at start: the newest snapshot that opens, or fail as before.
                 Err(unreachable @ DbError::Unreachable { .. }) => {
+                    let cipher = config.cipher.refusing_plain();
+                    let account = snapshot_account(args, &cipher);
+                    let jetstream =
+                        account
+                            .as_ref()
+                            .map(|account| crate::copy::snapshot::JetStreamSource {
+                                account,
+                                addrs: &addrs,
+                                tls: &args.nats_tls,
+                            });
                     let Some(opened) = crate::copy::snapshot::open_at_start(
                         args.snapshot_dir.as_deref(),
-                        &config.cipher.refusing_plain(),
-                    ) else {
+                        jetstream,
+                        &cipher,
+                    )
+                    .await
+                    else {
                         return Err(unreachable.into());
                     };
                     let pool = db::connect_service_lazy(&config.database_url, args.db_pool_size)?;
@@ -285,19 +310,6 @@ impl Application {
                 return Err(unreachable.into());
             }
         }
-        let snapshot_writer = args
-            .snapshot_dir
-            .clone()
-            .map(|dir| crate::copy::snapshot::Writer {
-                dir,
-                every: crate::copy::snapshot::REWRITE_EVERY,
-                cipher: cipher.clone(),
-                operator: identities.public_key(IdentityKind::Operator).to_owned(),
-                identities: IdentityKind::ALL
-                    .iter()
-                    .map(|k| identities.get(*k).clone())
-                    .collect(),
-            });
 
         let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
         let callout_client = connect_options(
@@ -322,15 +334,51 @@ impl Application {
             Some(tx),
             closing.clone(),
         )
-        .connect(addrs)
+        .connect(addrs.clone())
         .await
         .map_err(|e| AppError::Nats(e.to_string()))?;
 
+        // The snapshot: in --snapshot-dir (every replica) and in JetStream (the sync leader).
+        let jetstream = match snapshot_account(args, &cipher) {
+            Some(account) if args.sync => {
+                Some(Arc::new(crate::copy::snapshot_jetstream::Publisher::new(
+                    account,
+                    addrs.clone(),
+                    args.nats_tls.clone(),
+                    usize::from(args.snapshot_replicas),
+                    sys_client.clone(),
+                    Arc::new(identities.keypair(&cipher, IdentityKind::OperatorSigning)?),
+                    pool.clone(),
+                    cipher.clone(),
+                    metrics.clone(),
+                )))
+            }
+            _ => None,
+        };
+        let snapshot_writer = (args.snapshot_dir.is_some() || jetstream.is_some()).then(|| {
+            crate::copy::snapshot::Writer {
+                dir: args.snapshot_dir.clone(),
+                every: crate::copy::snapshot::REWRITE_EVERY,
+                cipher: cipher.clone(),
+                operator: identities.public_key(IdentityKind::Operator).to_owned(),
+                identities: IdentityKind::ALL
+                    .iter()
+                    .map(|k| identities.get(*k).clone())
+                    .collect(),
+                jetstream,
+            }
+        });
+
         let sync = if args.sync {
-            let system_accounts = BTreeSet::from([
+            let mut system_accounts = BTreeSet::from([
                 identities.public_key(IdentityKind::SysAccount).to_owned(),
                 identities.public_key(IdentityKind::AuthAccount).to_owned(),
             ]);
+            // The snapshot account is the service's too: never deleted by an outbox row.
+            if let Some(account) = crate::copy::snapshot_jetstream::SnapshotAccount::derive(&cipher)
+            {
+                system_accounts.insert(account.public_key());
+            }
             Some(
                 Sync::new(
                     pool.clone(),

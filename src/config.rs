@@ -684,6 +684,19 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_SNAPSHOT_DIR")]
     pub snapshot_dir: Option<std::path::PathBuf>,
 
+    /// Also keep the sealed snapshot in JetStream (written by the sync leader, in an account of
+    /// the service's own whose keys derive from the encryption key), so a replica that starts
+    /// on a new node without Postgres and without a local snapshot finds it. Needs the
+    /// encryption key and JetStream on the servers; without JetStream it says so once and only
+    /// `--snapshot-dir` is kept.
+    #[arg(long, env = "NATS_PG_AUTH_SNAPSHOT_JETSTREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub snapshot_jetstream: bool,
+
+    /// Replicas of the JetStream snapshot bucket when this service creates it (1..=5); 0: as many
+    /// as the cluster allows, up to 3.
+    #[arg(long, env = "NATS_PG_AUTH_SNAPSHOT_REPLICAS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub snapshot_replicas: u8,
+
     /// Remember verified passwords (as a keyed hash, in memory only) so a reconnecting client
     /// does not pay bcrypt again. Turn off where a memory dump of the service is a bigger threat
     /// than a reconnect storm; see the trade-off in README.md.

@@ -280,6 +280,14 @@ pub fn is_encrypted(stored: &str) -> bool {
     stored.starts_with("enc:")
 }
 
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key)
+        .expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
 /// Seals and opens stored seeds. Without a key, seeds are stored and read in plain; with one,
 /// new seeds are encrypted and plain ones are still read (so a key can be introduced later:
 /// the CLI verbs and `serve`'s start-up encryption of a keyless database). A cipher made
@@ -298,6 +306,9 @@ pub struct SeedCipher {
 struct Key {
     aead: Aes256Gcm,
     id: String,
+    /// HMAC-SHA256 of the key under a fixed label: the root of [`SeedCipher::derive`] (the key
+    /// itself is not kept outside the AEAD).
+    derive_root: Zeroizing<[u8; 32]>,
 }
 
 impl Key {
@@ -306,6 +317,7 @@ impl Key {
         Key {
             aead: Aes256Gcm::new(k.as_ref().into()),
             id: key_id(&k),
+            derive_root: Zeroizing::new(hmac_sha256(&k[..], b"nats-pg-auth derive v1")),
         }
     }
 }
@@ -401,6 +413,14 @@ impl SeedCipher {
     /// The ids of the keys that only open (`--old-encryption-key`).
     pub fn old_key_ids(&self) -> Vec<&str> {
         self.old.iter().map(|k| k.id.as_str()).collect()
+    }
+
+    /// 32 secret bytes derived from the main key for `label` (HMAC-SHA256), the same on every
+    /// replica with the same key: for keys a replica must find again without Postgres (the
+    /// snapshot account in JetStream, `copy::snapshot_jetstream`). None without a key.
+    pub fn derive(&self, label: &str) -> Option<Zeroizing<[u8; 32]>> {
+        let root = &self.aead.as_ref()?.derive_root;
+        Some(Zeroizing::new(hmac_sha256(&root[..], label.as_bytes())))
     }
 
     /// Whether [`SeedCipher::seal`] encrypts.

@@ -110,7 +110,6 @@ impl Metrics {
         self.inner.decision_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Successful account pushes (CLAIMS.UPDATE / DELETE answered 200).
     /// This replica took or gave up the sync leadership (a follower reports an empty outbox).
     pub fn set_leader(&self, leading: bool) {
         self.inner
@@ -171,7 +170,8 @@ impl Metrics {
         None
     }
 
-    /// True while this replica leads the sync (for its `nats.replicas` row).
+    /// True while this replica leads the sync (for its `nats.replicas` row, and the JetStream
+    /// snapshot's one writer).
     pub fn is_leader(&self) -> bool {
         self.inner.leader.load(Ordering::Relaxed) == 1
     }

@@ -8,10 +8,13 @@
 //!   it current (change log read by snapshot, woken by notifications), reading Postgres or the
 //!   copy per login;
 //! - [`snapshot`]: its sealed snapshot on disk, from which a replica (re)started while Postgres
-//!   is down answers.
+//!   is down answers;
+//! - [`snapshot_jetstream`]: the same snapshot kept in JetStream by the sync leader, for a
+//!   replica that starts on a new node with no local snapshot.
 
 pub mod feed;
 pub mod snapshot;
+pub mod snapshot_jetstream;
 pub mod table;
 
 pub(crate) use feed::{Found, Read};

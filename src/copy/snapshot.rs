@@ -1,5 +1,5 @@
-//! A sealed snapshot of the login copy on local disk, so that a replica that (re)starts while
-//! Postgres is unreachable can answer logins (`--snapshot-dir`).
+//! A sealed snapshot of the login copy, so that a replica that (re)starts while Postgres is
+//! unreachable can answer logins (`--snapshot-dir`, `--snapshot-jetstream`).
 //!
 //! ## What it holds
 //! Everything a login answered from the copy needs, and what `serve` needs to start without
@@ -31,8 +31,12 @@
 //! fsynced, renamed over the old one, directory fsynced: a crash leaves the old or the new
 //! snapshot, never half of one.
 //!
+//! ## Where
+//! In `--snapshot-dir` (every replica that sets it) and, written by the sync leader, in
+//! JetStream (`copy::snapshot_jetstream`), the same bytes: a pod moved to another node with an
+//! empty directory finds the JetStream one. At start the newer of the two is used.
+//!
 //! ## Limits
-//! Local directory only: a pod moved to another node with an empty directory has no snapshot.
 //! Anyone who can write the directory can put back an *older* snapshot sealed with the same key
 //! (rollback): protect the directory like the key.
 
@@ -49,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::callout::login::{Issuer, Login, Shape, Signing};
 use crate::callout::permissions::{Lists, Merged, Response};
+use crate::copy::snapshot_jetstream::{self, Publisher, SnapshotAccount};
 use crate::copy::{CopyExport, ExportedUser, LoginCache};
 use crate::db::identities::IdentityRow;
 use crate::db::logins::{CertPart, TokenPart};
@@ -373,16 +378,23 @@ fn replace_file(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<u64, Snapshot
     Ok(bytes)
 }
 
-/// Seals `copy` (and the service identities) and writes it to `dir`. Returns the snapshot id
-/// (for confirmations) and what the write cost.
-pub fn write(
-    dir: &Path,
+/// A sealed snapshot, as stored (file or JetStream object).
+pub struct Sealed {
+    pub id: [u8; 16],
+    pub bytes: Vec<u8>,
+    pub users: usize,
+    /// Export not included: encode and seal.
+    pub took: Duration,
+}
+
+/// Seals `copy` (and the service identities): header | nonce | AES-256-GCM(body) + tag.
+pub fn seal(
     cipher: &SeedCipher,
     operator: &str,
     identities: &[IdentityRow],
     copy: &CopyExport,
     taken_at: SystemTime,
-) -> Result<([u8; 16], Written), SnapshotError> {
+) -> Result<Sealed, SnapshotError> {
     use rand::RngCore as _;
     let started = Instant::now();
     if !cipher.has_key() {
@@ -398,12 +410,36 @@ pub fn write(
     let nonce = cipher
         .seal_in_place(&mut body, &head)
         .ok_or(SnapshotError::NoKey)?;
-    let bytes = replace_file(dir, FILE_NAME, &[&head, &nonce, &body])?;
-    Ok((
+    let mut bytes = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len());
+    bytes.extend_from_slice(&head);
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&body);
+    Ok(Sealed {
         id,
+        bytes,
+        users: copy.users.len(),
+        took: started.elapsed(),
+    })
+}
+
+/// Seals `copy` (and the service identities) and writes it to `dir`. Returns the snapshot id
+/// (for confirmations) and what the write cost.
+pub fn write(
+    dir: &Path,
+    cipher: &SeedCipher,
+    operator: &str,
+    identities: &[IdentityRow],
+    copy: &CopyExport,
+    taken_at: SystemTime,
+) -> Result<([u8; 16], Written), SnapshotError> {
+    let started = Instant::now();
+    let sealed = seal(cipher, operator, identities, copy, taken_at)?;
+    let bytes = replace_file(dir, FILE_NAME, &[&sealed.bytes])?;
+    Ok((
+        sealed.id,
         Written {
             bytes,
-            users: copy.users.len(),
+            users: sealed.users,
             took: started.elapsed(),
         },
     ))
@@ -418,14 +454,13 @@ fn confirm_aad(operator: &str, id: &[u8; 16], ms: i64) -> Vec<u8> {
     aad
 }
 
-/// Records that the snapshot `id` was still what Postgres held at `at`.
-fn confirm(
-    dir: &Path,
+/// The confirmation that the snapshot `id` was still what Postgres held at `at` (as stored).
+fn confirm_record(
     cipher: &SeedCipher,
     operator: &str,
     id: &[u8; 16],
     at: SystemTime,
-) -> Result<(), SnapshotError> {
+) -> Result<Vec<u8>, SnapshotError> {
     let ms = at
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -434,11 +469,27 @@ fn confirm(
     let nonce = cipher
         .seal_in_place(&mut tag, &confirm_aad(operator, id, ms))
         .ok_or(SnapshotError::NoKey)?;
-    replace_file(
-        dir,
-        CONFIRM_NAME,
-        &[CONFIRM_MAGIC, id, &ms.to_le_bytes(), &nonce, &tag],
-    )?;
+    Ok([
+        CONFIRM_MAGIC.as_slice(),
+        id,
+        &ms.to_le_bytes(),
+        &nonce,
+        &tag,
+    ]
+    .concat())
+}
+
+#[cfg(test)]
+/// Records in `dir` that the snapshot `id` was still what Postgres held at `at`.
+fn confirm(
+    dir: &Path,
+    cipher: &SeedCipher,
+    operator: &str,
+    id: &[u8; 16],
+    at: SystemTime,
+) -> Result<(), SnapshotError> {
+    let record = confirm_record(cipher, operator, id, at)?;
+    replace_file(dir, CONFIRM_NAME, &[&record])?;
     Ok(())
 }
 
@@ -592,9 +643,23 @@ fn shape_from(s: ShapeRec) -> Result<Shape, String> {
     })
 }
 
-/// Opens one snapshot file and applies its confirmation, if any.
+/// Opens one snapshot file and applies its confirmation (beside it), if any.
 pub fn open(path: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotError> {
-    let mut data = Zeroizing::new(std::fs::read(path).map_err(io(path))?);
+    let data = Zeroizing::new(std::fs::read(path).map_err(io(path))?);
+    let confirmation = path
+        .parent()
+        .and_then(|dir| std::fs::read(dir.join(CONFIRM_NAME)).ok());
+    open_bytes(path, data, confirmation.as_deref(), cipher)
+}
+
+/// Opens a stored snapshot (`path` names where it came from, for messages) and applies
+/// `confirmation` if it confirms this very snapshot under the same key.
+pub fn open_bytes(
+    path: &Path,
+    mut data: Zeroizing<Vec<u8>>,
+    confirmation: Option<&[u8]>,
+    cipher: &SeedCipher,
+) -> Result<Opened, SnapshotError> {
     if data.len() < HEADER_LEN + NONCE_LEN + 16 || &data[..8] != MAGIC {
         return Err(SnapshotError::NotASnapshot(path.to_owned()));
     }
@@ -613,17 +678,15 @@ pub fn open(path: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotError> {
     let taken_ms = i64::from_le_bytes(head[HEADER_LEN - 8..].try_into().expect("8 bytes"));
     let mut taken_at = millis_to_time(taken_ms);
     // A confirmation of this very snapshot, sealed with the same key, moves its time on.
-    if let Some(dir) = path.parent() {
-        if let Ok(c) = std::fs::read(dir.join(CONFIRM_NAME)) {
-            if c.len() == CONFIRM_LEN && &c[..8] == CONFIRM_MAGIC && c[8..24] == id {
-                let ms = i64::from_le_bytes(c[24..32].try_into().expect("8 bytes"));
-                let nonce: [u8; NONCE_LEN] = c[32..32 + NONCE_LEN].try_into().expect("12 bytes");
-                let mut tag = c[32 + NONCE_LEN..].to_vec();
-                if ms > taken_ms
-                    && cipher.open_in_place(&nonce, &mut tag, &confirm_aad(&operator, &id, ms))
-                {
-                    taken_at = millis_to_time(ms);
-                }
+    if let Some(c) = confirmation {
+        if c.len() == CONFIRM_LEN && &c[..8] == CONFIRM_MAGIC && c[8..24] == id {
+            let ms = i64::from_le_bytes(c[24..32].try_into().expect("8 bytes"));
+            let nonce: [u8; NONCE_LEN] = c[32..32 + NONCE_LEN].try_into().expect("12 bytes");
+            let mut tag = c[32 + NONCE_LEN..].to_vec();
+            if ms > taken_ms
+                && cipher.open_in_place(&nonce, &mut tag, &confirm_aad(&operator, &id, ms))
+            {
+                taken_at = millis_to_time(ms);
             }
         }
     }
@@ -690,39 +753,128 @@ pub fn open_newest(dir: &Path, cipher: &SeedCipher) -> Result<Opened, SnapshotEr
 
 // ---- at start ------------------------------------------------------------------------------
 
-/// Logs `line` at ERROR unless it was the last line said: `serve` retries its start every 2 s
-/// while Postgres is unreachable, and a refused snapshot is said once, not once per retry.
+/// Logs `line` at ERROR unless it was said already (among the last few lines): `serve` retries
+/// its start every 2 s while Postgres is unreachable, and a refused snapshot is said once, not
+/// once per retry (the local and the JetStream snapshot each have their line).
 fn say_once(line: String) {
-    static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    if last.as_deref() != Some(line.as_str()) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if !said.contains(&line) {
         tracing::error!("{line}");
-        *last = Some(line);
+        if said.len() == 8 {
+            said.remove(0);
+        }
+        said.push(line);
     }
 }
 
-/// `serve` could not reach Postgres: the newest snapshot in `dir` that opens, if any. Says in
-/// one line why none is used.
-pub fn open_at_start(dir: Option<&Path>, cipher: &SeedCipher) -> Option<Opened> {
-    let dir = dir?;
-    match open_newest(dir, cipher) {
-        Ok(o) => Some(o),
-        Err(SnapshotError::None(_)) => {
+/// JetStream is asked again at start only after a growing pause (2 s, 4 s, … 30 s): each try is
+/// a NATS connection (a server that does not know the snapshot account makes the client library
+/// log the refusal) and may read the whole snapshot.
+fn jetstream_due() -> bool {
+    let next = JETSTREAM_NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    next.0.is_none_or(|at| Instant::now() >= at)
+}
+
+fn jetstream_tried() {
+    let mut next = JETSTREAM_NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    let pause = (next.1 * 2).clamp(Duration::from_secs(2), Duration::from_secs(30));
+    *next = (Some(Instant::now() + pause), pause);
+}
+
+static JETSTREAM_NEXT: std::sync::Mutex<(Option<Instant>, Duration)> =
+    std::sync::Mutex::new((None, Duration::ZERO));
+
+/// Where `serve` looks for a snapshot in JetStream (see `copy::snapshot_jetstream`).
+pub struct JetStreamSource<'a> {
+    pub account: &'a SnapshotAccount,
+    pub addrs: &'a [async_nats::ServerAddr],
+    pub tls: &'a crate::config::NatsTlsArgs,
+}
+
+/// Where a snapshot read from JetStream came from, for messages.
+fn jetstream_path() -> PathBuf {
+    PathBuf::from(format!(
+        "jetstream:{}/{}",
+        snapshot_jetstream::BUCKET,
+        snapshot_jetstream::OBJECT
+    ))
+}
+
+/// The snapshot in JetStream, if there is one that opens. Says in one line why not.
+async fn open_from_jetstream(js: &JetStreamSource<'_>, cipher: &SeedCipher) -> Option<Opened> {
+    match snapshot_jetstream::fetch(js.account, js.addrs, js.tls).await {
+        Ok(Some(f)) => match open_bytes(
+            &jetstream_path(),
+            Zeroizing::new(f.snapshot),
+            f.confirmation.as_deref(),
+            cipher,
+        ) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                say_once(format!("login copy snapshot refused: {e}"));
+                None
+            }
+        },
+        Ok(None) => {
             say_once(format!(
-                "no snapshot of the login copy in {} to answer from",
-                dir.display()
+                "no snapshot of the login copy in JetStream (bucket {})",
+                snapshot_jetstream::BUCKET
             ));
             None
         }
-        Err(SnapshotError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) => {
             say_once(format!(
-                "no snapshot of the login copy in {} to answer from",
-                dir.display()
+                "cannot read the login copy's snapshot from JetStream: {e}"
             ));
             None
         }
-        // open_newest said why for each file it refused.
-        Err(_) => None,
+    }
+}
+
+/// `serve` could not reach Postgres: the newest snapshot that opens, in `dir` and in JetStream
+/// (newest by the time it was taken or last confirmed). Says in one line why each is not used.
+pub async fn open_at_start(
+    dir: Option<&Path>,
+    jetstream: Option<JetStreamSource<'_>>,
+    cipher: &SeedCipher,
+) -> Option<Opened> {
+    let local = match dir {
+        None => None,
+        Some(dir) => match open_newest(dir, cipher) {
+            Ok(o) => Some(o),
+            Err(SnapshotError::None(_)) => {
+                say_once(format!(
+                    "no snapshot of the login copy in {} to answer from",
+                    dir.display()
+                ));
+                None
+            }
+            Err(SnapshotError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                say_once(format!(
+                    "no snapshot of the login copy in {} to answer from",
+                    dir.display()
+                ));
+                None
+            }
+            // open_newest said why for each file it refused.
+            Err(_) => None,
+        },
+    };
+    let remote = match &jetstream {
+        Some(js) if jetstream_due() => {
+            // Also after a snapshot that opened: `serve` only retries when it could not be
+            // installed (past the grace, say), and ~100 MB are not fetched again every 2 s.
+            jetstream_tried();
+            open_from_jetstream(js, cipher).await
+        }
+        _ => None,
+    };
+    match (local, remote) {
+        (Some(l), Some(r)) => Some(if r.taken_at > l.taken_at { r } else { l }),
+        (l, r) => l.or(r),
     }
 }
 
@@ -781,30 +933,64 @@ struct LastWrite {
     written: Instant,
     /// When it was last confirmed (or written).
     confirmed: Instant,
+    /// Whether it is in JetStream.
+    in_jetstream: bool,
 }
 
-/// Writes this replica's snapshot while it runs.
+/// The JetStream side of the writer: the last attempt, so a failing store (no JetStream on the
+/// servers, NATS away) is neither re-sealed for every second nor said more than once.
+#[derive(Default)]
+struct JetStreamState {
+    /// The snapshot id last put (or tried), and when a failed try is repeated (with a fresh
+    /// snapshot, also when the copy did not change).
+    tried: Option<([u8; 16], Option<Instant>)>,
+    failing: bool,
+}
+
+/// A put refused because JetStream is not enabled is tried again after this many rewrite
+/// periods (the servers may be reconfigured); other failures after one.
+const JETSTREAM_RETRY_PERIODS: u32 = 10;
+
+/// Writes this replica's snapshot while it runs: to `dir` (every replica that has one), and to
+/// JetStream (the sync leader only).
 pub struct Writer {
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// A changed copy is rewritten, and an unchanged one confirmed, at most this often
     /// ([`REWRITE_EVERY`] in `serve`).
     pub every: Duration,
     pub cipher: SeedCipher,
     pub operator: String,
     pub identities: Vec<IdentityRow>,
+    pub jetstream: Option<Arc<Publisher>>,
 }
 
 impl Writer {
+    /// Where the snapshot goes, for messages.
+    fn target(&self, to_jetstream: bool) -> String {
+        let dir = self
+            .dir
+            .as_ref()
+            .map(|d| d.join(FILE_NAME).display().to_string());
+        match (dir, to_jetstream) {
+            (Some(d), true) => format!("{d} and JetStream bucket {}", snapshot_jetstream::BUCKET),
+            (Some(d), false) => d,
+            (None, _) => format!("JetStream bucket {}", snapshot_jetstream::BUCKET),
+        }
+    }
+
     /// Every second: when the copy is current and (never written, reloaded since, or changed
-    /// and the last write is `every` old) it is written; when it is current and unchanged, the
-    /// snapshot is confirmed every `every`. Encoding and I/O run on
-    /// a blocking thread. Failures are logged (the first of a run at WARN) and retried.
+    /// and the last write is `every` old, or this replica leads and JetStream lacks the last
+    /// snapshot) it is written; when it is current and unchanged, the snapshot is confirmed
+    /// every `every`. Encoding, sealing and file I/O run on a blocking thread. Failures are
+    /// logged (the first of a run at WARN) and retried.
     pub async fn keep_writing(self, cache: Arc<LoginCache>, stop: CancellationToken) {
         if !self.cipher.has_key() {
-            tracing::warn!(
-                dir = %self.dir.display(),
-                "--snapshot-dir is set but no encryption key is configured: no snapshot of the login copy is written (it would hold signing seeds in plain text); set --encryption-key to keep one"
-            );
+            if let Some(dir) = &self.dir {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "--snapshot-dir is set but no encryption key is configured: no snapshot of the login copy is written (it would hold signing seeds in plain text); set --encryption-key to keep one"
+                );
+            }
             return;
         }
         let me = Arc::new(self);
@@ -812,12 +998,17 @@ impl Writer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Option<LastWrite> = None;
         let mut failing = false;
+        let mut js = JetStreamState::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
             if !cache.is_live() {
+                continue;
+            }
+            let leading = me.jetstream.as_ref().is_some_and(|j| j.leading());
+            if me.dir.is_none() && !leading {
                 continue;
             }
             let reloads = crate::copy::CacheStats::get(&cache.stats().reloads);
@@ -827,33 +1018,52 @@ impl Writer {
                 Some(l) => {
                     l.reloads != reloads
                         || (l.changes != changes && l.written.elapsed() >= me.every)
+                        || (leading
+                            && match js.tried {
+                                None => true,
+                                Some((id, retry_at)) => {
+                                    (id != l.id && !l.in_jetstream)
+                                        || retry_at.is_some_and(|at| Instant::now() >= at)
+                                }
+                            })
                 }
             };
             if write {
                 let (w, cache2) = (me.clone(), cache.clone());
                 let done = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
                     let now = SystemTime::now();
                     let copy = cache2.export();
                     let changes = copy.changes;
-                    w.write_now(&copy, now)
-                        .map(|(id, written)| (id, written, changes))
+                    let sealed = seal(&w.cipher, &w.operator, &w.identities, &copy, now)?;
+                    drop(copy);
+                    if let Some(dir) = &w.dir {
+                        replace_file(dir, FILE_NAME, &[&sealed.bytes])?;
+                    }
+                    Ok::<_, SnapshotError>((sealed, changes, started.elapsed()))
                 })
                 .await;
                 match done {
-                    Ok(Ok((id, written, changes))) => {
+                    Ok(Ok((sealed, changes, took))) => {
+                        let in_jetstream = if leading {
+                            me.put_jetstream(&mut js, &sealed).await
+                        } else {
+                            false
+                        };
                         if last.is_none() || failing {
                             tracing::info!(
-                                path = %me.dir.join(FILE_NAME).display(),
-                                users = written.users,
-                                bytes = written.bytes,
-                                took_ms = written.took.as_millis() as u64,
+                                to = %me.target(in_jetstream),
+                                users = sealed.users,
+                                bytes = sealed.bytes.len(),
+                                took_ms = took.as_millis() as u64,
                                 "wrote the login copy's snapshot (sealed; rewritten when the copy changes, at most every 30s)"
                             );
                         } else {
                             tracing::debug!(
-                                users = written.users,
-                                bytes = written.bytes,
-                                took_ms = written.took.as_millis() as u64,
+                                to = %me.target(in_jetstream),
+                                users = sealed.users,
+                                bytes = sealed.bytes.len(),
+                                took_ms = took.as_millis() as u64,
                                 "rewrote the login copy's snapshot"
                             );
                         }
@@ -862,9 +1072,10 @@ impl Writer {
                         last = Some(LastWrite {
                             changes,
                             reloads,
-                            id,
+                            id: sealed.id,
                             written: Instant::now(),
                             confirmed: Instant::now(),
+                            in_jetstream,
                         });
                     }
                     Ok(Err(e)) => {
@@ -881,17 +1092,36 @@ impl Writer {
                 }
             } else if let Some(l) = last.as_mut() {
                 if l.changes == changes && l.confirmed.elapsed() >= me.every {
-                    let (w, id2) = (me.clone(), l.id);
-                    let done = tokio::task::spawn_blocking(move || {
-                        confirm(&w.dir, &w.cipher, &w.operator, &id2, SystemTime::now())
-                    })
-                    .await;
-                    match done {
-                        Ok(Ok(())) => mark_current(&cache),
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "cannot confirm the login copy's snapshot")
+                    let now = SystemTime::now();
+                    let record = confirm_record(&me.cipher, &me.operator, &l.id, now);
+                    let confirmed = match record {
+                        Ok(record) => {
+                            let mut ok = true;
+                            if let Some(dir) = me.dir.clone() {
+                                let r = record.clone();
+                                let done = tokio::task::spawn_blocking(move || {
+                                    replace_file(&dir, CONFIRM_NAME, &[&r])
+                                })
+                                .await;
+                                if let Ok(Err(e)) = &done {
+                                    tracing::debug!(error = %e, "cannot confirm the login copy's snapshot");
+                                }
+                                ok = matches!(done, Ok(Ok(_)));
+                            }
+                            if let (Some(j), true) = (&me.jetstream, leading && l.in_jetstream) {
+                                if let Err(e) =
+                                    j.put(snapshot_jetstream::CONFIRM_OBJECT, &record).await
+                                {
+                                    tracing::debug!(error = %e, "cannot confirm the login copy's snapshot in JetStream");
+                                    ok = false;
+                                }
+                            }
+                            ok
                         }
-                        Err(_) => {}
+                        Err(_) => false,
+                    };
+                    if confirmed {
+                        mark_current(&cache);
                     }
                     l.confirmed = Instant::now();
                 }
@@ -899,14 +1129,67 @@ impl Writer {
         }
     }
 
-    /// One write of `copy`, taken at `taken_at`.
+    /// Puts `sealed` into JetStream; says the first failure of a run (and "not enabled" once
+    /// for all) and when it works again. True when it is there.
+    async fn put_jetstream(&self, js: &mut JetStreamState, sealed: &Sealed) -> bool {
+        let Some(publisher) = &self.jetstream else {
+            return false;
+        };
+        match publisher
+            .put(snapshot_jetstream::OBJECT, &sealed.bytes)
+            .await
+        {
+            Ok(put) => {
+                if js.failing || js.tried.is_none() {
+                    tracing::info!(
+                        bucket = snapshot_jetstream::BUCKET,
+                        bytes = put.bytes,
+                        took_ms = put.took.as_millis() as u64,
+                        "wrote the login copy's snapshot to JetStream"
+                    );
+                }
+                js.tried = Some((sealed.id, None));
+                js.failing = false;
+                true
+            }
+            Err(e) => {
+                if !js.failing {
+                    match &e {
+                        snapshot_jetstream::StoreError::NotEnabled(_) => tracing::warn!(
+                            error = %e,
+                            "JetStream is not available for the login copy's snapshot: it is kept {}; enable JetStream on the servers or set --snapshot-jetstream=false",
+                            self.dir.as_ref().map_or("nowhere".to_owned(), |d| format!("only in {}", d.display()))
+                        ),
+                        _ => {
+                            tracing::warn!(error = %e, "cannot write the login copy's snapshot to JetStream; retrying")
+                        }
+                    }
+                }
+                let wait = match e {
+                    snapshot_jetstream::StoreError::NotEnabled(_) => {
+                        self.every * JETSTREAM_RETRY_PERIODS
+                    }
+                    _ => self.every,
+                };
+                js.failing = true;
+                js.tried = Some((sealed.id, Some(Instant::now() + wait)));
+                false
+            }
+        }
+    }
+
+    /// One write of `copy` to the directory, taken at `taken_at`.
     pub fn write_now(
         &self,
         copy: &CopyExport,
         taken_at: SystemTime,
     ) -> Result<([u8; 16], Written), SnapshotError> {
+        let dir = self
+            .dir
+            .as_deref()
+            .ok_or_else(|| SnapshotError::None(PathBuf::new()))?;
         write(
-            &self.dir,
+            dir,
             &self.cipher,
             &self.operator,
             &self.identities,
@@ -999,8 +1282,9 @@ mod tests {
 
     fn writer(dir: &Path, key: Option<u8>) -> Writer {
         Writer {
-            dir: dir.to_owned(),
+            dir: Some(dir.to_owned()),
             every: Duration::ZERO,
+            jetstream: None,
             cipher: SeedCipher::new(key.map(|k| [k; 32])),
             operator: nkeys::KeyPair::new_operator().public_key(),
             identities: vec![IdentityRow {

@@ -484,3 +484,116 @@ fn systemd_unit_is_hardened_and_verifies() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+/// Issue 17: every deployment keeps the login copy's sealed snapshot where a replica restarted
+/// during a Postgres outage finds it: in JetStream (the servers beside it run JetStream), and
+/// `--snapshot-dir`, when set, on a writable volume of the container (the root filesystem is
+/// read-only) that no two replicas share.
+#[test]
+fn every_deployment_keeps_the_snapshot_where_a_restarted_replica_finds_it() {
+    let docs = k8s_docs();
+    let mut checked = 0;
+    for (file, doc) in &docs {
+        let spec = &doc["spec"]["template"]["spec"];
+        let Some(containers) = spec["containers"].as_sequence() else {
+            continue;
+        };
+        let env_of = |c: &Value| -> BTreeMap<String, String> {
+            c["env"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e.get("value")?.as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        };
+        for c in containers {
+            if str_list(&c["args"]).first().map(String::as_str) != Some("serve") {
+                continue;
+            }
+            checked += 1;
+            let cname = c["name"].as_str().unwrap();
+            let env = env_of(c);
+            assert_eq!(
+                env.get("NATS_PG_AUTH_SNAPSHOT_JETSTREAM")
+                    .map(String::as_str),
+                Some("true"),
+                "{file}: {cname} keeps the snapshot in JetStream"
+            );
+            // The pod's nats-server runs JetStream (its config map has a jetstream block).
+            let config = spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"].as_str() == Some("nats-config"))
+                .and_then(|v| v["configMap"]["name"].as_str())
+                .and_then(|name| named(&docs, "ConfigMap", name))
+                .unwrap_or_else(|| panic!("{file}: the nats-server config map"));
+            let conf: String = config["data"]
+                .as_mapping()
+                .unwrap()
+                .values()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                conf.contains("jetstream {"),
+                "{file}: nats-server runs JetStream"
+            );
+            let replicas = doc["spec"]["replicas"].as_u64().unwrap_or(1);
+            if let Some(r) = env.get("NATS_PG_AUTH_SNAPSHOT_REPLICAS") {
+                let r: u64 = r.parse().unwrap();
+                assert!(
+                    (1..=replicas.min(5)).contains(&r),
+                    "{file}: {r} bucket replicas with {replicas} servers"
+                );
+            }
+            if let Some(dir) = env.get("NATS_PG_AUTH_SNAPSHOT_DIR") {
+                let mount = c["volumeMounts"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["mountPath"].as_str() == Some(dir.as_str()))
+                    .unwrap_or_else(|| panic!("{file}: {cname}: nothing mounted at {dir}"));
+                assert_ne!(
+                    mount["readOnly"].as_bool(),
+                    Some(true),
+                    "{file}: {cname}: {dir} is writable"
+                );
+                let volume = spec["volumes"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("{file}: volume {:?}", mount["name"]));
+                assert!(
+                    volume.get("emptyDir").is_some(),
+                    "{file}: {cname}: the snapshot directory is the pod's own (emptyDir), not shared"
+                );
+            }
+        }
+    }
+    assert!(checked >= 2, "both Kubernetes examples run serve");
+
+    let compose = load_yaml(&repo().join("docker-compose.yaml"));
+    let serve = &compose["services"]["serve"];
+    let env = environment(serve);
+    assert_eq!(
+        env.get("NATS_PG_AUTH_SNAPSHOT_JETSTREAM")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        !env.contains_key("NATS_PG_AUTH_SNAPSHOT_DIR"),
+        "compose's replicas share no directory"
+    );
+    let nats_conf = fs::read_to_string(repo().join("deploy/nats/nats.conf")).unwrap();
+    assert!(nats_conf.contains("jetstream {"));
+
+    let unit = fs::read_to_string(repo().join("deploy/systemd/nats-pg-auth.service")).unwrap();
+    assert!(unit.contains("\nStateDirectory=nats-pg-auth\n"));
+    assert!(unit.contains("\nEnvironment=NATS_PG_AUTH_SNAPSHOT_DIR=%S/nats-pg-auth\n"));
+}

@@ -106,6 +106,18 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
         assert!(stamp > 1_700_000_000, "{}: {stamp}", r.name);
     }
 
+    // This nats-server runs no JetStream: the sync leader says so once and keeps the directory.
+    let no_jetstream = "JetStream is not available for the login copy's snapshot";
+    wait_until(
+        Duration::from_secs(10),
+        "the leader to say JetStream is not available",
+        || {
+            let said = replicas.iter().any(|r| r.log().contains(no_jetstream));
+            async move { said }
+        },
+    )
+    .await;
+
     let outage = DbOutage::begin(&env).await;
     for r in &mut replicas {
         r.kill();
@@ -172,6 +184,14 @@ async fn replicas_restarted_during_an_outage_answer_from_their_snapshots() {
         assert!(is_auth_refusal(&err), "{what}: {err}");
     }
 
+    let said: usize = replicas
+        .iter()
+        .map(|r| r.log().matches(no_jetstream).count())
+        .sum();
+    assert_eq!(
+        said, 1,
+        "said once, by the leader (no one leads during the outage)"
+    );
     // Postgres back: both leave outage mode, and a change made now takes effect.
     outage.end().await;
     for r in &replicas {
@@ -292,4 +312,188 @@ async fn a_replica_without_an_encryption_key_writes_no_snapshot() {
             .count(),
         1
     );
+}
+
+/// The "pod moved to another node" case (issue 17): a 3-server cluster with JetStream and a
+/// replica beside each server, none with a local snapshot directory. Postgres goes away; one
+/// server and its replica are SIGKILLed and start again on a new, empty data directory
+/// (resolver and JetStream store gone). The replica finds the snapshot the sync leader keeps in
+/// JetStream and answers logins through its server alone (the other replicas are killed
+/// first), with the snapshot's refusals; when Postgres is back it leaves outage mode.
+#[tokio::test]
+async fn a_replica_moved_to_a_new_node_answers_from_the_snapshot_in_jetstream() {
+    use crate::common::{fresh_database, run_cli, NatsCluster};
+    let database_url = fresh_database().await;
+    let pool = nats_pg_auth::db::connect(&database_url, 2).await.unwrap();
+    nats_pg_auth::db::migrate(&pool).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = b64(&KEY);
+    let mut cluster = NatsCluster::start_with(
+        dir.path(),
+        3,
+        "jetstream {\n  store_dir: \"js\"\n}",
+        |i, resolver_dir, out| {
+            let verb: &[&str] = if i == 0 {
+                &["init", "--operator-name", "moved"]
+            } else {
+                &["export-config"]
+            };
+            let mut args = verb.to_vec();
+            args.extend([
+                "--encryption-key",
+                &key,
+                "--resolver-dir",
+                resolver_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            let (code, _, err) = run_cli(&args, Some(&database_url), "");
+            assert_eq!(code, Some(0), "{verb:?}: {err}");
+        },
+    )
+    .await;
+    // The JetStream meta group has a leader (the bucket can be created).
+    wait_until(
+        Duration::from_secs(20),
+        "a JetStream metadata leader",
+        || {
+            let logs: Vec<String> = cluster.servers.iter().map(|s| s.log()).collect();
+            async move {
+                logs.iter().any(|l| {
+                    l.contains("new JetStream cluster metadata leader")
+                        || l.contains("cluster new metadata leader")
+                })
+            }
+        },
+    )
+    .await;
+    sqlx::raw_sql(
+        "INSERT INTO nats.accounts (name) VALUES ('acme');
+         INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions)
+           SELECT id, 'ops', '{ops.>}', '{_INBOX.>}' FROM nats.accounts WHERE name = 'acme';
+         INSERT INTO nats.users (account_id, role_id, username, password_hash)
+           SELECT a.id, r.id, u.name, crypt('pw', gen_salt('bf', 4))
+           FROM nats.accounts a JOIN nats.roles r ON r.account_id = a.id,
+                (VALUES ('alice'), ('bob')) AS u(name);
+         INSERT INTO nats.user_tokens (user_id, token_sha256)
+           SELECT id, digest('bobs-token', 'sha256') FROM nats.users WHERE username = 'bob';
+         INSERT INTO nats.user_tokens (user_id, token_sha256, revoked_at)
+           SELECT id, digest('revoked-token', 'sha256'), now() FROM nats.users WHERE username = 'bob';",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut replicas: Vec<ServiceProcess> = cluster
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            ServiceProcess::start(
+                &format!("replica{i}"),
+                dir.path(),
+                &database_url,
+                &s.url(),
+                &[
+                    "--encryption-key",
+                    &key,
+                    "--db-pool-size",
+                    "6",
+                    "--callout-concurrency",
+                    "4",
+                ],
+            )
+        })
+        .collect();
+    let moved = cluster.servers[2].url();
+    let login_via = |opts: ConnectOptions| {
+        let url = moved.clone();
+        async move { client_options(opts).connect(url).await.map(|_| ()) }
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "alice logs in through the third server",
+        || async { login_via(password("alice", "pw")).await.is_ok() },
+    )
+    .await;
+    // The first snapshot was taken before the sync made acme's keys, and a change is written
+    // at most every 30 s: the replicas start again (Postgres up), so the new leader writes one
+    // after its full load.
+    for r in &mut replicas {
+        r.kill();
+    }
+    let logged: Vec<usize> = replicas.iter().map(|r| r.log().len()).collect();
+    for r in &mut replicas {
+        r.restart();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the new sync leader's snapshot in JetStream",
+        || {
+            let fresh = replicas.iter().zip(&logged).any(|(r, n)| {
+                r.log()[*n..].contains("wrote the login copy's snapshot to JetStream")
+            });
+            async move { fresh }
+        },
+    )
+    .await;
+
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let outage = DbOutage::begin_on(db).await;
+    // The pod moves: its server and replica die, the server comes back on empty disks.
+    replicas[2].kill();
+    let server = &mut cluster.servers[2];
+    server.stop();
+    std::fs::remove_dir_all(server.dir.join("js")).unwrap();
+    server.restart(true).await;
+    replicas[2].restart();
+    wait_log(
+        &replicas[2],
+        "answering from a snapshot taken",
+        Duration::from_secs(20),
+    )
+    .await;
+    replicas[2].wait_ready(Duration::from_secs(10)).await;
+    let body = replicas[2].readyz().await.expect("ready from the snapshot");
+    assert!(body.contains("mode: outage, from snapshot taken"), "{body}");
+    // Only the moved replica answers from here on.
+    replicas[0].kill();
+    replicas[1].kill();
+
+    wait_until(
+        Duration::from_secs(15),
+        "alice logs in through the moved server",
+        || async { login_via(password("alice", "pw")).await.is_ok() },
+    )
+    .await;
+    login_via(ConnectOptions::with_token("bobs-token".into()))
+        .await
+        .expect("bob's token");
+    for (what, opts) in [
+        ("unknown user", password("mallory", "pw")),
+        ("wrong password", password("bob", "not-pw")),
+        (
+            "token revoked before the snapshot",
+            ConnectOptions::with_token("revoked-token".into()),
+        ),
+    ] {
+        let err = login_via(opts).await.expect_err(what);
+        assert!(is_auth_refusal(&err), "{what}: {err}");
+    }
+
+    outage.end().await;
+    wait_until(
+        Duration::from_secs(20),
+        "the moved replica live again",
+        || async {
+            replicas[2]
+                .readyz()
+                .await
+                .is_ok_and(|b| b.contains("mode: live"))
+        },
+    )
+    .await;
 }

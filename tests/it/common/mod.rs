@@ -227,6 +227,8 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         db_outage_grace: Duration::from_secs(3600),
         db_outage_ttl: Duration::from_secs(300),
         snapshot_dir: None,
+        snapshot_jetstream: true,
+        snapshot_replicas: 0,
         credential_cache: true,
         credential_cache_ttl: Duration::from_secs(600),
         unknown_reads_per_second: 50,
@@ -733,6 +735,17 @@ impl NatsCluster {
     pub async fn start(
         base: &Path,
         n: usize,
+        fragment: impl FnMut(usize, &Path, &Path),
+    ) -> NatsCluster {
+        Self::start_with(base, n, "", fragment).await
+    }
+
+    /// As [`NatsCluster::start`], with `extra` added to every member's nats.conf (relative
+    /// paths in it land in the member's directory), e.g. a `jetstream {}` block.
+    pub async fn start_with(
+        base: &Path,
+        n: usize,
+        extra: &str,
         mut fragment: impl FnMut(usize, &Path, &Path),
     ) -> NatsCluster {
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -751,7 +764,7 @@ impl NatsCluster {
                 .collect::<Vec<_>>()
                 .join(", ");
             let extra = format!(
-                "cluster {{\n  name: test_cluster\n  listen: 127.0.0.1:{}\n  routes: [{routes}]\n}}",
+                "cluster {{\n  name: test_cluster\n  listen: 127.0.0.1:{}\n  routes: [{routes}]\n}}\n{extra}",
                 route_ports[i]
             );
             servers.push(NatsServer::start_on(client_ports[i], &dir, &resolver_dir, &extra).await);
@@ -1036,6 +1049,11 @@ impl DbOutage {
             .fetch_one(&env.pool)
             .await
             .unwrap();
+        Self::begin_on(db).await
+    }
+
+    /// The same for the database `db` of the shared Postgres (a test without a `TestEnv`).
+    pub async fn begin_on(db: String) -> DbOutage {
         let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
         sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
             .execute(&admin)
