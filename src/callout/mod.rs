@@ -142,6 +142,9 @@ impl DenyReason {
 pub struct Deny {
     pub reason: DenyReason,
     pub detail: String,
+    /// The user the credential identified (a token's, an nkey's), for the log line: the
+    /// request itself names no user then.
+    pub user: Option<String>,
 }
 
 impl Deny {
@@ -149,7 +152,14 @@ impl Deny {
         Self {
             reason,
             detail: detail.into(),
+            user: None,
         }
+    }
+
+    /// The same denial, naming the user it is about.
+    fn of(mut self, username: &str) -> Self {
+        self.user.get_or_insert_with(|| username.to_owned());
+        self
     }
 }
 
@@ -566,7 +576,13 @@ impl Callout {
             }
             Err(deny) => {
                 self.metrics.count_deny(deny.reason.as_str());
-                let user = req.claims.nats.connect_opts.user.as_deref().unwrap_or("");
+                // The user the credential named, else the one the client sent (a password
+                // login's, even unknown), else nothing (an unknown token or nkey).
+                let user = deny
+                    .user
+                    .as_deref()
+                    .or(req.claims.nats.connect_opts.user.as_deref())
+                    .unwrap_or("");
                 tracing::warn!(
                     reason = deny.reason.as_str(),
                     user,
@@ -639,7 +655,8 @@ impl Callout {
             let cap = now.saturating_add(self.cache.settings().outage_ttl.as_secs().max(1) as i64);
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
         }
-        self.authorize(req, &login, now, not_after)
+        self.authorize(req, &login, now, not_after, from_copy)
+            .map_err(|d| d.of(&login.username))
     }
 
     /// Which credential of the request to check. User + password is a password login, even
@@ -977,7 +994,8 @@ impl Callout {
                     "token {} of user {:?} is revoked",
                     tok.token_id, login.username
                 ),
-            ));
+            )
+            .of(&login.username));
         }
         if tok.token_expires_at.is_some_and(|t| t.timestamp() <= now) {
             return Err(Deny::new(
@@ -986,7 +1004,8 @@ impl Callout {
                     "token {} of user {:?} has expired",
                     tok.token_id, login.username
                 ),
-            ));
+            )
+            .of(&login.username));
         }
         if self.cache.should_touch_token(tok.token_id) {
             let pool = self.pool.clone();
@@ -1013,6 +1032,7 @@ impl Callout {
         login: &Login,
         now: i64,
         not_after: Option<i64>,
+        from_copy: bool,
     ) -> Result<Grant, Deny> {
         let client = &req.claims.nats.client_info;
         let issuer = admit(
@@ -1039,7 +1059,8 @@ impl Callout {
         let mqtt_rights = mqtt
             .then(|| permissions::for_mqtt(&login.shape.merged))
             .flatten();
-        let user_jwt = mint::user_jwt(
+        let tags: &[&str] = if from_copy { &[mint::OUTAGE_TAG] } else { &[] };
+        let user_jwt = mint::user_jwt_tagged(
             req,
             &login.username,
             mqtt_rights.as_ref().unwrap_or(&login.shape.merged),
@@ -1047,6 +1068,7 @@ impl Callout {
             &issuer.account,
             &issuer.keypair,
             now,
+            tags,
         )
         .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
         Ok(Grant {
