@@ -43,9 +43,7 @@ pub fn read(who: &str) -> Result<String, CliError> {
 fn prompt(text: &str) -> Result<String, CliError> {
     use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
     let stdin = std::io::stdin();
-    let mut stderr = std::io::stderr();
-    let _ = write!(stderr, "{text}");
-    let _ = stderr.flush();
+    // Echo off before the prompt shows, so nothing typed after it is ever echoed.
     let saved = tcgetattr(&stdin).ok();
     if let Some(saved) = &saved {
         let mut quiet = saved.clone();
@@ -53,6 +51,9 @@ fn prompt(text: &str) -> Result<String, CliError> {
         quiet.local_modes.insert(LocalModes::ECHONL);
         let _ = tcsetattr(&stdin, OptionalActions::Now, &quiet);
     }
+    let mut stderr = std::io::stderr();
+    let _ = write!(stderr, "{text}");
+    let _ = stderr.flush();
     let mut line = String::new();
     let read = stdin.lock().read_line(&mut line);
     if let Some(saved) = &saved {
