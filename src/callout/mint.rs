@@ -9,12 +9,6 @@ use super::request::VerifiedRequest;
 use crate::jwt::claims::{AuthorizationResponse, Permission, ResponsePermission, UserClaims};
 use crate::jwt::{self, Claims, JwtError};
 
-/// The tag of a user JWT minted from the in-memory login copy while Postgres was unreachable
-/// (`--db-outage-grace`). nats-server shows a connection's JWT tags in CONNZ (`tags`), so
-/// `nats-pg-auth connections` and `nats server report connections` can tell those connections,
-/// whose rights may be out of date, from the others. Lower case: the server lower-cases tags.
-pub const OUTAGE_TAG: &str = "nats-pg-auth:outage-copy";
-
 /// A user JWT for the request's `user_nkey`, signed by the account's signing key with
 /// `issuer_account` set (the setup the server places by signer, protocol doc §3.7).
 pub fn user_jwt(
@@ -26,23 +20,7 @@ pub fn user_jwt(
     signer: &KeyPair,
     now: i64,
 ) -> Result<String, JwtError> {
-    user_jwt_tagged(req, name, merged, ttl, account_public_key, signer, now, &[])
-}
-
-/// [`user_jwt`] with JWT tags (e.g. [`OUTAGE_TAG`]).
-#[allow(clippy::too_many_arguments)]
-pub fn user_jwt_tagged(
-    req: &VerifiedRequest,
-    name: &str,
-    merged: &Merged,
-    ttl: Duration,
-    account_public_key: &str,
-    signer: &KeyPair,
-    now: i64,
-    tags: &[&str],
-) -> Result<String, JwtError> {
     let mut nats = UserClaims::default();
-    nats.tags = tags.iter().map(|t| t.to_string()).collect();
     nats.permissions.publish = Permission {
         allow: merged.publish.allow.clone(),
         deny: merged.publish.deny.clone(),

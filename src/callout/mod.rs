@@ -14,6 +14,7 @@ pub mod lockout;
 pub mod login;
 pub mod mint;
 pub mod nkey;
+pub mod outage_logins;
 pub mod permissions;
 pub mod request;
 pub mod xbox;
@@ -345,6 +346,8 @@ pub struct Callout {
     serving: std::sync::atomic::AtomicBool,
     /// Requests arriving already expired: a clock off from the servers'.
     clock: request::ClockWatch,
+    /// Connections admitted from the copy during a Postgres outage (for `connections`).
+    outage_logins: Arc<outage_logins::OutageLogins>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -396,6 +399,7 @@ impl Callout {
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
+            outage_logins: Default::default(),
             pool,
             auth,
             cipher,
@@ -412,6 +416,11 @@ impl Callout {
     /// The login caches (stats, run-time switches).
     pub fn cache(&self) -> &Arc<LoginCache> {
         &self.cache
+    }
+
+    /// The connections admitted from the copy during a Postgres outage.
+    pub fn outage_logins(&self) -> &Arc<outage_logins::OutageLogins> {
+        &self.outage_logins
     }
 
     /// How many password hashes this callout computed (cache misses and unknown users).
@@ -1059,8 +1068,7 @@ impl Callout {
         let mqtt_rights = mqtt
             .then(|| permissions::for_mqtt(&login.shape.merged))
             .flatten();
-        let tags: &[&str] = if from_copy { &[mint::OUTAGE_TAG] } else { &[] };
-        let user_jwt = mint::user_jwt_tagged(
+        let user_jwt = mint::user_jwt(
             req,
             &login.username,
             mqtt_rights.as_ref().unwrap_or(&login.shape.merged),
@@ -1068,9 +1076,19 @@ impl Callout {
             &issuer.account,
             &issuer.keypair,
             now,
-            tags,
         )
         .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
+        if from_copy {
+            self.outage_logins.record(
+                outage_logins::Entry {
+                    server_id: req.server_id().to_owned(),
+                    cid: client.id,
+                    user: login.username.to_string(),
+                    expires: now + ttl.as_secs() as i64,
+                },
+                now,
+            );
+        }
         Ok(Grant {
             user_jwt,
             username: login.username.to_string(),

@@ -1,9 +1,10 @@
 //! `connections`: every live client connection on every nats-server, from CONNZ
 //! (`$SYS.REQ.SERVER.PING.CONNZ` with `auth: true`, asked as the service's system user), with
 //! the account's name from Postgres and whether the connection's JWT was minted from the login
-//! copy during a Postgres outage (the JWT tag [`OUTAGE_TAG`], which CONNZ shows).
+//! copy during a Postgres outage (each `serve` replica remembers those and answers on
+//! [`outage_logins::SUBJECT`]: nats-server shows no claim of a callout-minted JWT).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -12,8 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{out, system, CliError};
-use crate::callout::mint::OUTAGE_TAG;
-use crate::callout::permissions;
+use crate::callout::{outage_logins, permissions};
 use crate::config::{parse_duration, CommonArgs, ConfigError, NatsTlsArgs};
 
 /// CONNZ's page size (nats-server's default limit).
@@ -45,6 +45,7 @@ pub struct ConnectionsArgs {
 #[derive(Debug, Serialize)]
 struct Connection {
     server: String,
+    server_id: String,
     cid: u64,
     user: Option<String>,
     /// The account's name (ours, or SYS/AUTH), else its public key.
@@ -86,10 +87,18 @@ pub async fn run(common: &CommonArgs, args: ConnectionsArgs) -> Result<(), CliEr
         filter["user"] = json!(user);
     }
     let pages = connz_everywhere(&client, &filter, args.timeout).await?;
+    let outage: HashSet<(String, u64)> =
+        ask_everyone(&client, outage_logins::SUBJECT, "", args.timeout)
+            .await?
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<Vec<outage_logins::Entry>>(v).ok())
+            .flatten()
+            .map(|e| (e.server_id, e.cid))
+            .collect();
     let _ = client.drain().await;
     let mut rows: Vec<Connection> = pages
         .iter()
-        .flat_map(|(server, conns)| conns.iter().map(|c| connection(server, c, &names)))
+        .flat_map(|(server, conns)| conns.iter().map(|c| connection(server, c, &names, &outage)))
         // The server filters too; this keeps the answer right whatever the server supports.
         .filter(|c| {
             account_key
@@ -155,24 +164,28 @@ async fn account_names(
     Ok(names)
 }
 
-fn connection(server: &str, c: &Value, names: &HashMap<String, String>) -> Connection {
+fn connection(
+    (server, server_id): &(String, String),
+    c: &Value,
+    names: &HashMap<String, String>,
+    outage: &HashSet<(String, u64)>,
+) -> Connection {
     let text = |k: &str| c[k].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
     let key = text("account").unwrap_or_default();
-    let door = door(c["kind"].as_str(), c["type"].as_str());
+    let cid = c["cid"].as_u64().unwrap_or_default();
     Connection {
-        server: server.to_owned(),
-        cid: c["cid"].as_u64().unwrap_or_default(),
+        server: server.clone(),
+        server_id: server_id.clone(),
+        cid,
         user: text("authorized_user"),
         account: names.get(&key).cloned().unwrap_or_else(|| key.clone()),
         account_public_key: key,
-        door,
+        door: door(c["kind"].as_str(), c["type"].as_str()),
         ip: text("ip"),
         since: text("start"),
         client_name: text("name"),
         mqtt_client_id: text("mqtt_client"),
-        outage_copy: c["tags"]
-            .as_array()
-            .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(OUTAGE_TAG))),
+        outage_copy: outage.contains(&(server_id.clone(), cid)),
     }
 }
 
@@ -191,36 +204,32 @@ fn door(kind: Option<&str>, client_type: Option<&str>) -> String {
     .to_owned()
 }
 
-/// CONNZ of every server: (server name, its connections). A server with more than a page is
-/// asked again, by its id, for the rest.
-async fn connz_everywhere(
+/// Publishes one request and collects every answer: each server (or replica) answers once, so
+/// after the first answer a short quiet spell means the others have answered too (`timeout`
+/// bounds the whole wait, e.g. for one that never does).
+async fn ask_everyone(
     client: &async_nats::Client,
-    filter: &Value,
+    subject: &str,
+    payload: &str,
     timeout: Duration,
-) -> Result<Vec<(String, Vec<Value>)>, CliError> {
-    let unavailable = |e: &dyn std::fmt::Display| CliError::Unavailable(format!("CONNZ: {e}"));
+) -> Result<Vec<Value>, CliError> {
+    let unavailable = |e: &dyn std::fmt::Display| CliError::Unavailable(format!("{subject}: {e}"));
     let inbox = client.new_inbox();
     let mut replies = client
         .subscribe(inbox.clone())
         .await
         .map_err(|e| unavailable(&e))?;
     client
-        .publish_with_reply(
-            "$SYS.REQ.SERVER.PING.CONNZ",
-            inbox,
-            filter.to_string().into(),
-        )
+        .publish_with_reply(subject.to_owned(), inbox, payload.to_owned().into())
         .await
         .map_err(|e| unavailable(&e))?;
     client.flush().await.map_err(|e| unavailable(&e))?;
-    // Every server answers once; after the first answer, a short quiet spell means the others
-    // have answered too (the timeout bounds a server that never does).
     let quiet = Duration::from_millis(500);
     let deadline = Instant::now() + timeout;
-    let mut pages = Vec::new();
+    let mut answers = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let wait = if pages.is_empty() {
+        let wait = if answers.is_empty() {
             left
         } else {
             left.min(quiet)
@@ -228,12 +237,30 @@ async fn connz_everywhere(
         match tokio::time::timeout(wait, replies.next()).await {
             Ok(Some(msg)) => {
                 if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) {
-                    pages.push(v);
+                    answers.push(v);
                 }
             }
             _ => break,
         }
     }
+    Ok(answers)
+}
+
+/// CONNZ of every server: ((server name, server id), its connections). A server with more than
+/// a page is asked again, by its id, for the rest.
+async fn connz_everywhere(
+    client: &async_nats::Client,
+    filter: &Value,
+    timeout: Duration,
+) -> Result<Vec<((String, String), Vec<Value>)>, CliError> {
+    let unavailable = |e: &dyn std::fmt::Display| CliError::Unavailable(format!("CONNZ: {e}"));
+    let pages = ask_everyone(
+        client,
+        "$SYS.REQ.SERVER.PING.CONNZ",
+        &filter.to_string(),
+        timeout,
+    )
+    .await?;
     if pages.is_empty() {
         return Err(CliError::Unavailable(format!(
             "no nats-server answered CONNZ within {}",
@@ -250,7 +277,8 @@ async fn connz_everywhere(
         let data = &page["data"];
         let total = data["total"].as_u64().unwrap_or_default();
         let mut conns: Vec<Value> = data["connections"].as_array().cloned().unwrap_or_default();
-        // The rest of a busy server, page by page.
+        // The rest of a busy server, page by page. `total` counts every connection of the
+        // server, filtered or not: a page that adds nothing new is the end.
         while (conns.len() as u64) < total && !id.is_empty() {
             let mut ask = filter.clone();
             ask["offset"] = json!(conns.len());
@@ -269,12 +297,17 @@ async fn connz_everywhere(
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            if more.is_empty() {
+            let before = conns.len();
+            for c in more {
+                if !conns.iter().any(|k| k["cid"] == c["cid"]) {
+                    conns.push(c);
+                }
+            }
+            if conns.len() == before {
                 break;
             }
-            conns.extend(more);
         }
-        servers.push((name, conns));
+        servers.push(((name, id), conns));
     }
     Ok(servers)
 }

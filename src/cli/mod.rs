@@ -486,6 +486,15 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
     }
 }
 
+/// A user public nkey (`U` + 55 base32 characters), which USER.INFO reports for a user that
+/// has no name.
+fn looks_like_user_key(s: &str) -> bool {
+    s.len() == 56
+        && s.starts_with('U')
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
 /// A user nkey seed from a file (`nsc generate nkey --user` output, or a `.nk` file): the first
 /// word starting with `SU`.
 fn read_nkey_seed(path: &std::path::Path) -> Result<String, CliError> {
@@ -577,12 +586,12 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
             .and_then(|v| v.get("data").cloned()),
         _ => None,
     };
-    // A token or nkey login is named by its user (the minted JWT's name, as USER.INFO reports
-    // it), as the password login is.
+    // A token or nkey login is named by its user: USER.INFO's `user` is the minted JWT's name,
+    // the username (`user_name` is the sentinel's; protocol doc §3.6).
     if let Some(name) = data
         .as_ref()
-        .and_then(|d| d["user_name"].as_str())
-        .filter(|n| by_credential && !n.is_empty())
+        .and_then(|d| d["user"].as_str())
+        .filter(|n| by_credential && !n.is_empty() && !looks_like_user_key(n))
     {
         who = format!("user {name:?} ({})", who.trim_start_matches("the "));
     }

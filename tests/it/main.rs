@@ -7,6 +7,7 @@ mod change_log;
 mod chaos;
 mod cli;
 mod cli_admin;
+mod cli_nats;
 mod cli_verbs;
 mod common;
 mod compose;
