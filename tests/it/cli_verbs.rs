@@ -404,3 +404,101 @@ async fn account_and_user_show_include_what_they_used_to_omit() {
     }
     assert!(!table.contains("$2"), "no password hash: {table}");
 }
+
+/// What a terminal showed, read from the pseudo-terminal's master side in a thread.
+struct Terminal {
+    master: std::fs::File,
+    shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// A pseudo-terminal; returns it and its slave side (the child's terminal).
+    fn open() -> (Terminal, std::fs::File) {
+        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name.to_str().unwrap())
+            .expect("open the pty's slave side");
+        let master = std::fs::File::from(master);
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut reader, into) = (master.try_clone().unwrap(), shown.clone());
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut buf = [0u8; 1024];
+            // Ends with EIO once the child has exited and every slave side is closed.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (Terminal { master, shown }, slave)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.shown.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (bounded) until the terminal shows `what`, then types `line`.
+    async fn answer(&mut self, what: &str, line: &str) {
+        use std::io::Write as _;
+        let shown = self.shown.clone();
+        let what_owned = what.to_owned();
+        wait_until(
+            Duration::from_secs(10),
+            &format!("the prompt {what:?}"),
+            || {
+                let shown = shown.clone();
+                let what = what_owned.clone();
+                async move { String::from_utf8_lossy(&shown.lock().unwrap()).contains(&what) }
+            },
+        )
+        .await;
+        self.master.write_all(line.as_bytes()).unwrap();
+    }
+}
+
+/// `user create` on a terminal asks for the password (twice) and does not echo it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_create_on_a_terminal_prompts_without_echo() {
+    let env = TestEnv::start().await;
+    env.acme().await;
+    let (mut tty, slave) = Terminal::open();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nats-pg-auth"))
+        .args([
+            "user",
+            "create",
+            "--account",
+            "acme",
+            "--username",
+            "tina",
+            "--cost",
+            "4",
+        ])
+        .env("DATABASE_URL", &env.database_url)
+        .stdin(slave.try_clone().unwrap())
+        .stderr(slave)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nats-pg-auth");
+    tty.answer("Password for user \"tina\": ", "typed-secret\r")
+        .await;
+    tty.answer("Again: ", "typed-secret\r").await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", tty.text());
+    let shown = tty.text();
+    assert!(
+        !shown.contains("typed-secret"),
+        "the password was echoed: {shown:?}"
+    );
+    env.wait_synced("acme").await;
+    env.connect_user("tina", "typed-secret")
+        .await
+        .expect("the typed password logs in");
+}

@@ -11,6 +11,7 @@ mod cli_nats;
 mod cli_verbs;
 mod common;
 mod compose;
+mod dev_sh;
 mod doors;
 mod fences;
 mod import_natsconf;
