@@ -2,7 +2,6 @@
 //! whole foreground process group, and `serve` must stop once, cleanly, not print "second
 //! signal received; exiting without finishing" because the script's cleanup signalled it again.
 
-use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
