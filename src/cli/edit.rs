@@ -107,7 +107,10 @@ pub async fn set_password(common: &CommonArgs, a: SetPasswordArgs) -> Result<(),
     {
         return Err(usage(format!("no user {:?}", a.name)));
     }
-    let hash = bcrypt_hash(&password::read(&format!("user {:?}", a.name))?, a.cost)?;
+    let hash = bcrypt_hash(
+        &password::read(&format!("New password for user {:?}: ", a.name))?,
+        a.cost,
+    )?;
     if !admin::set_password_hash(&pool, &a.name, &hash)
         .await
         .map_err(sql_error)?

@@ -239,7 +239,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
         Command::HashPassword(args) => {
-            let pw = password::read("the hash")?;
+            let pw = password::read("Password to hash: ")?;
             out(&format!("{}\n", bcrypt_hash(&pw, args.cost)?))?;
             Ok(())
         }
@@ -315,7 +315,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         }
         Command::AddUser(args) => {
             let hash = bcrypt_hash(
-                &password::read(&format!("user {:?}", args.username))?,
+                &password::read(&format!("Password for user {:?}: ", args.username))?,
                 args.cost,
             )?;
             let pool = db::connect(common.database_url()?, 2).await?;

@@ -7,12 +7,14 @@ use std::io::{BufRead as _, Read as _, Write as _};
 use super::CliError;
 use crate::config::ConfigError;
 
-/// The password: typed on the terminal when standard input is one, else read to the end of
-/// standard input (without its trailing newline). `who` names whose password it is.
-pub fn read(who: &str) -> Result<String, CliError> {
+/// The password: typed on the terminal at `ask` (e.g. `Password for user "alice": `) when
+/// standard input is one, else read to the end of standard input (without its trailing
+/// newline).
+pub fn read(ask: &str) -> Result<String, CliError> {
     let stdin = std::io::stdin();
-    let pw = if rustix::termios::isatty(&stdin) {
-        let first = prompt(&format!("Password for {who}: "))?;
+    let typed = rustix::termios::isatty(&stdin);
+    let pw = if typed {
+        let first = prompt(ask)?;
         let again = prompt("Again: ")?;
         if first != again {
             return Err(ConfigError::Invalid(
@@ -30,9 +32,11 @@ pub fn read(who: &str) -> Result<String, CliError> {
         pw.trim_end_matches(['\n', '\r']).to_owned()
     };
     if pw.is_empty() {
-        return Err(ConfigError::Invalid(
-            "no password given: type it at the prompt, or pipe it in, e.g. `printf %s \"$PASSWORD\" | nats-pg-auth user create …`".into(),
-        )
+        return Err(ConfigError::Invalid(if typed {
+            "no password typed; nothing was changed".into()
+        } else {
+            "no password on standard input: pipe it in, e.g. `printf %s \"$PASSWORD\" | nats-pg-auth user create …`, or run it on a terminal to be asked".into()
+        })
         .into());
     }
     Ok(pw)
