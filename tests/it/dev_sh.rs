@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{free_port, wait_until};
+use crate::common::free_port;
 
 /// Collects a pipe's text in a thread.
 fn collect(mut from: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
@@ -57,16 +57,21 @@ async fn ctrl_c_stops_dev_sh_without_a_second_signal() {
     let pgid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     let out = collect(child.stdout.take().unwrap());
     let err = collect(child.stderr.take().unwrap());
-    let running = out.clone();
-    wait_until(
-        Duration::from_secs(60),
-        "dev.sh to say it is running",
-        || {
-            let running = running.clone();
-            async move { running.lock().unwrap().contains("nats-pg-auth is running") }
-        },
-    )
-    .await;
+    // Bounded; on failure, say what dev.sh printed (and stop what it started).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !out.lock().unwrap().contains("nats-pg-auth is running") {
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM);
+            let _ = child.wait();
+            panic!(
+                "dev.sh did not say it is running:\n{}\n{}\nnats log:\n{}",
+                out.lock().unwrap(),
+                err.lock().unwrap(),
+                std::fs::read_to_string(dev.path().join("nats.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Ctrl-C: SIGINT to the foreground process group.
     rustix::process::kill_process_group(pgid, rustix::process::Signal::INT).unwrap();
