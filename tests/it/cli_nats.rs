@@ -10,7 +10,8 @@ use async_nats::ConnectOptions;
 use serde_json::Value;
 
 use crate::common::{
-    client_options, free_port, wait_until, DbOutage, EnvOptions, ServiceProcess, TestEnv,
+    client_options, free_port, wait_until, DbOutage, EnvOptions, NatsServer, ServiceProcess,
+    TestEnv,
 };
 
 fn run(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
@@ -48,9 +49,12 @@ fn of_user<'a>(rows: &'a [Value], user: &str) -> Vec<&'a Value> {
 // the CLI process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_lists_every_live_connection_with_user_account_door_and_outage_mark() {
-    let ws = free_port();
+    let (ws, leaf) = (free_port(), free_port());
     let env = TestEnv::start_with(EnvOptions {
-        nats_extra: format!("websocket {{\n  listen: \"127.0.0.1:{ws}\"\n  no_tls: true\n}}\n"),
+        nats_extra: format!(
+            "websocket {{\n  listen: \"127.0.0.1:{ws}\"\n  no_tls: true\n}}\n\
+             leafnodes {{ listen: \"127.0.0.1:{leaf}\" }}\n"
+        ),
         ..Default::default()
     })
     .await;
@@ -68,6 +72,29 @@ async fn connections_lists_every_live_connection_with_user_account_door_and_outa
     .connect(format!("ws://127.0.0.1:{ws}"))
     .await
     .expect("alice over WebSocket");
+    // A leaf node server whose remote logs in as alice.
+    let leaf_port = free_port();
+    let _leaf_server = NatsServer::start_plain(
+        leaf_port,
+        &env.dir.path().join("leaf"),
+        &format!(
+            "server_name: edge\nlisten: 127.0.0.1:{leaf_port}\n\
+             leafnodes {{ reconnect: \"250ms\", remotes = [ {{ url: \"nats-leaf://alice:s3cret@127.0.0.1:{leaf}\" }} ] }}\n"
+        ),
+    )
+    .await;
+    let sys = env.system_client().await;
+    wait_until(Duration::from_secs(10), "the leaf node to join", || {
+        let sys = sys.clone();
+        async move {
+            let Ok(r) = sys.request("$SYS.REQ.SERVER.PING.LEAFZ", "{}".into()).await else {
+                return false;
+            };
+            let v: Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+            v["data"]["leafs"].as_array().is_some_and(|l| !l.is_empty())
+        }
+    })
+    .await;
     // Bob logs in while Postgres is away: from the copy, and his JWT says so.
     let outage = DbOutage::begin(&env).await;
     // Once the service knows Postgres is away, logins come from the copy (before, the copy
@@ -94,11 +121,11 @@ async fn connections_lists_every_live_connection_with_user_account_door_and_outa
     outage.end().await;
 
     let all = connections(&env, &[]);
+    // Alice three times: TCP, WebSocket and the leaf node (CONNZ lists leaf connections too).
     let alice = of_user(&all, "alice");
-    assert_eq!(alice.len(), 2, "{all:?}");
     let mut doors: Vec<&str> = alice.iter().map(|r| r["door"].as_str().unwrap()).collect();
     doors.sort();
-    assert_eq!(doors, ["tcp", "ws"], "{all:?}");
+    assert_eq!(doors, ["leaf", "tcp", "ws"], "{alice:?}");
     for r in &alice {
         assert_eq!(r["account"], "acme", "{r}");
         assert!(
@@ -115,6 +142,11 @@ async fn connections_lists_every_live_connection_with_user_account_door_and_outa
     let bob = of_user(&all, "bob");
     assert_eq!(bob.len(), 1, "{all:?}");
     assert_eq!(bob[0]["outage_copy"], true, "{all:?}");
+    let leaf = alice.iter().find(|r| r["door"] == "leaf").unwrap();
+    assert_eq!(
+        leaf["client_name"], "edge",
+        "the leaf server's name: {leaf}"
+    );
     // The service's own connections show under their account's name too.
     assert!(all.iter().any(|r| r["account"] == "AUTH"), "{all:?}");
 
@@ -122,7 +154,7 @@ async fn connections_lists_every_live_connection_with_user_account_door_and_outa
     let only_bob = connections(&env, &["--user", "bob"]);
     assert_eq!(only_bob.len(), 1, "{only_bob:?}");
     let acme = connections(&env, &["--account", "acme"]);
-    assert_eq!(acme.len(), 3, "{acme:?}");
+    assert_eq!(acme.len(), 4, "alice three times and bob: {acme:?}");
     assert!(acme.iter().all(|r| r["account"] == "acme"));
     let (code, out, err) = run(
         &env,
