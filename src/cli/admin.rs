@@ -718,7 +718,7 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
         "role": role,
         "publish": {"allow": m.publish.allow, "deny": m.publish.deny},
         "subscribe": {"allow": m.subscribe.allow, "deny": m.subscribe.deny},
-        "response": m.response.map(|r| json!({"max": r.max, "ttl_secs": r.ttl.as_secs_f64()})),
+        "response": m.response.map(|r| json!({"max": r.max, "ttl_secs": r.ttl.as_millis().div_ceil(1000) as u64})),
         "limits": {
             "max_subscriptions": m.max_subscriptions,
             "max_data": m.max_data,

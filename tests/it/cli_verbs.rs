@@ -403,6 +403,16 @@ async fn account_and_user_show_include_what_they_used_to_omit() {
         assert!(table.contains(text), "{text}: {table}");
     }
     assert!(!table.contains("$2"), "no password hash: {table}");
+
+    // `explain`'s durations are whole seconds too.
+    env.sql(
+        "UPDATE nats.roles SET allow_response = true, allow_response_ttl = '5 seconds' WHERE name = 'sensor'",
+    )
+    .await;
+    let why = json(&env, &["explain", "--user", "alice", "--json"]);
+    assert_eq!(why["response"]["ttl_secs"], 5, "an integer: {why}");
+    let text = ok(&env, &["explain", "--user", "alice"], "");
+    assert!(text.contains("within 5s"), "{text}");
 }
 
 /// What a terminal showed, read from the pseudo-terminal's master side in a thread.
