@@ -2,6 +2,8 @@
 # One command for a local playground: installs what is missing, starts a throwaway Postgres and
 # a nats-server on loopback, runs `init` and `serve`, inserts a demo tenant and prints how to
 # connect. Ctrl-C stops everything. State lives in ./.dev (delete it to start over).
+# Environment: PG_PORT, NATS_PORT, WS_PORT, MQTT_PORT, HTTP_ADDR (where things listen), DEV_DIR
+# (the state directory), NATS_PG_AUTH_BIN (a binary to run instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
