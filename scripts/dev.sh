@@ -2,6 +2,8 @@
 # One command for a local playground: installs what is missing, starts a throwaway Postgres and
 # a nats-server on loopback, runs `init` and `serve`, inserts a demo tenant and prints how to
 # connect. Ctrl-C stops everything. State lives in ./.dev (delete it to start over).
+# Environment: PG_PORT, NATS_PORT, WS_PORT, MQTT_PORT, HTTP_ADDR (where things listen), DEV_DIR
+# (the state directory), NATS_PG_AUTH_BIN (a binary to run instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,15 +11,19 @@ PG_PORT="${PG_PORT:-55433}"
 NATS_PORT="${NATS_PORT:-4222}"
 WS_PORT="${WS_PORT:-9222}"
 MQTT_PORT="${MQTT_PORT:-1883}"
-DEV="$PWD/.dev"
+DEV="${DEV_DIR:-$PWD/.dev}"
 mkdir -p "$DEV"
 
 HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:9464}"
 
 eval "$(./scripts/setup.sh)"
-echo "dev: building nats-pg-auth (a few minutes the first time; cargo shows its progress)" >&2
-cargo build --bin nats-pg-auth
-BIN="$PWD/target/debug/nats-pg-auth"
+if [ -n "${NATS_PG_AUTH_BIN:-}" ]; then
+  BIN="$NATS_PG_AUTH_BIN"   # a binary built already (the test of this script uses its own)
+else
+  echo "dev: building nats-pg-auth (a few minutes the first time; cargo shows its progress)" >&2
+  cargo build --bin nats-pg-auth
+  BIN="$PWD/target/debug/nats-pg-auth"
+fi
 
 pids=()
 cleanup() {
@@ -48,8 +54,13 @@ CONF
 pids+=($!)
 for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT) 2>/dev/null && break; sleep 0.1; done
 
+# In its own process group (job control on for this one job): Ctrl-C sends SIGINT to the
+# terminal's foreground group, and serve must get exactly one signal, cleanup's SIGTERM; a
+# second one would make it exit without finishing ("second signal received").
+set -m
 "$BIN" serve --nats-url "nats://127.0.0.1:$NATS_PORT" --http-listen "$HTTP_ADDR" &
 serve_pid=$!
+set +m
 pids+=($serve_pid)
 
 psql "$DATABASE_URL" -q -v ON_ERROR_STOP=1 <<'SQL'

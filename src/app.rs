@@ -480,6 +480,14 @@ impl Application {
                 .clone()
                 .run(self.pool.clone(), key_cipher, stop.clone()),
         );
+        // Not essential either: `nats-pg-auth connections` asks it which connections came in
+        // from the copy during an outage.
+        tokio::spawn(
+            self.callout
+                .outage_logins()
+                .clone()
+                .answer(self.sys_client.clone(), stop.clone()),
+        );
         if let Some(writer) = self.snapshot_writer {
             // Not essential: a replica without a snapshot still serves (it logs why).
             tokio::spawn(writer.keep_writing(self.callout.cache().clone(), stop.clone()));

@@ -102,10 +102,17 @@ pub enum Command {
     /// Rotate the operator signing key in two steps (see README): without --finish, list a new
     /// key in the operator JWT; with --finish, make it the signing key and re-sign every account.
     RotateOperatorKey(RotateOperatorKeyArgs),
-    /// Log in to nats-server as a user (password or token) and print what the login got: the
-    /// account, the permissions and when the user JWT expires (a quick check of a tenant, and
-    /// of the whole chain: nats-server → callout → Postgres).
+    /// Log in to nats-server as a user (password, token or nkey seed) and print what the login
+    /// got: the account, the permissions and when the user JWT expires (a quick check of a
+    /// tenant, and of the whole chain: nats-server → callout → Postgres).
     TryLogin(TryLoginArgs),
+    /// Every live connection on every nats-server: user, account, door, server, since when, and
+    /// whether its JWT was minted from the login copy during a Postgres outage (CONNZ, asked as
+    /// the service's system user).
+    Connections(crate::cli::connections::ConnectionsArgs),
+    /// Write a `nats` CLI context (URL and a short-lived system-user credential, mode 0600) so
+    /// `nats server report connections` and friends work for an operator.
+    ExportContext(crate::cli::context::ExportContextArgs),
     /// Re-encrypt every stored seed under a new at-rest key (the current key comes from
     /// --encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY; none if the seeds are plain). Without
     /// --new-key: seal every seed with the current key, opening those under
@@ -114,13 +121,13 @@ pub enum Command {
     /// Print the id of the at-rest key (--encryption-key / NATS_PG_AUTH_ENCRYPTION_KEY, and of
     /// NATS_PG_AUTH_OLD_ENCRYPTION_KEY): the id the stored seeds and the service's messages name.
     KeyId,
-    /// Accounts: list, show, create, disable, enable.
+    /// Accounts: list, show, create, delete, disable, enable.
     #[command(subcommand)]
     Account(AccountCommand),
-    /// Roles: list, show.
+    /// Roles: list, show, create.
     #[command(subcommand)]
     Role(RoleCommand),
-    /// Users: list, show, create, disable, enable, unlock.
+    /// Users: list, show, create, delete, set-password, set-role, disable, enable, unlock.
     #[command(subcommand)]
     User(UserCommand),
     /// Bearer tokens: list, create, revoke.
@@ -234,6 +241,9 @@ pub enum AccountCommand {
     Show(NameArgs),
     /// Add an account (same as `add-account`).
     Create(AddAccountArgs),
+    /// Delete an account with its users, roles, tokens, exports and imports; the sync removes
+    /// it from nats-server and its connections are closed.
+    Delete(NameOnly),
     /// Set an account inactive: its users are refused (`inactive_account`).
     Disable(NameOnly),
     /// Set an account active again.
@@ -246,6 +256,8 @@ pub enum RoleCommand {
     List(RoleListArgs),
     /// Show one role.
     Show(RoleShowArgs),
+    /// Add a role (of one account with --account, else global: usable by every account).
+    Create(RoleCreateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,8 +266,17 @@ pub enum UserCommand {
     List(UserListArgs),
     /// Show one user (never its password hash).
     Show(NameArgs),
-    /// Add a user; the password is read from standard input (same as `add-user`).
+    /// Add a user; the password is read from standard input, or asked for on a terminal (same
+    /// as `add-user`).
     Create(AddUserArgs),
+    /// Delete a user with its tokens and certificate mappings; its connections are closed.
+    Delete(NameOnly),
+    /// Set a user's password (standard input, or asked for on a terminal); its connections are
+    /// closed and the old password is refused from then on.
+    SetPassword(SetPasswordArgs),
+    /// Give a user another role (or none with --none); its connections are closed and log in
+    /// again with the new rights.
+    SetRole(SetRoleArgs),
     /// Set a user inactive: its logins are refused (`inactive_user`).
     Disable(NameOnly),
     /// Set a user active again.
@@ -295,6 +316,54 @@ pub struct RoleListArgs {
     pub account: Option<String>,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RoleCreateArgs {
+    /// Role name.
+    pub name: String,
+    /// The account the role belongs to; without it the role is global (every account's).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// A subject the role may publish to (repeat the flag for more).
+    #[arg(long = "publish", value_name = "SUBJECT")]
+    pub publish: Vec<String>,
+    /// A subject the role may subscribe to (repeat the flag for more).
+    #[arg(long = "subscribe", value_name = "SUBJECT")]
+    pub subscribe: Vec<String>,
+    /// A subject the role may not publish to (wins over --publish).
+    #[arg(long = "publish-deny", value_name = "SUBJECT")]
+    pub publish_deny: Vec<String>,
+    /// A subject the role may not subscribe to (wins over --subscribe).
+    #[arg(long = "subscribe-deny", value_name = "SUBJECT")]
+    pub subscribe_deny: Vec<String>,
+    /// Lifetime of the user JWTs of the role's users, e.g. 15m (default: the account's, else
+    /// `serve --default-ttl`).
+    #[arg(long, value_parser = parse_duration)]
+    pub jwt_ttl: Option<Duration>,
+    #[arg(long)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SetPasswordArgs {
+    /// Login name.
+    pub name: String,
+    /// bcrypt cost.
+    #[arg(long, default_value_t = 10)]
+    pub cost: u32,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SetRoleArgs {
+    /// Login name.
+    pub name: String,
+    /// Role name (a role of the user's account, or a global one).
+    #[arg(required_unless_present = "none", conflicts_with = "none")]
+    pub role: Option<String>,
+    /// Take the user's role away (its own permissions, else the defaults, apply).
+    #[arg(long)]
+    pub none: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -420,6 +489,9 @@ pub struct AddTokenArgs {
     pub expires_in: Option<Duration>,
     #[arg(long)]
     pub description: Option<String>,
+    /// Print `{"token", "id", "user", "expires_at"}` as JSON instead of the bare token.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -517,15 +589,19 @@ pub struct TryLoginArgs {
     #[command(flatten)]
     pub tls: NatsTlsArgs,
     /// Username (with --password).
-    #[arg(long, requires = "password", conflicts_with = "token")]
+    #[arg(long, requires = "password", conflicts_with_all = ["token", "nkey_seed_file"])]
     pub user: Option<String>,
     /// Password of --user.
     #[arg(long, hide_env_values = true)]
     pub password: Option<String>,
     /// A bearer token instead of --user/--password.
-    // `try-login` checks that --user/--password or --token is given, naming both ways.
-    #[arg(long)]
+    // `try-login` checks that one way is given, naming all three.
+    #[arg(long, conflicts_with = "nkey_seed_file")]
     pub token: Option<String>,
+    /// A file holding a user nkey seed (`SU…`, as `nsc generate nkey --user` writes it): log in
+    /// as the user whose `nats.users.nkey` is its public key.
+    #[arg(long)]
+    pub nkey_seed_file: Option<PathBuf>,
     /// Also publish one message to this subject and report whether the server allowed it.
     #[arg(long)]
     pub publish: Option<String>,

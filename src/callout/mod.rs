@@ -13,6 +13,7 @@ pub mod lockout;
 pub mod login;
 pub mod mint;
 pub mod nkey;
+pub mod outage_logins;
 pub mod permissions;
 pub mod request;
 pub mod xbox;
@@ -141,6 +142,9 @@ impl DenyReason {
 pub struct Deny {
     pub reason: DenyReason,
     pub detail: String,
+    /// The user the credential identified (a token's, an nkey's), for the log line: the
+    /// request itself names no user then.
+    pub user: Option<String>,
 }
 
 impl Deny {
@@ -148,7 +152,14 @@ impl Deny {
         Self {
             reason,
             detail: detail.into(),
+            user: None,
         }
+    }
+
+    /// The same denial, naming the user it is about.
+    fn of(mut self, username: &str) -> Self {
+        self.user.get_or_insert_with(|| username.to_owned());
+        self
     }
 }
 
@@ -338,6 +349,8 @@ pub struct Callout {
     serving: std::sync::atomic::AtomicBool,
     /// Requests arriving already expired: a clock off from the servers'.
     clock: request::ClockWatch,
+    /// Connections admitted from the copy during a Postgres outage (for `connections`).
+    outage_logins: Arc<outage_logins::OutageLogins>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -389,6 +402,7 @@ impl Callout {
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
+            outage_logins: Default::default(),
             pool,
             auth,
             cipher,
@@ -405,6 +419,11 @@ impl Callout {
     /// The login caches (stats, run-time switches).
     pub fn cache(&self) -> &Arc<LoginCache> {
         &self.cache
+    }
+
+    /// The connections admitted from the copy during a Postgres outage.
+    pub fn outage_logins(&self) -> &Arc<outage_logins::OutageLogins> {
+        &self.outage_logins
     }
 
     /// How many password hashes this callout computed (cache misses and unknown users).
@@ -569,7 +588,13 @@ impl Callout {
             }
             Err(deny) => {
                 self.metrics.count_deny(deny.reason.as_str());
-                let user = req.claims.nats.connect_opts.user.as_deref().unwrap_or("");
+                // The user the credential named, else the one the client sent (a password
+                // login's, even unknown), else nothing (an unknown token or nkey).
+                let user = deny
+                    .user
+                    .as_deref()
+                    .or(req.claims.nats.connect_opts.user.as_deref())
+                    .unwrap_or("");
                 tracing::warn!(
                     reason = deny.reason.as_str(),
                     user,
@@ -642,7 +667,8 @@ impl Callout {
             let cap = now.saturating_add(self.cache.settings().outage_ttl.as_secs().max(1) as i64);
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
         }
-        self.authorize(req, &login, now, not_after)
+        self.authorize(req, &login, now, not_after, from_copy)
+            .map_err(|d| d.of(&login.username))
     }
 
     /// Which credential of the request to check. User + password is a password login, even
@@ -1040,7 +1066,8 @@ impl Callout {
                     "token {} of user {:?} is revoked",
                     tok.token_id, login.username
                 ),
-            ));
+            )
+            .of(&login.username));
         }
         if tok.token_expires_at.is_some_and(|t| t.timestamp() <= now) {
             return Err(Deny::new(
@@ -1049,7 +1076,8 @@ impl Callout {
                     "token {} of user {:?} has expired",
                     tok.token_id, login.username
                 ),
-            ));
+            )
+            .of(&login.username));
         }
         if self.cache.should_touch_token(tok.token_id) {
             let pool = self.pool.clone();
@@ -1076,6 +1104,7 @@ impl Callout {
         login: &Login,
         now: i64,
         not_after: Option<i64>,
+        from_copy: bool,
     ) -> Result<Grant, Deny> {
         let client = &req.claims.nats.client_info;
         let issuer = admit(
@@ -1112,6 +1141,17 @@ impl Callout {
             now,
         )
         .map_err(|e| Deny::new(DenyReason::Internal, format!("cannot mint user JWT: {e}")))?;
+        if from_copy {
+            self.outage_logins.record(
+                outage_logins::Entry {
+                    server_id: req.server_id().to_owned(),
+                    cid: client.id,
+                    user: login.username.to_string(),
+                    expires: now + ttl.as_secs() as i64,
+                },
+                now,
+            );
+        }
         Ok(Grant {
             user_jwt,
             username: login.username.to_string(),

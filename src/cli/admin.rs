@@ -63,7 +63,17 @@ fn fields(value: &serde_json::Value) -> String {
         .as_object()
         .map(|o| {
             o.iter()
-                .map(|(k, v)| vec![k.clone(), cell(v)])
+                .map(|(k, v)| {
+                    // Seconds read better as a duration too: `900 (15m)`.
+                    let text = match v.as_i64() {
+                        Some(n) if k.ends_with("_secs") && n > 0 => format!(
+                            "{n} ({})",
+                            humantime::format_duration(Duration::from_secs(n as u64))
+                        ),
+                        _ => cell(v),
+                    };
+                    vec![k.clone(), text]
+                })
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
@@ -168,13 +178,11 @@ pub async fn account(common: &CommonArgs, cmd: AccountCommand) -> Result<(), Cli
                 &cells,
             ))
         }
-        AccountCommand::Show(a) => match admin::account(&pool, &a.name).await.map_err(q)? {
-            Some(row) => print_show(&row, a.output.json),
-            None => Err(usage(format!("no account {:?}", a.name))),
-        },
+        AccountCommand::Show(a) => show_account(&pool, &a.name, a.output.json).await,
         AccountCommand::Disable(a) => set_account_active(&pool, &a.name, false).await,
         AccountCommand::Enable(a) => set_account_active(&pool, &a.name, true).await,
         AccountCommand::Create(_) => unreachable!("`run` handles it as add-account"),
+        AccountCommand::Delete(_) => unreachable!("`run` sends it to `edit`"),
     }
 }
 
@@ -216,6 +224,85 @@ async fn set_account_active(pool: &sqlx::PgPool, name: &str, active: bool) -> Re
     Ok(())
 }
 
+/// `account show`: the account's row (limits, JetStream limits included), its exports and its
+/// imports.
+async fn show_account(pool: &sqlx::PgPool, name: &str, json: bool) -> Result<(), CliError> {
+    let Some(row) = admin::account(pool, name).await.map_err(q)? else {
+        return Err(usage(format!("no account {name:?}")));
+    };
+    let exports = admin::exports(pool, name).await.map_err(q)?;
+    let imports = admin::imports(pool, name).await.map_err(q)?;
+    let mut v = to_value(&row)?;
+    if json {
+        v["exports"] = to_value(&exports)?;
+        v["imports"] = to_value(&imports)?;
+        return print_json(&v);
+    }
+    v["exports"] = json!(exports
+        .iter()
+        .map(|e| format!(
+            "{} {} ({}{})",
+            e.name,
+            e.subject,
+            e.kind,
+            if e.token_req { ", private" } else { "" }
+        ))
+        .collect::<Vec<_>>());
+    v["imports"] = json!(imports
+        .iter()
+        .map(|i| format!(
+            "{} {} from {} ({}{}){}",
+            i.name,
+            i.subject,
+            i.exporter,
+            i.kind,
+            i.local_subject
+                .as_ref()
+                .map(|l| format!(", as {l}"))
+                .unwrap_or_default(),
+            i.sync_error
+                .as_ref()
+                .map(|e| format!(" LEFT OUT: {e}"))
+                .unwrap_or_default()
+        ))
+        .collect::<Vec<_>>());
+    out(&fields(&v))
+}
+
+/// `user show`: the user's row (nkey and MQTT client ids included) and its certificate
+/// mappings. Never its password hash.
+async fn show_user(pool: &sqlx::PgPool, name: &str, json: bool) -> Result<(), CliError> {
+    let Some(row) = admin::user(pool, name).await.map_err(q)? else {
+        return Err(usage(format!("no user {name:?}")));
+    };
+    let certificates = admin::certificates(pool, name).await.map_err(q)?;
+    let mut v = to_value(&row)?;
+    super::lockouts::add_to_show(pool, name, &mut v, json).await?;
+    if json {
+        v["certificates"] = to_value(&certificates)?;
+        return print_json(&v);
+    }
+    v["certificates"] = json!(certificates
+        .iter()
+        .map(|c| {
+            let parts: Vec<String> = [
+                c.fingerprint_sha256.as_ref().map(|f| format!("sha256 {f}")),
+                c.subject_dn.as_ref().map(|d| format!("subject {d}")),
+                c.san.clone(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            format!("#{} {}", c.id, parts.join(" + "))
+        })
+        .collect::<Vec<_>>());
+    out(&fields(&v))
+}
+
+fn to_value<T: Serialize + ?Sized>(value: &T) -> Result<serde_json::Value, CliError> {
+    serde_json::to_value(value).map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))
+}
+
 pub async fn role(common: &CommonArgs, cmd: RoleCommand) -> Result<(), CliError> {
     let pool = pool(common).await?;
     match cmd {
@@ -238,7 +325,7 @@ pub async fn role(common: &CommonArgs, cmd: RoleCommand) -> Result<(), CliError>
                         r.users.to_string(),
                         list_cell(&r.publish_allow),
                         list_cell(&r.subscribe_allow),
-                        secs_text(r.user_jwt_ttl_secs),
+                        secs_text(r.user_jwt_ttl_secs.map(|s| s as f64)),
                     ]
                 })
                 .collect();
@@ -282,6 +369,7 @@ pub async fn role(common: &CommonArgs, cmd: RoleCommand) -> Result<(), CliError>
                 }
             }
         }
+        RoleCommand::Create(_) => unreachable!("`run` sends it to `edit`"),
     }
 }
 
@@ -316,19 +404,14 @@ pub async fn user(common: &CommonArgs, cmd: UserCommand) -> Result<(), CliError>
                 &cells,
             ))
         }
-        UserCommand::Show(a) => match admin::user(&pool, &a.name).await.map_err(q)? {
-            Some(row) => {
-                let mut shown = serde_json::to_value(&row)
-                    .map_err(|e| CliError::Other(format!("cannot write JSON: {e}")))?;
-                super::lockouts::add_to_show(&pool, &a.name, &mut shown, a.output.json).await?;
-                print_show(&shown, a.output.json)
-            }
-            None => Err(usage(format!("no user {:?}", a.name))),
-        },
+        UserCommand::Show(a) => show_user(&pool, &a.name, a.output.json).await,
         UserCommand::Unlock(a) => super::lockouts::unlock(&pool, &a.name).await,
         UserCommand::Disable(a) => set_user_active(&pool, &a.name, false).await,
         UserCommand::Enable(a) => set_user_active(&pool, &a.name, true).await,
         UserCommand::Create(_) => unreachable!("`run` handles it as add-user"),
+        UserCommand::Delete(_) | UserCommand::SetPassword(_) | UserCommand::SetRole(_) => {
+            unreachable!("`run` sends it to `edit`")
+        }
     }
 }
 
@@ -671,7 +754,7 @@ pub async fn explain(common: &CommonArgs, args: ExplainArgs) -> Result<(), CliEr
         "role": role,
         "publish": {"allow": m.publish.allow, "deny": m.publish.deny},
         "subscribe": {"allow": m.subscribe.allow, "deny": m.subscribe.deny},
-        "response": m.response.map(|r| json!({"max": r.max, "ttl_secs": r.ttl.as_secs_f64()})),
+        "response": m.response.map(|r| json!({"max": r.max, "ttl_secs": r.ttl.as_millis().div_ceil(1000) as u64})),
         "limits": {
             "max_subscriptions": m.max_subscriptions,
             "max_data": m.max_data,

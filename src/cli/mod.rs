@@ -1,14 +1,19 @@
 //! The CLI verbs other than `serve`'s long-running part: each returns a one-line error for
 //! `main` to print. `mod.rs` dispatches and holds the shared output and error helpers;
-//! `admin` holds the SQL-convenience verbs (account, role, user, token, explain); `status` the
-//! health report; `lockouts` `user unlock` and the lockout lines of `user show` and `explain`;
-//! `import` (src/import) the adoption of existing deployments.
+//! `admin` holds the SQL-convenience verbs that read (list, show, explain), `edit` those that
+//! change or delete rows, `password` how a password is typed or piped in; `status` the health
+//! report; `lockouts` `user unlock` and the lockout lines of `user show` and `explain`;
+//! `connections` and `context` the NATS-side views (CONNZ, a `nats` CLI context) through the
+//! system user; `import` (src/import) the adoption of existing deployments.
 
 mod admin;
+pub mod connections;
+pub mod context;
+mod edit;
 mod lockouts;
+mod password;
 mod status;
-
-use std::io::Read as _;
+mod system;
 
 /// A line on stderr that never panics (a closed stderr must not turn a done job into a crash).
 macro_rules! say {
@@ -18,7 +23,9 @@ macro_rules! say {
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{AppError, Application, ServeConfig};
-use crate::config::{AccountCommand, Cli, Command, ConfigError, TokenCommand, UserCommand};
+use crate::config::{
+    AccountCommand, Cli, Command, ConfigError, RoleCommand, TokenCommand, UserCommand,
+};
 use crate::db::{self, DbError};
 use crate::init::{self, InitError, ServiceIdentities};
 
@@ -202,21 +209,6 @@ pub(crate) fn out(text: &str) -> Result<(), CliError> {
     }
 }
 
-fn read_stdin_line() -> Result<String, CliError> {
-    let mut pw = String::new();
-    std::io::stdin()
-        .read_to_string(&mut pw)
-        .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
-    let pw = pw.trim_end_matches(['\n', '\r']).to_owned();
-    if pw.is_empty() {
-        return Err(ConfigError::Invalid(
-            "no password on standard input: pipe it in, e.g. `printf %s \"$PASSWORD\" | nats-pg-auth user create …`".into(),
-        )
-        .into());
-    }
-    Ok(pw)
-}
-
 fn bcrypt_hash(password: &str, cost: u32) -> Result<String, CliError> {
     if !(4..=31).contains(&cost) {
         return Err(ConfigError::Invalid("--cost must be between 4 and 31".into()).into());
@@ -234,6 +226,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
         other => other,
     };
     match command {
+        Command::Account(AccountCommand::Delete(a)) => edit::delete_account(common, a).await,
+        Command::Role(RoleCommand::Create(a)) => edit::create_role(common, a).await,
+        Command::User(UserCommand::Delete(a)) => edit::delete_user(common, a).await,
+        Command::User(UserCommand::SetPassword(a)) => edit::set_password(common, a).await,
+        Command::User(UserCommand::SetRole(a)) => edit::set_role(common, a).await,
+        Command::Connections(a) => connections::run(common, a).await,
+        Command::ExportContext(a) => context::run(common, a).await,
         Command::Account(c) => admin::account(common, c).await,
         Command::Role(c) => admin::role(common, c).await,
         Command::User(c) => admin::user(common, c).await,
@@ -245,7 +244,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
         Command::HashPassword(args) => {
-            let pw = read_stdin_line()?;
+            let pw = password::read("Password to hash: ")?;
             out(&format!("{}\n", bcrypt_hash(&pw, args.cost)?))?;
             Ok(())
         }
@@ -330,7 +329,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             Ok(())
         }
         Command::AddUser(args) => {
-            let hash = bcrypt_hash(&read_stdin_line()?, args.cost)?;
+            let hash = bcrypt_hash(
+                &password::read(&format!("Password for user {:?}: ", args.username))?,
+                args.cost,
+            )?;
             let pool = db::connect(common.database_url()?, 2).await?;
             let done = sqlx::query(
                 "INSERT INTO nats.users (account_id, role_id, username, password_hash) \
@@ -370,22 +372,33 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             rand::thread_rng().fill_bytes(&mut raw);
             let token = data_encoding::BASE32_NOPAD.encode(&raw).to_lowercase();
             let pool = db::connect(common.database_url()?, 2).await?;
-            let done = sqlx::query(
+            let made: Option<(i64, Option<String>)> = sqlx::query_as(
                 "INSERT INTO nats.user_tokens (user_id, token_sha256, description, expires_at) \
-                 SELECT id, $2, $3, now() + make_interval(secs => $4) FROM nats.users WHERE username = $1",
+                 SELECT id, $2, $3, now() + make_interval(secs => $4) FROM nats.users WHERE username = $1 \
+                 RETURNING id, to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
             )
             .bind(&args.username)
             .bind(crate::callout::credentials::token_digest(&token).to_vec())
             .bind(&args.description)
             .bind(args.expires_in.map(|d| d.as_secs_f64()))
-            .execute(&pool)
+            .fetch_optional(&pool)
             .await
             .map_err(sql_error)?;
-            if done.rows_affected() == 0 {
+            let Some((id, expires_at)) = made else {
                 return Err(ConfigError::Invalid(format!("no user {:?}", args.username)).into());
-            }
+            };
             // The only time the token is shown: stdout, so it can be captured by a script.
-            out(&format!("{token}\n"))?;
+            if args.json {
+                let v = serde_json::json!({
+                    "token": token,
+                    "id": id,
+                    "user": args.username,
+                    "expires_at": expires_at,
+                });
+                out(&format!("{v}\n"))?;
+            } else {
+                out(&format!("{token}\n"))?;
+            }
             Ok(())
         }
         Command::RotateSigningKey(args) => {
@@ -530,25 +543,69 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
     }
 }
 
+/// A user public nkey (`U` + 55 base32 characters), which USER.INFO reports for a user that
+/// has no name.
+fn looks_like_user_key(s: &str) -> bool {
+    s.len() == 56
+        && s.starts_with('U')
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+/// A user nkey seed from a file (`nsc generate nkey --user` output, or a `.nk` file): the first
+/// word starting with `SU`.
+fn read_nkey_seed(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "--nkey-seed-file {}: cannot read it: {e}",
+            path.display()
+        ))
+    })?;
+    text.split_whitespace()
+        .find(|w| w.starts_with("SU"))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "--nkey-seed-file {}: no user nkey seed (a word starting with SU) in it",
+                path.display()
+            ))
+            .into()
+        })
+}
+
 /// `try-login`: connect as the user, report what the server gave it.
 async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
     use std::time::Duration;
-    let (opts, who) = match (&args.user, &args.password, &args.token) {
-        (Some(u), Some(p), _) => (
+    // `who` names the login in messages; a token or an nkey names its user once logged in.
+    let (opts, mut who) = match (&args.user, &args.password, &args.token, &args.nkey_seed_file) {
+        (Some(u), Some(p), _, _) => (
             async_nats::ConnectOptions::with_user_and_password(u.clone(), p.clone()),
             format!("user {u:?}"),
         ),
-        (_, _, Some(t)) => (
+        (_, _, Some(t), _) => (
             async_nats::ConnectOptions::with_token(t.clone()),
             "the token".to_owned(),
         ),
+        (_, _, _, Some(path)) => {
+            let seed = read_nkey_seed(path)?;
+            let public = nkeys::KeyPair::from_seed(&seed)
+                .map(|k| k.public_key())
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("--nkey-seed-file {}: {e}", path.display()))
+                })?;
+            (
+                async_nats::ConnectOptions::with_nkey(seed),
+                format!("nkey {public}"),
+            )
+        }
         _ => {
             return Err(ConfigError::Invalid(
-                "give --user NAME with --password PASSWORD, or --token TOKEN".into(),
+                "say how to log in: --user NAME with --password PASSWORD, --token TOKEN, or --nkey-seed-file FILE".into(),
             )
             .into())
         }
     };
+    let by_credential = args.user.is_none();
     args.tls.validate()?;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let client = args
@@ -575,10 +632,6 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
             )),
         })?;
     let server = client.server_info();
-    let mut text = format!(
-        "logged in as {who} on {} (nats-server {}, {})\n",
-        args.nats_url, server.version, server.server_name
-    );
     let info = tokio::time::timeout(
         Duration::from_secs(3),
         client.request("$SYS.REQ.USER.INFO", "".into()),
@@ -590,6 +643,19 @@ async fn try_login(args: crate::config::TryLoginArgs) -> Result<(), CliError> {
             .and_then(|v| v.get("data").cloned()),
         _ => None,
     };
+    // A token or nkey login is named by its user: USER.INFO's `user` is the minted JWT's name,
+    // the username (`user_name` is the sentinel's; protocol doc §3.6).
+    if let Some(name) = data
+        .as_ref()
+        .and_then(|d| d["user"].as_str())
+        .filter(|n| by_credential && !n.is_empty() && !looks_like_user_key(n))
+    {
+        who = format!("user {name:?} ({})", who.trim_start_matches("the "));
+    }
+    let mut text = format!(
+        "logged in as {who} on {} (nats-server {}, {})\n",
+        args.nats_url, server.version, server.server_name
+    );
     match data {
         Some(d) => {
             let list = |path: &str| -> String {

@@ -1,5 +1,6 @@
 //! What the admin CLI reads and changes (`account|role|user|token` verbs). Never selects a
-//! password hash or a seed. Times come back as RFC 3339 text (UTC), intervals as seconds.
+//! password hash or a seed. Times come back as RFC 3339 text (UTC), intervals as whole seconds
+//! (rounded up, so a sub-second TTL never reads as 0).
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -15,10 +16,10 @@ macro_rules! ts {
     };
 }
 
-/// An interval column as seconds.
+/// An interval column as whole seconds.
 macro_rules! secs {
     ($col:literal) => {
-        concat!("EXTRACT(EPOCH FROM ", $col, ")::float8")
+        concat!("ceil(EXTRACT(EPOCH FROM ", $col, "))::bigint")
     };
 }
 
@@ -32,7 +33,17 @@ pub struct Account {
     pub max_subscriptions: i64,
     pub max_data: i64,
     pub max_payload: i64,
-    pub user_jwt_ttl_secs: Option<f64>,
+    pub max_leafnodes: i64,
+    pub max_imports: i64,
+    pub max_exports: i64,
+    pub max_users: i64,
+    /// JetStream: memory and disk storage in bytes (0: JetStream off for the account, -1:
+    /// unlimited), streams and consumers (-1: unlimited).
+    pub max_jetstream_memory_storage: i64,
+    pub max_jetstream_disk_storage: i64,
+    pub max_jetstream_streams: i64,
+    pub max_jetstream_consumers: i64,
+    pub user_jwt_ttl_secs: Option<i64>,
     pub users: i64,
     pub roles: i64,
     pub synced_at: Option<String>,
@@ -42,7 +53,9 @@ pub struct Account {
 
 const ACCOUNTS: &str = concat!(
     "SELECT a.name, a.active, a.description, a.public_key, a.max_connections, a.max_subscriptions,
-            a.max_data, a.max_payload, ",
+            a.max_data, a.max_payload, a.max_leafnodes, a.max_imports, a.max_exports, a.max_users,
+            a.max_jetstream_memory_storage, a.max_jetstream_disk_storage,
+            a.max_jetstream_streams, a.max_jetstream_consumers, ",
     secs!("a.user_jwt_ttl"),
     " AS user_jwt_ttl_secs,
             (SELECT count(*) FROM nats.users u WHERE u.account_id = a.id) AS users,
@@ -100,11 +113,11 @@ pub struct Role {
     pub subscribe_deny: Vec<String>,
     pub allow_response: bool,
     pub allow_response_max: i32,
-    pub allow_response_ttl_secs: Option<f64>,
+    pub allow_response_ttl_secs: Option<i64>,
     pub max_subscriptions: i64,
     pub max_data: i64,
     pub max_payload: i64,
-    pub user_jwt_ttl_secs: Option<f64>,
+    pub user_jwt_ttl_secs: Option<i64>,
     pub allowed_sources: Vec<String>,
     pub allowed_connection_types: Vec<String>,
     pub users: i64,
@@ -174,7 +187,11 @@ pub struct User {
     pub max_subscriptions: Option<i64>,
     pub max_data: Option<i64>,
     pub max_payload: Option<i64>,
-    pub user_jwt_ttl_secs: Option<f64>,
+    pub user_jwt_ttl_secs: Option<i64>,
+    /// The user public nkey it logs in with (`U…`), if any.
+    pub nkey: Option<String>,
+    /// MQTT client ids it may connect with (empty: any).
+    pub mqtt_client_ids: Vec<String>,
     /// Tokens neither revoked nor expired.
     pub active_tokens: i64,
     pub created_at: String,
@@ -187,7 +204,7 @@ const USERS: &str = concat!(
             u.subscribe_permissions AS subscribe_allow, u.subscribe_deny_permissions AS subscribe_deny,
             u.max_subscriptions, u.max_data, u.max_payload, ",
     secs!("u.user_jwt_ttl"),
-    " AS user_jwt_ttl_secs,
+    " AS user_jwt_ttl_secs, u.nkey, u.mqtt_client_ids,
             (SELECT count(*) FROM nats.user_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL
                AND (t.expires_at IS NULL OR t.expires_at > now())) AS active_tokens, ",
     ts!("u.created_at"),
@@ -389,4 +406,237 @@ pub async fn import_errors(pool: &PgPool) -> Result<Vec<ImportError>, sqlx::Erro
     )
     .fetch_all(pool)
     .await
+}
+// ---- details for `show` ---------------------------------------------------------------------
+
+/// An account's export, as `account show` prints it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Export {
+    pub name: String,
+    pub subject: String,
+    /// `stream` or `service`.
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    /// Private: importers need a grant (`nats.account_export_grants`).
+    pub token_req: bool,
+    pub advertise: bool,
+    pub description: Option<String>,
+}
+
+pub async fn exports(pool: &PgPool, account: &str) -> Result<Vec<Export>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.name, e.subject, e.type, e.token_req, e.advertise, e.description
+         FROM nats.account_exports e JOIN nats.accounts a ON a.id = e.account_id
+         WHERE a.name = $1 ORDER BY e.name",
+    )
+    .bind(account)
+    .fetch_all(pool)
+    .await
+}
+
+/// An account's import, as `account show` prints it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Import {
+    pub name: String,
+    pub subject: String,
+    pub local_subject: Option<String>,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    /// The exporting account's name, or its public key when it is not one of ours.
+    pub exporter: String,
+    pub share: bool,
+    /// Why nats-server left the import out of the account (service-owned).
+    pub sync_error: Option<String>,
+}
+
+pub async fn imports(pool: &PgPool, account: &str) -> Result<Vec<Import>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT i.name, i.subject, i.local_subject, i.type,
+                coalesce(x.name, i.exporter_public_key) AS exporter, i.share, i.sync_error
+         FROM nats.account_imports i JOIN nats.accounts a ON a.id = i.account_id
+         LEFT JOIN nats.accounts x ON x.id = i.exporter_account_id
+         WHERE a.name = $1 ORDER BY i.name",
+    )
+    .bind(account)
+    .fetch_all(pool)
+    .await
+}
+
+/// A client-certificate mapping of a user (`nats.user_certificates`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Certificate {
+    pub id: i64,
+    /// Hex SHA-256 of the certificate's DER.
+    pub fingerprint_sha256: Option<String>,
+    pub subject_dn: Option<String>,
+    pub san: Option<String>,
+    pub description: Option<String>,
+}
+
+pub async fn certificates(pool: &PgPool, username: &str) -> Result<Vec<Certificate>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.id, encode(c.fingerprint_sha256, 'hex') AS fingerprint_sha256, c.subject_dn,
+                c.san, c.description
+         FROM nats.user_certificates c JOIN nats.users u ON u.id = c.user_id
+         WHERE u.username = $1 ORDER BY c.id",
+    )
+    .bind(username)
+    .fetch_all(pool)
+    .await
+}
+
+// ---- changes ----------------------------------------------------------------------------------
+
+/// What deleting an account took with it; None when there is no such account.
+#[derive(Debug, Clone, Copy)]
+pub struct DeletedAccount {
+    pub users: i64,
+    pub roles: i64,
+}
+
+/// Deletes an account and everything that belongs to it. Its users go first: a user's role is
+/// `ON DELETE RESTRICT`, so the cascade must not reach a role its users still hold.
+pub async fn delete_account(
+    pool: &PgPool,
+    name: &str,
+) -> Result<Option<DeletedAccount>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let id: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM nats.accounts WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let users = sqlx::query("DELETE FROM nats.users WHERE account_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected() as i64;
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM nats.roles WHERE account_id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM nats.accounts WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(DeletedAccount { users, roles }))
+}
+
+/// A new role's rows (`role create`).
+pub struct NewRole<'a> {
+    pub name: &'a str,
+    pub account: Option<&'a str>,
+    pub publish: &'a [String],
+    pub subscribe: &'a [String],
+    pub publish_deny: &'a [String],
+    pub subscribe_deny: &'a [String],
+    pub jwt_ttl_secs: Option<f64>,
+    pub description: Option<&'a str>,
+}
+
+/// Inserts a role; false when `account` names no account.
+pub async fn create_role(pool: &PgPool, r: &NewRole<'_>) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO nats.roles (account_id, name, publish_permissions, subscribe_permissions,
+                                 publish_deny_permissions, subscribe_deny_permissions,
+                                 user_jwt_ttl, description)
+         SELECT a.id, $2, $3, $4, $5, $6, make_interval(secs => $7), $8
+         FROM (SELECT NULL::bigint AS id WHERE $1::text IS NULL
+               UNION ALL SELECT id FROM nats.accounts WHERE name = $1) a",
+    )
+    .bind(r.account)
+    .bind(r.name)
+    .bind(r.publish)
+    .bind(r.subscribe)
+    .bind(r.publish_deny)
+    .bind(r.subscribe_deny)
+    .bind(r.jwt_ttl_secs)
+    .bind(r.description)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Deletes a user (its tokens and certificate mappings go with it); false when there is none.
+pub async fn delete_user(pool: &PgPool, username: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM nats.users WHERE username = $1")
+        .bind(username)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Replaces a user's password hash; false when there is no such user.
+pub async fn set_password_hash(
+    pool: &PgPool,
+    username: &str,
+    hash: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE nats.users SET password_hash = $2 WHERE username = $1")
+        .bind(username)
+        .bind(hash)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// What `set_role` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleChange {
+    Done,
+    NoSuchUser,
+    /// No role of that name in the user's account (named here) nor a global one.
+    NoSuchRole {
+        account: String,
+    },
+}
+
+/// Gives a user the role `role` of its own account (preferred) or the global one of that name,
+/// or no role.
+pub async fn set_role(
+    pool: &PgPool,
+    username: &str,
+    role: Option<&str>,
+) -> Result<RoleChange, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let user: Option<(i64, i64, String)> = sqlx::query_as(
+        "SELECT u.id, u.account_id, a.name FROM nats.users u
+         JOIN nats.accounts a ON a.id = u.account_id WHERE u.username = $1 FOR UPDATE OF u",
+    )
+    .bind(username)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((user_id, account_id, account)) = user else {
+        return Ok(RoleChange::NoSuchUser);
+    };
+    let role_id = match role {
+        None => None,
+        Some(role) => {
+            let id: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM nats.roles WHERE name = $1 AND (account_id = $2 OR account_id IS NULL)
+                 ORDER BY account_id NULLS LAST LIMIT 1",
+            )
+            .bind(role)
+            .bind(account_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match id {
+                Some(id) => Some(id),
+                None => return Ok(RoleChange::NoSuchRole { account }),
+            }
+        }
+    };
+    sqlx::query("UPDATE nats.users SET role_id = $2 WHERE id = $1")
+        .bind(user_id)
+        .bind(role_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(RoleChange::Done)
 }

@@ -1,0 +1,94 @@
+//! Talking to nats-server as the service's system user (`connections`) or minting a
+//! short-lived one (`export-context`): both read the system account's identities from Postgres,
+//! so they need `DATABASE_URL` and the at-rest key `serve` uses.
+
+use std::time::Duration;
+
+use nkeys::KeyPair;
+
+use super::CliError;
+use crate::config::{CommonArgs, NatsTlsArgs};
+use crate::db::{self, identities::IdentityKind};
+use crate::init::ServiceIdentities;
+
+/// The pool and the service identities of an initialised database.
+pub async fn identities(
+    common: &CommonArgs,
+) -> Result<(sqlx::PgPool, ServiceIdentities), CliError> {
+    let pool = db::connect(common.database_url()?, 2).await?;
+    let ids = ServiceIdentities::load(&pool).await?;
+    Ok((pool, ids))
+}
+
+/// A connection to nats-server as the service's system user (`nats-pg-auth-system`).
+pub async fn connect(
+    common: &CommonArgs,
+    ids: &ServiceIdentities,
+    nats_url: &str,
+    tls: &NatsTlsArgs,
+) -> Result<async_nats::Client, CliError> {
+    tls.validate()?;
+    let key = std::sync::Arc::new(
+        ids.keypair(&common.cipher()?, IdentityKind::SysUser)
+            .map_err(|e| {
+                CliError::Config(crate::config::ConfigError::Invalid(format!(
+                "cannot open the system user's seed: {e} (give the --encryption-key `serve` uses)"
+            )))
+            })?,
+    );
+    let opts = async_nats::ConnectOptions::with_jwt(
+        ids.jwt(IdentityKind::SysUser).to_owned(),
+        move |nonce| {
+            let key = key.clone();
+            async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+        },
+    );
+    tls.apply(opts)
+        .name("nats-pg-auth")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats_url)
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::ConnectErrorKind::AuthorizationViolation => CliError::Refused(format!(
+                "nats-server at {nats_url} refused the system user: is it configured with this database's `init` fragment (`nats-pg-auth export-config`)?"
+            )),
+            _ => CliError::Unavailable(format!("cannot reach nats-server at {nats_url}: {e}")),
+        })
+}
+
+/// A fresh system-account user that expires after `ttl`: (its JWT, its seed). Signed by the
+/// system account's key, named `name`; nothing is stored, so it ends by itself.
+pub fn mint_user(
+    common: &CommonArgs,
+    ids: &ServiceIdentities,
+    name: &str,
+    ttl: Duration,
+) -> Result<(String, String), CliError> {
+    use crate::jwt::{self, claims::UserClaims, Claims};
+    let sys = ids
+        .keypair(&common.cipher()?, IdentityKind::SysAccount)
+        .map_err(|e| {
+            CliError::Config(crate::config::ConfigError::Invalid(format!(
+            "cannot open the system account's seed: {e} (give the --encryption-key `serve` uses)"
+        )))
+        })?;
+    let user = KeyPair::new_user();
+    let now = jwt::now_unix();
+    let claims = Claims {
+        aud: None,
+        exp: Some(now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)),
+        jti: String::new(),
+        iat: now,
+        iss: String::new(),
+        name: Some(name.to_owned()),
+        nbf: None,
+        sub: user.public_key(),
+        nats: UserClaims::default(),
+    };
+    let token = jwt::encode(&claims, &sys)
+        .map_err(|e| CliError::Other(format!("cannot sign the system user JWT: {e}")))?;
+    let seed = user
+        .seed()
+        .map_err(|e| CliError::Other(format!("cannot encode the new seed: {e}")))?;
+    Ok((token, seed))
+}
