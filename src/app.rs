@@ -240,6 +240,8 @@ impl Application {
                 duration: args.lockout_duration,
             },
             clock_skew: args.clock_skew,
+            auth_timeout: args.auth_timeout,
+            shed_expired: !args.no_shedding,
         };
         let callout = Callout::with_cache(
             pool.clone(),

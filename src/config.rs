@@ -715,6 +715,18 @@ pub struct ServeArgs {
     /// an authorization request's expiry. Requests expired beyond it get no answer (and a warning).
     #[arg(long, env = "NATS_PG_AUTH_CLOCK_SKEW", default_value = "5s", value_parser = parse_duration)]
     pub clock_skew: Duration,
+
+    /// nats-server's auth timeout (`authorization { timeout }`; 2s unless set there). A request
+    /// says its own (`exp - iat`); this one is used for requests still waiting to be opened.
+    /// Requests the server has stopped waiting for are skipped without any work, and when
+    /// requests pile up (a reconnect storm) the newest are answered first.
+    #[arg(long, env = "NATS_PG_AUTH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
+
+    /// Answer every request in arrival order, also those nats-server has stopped waiting for
+    /// (the behaviour before `--auth-timeout`; only to measure the difference).
+    #[arg(long, env = "NATS_PG_AUTH_NO_SHEDDING", hide = true)]
+    pub no_shedding: bool,
 }
 
 impl ServeArgs {

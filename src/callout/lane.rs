@@ -13,7 +13,12 @@
 //! - a key may have at most `per_key_queue` checks waiting; more are refused at once (it could
 //!   not be served before the auth timeout anyway, and it must not fill the lane's memory);
 //! - a check whose deadline passed while it waited, or whose caller went away, is dropped
-//!   before hashing.
+//!   before hashing (the deadline is the request's: when nats-server stops waiting, see
+//!   `callout::deadline`, less the margin to send the answer);
+//! - within a key, checks start in arrival order while its queue is short, newest first once
+//!   the oldest has waited longer than the callout backlog's threshold (`NEWEST_FIRST_AFTER`),
+//!   as the callout's own backlog does: under a storm the oldest have the least time left, and
+//!   hashing for them first means every answer comes too late.
 //!
 //! Memory: at most `threads` checks run at once, so argon2's memory is bounded by
 //! `threads × --max-argon2-memory-kib` (checked at startup, see `config`).
@@ -56,9 +61,15 @@ pub enum Refused {
     Closed,
 }
 
+/// A check and when it was queued.
+struct Waiting {
+    since: Instant,
+    job: Job,
+}
+
 #[derive(Default)]
 struct Queues {
-    waiting: HashMap<LaneKey, VecDeque<Job>>,
+    waiting: HashMap<LaneKey, VecDeque<Waiting>>,
     /// Keys with waiting checks, in service order.
     ring: VecDeque<LaneKey>,
     running: HashMap<LaneKey, usize>,
@@ -68,14 +79,23 @@ struct Queues {
 impl Queues {
     /// The next check: of the first key in the ring with the fewest running checks, among the
     /// keys below `per_key_running`.
-    fn next(&mut self, per_key_running: usize) -> Option<(LaneKey, Job)> {
+    /// Within the key: an expired check first (to be dropped), else arrival order, or the
+    /// newest when the oldest has waited too long.
+    fn next(&mut self, per_key_running: usize, now: Instant) -> Option<(LaneKey, Job)> {
         let running = |k: &LaneKey| self.running.get(k).copied().unwrap_or(0);
         let pos = (0..self.ring.len())
             .filter(|&i| running(&self.ring[i]) < per_key_running)
             .min_by_key(|&i| (running(&self.ring[i]), i))?;
         let key = self.ring.remove(pos)?;
         let queue = self.waiting.get_mut(&key)?;
-        let job = queue.pop_front()?;
+        let front = queue.front()?;
+        let newest_first = now < front.job.deadline
+            && now.duration_since(front.since) > super::backlog::NEWEST_FIRST_AFTER;
+        let job = if newest_first {
+            queue.pop_back()?.job
+        } else {
+            queue.pop_front()?.job
+        };
         if queue.is_empty() {
             self.waiting.remove(&key);
         } else {
@@ -141,23 +161,38 @@ impl Lane {
     }
 
     /// Queues `job` under `key`.
+    /// Checks of the key whose deadline passed are dropped first (told `Expired`): they must
+    /// not take the places of checks that can still be used.
     pub fn submit(&self, key: LaneKey, job: Job) -> Result<(), Refused> {
+        let now = Instant::now();
         let mut q = self.shared.lock();
         if q.closed {
             return Err(Refused::Closed);
         }
         let queue = q.waiting.entry(key).or_default();
-        if queue.len() >= self.shared.per_key_queue {
-            return Err(Refused::QueueFull);
+        let mut expired = Vec::new();
+        while queue.front().is_some_and(|w| now >= w.job.deadline) {
+            expired.extend(queue.pop_front().map(|w| w.job));
         }
-        let first = queue.is_empty();
-        queue.push_back(job);
-        if first {
-            q.ring.push_back(key);
-        }
+        let result = if queue.len() >= self.shared.per_key_queue {
+            Err(Refused::QueueFull)
+        } else {
+            let first = queue.is_empty();
+            queue.push_back(Waiting { since: now, job });
+            // A key emptied by the purge is still in the ring.
+            if first && !q.ring.contains(&key) {
+                q.ring.push_back(key);
+            }
+            Ok(())
+        };
         drop(q);
-        self.shared.ready.notify_one();
-        Ok(())
+        for job in expired {
+            (job.work)(Go::Expired);
+        }
+        if result.is_ok() {
+            self.shared.ready.notify_one();
+        }
+        result
     }
 }
 
@@ -171,7 +206,7 @@ impl Drop for Lane {
 fn work(shared: &Shared) {
     let mut q = shared.lock();
     loop {
-        match q.next(shared.per_key_running) {
+        match q.next(shared.per_key_running, Instant::now()) {
             Some((key, job)) => {
                 if Instant::now() >= job.deadline {
                     drop(q);
@@ -328,6 +363,23 @@ mod tests {
             )
             .unwrap();
         }
+        // The expired check was dropped when the next one was queued: it is told so at once,
+        // and its place is free again.
+        assert_eq!(
+            go_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Go::Expired
+        );
+        let tx = go_tx.clone();
+        lane.submit(
+            LaneKey::Unknown,
+            Job {
+                deadline: far,
+                work: Box::new(move |go| {
+                    let _ = tx.send(go);
+                }),
+            },
+        )
+        .unwrap();
         let refused = lane.submit(
             LaneKey::Unknown,
             Job {
@@ -349,6 +401,51 @@ mod tests {
         let got: Vec<_> = (0..2)
             .map(|_| go_rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
-        assert_eq!(got, [Go::Expired, Go::Run]);
+        assert_eq!(got, [Go::Run, Go::Run]);
+    }
+
+    #[test]
+    fn newest_first_once_the_oldest_waited_too_long() {
+        let lane = Lane::start(1, 16, "t-lane", noop);
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (ran_tx, ran_rx) = mpsc::channel::<u32>();
+        let far = Instant::now() + Duration::from_secs(30);
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        lane.submit(
+            LaneKey::Unknown,
+            Job {
+                deadline: far,
+                work: Box::new(move |_| {
+                    let _ = started_tx.send(());
+                    let _ = gate_rx.recv();
+                }),
+            },
+        )
+        .unwrap();
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        for i in 1..=3 {
+            let tx = ran_tx.clone();
+            lane.submit(
+                LaneKey::Unknown,
+                Job {
+                    deadline: far,
+                    work: Box::new(move |_| {
+                        let _ = tx.send(i);
+                    }),
+                },
+            )
+            .unwrap();
+        }
+        // Let the queued checks age past the threshold while the thread is busy.
+        let aged = Instant::now() + crate::callout::backlog::NEWEST_FIRST_AFTER;
+        while Instant::now() <= aged {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gate_tx.send(()).unwrap();
+        let order: Vec<u32> = (0..3)
+            .map(|_| ran_rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        // Each time the oldest has waited too long, so the newest of what remains goes next.
+        assert_eq!(order, [3, 2, 1]);
     }
 }

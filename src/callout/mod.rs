@@ -5,8 +5,10 @@
 //! size), and a request that cannot start before the server's auth timeout is denied rather
 //! than queued forever.
 
+mod backlog;
 pub mod certificate;
 pub mod credentials;
+pub mod deadline;
 mod doors;
 pub mod lane;
 pub mod lockout;
@@ -32,7 +34,6 @@ use tokio_util::task::TaskTracker;
 use crate::copy::{CacheSettings, LoginCache, TokenLookup, UserLookup};
 use crate::db;
 use crate::db::logins::LoginRow;
-use crate::jwt;
 use crate::keys::SeedCipher;
 use credentials::PasswordVerifier;
 use login::{Login, Signing};
@@ -264,6 +265,12 @@ pub struct CalloutSettings {
     pub lockout: lockout::LockoutSettings,
     /// Clock difference with nats-server tolerated on request expiry (`--clock-skew`).
     pub clock_skew: Duration,
+    /// nats-server's auth timeout (`--auth-timeout`): how long it waits for an answer when a
+    /// request does not say (`exp - iat`), and for requests not opened yet.
+    pub auth_timeout: Duration,
+    /// Skip requests nats-server has stopped waiting for, and serve the newest first when the
+    /// backlog is deep (see [`backlog`]). Off only to measure the difference.
+    pub shed_expired: bool,
 }
 
 impl Default for CalloutSettings {
@@ -277,9 +284,18 @@ impl Default for CalloutSettings {
             hash_limits: credentials::HashLimits::default(),
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,
+            auth_timeout: request::DEFAULT_AUTH_TIMEOUT,
+            shed_expired: true,
         }
     }
 }
+
+/// Requests handled at once; more wait in the [`backlog::Backlog`], where the order is ours
+/// (tokio runs what is spawned in its own order). Large enough that requests waiting on
+/// Postgres or the hashing lane (each lane key queues a bounded number, each wait ends at the
+/// deadline) do not hold up the others; small enough that what is spawned is a few
+/// milliseconds of CPU, so the backlog, not the runtime's queue, decides who is served.
+const IN_FLIGHT: usize = 256;
 
 /// Why `Callout::run` stopped serving without being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +350,8 @@ pub struct Callout {
     serving: std::sync::atomic::AtomicBool,
     /// Requests arriving already expired: a clock off from the servers'.
     clock: request::ClockWatch,
+    /// Per-server clock offset bounds, to tell when a server stops waiting (see [`deadline`]).
+    clocks: deadline::ServerClocks,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -385,6 +403,7 @@ impl Callout {
             boxes: xbox::ServerBoxes::new(&auth.xkey),
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
+            clocks: deadline::ServerClocks::default(),
             pool,
             auth,
             cipher,
@@ -465,17 +484,35 @@ impl Callout {
             "auth callout listening"
         );
         let tracker = TaskTracker::new();
-        let serve = |msg: Message| {
-            let this = self.clone();
-            let client = client.clone();
-            tracker.spawn(async move { this.handle(client, msg).await });
+        let shed = self.settings.shed_expired;
+        let in_flight = Arc::new(Semaphore::new(if shed {
+            IN_FLIGHT
+        } else {
+            Semaphore::MAX_PERMITS
+        }));
+        let mut backlog = backlog::Backlog::new(self.settings.auth_timeout, shed);
+        // Starts the next request of the backlog, once a slot is free.
+        let dispatch = |backlog: &mut backlog::Backlog<Message>, permit: OwnedSemaphorePermit| {
+            let (next, dropped) = backlog.pop(Instant::now());
+            self.metrics.count_skipped("queued", dropped as u64);
+            if let Some(q) = next {
+                let this = self.clone();
+                let client = client.clone();
+                tracker.spawn(async move {
+                    this.handle(client, q.item, q.received).await;
+                    drop(permit);
+                });
+            }
         };
         let ended = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break false,
+                permit = in_flight.clone().acquire_owned(), if !backlog.is_empty() => {
+                    dispatch(&mut backlog, permit.expect("the semaphore is never closed"));
+                }
                 msg = sub.next() => match msg {
-                    Some(msg) => serve(msg),
+                    Some(msg) => backlog.push(msg, Instant::now()),
                     None => break true,
                 },
             }
@@ -487,9 +524,15 @@ impl Callout {
             if sub.drain().await.is_ok() {
                 let _ = client.flush().await;
                 while let Some(msg) = sub.next().await {
-                    serve(msg);
+                    backlog.push(msg, Instant::now());
                 }
             }
+        }
+        while !backlog.is_empty() {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            dispatch(&mut backlog, permit);
         }
         self.serving
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -503,24 +546,46 @@ impl Callout {
         Ok(())
     }
 
-    async fn handle(&self, client: Client, msg: Message) {
-        let received = Instant::now();
+    async fn handle(&self, client: Client, msg: Message, received: Instant) {
         let Some(reply) = msg.reply.clone() else {
             tracing::warn!("authorization request without a reply subject; ignored");
             return;
         };
-        if let Some(bytes) = self.answer(&msg, received).await {
+        if let Some((bytes, deadline)) = self.answer_by(&msg, received).await {
             if let Err(e) = client.publish(reply, bytes.into()).await {
                 tracing::warn!(error = %e, "could not publish the authorization response; the server will time the client out");
+            }
+            if deadline.passed(Instant::now()) {
+                self.metrics.count_late_answer();
             }
         }
         self.metrics.observe_decision(received.elapsed());
     }
 
     /// Decodes, decides and builds the sealed response. `None` when the request cannot be
-    /// answered at all (it is not a verifiable request from a server).
+    /// answered at all (it is not a verifiable request from a server) or nats-server has
+    /// stopped waiting for it.
     pub async fn answer(&self, msg: &Message, received: Instant) -> Option<Vec<u8>> {
-        let now = jwt::now_unix();
+        self.answer_by(msg, received).await.map(|(bytes, _)| bytes)
+    }
+
+    /// As `answer`, with the moment the server stops waiting for the answer.
+    async fn answer_by(
+        &self,
+        msg: &Message,
+        received: Instant,
+    ) -> Option<(Vec<u8>, deadline::Deadline)> {
+        let shed = self.settings.shed_expired;
+        // Not opened yet: only the receive time tells (the request's own window is inside).
+        if shed
+            && deadline::Deadline::received(received, self.settings.auth_timeout)
+                .passed(Instant::now())
+        {
+            self.metrics.count_skipped("queued", 1);
+            return None;
+        }
+        let now_ms = deadline::now_unix_ms();
+        let now = now_ms.div_euclid(1000);
         let header = msg
             .headers
             .as_ref()
@@ -548,11 +613,38 @@ impl Callout {
                 return None;
             }
         };
+        // When the server stops waiting: from our receive time and from the request's `iat`
+        // (which also sees the time the request spent before it reached us).
+        let window = req.window(self.settings.auth_timeout);
+        let at = Instant::now();
+        let mut deadline = deadline::Deadline::received(received, window);
+        if req.claims.iat > 0 {
+            let offset = self
+                .clocks
+                .observe(req.server_id(), req.claims.iat, now_ms, at);
+            deadline = deadline.with_iat(req.claims.iat, window, offset, at, now_ms);
+        }
+        if shed && deadline.passed(at) {
+            self.metrics.count_skipped("verified", 1);
+            return None;
+        }
         // Anything that waits (a Postgres slot, a hashing slot) waits at most until the server
-        // gives up on us (its auth timeout from when it sent the request), minus a margin to
-        // send the reply. Measured from our receive time, so a skewed clock does not shrink it.
-        let deadline = received + req.budget();
-        let decision = self.decide(&req, now, deadline).await;
+        // gives up on us, minus a margin to send the reply.
+        let (waits, gives_up) = if shed {
+            (
+                deadline.for_waits(request::REPLY_MARGIN, at),
+                Some(deadline.gives_up),
+            )
+        } else {
+            (received + req.budget(), None)
+        };
+        let decision = self.decide(&req, now, waits, gives_up).await;
+        if shed && deadline.passed(Instant::now()) {
+            // Decided too late to be used (the wait for a hashing slot or Postgres ended with
+            // the server's patience, or the decision itself was cut short before minting).
+            self.metrics.count_skipped("decided", 1);
+            return None;
+        }
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
         let door =
@@ -588,14 +680,16 @@ impl Callout {
         if sealed.is_none() {
             tracing::error!("cannot seal the authorization response");
         }
-        sealed
+        sealed.map(|bytes| (bytes, deadline))
     }
 
+    /// `deadline` bounds every wait; past `gives_up` (when shedding) nothing is minted.
     async fn decide(
         &self,
         req: &VerifiedRequest,
         now: i64,
         deadline: Instant,
+        gives_up: Option<Instant>,
     ) -> Result<Grant, Deny> {
         let opts = &req.claims.nats.connect_opts;
         let token = opts
@@ -637,6 +731,13 @@ impl Callout {
             // brings the client back through the callout soon after.
             let cap = now.saturating_add(self.cache.settings().outage_ttl.as_secs().max(1) as i64);
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
+        }
+        if gives_up.is_some_and(|g| Instant::now() >= g) {
+            // The server stopped waiting while we looked the user up: mint nothing.
+            return Err(Deny::new(
+                DenyReason::Overloaded,
+                "nats-server stopped waiting before the JWT was minted",
+            ));
         }
         self.authorize(req, &login, now, not_after)
     }

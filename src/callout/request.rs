@@ -20,11 +20,11 @@ const XKV1: &[u8] = b"xkv1";
 
 /// Clock difference with nats-server tolerated by `verify` and `verify_with` (`--clock-skew`).
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(5);
-/// How long a request may take to answer when it does not say (nats-server's default auth
-/// timeout).
-const DEFAULT_WINDOW: Duration = Duration::from_secs(2);
+/// nats-server's default auth timeout (`authorization { timeout }`): how long a request may
+/// take to answer when it does not say (`--auth-timeout`).
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Kept free at the end of the window to send the reply.
-const REPLY_MARGIN: Duration = Duration::from_millis(250);
+pub const REPLY_MARGIN: Duration = Duration::from_millis(250);
 
 /// Why a request was refused before any credential was looked at. `Copy` so it doubles as a
 /// metrics label.
@@ -91,13 +91,20 @@ impl VerifiedRequest {
     /// request, so that length is used rather than `exp - now`, which a clock off by a few
     /// seconds would shrink to nothing (or stretch). Minus a margin to send the reply.
     pub fn budget(&self) -> Duration {
-        let window = match self.claims.exp {
+        self.window(DEFAULT_AUTH_TIMEOUT)
+            .saturating_sub(REPLY_MARGIN)
+            .max(REPLY_MARGIN)
+    }
+
+    /// How long the server waits for the answer from when it sent the request: `exp - iat`
+    /// (both its own clock), else `auth_timeout` (the configured one).
+    pub fn window(&self, auth_timeout: Duration) -> Duration {
+        match self.claims.exp {
             Some(exp) if self.claims.iat > 0 && exp > self.claims.iat => {
                 Duration::from_secs((exp - self.claims.iat) as u64).min(Duration::from_secs(60))
             }
-            _ => DEFAULT_WINDOW,
-        };
-        window.saturating_sub(REPLY_MARGIN).max(REPLY_MARGIN)
+            _ => auth_timeout,
+        }
     }
 }
 

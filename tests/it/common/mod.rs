@@ -234,6 +234,8 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         lockout_duration: Duration::from_secs(300),
         shutdown_timeout: Duration::from_secs(10),
         clock_skew: Duration::from_secs(5),
+        auth_timeout: Duration::from_secs(2),
+        no_shedding: false,
     }
 }
 
