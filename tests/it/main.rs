@@ -31,6 +31,7 @@ mod security;
 mod sessions;
 mod shutdown;
 mod snapshot;
+mod storm;
 mod sync;
 mod sync_errors;
 mod tenancy;
