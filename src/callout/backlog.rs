@@ -2,7 +2,9 @@
 //!
 //! At most a fixed number of requests are handled at once; the rest wait here. While the
 //! backlog is short they are served in arrival order. When it is deep (the oldest has waited
-//! longer than [`NEWEST_FIRST_AFTER`]) the newest is served first: in a reconnect storm the
+//! more than half the auth timeout: serving in order would answer everyone with less than half
+//! of their time left, and the overloaded server needs time to process the answer too) the
+//! newest is served first: in a reconnect storm the
 //! requests at the front have the least time left, and answering them first means answering
 //! every request late — after nats-server, itself busy, has given up. Serving the newest gets
 //! answers to those that can still use them; the older ones left waiting are dropped once their
@@ -12,8 +14,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// The oldest request's wait beyond which the newest is served first.
-pub const NEWEST_FIRST_AFTER: Duration = Duration::from_millis(250);
+/// True when a request queued at `since`, due at `deadline`, has waited more than half of its
+/// time: the queue it is at the front of is serving too late, newest first is better. Shared
+/// with the hashing lane.
+pub fn waited_too_long(since: Instant, deadline: Instant, now: Instant) -> bool {
+    now.duration_since(since) > deadline.saturating_duration_since(since) / 2
+}
 
 /// A request as it came off the subscription.
 pub struct Queued<T> {
@@ -25,16 +31,13 @@ pub struct Backlog<T> {
     queue: VecDeque<Queued<T>>,
     /// The server's auth timeout: past it after `received`, nobody waits for the answer.
     window: Duration,
-    /// False: arrival order, nothing dropped (the behaviour before; for benchmarks).
-    shed: bool,
 }
 
 impl<T> Backlog<T> {
-    pub fn new(window: Duration, shed: bool) -> Self {
+    pub fn new(window: Duration) -> Self {
         Self {
             queue: VecDeque::new(),
             window,
-            shed,
         }
     }
 
@@ -49,9 +52,6 @@ impl<T> Backlog<T> {
     /// The next request to serve, after dropping those nobody waits for any more (returned
     /// count). `None` when nothing is left.
     pub fn pop(&mut self, now: Instant) -> (Option<Queued<T>>, usize) {
-        if !self.shed {
-            return (self.queue.pop_front(), 0);
-        }
         let mut dropped = 0;
         while self
             .queue
@@ -64,7 +64,7 @@ impl<T> Backlog<T> {
         let deep = self
             .queue
             .front()
-            .is_some_and(|q| now.duration_since(q.received) > NEWEST_FIRST_AFTER);
+            .is_some_and(|q| waited_too_long(q.received, q.received + self.window, now));
         let next = if deep {
             self.queue.pop_back()
         } else {
@@ -82,30 +82,20 @@ mod tests {
     fn arrival_order_while_short_newest_first_when_deep_expired_dropped() {
         let t = Instant::now();
         let window = Duration::from_secs(2);
-        let mut b = Backlog::new(window, true);
+        let mut b = Backlog::new(window);
         for i in 0..4 {
             b.push(i, t + Duration::from_millis(i * 100));
         }
-        // Oldest waited 200 ms: still arrival order.
-        let (next, dropped) = b.pop(t + Duration::from_millis(200));
+        // Oldest waited 900 ms (of 2 s): still arrival order.
+        let (next, dropped) = b.pop(t + Duration::from_millis(900));
         assert_eq!((next.map(|q| q.item), dropped), (Some(0), 0));
-        // The oldest (1, received at 100 ms) has waited 300 ms: newest first.
-        let (next, _) = b.pop(t + Duration::from_millis(400));
+        // The oldest (1, received at 100 ms) has waited 1.05 s: newest first.
+        let (next, _) = b.pop(t + Duration::from_millis(1_150));
         assert_eq!(next.map(|q| q.item), Some(3));
         // 2.15 s: request 1 is past its window, dropped unseen; 2 is served.
         let (next, dropped) = b.pop(t + Duration::from_millis(2_150));
         assert_eq!((next.map(|q| q.item), dropped), (Some(2), 1));
         assert!(b.is_empty());
         assert_eq!(b.pop(t).0.map(|q| q.item), None);
-    }
-
-    #[test]
-    fn without_shedding_arrival_order_and_nothing_dropped() {
-        let t = Instant::now();
-        let mut b = Backlog::new(Duration::from_secs(2), false);
-        b.push(0, t);
-        b.push(1, t);
-        let (next, dropped) = b.pop(t + Duration::from_secs(10));
-        assert_eq!((next.map(|q| q.item), dropped), (Some(0), 0));
     }
 }

@@ -16,9 +16,9 @@
 //!   before hashing (the deadline is the request's: when nats-server stops waiting, see
 //!   `callout::deadline`, less the margin to send the answer);
 //! - within a key, checks start in arrival order while its queue is short, newest first once
-//!   the oldest has waited longer than the callout backlog's threshold (`NEWEST_FIRST_AFTER`),
-//!   as the callout's own backlog does: under a storm the oldest have the least time left, and
-//!   hashing for them first means every answer comes too late.
+//!   the oldest has waited more than half of its time, as the callout's own backlog does: under
+//!   a storm the oldest have the least time left, and hashing for them first means every answer
+//!   comes too late.
 //!
 //! Memory: at most `threads` checks run at once, so argon2's memory is bounded by
 //! `threads × --max-argon2-memory-kib` (checked at startup, see `config`).
@@ -90,7 +90,7 @@ impl Queues {
         let queue = self.waiting.get_mut(&key)?;
         let front = queue.front()?;
         let newest_first = now < front.job.deadline
-            && now.duration_since(front.since) > super::backlog::NEWEST_FIRST_AFTER;
+            && super::backlog::waited_too_long(front.since, front.job.deadline, now);
         let job = if newest_first {
             queue.pop_back()?.job
         } else {
@@ -410,6 +410,7 @@ mod tests {
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let (ran_tx, ran_rx) = mpsc::channel::<u32>();
         let far = Instant::now() + Duration::from_secs(30);
+        let soon = Instant::now() + Duration::from_secs(2);
         let (started_tx, started_rx) = mpsc::channel::<()>();
         lane.submit(
             LaneKey::Unknown,
@@ -428,7 +429,7 @@ mod tests {
             lane.submit(
                 LaneKey::Unknown,
                 Job {
-                    deadline: far,
+                    deadline: soon,
                     work: Box::new(move |_| {
                         let _ = tx.send(i);
                     }),
@@ -436,8 +437,8 @@ mod tests {
             )
             .unwrap();
         }
-        // Let the queued checks age past the threshold while the thread is busy.
-        let aged = Instant::now() + crate::callout::backlog::NEWEST_FIRST_AFTER;
+        // Let the queued checks wait more than half their time while the thread is busy.
+        let aged = Instant::now() + Duration::from_millis(1_100);
         while Instant::now() <= aged {
             std::thread::sleep(Duration::from_millis(20));
         }

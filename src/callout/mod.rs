@@ -352,6 +352,8 @@ pub struct Callout {
     clock: request::ClockWatch,
     /// Per-server clock offset bounds, to tell when a server stops waiting (see [`deadline`]).
     clocks: deadline::ServerClocks,
+    /// `settings.shed_expired`, switchable at run time (benchmarks compare both on one replica).
+    shedding: std::sync::atomic::AtomicBool,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -404,6 +406,7 @@ impl Callout {
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
             clocks: deadline::ServerClocks::default(),
+            shedding: std::sync::atomic::AtomicBool::new(settings.shed_expired),
             pool,
             auth,
             cipher,
@@ -415,6 +418,18 @@ impl Callout {
     /// True while the callout subscription is in place (the copy is loaded).
     pub fn is_serving(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Skip what nats-server stopped waiting for, newest first when requests pile up (the
+    /// default); off: every request answered in arrival order, as before `--auth-timeout`
+    /// (benchmarks measure the difference on one replica).
+    pub fn set_shedding(&self, on: bool) {
+        self.shedding
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn shedding(&self) -> bool {
+        self.shedding.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The login caches (stats, run-time switches).
@@ -484,24 +499,37 @@ impl Callout {
             "auth callout listening"
         );
         let tracker = TaskTracker::new();
-        let shed = self.settings.shed_expired;
-        let in_flight = Arc::new(Semaphore::new(if shed {
-            IN_FLIGHT
-        } else {
-            Semaphore::MAX_PERMITS
-        }));
-        let mut backlog = backlog::Backlog::new(self.settings.auth_timeout, shed);
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+        let mut backlog = backlog::Backlog::new(self.settings.auth_timeout);
+        let spawn = |q: backlog::Queued<Message>, permit: Option<OwnedSemaphorePermit>| {
+            let this = self.clone();
+            let client = client.clone();
+            tracker.spawn(async move {
+                this.handle(client, q.item, q.received).await;
+                drop(permit);
+            });
+        };
         // Starts the next request of the backlog, once a slot is free.
         let dispatch = |backlog: &mut backlog::Backlog<Message>, permit: OwnedSemaphorePermit| {
             let (next, dropped) = backlog.pop(Instant::now());
             self.metrics.count_skipped("queued", dropped as u64);
             if let Some(q) = next {
-                let this = self.clone();
-                let client = client.clone();
-                tracker.spawn(async move {
-                    this.handle(client, q.item, q.received).await;
-                    drop(permit);
-                });
+                spawn(q, Some(permit));
+            }
+        };
+        // Shedding off: every request at once, in arrival order (the behaviour before).
+        let receive = |backlog: &mut backlog::Backlog<Message>, msg: Message| {
+            let received = Instant::now();
+            if self.shedding() {
+                backlog.push(msg, received);
+            } else {
+                spawn(
+                    backlog::Queued {
+                        item: msg,
+                        received,
+                    },
+                    None,
+                );
             }
         };
         let ended = loop {
@@ -512,7 +540,7 @@ impl Callout {
                     dispatch(&mut backlog, permit.expect("the semaphore is never closed"));
                 }
                 msg = sub.next() => match msg {
-                    Some(msg) => backlog.push(msg, Instant::now()),
+                    Some(msg) => receive(&mut backlog, msg),
                     None => break true,
                 },
             }
@@ -524,7 +552,7 @@ impl Callout {
             if sub.drain().await.is_ok() {
                 let _ = client.flush().await;
                 while let Some(msg) = sub.next().await {
-                    backlog.push(msg, Instant::now());
+                    receive(&mut backlog, msg);
                 }
             }
         }
@@ -575,7 +603,7 @@ impl Callout {
         msg: &Message,
         received: Instant,
     ) -> Option<(Vec<u8>, deadline::Deadline)> {
-        let shed = self.settings.shed_expired;
+        let shed = self.shedding();
         // Not opened yet: only the receive time tells (the request's own window is inside).
         if shed
             && deadline::Deadline::received(received, self.settings.auth_timeout)
