@@ -737,7 +737,12 @@ impl StormRun {
         if self.clients_in == self.n {
             ms(self.last_in)
         } else {
-            format!("{} of {} in after {}", self.clients_in, self.n, ms(STORM_CAP))
+            format!(
+                "{} of {} in after {}",
+                self.clients_in,
+                self.n,
+                ms(STORM_CAP)
+            )
         }
     }
     fn line(&self, round: usize, shedding: bool) -> String {
@@ -837,7 +842,9 @@ async fn reconnect_storm(
 /// The storm table: per size, before / after in each round.
 fn print_storms(runs: &[(usize, bool, StormRun)]) {
     println!();
-    println!("## Reconnect storms (one replica, shedding off = before, on = after; 2 s auth timeout)");
+    println!(
+        "## Reconnect storms (one replica, shedding off = before, on = after; 2 s auth timeout)"
+    );
     println!();
     println!("| clients | round | | all in after | attempts | refused | timed out | JWTs minted | wasted (minted, not used) | service CPU on wasted | late answers | skipped | service CPU | nats-server CPU |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -1230,7 +1237,12 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
     add_users(&pool, "w", k.warm_users, 10).await;
     add_users(&pool, "c", k.cold_users, 10).await;
     let storm_users = if k.wants("bigstorm") {
-        k.big_storms.iter().copied().chain([k.storm]).max().unwrap_or(k.storm)
+        k.big_storms
+            .iter()
+            .copied()
+            .chain([k.storm])
+            .max()
+            .unwrap_or(k.storm)
     } else {
         k.storm
     };
@@ -1652,7 +1664,11 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         let mut runs = Vec::new();
         for round in 1..=k.storm_rounds {
             for &n in &k.big_storms {
-                let order = if round % 2 == 1 { [false, true] } else { [true, false] };
+                let order = if round % 2 == 1 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
                 for shedding in order {
                     service.callout.set_shedding(shedding);
                     let r = reconnect_storm(server.port, &creds, n, server.pid(), &service).await;

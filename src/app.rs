@@ -60,6 +60,8 @@ pub struct Application {
     pool: PgPool,
     callout: Arc<Callout>,
     callout_client: Client,
+    /// The connections answers go out on (`--reply-connections`).
+    reply_clients: Vec<Client>,
     sys_client: Client,
     sync: Option<Sync>,
     nats_connected: watch::Receiver<u64>,
@@ -284,6 +286,23 @@ impl Application {
         .await
         .map_err(|e| AppError::Nats(e.to_string()))?;
 
+        let mut reply_clients = Vec::with_capacity(args.reply_connections);
+        for i in 1..=args.reply_connections {
+            let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
+            let client = connect_options(
+                &args.nats_tls,
+                &format!("nats-pg-auth reply {i}"),
+                identities.jwt(IdentityKind::ServiceUser).to_owned(),
+                service_user,
+                None,
+                closing.clone(),
+            )
+            .connect(addrs.clone())
+            .await
+            .map_err(|e| AppError::Nats(e.to_string()))?;
+            reply_clients.push(client);
+        }
+
         let (tx, nats_connected) = watch::channel(0u64);
         let sys_user = identities.keypair(&cipher, IdentityKind::SysUser)?;
         let sys_client = connect_options(
@@ -343,6 +362,7 @@ impl Application {
             pool,
             callout,
             callout_client,
+            reply_clients,
             sys_client,
             sync,
             nats_connected,
@@ -387,10 +407,11 @@ impl Application {
         let not_ready = Arc::new(std::sync::OnceLock::new());
         let mut tasks = tokio::task::JoinSet::new();
         let mut names = std::collections::HashMap::new();
-        let callout = self
-            .callout
-            .clone()
-            .run(self.callout_client.clone(), stop.clone());
+        let callout = self.callout.clone().run(
+            self.callout_client.clone(),
+            self.reply_clients.clone(),
+            stop.clone(),
+        );
         let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
         names.insert(callout.id(), Task::Callout);
         if let Some(writer) = self.snapshot_writer {
@@ -496,6 +517,9 @@ impl Application {
         self.closing.cancel();
         let _ = tokio::time::timeout(grace, async {
             let _ = self.callout_client.drain().await;
+            for client in &self.reply_clients {
+                let _ = client.drain().await;
+            }
             let _ = self.sys_client.drain().await;
             self.pool.close().await;
         })

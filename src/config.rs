@@ -723,8 +723,16 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_PG_AUTH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub auth_timeout: Duration,
 
-    /// Answer every request in arrival order, also those nats-server has stopped waiting for
-    /// (the behaviour before `--auth-timeout`; only to measure the difference).
+    /// NATS connections the answers go out on, in turn (besides the one requests come in on).
+    /// nats-server checks the answers of one connection one after the other on one core: in a
+    /// reconnect storm one connection caps logins at what that core verifies. 0: answers on the
+    /// requests' connection.
+    #[arg(long, env = "NATS_PG_AUTH_REPLY_CONNECTIONS", default_value_t = 4)]
+    pub reply_connections: usize,
+
+    /// Answer every request in arrival order on the requests' connection, also those
+    /// nats-server has stopped waiting for (the behaviour before `--auth-timeout` and
+    /// `--reply-connections`; only to measure the difference).
     #[arg(long, env = "NATS_PG_AUTH_NO_SHEDDING", hide = true)]
     pub no_shedding: bool,
 }

@@ -447,9 +447,16 @@ impl Callout {
     /// of the queue group), answers what was already delivered, and returns once every answer
     /// is sent. An error when the subscription ends without `shutdown`. Keeps the login copy
     /// current for as long as it serves.
+    ///
+    /// Answers go out over `repliers` in turn (the subscription's connection when there are
+    /// none, or shedding is off): nats-server checks every answer (opens it, verifies both
+    /// JWTs, registers the user) on the reading goroutine of the connection it came on, one
+    /// after the other, so one connection caps a storm at what one of its cores verifies, and
+    /// answers queue there until the clients' auth timeout has passed.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
+        repliers: Vec<Client>,
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         // The copy first: a replica answers nothing until it holds every login (it may have to
@@ -501,9 +508,15 @@ impl Callout {
         let tracker = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
         let mut backlog = backlog::Backlog::new(self.settings.auth_timeout);
+        let next_replier = std::sync::atomic::AtomicUsize::new(0);
         let spawn = |q: backlog::Queued<Message>, permit: Option<OwnedSemaphorePermit>| {
             let this = self.clone();
-            let client = client.clone();
+            let client = match repliers.len() {
+                0 => client.clone(),
+                _ if !self.shedding() => client.clone(),
+                n => repliers[next_replier.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n]
+                    .clone(),
+            };
             tracker.spawn(async move {
                 this.handle(client, q.item, q.received).await;
                 drop(permit);
@@ -567,6 +580,9 @@ impl Callout {
         tracker.close();
         tracker.wait().await;
         let _ = client.flush().await;
+        for replier in &repliers {
+            let _ = replier.flush().await;
+        }
         listener.stop().await;
         if ended && !shutdown.is_cancelled() {
             return Err(RunError::SubscriptionEnded);
