@@ -15,9 +15,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// True when a request queued at `since`, due at `deadline`, has waited more than half of its
-/// time: the queue it is at the front of is serving too late, newest first is better. Shared
-/// with the hashing lane.
-pub fn waited_too_long(since: Instant, deadline: Instant, now: Instant) -> bool {
+/// time: the queue it is at the front of is serving too late, newest first is better.
+fn waited_too_long(since: Instant, deadline: Instant, now: Instant) -> bool {
     now.duration_since(since) > deadline.saturating_duration_since(since) / 2
 }
 

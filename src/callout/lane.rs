@@ -15,10 +15,11 @@
 //! - a check whose deadline passed while it waited, or whose caller went away, is dropped
 //!   before hashing (the deadline is the request's: when nats-server stops waiting, see
 //!   `callout::deadline`, less the margin to send the answer);
-//! - within a key, checks start in arrival order while its queue is short, newest first once
-//!   the oldest has waited more than half of its time, as the callout's own backlog does: under
-//!   a storm the oldest have the least time left, and hashing for them first means every answer
-//!   comes too late.
+//!   A check whose deadline passed is also dropped when the next check of its key is queued, so
+//!   it does not hold a place a check that can still succeed could take. Checks of a key start
+//!   in arrival order (unlike the callout's backlog, which serves the newest first when deep):
+//!   a key's queue is bounded to what its threads get through within the auth timeout, so in
+//!   order every queued check is in time; newest first would only starve the oldest.
 //!
 //! Memory: at most `threads` checks run at once, so argon2's memory is bounded by
 //! `threads × --max-argon2-memory-kib` (checked at startup, see `config`).
@@ -61,15 +62,9 @@ pub enum Refused {
     Closed,
 }
 
-/// A check and when it was queued.
-struct Waiting {
-    since: Instant,
-    job: Job,
-}
-
 #[derive(Default)]
 struct Queues {
-    waiting: HashMap<LaneKey, VecDeque<Waiting>>,
+    waiting: HashMap<LaneKey, VecDeque<Job>>,
     /// Keys with waiting checks, in service order.
     ring: VecDeque<LaneKey>,
     running: HashMap<LaneKey, usize>,
@@ -79,23 +74,14 @@ struct Queues {
 impl Queues {
     /// The next check: of the first key in the ring with the fewest running checks, among the
     /// keys below `per_key_running`.
-    /// Within the key: an expired check first (to be dropped), else arrival order, or the
-    /// newest when the oldest has waited too long.
-    fn next(&mut self, per_key_running: usize, now: Instant) -> Option<(LaneKey, Job)> {
+    fn next(&mut self, per_key_running: usize) -> Option<(LaneKey, Job)> {
         let running = |k: &LaneKey| self.running.get(k).copied().unwrap_or(0);
         let pos = (0..self.ring.len())
             .filter(|&i| running(&self.ring[i]) < per_key_running)
             .min_by_key(|&i| (running(&self.ring[i]), i))?;
         let key = self.ring.remove(pos)?;
         let queue = self.waiting.get_mut(&key)?;
-        let front = queue.front()?;
-        let newest_first = now < front.job.deadline
-            && super::backlog::waited_too_long(front.since, front.job.deadline, now);
-        let job = if newest_first {
-            queue.pop_back()?.job
-        } else {
-            queue.pop_front()?.job
-        };
+        let job = queue.pop_front()?;
         if queue.is_empty() {
             self.waiting.remove(&key);
         } else {
@@ -171,14 +157,14 @@ impl Lane {
         }
         let queue = q.waiting.entry(key).or_default();
         let mut expired = Vec::new();
-        while queue.front().is_some_and(|w| now >= w.job.deadline) {
-            expired.extend(queue.pop_front().map(|w| w.job));
+        while queue.front().is_some_and(|j| now >= j.deadline) {
+            expired.extend(queue.pop_front());
         }
         let result = if queue.len() >= self.shared.per_key_queue {
             Err(Refused::QueueFull)
         } else {
             let first = queue.is_empty();
-            queue.push_back(Waiting { since: now, job });
+            queue.push_back(job);
             // A key emptied by the purge is still in the ring.
             if first && !q.ring.contains(&key) {
                 q.ring.push_back(key);
@@ -206,7 +192,7 @@ impl Drop for Lane {
 fn work(shared: &Shared) {
     let mut q = shared.lock();
     loop {
-        match q.next(shared.per_key_running, Instant::now()) {
+        match q.next(shared.per_key_running) {
             Some((key, job)) => {
                 if Instant::now() >= job.deadline {
                     drop(q);
@@ -402,51 +388,5 @@ mod tests {
             .map(|_| go_rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
         assert_eq!(got, [Go::Run, Go::Run]);
-    }
-
-    #[test]
-    fn newest_first_once_the_oldest_waited_too_long() {
-        let lane = Lane::start(1, 16, "t-lane", noop);
-        let (gate_tx, gate_rx) = mpsc::channel::<()>();
-        let (ran_tx, ran_rx) = mpsc::channel::<u32>();
-        let far = Instant::now() + Duration::from_secs(30);
-        let soon = Instant::now() + Duration::from_secs(2);
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        lane.submit(
-            LaneKey::Unknown,
-            Job {
-                deadline: far,
-                work: Box::new(move |_| {
-                    let _ = started_tx.send(());
-                    let _ = gate_rx.recv();
-                }),
-            },
-        )
-        .unwrap();
-        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        for i in 1..=3 {
-            let tx = ran_tx.clone();
-            lane.submit(
-                LaneKey::Unknown,
-                Job {
-                    deadline: soon,
-                    work: Box::new(move |_| {
-                        let _ = tx.send(i);
-                    }),
-                },
-            )
-            .unwrap();
-        }
-        // Let the queued checks wait more than half their time while the thread is busy.
-        let aged = Instant::now() + Duration::from_millis(1_100);
-        while Instant::now() <= aged {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        gate_tx.send(()).unwrap();
-        let order: Vec<u32> = (0..3)
-            .map(|_| ran_rx.recv_timeout(Duration::from_secs(10)).unwrap())
-            .collect();
-        // Each time the oldest has waited too long, so the newest of what remains goes next.
-        assert_eq!(order, [3, 2, 1]);
     }
 }
