@@ -35,3 +35,4 @@ mod storm;
 mod sync;
 mod sync_errors;
 mod tenancy;
+mod xkey;
