@@ -13,7 +13,10 @@
 //! like a 2-core `serve`). Clients speak the NATS protocol over raw TCP (INFO, CONNECT+PING,
 //! PONG or -ERR) so the client costs the same for every scenario and stays small.
 //!
-//! Scenarios: 1 baseline; 2 callout token; 3 callout password, credential cache warm;
+//! Scenarios (also `bigstorm`: reconnect storms of LOAD_BIG_STORMS clients with jittered
+//! backoff, shedding off/on alternating, LOAD_STORM_ROUNDS rounds; `xkey`: token logins with
+//! AUTH with and without its xkey, alternating, nats-server restarted between phases):
+//! 1 baseline; 2 callout token; 3 callout password, credential cache warm;
 //! 4 callout password cold (bcrypt cost 10, users never seen); 4b token and warm logins during a
 //! cold flood (isolation of the hashing lane); 5 the service's decision time (request received →
 //! reply published) from its histogram, warm logins only; 6 storm: N clients at once (warm),
@@ -250,6 +253,28 @@ impl NatsServer {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops it and starts it again, same port and configuration file (re-read).
+    async fn restart(&mut self, dir: &Path, name: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
+        self.child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(dir.join(format!("{name}.conf")))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("restart nats-server");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "nats-server {name} did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -1219,7 +1244,7 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         &format!("authorization {{\n  users: [\n{users_conf}\n  ]\n}}"),
     )
     .await;
-    let server = NatsServer::start(dir, "callout", "include \"fragment.conf\"").await;
+    let mut server = NatsServer::start(dir, "callout", "include \"fragment.conf\"").await;
     let mut service = Service::start(serve_config(db_url, &server.url(), &cipher));
     service.wait_live().await;
 
@@ -1298,6 +1323,16 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
             .collect(),
     );
     let warm_creds: Arc<Vec<Cred>> = Arc::new(users("w", 0..k.warm_users));
+    // The rows reach the login copy through its change feed, a moment after the INSERTs.
+    let last = vec![
+        token_creds[token_creds.len() - 1].clone(),
+        Cred::Password(format!("s{storm_users}"), "pw".into()),
+    ];
+    let t = Instant::now();
+    while service.answer_all(fake.clone(), last.clone(), 1).await < last.len() {
+        assert!(t.elapsed() < Duration::from_secs(30), "rows reach the copy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let warm_up_t = Instant::now();
     let warmed = service
         .answer_all(
@@ -1680,6 +1715,72 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         }
         service.callout.set_shedding(true);
         print_storms(&runs);
+    }
+
+    // 11. xkey on / off: token logins (16 in flight), AUTH with and without its xkey, phases
+    // alternating, nats-server restarted with `init`'s fragment between them.
+    if k.wants("xkey") {
+        let mut phases = Vec::new();
+        for round in 1..=k.storm_rounds {
+            let order = if round % 2 == 1 { [true, false] } else { [false, true] };
+            for xkey in order {
+                let report = init::init_with(
+                    &pool,
+                    &cipher,
+                    None,
+                    init::InitOptions { xkey: Some(xkey) },
+                )
+                .await
+                .unwrap();
+                init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf"))
+                    .unwrap();
+                server.restart(dir, "callout").await;
+                let line = token_creds[0].connect_line();
+                let t = Instant::now();
+                while raw_login(server.port, &line, Duration::from_secs(5)).await.is_err() {
+                    assert!(t.elapsed() < Duration::from_secs(30), "logins after the restart");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let meter = CpuMeter::start(server.pid());
+                let mut p = hammer(
+                    server.port,
+                    token_creds.clone(),
+                    k.concurrency,
+                    k.seconds,
+                    usize::MAX,
+                    false,
+                )
+                .await;
+                p.cpu = meter.stop();
+                eprintln!(
+                    "load: xkey {} round {round}: {:.0} connects/s, per login: nats-server {:.0} µs, service {:.0} µs{}",
+                    if xkey { "on" } else { "off" },
+                    p.rate(),
+                    1e6 * p.cpu.server / p.ok.max(1) as f64,
+                    1e6 * p.cpu.service / p.ok.max(1) as f64,
+                    p.failures()
+                );
+                phases.push((round, xkey, p));
+            }
+        }
+        println!();
+        println!("## xkey on / off (token logins, {} in flight, {} s per phase)", k.concurrency, k.seconds.as_secs());
+        println!();
+        println!("| round | AUTH xkey | connects/s | nats-server CPU per login | service CPU per login | clients CPU per login |");
+        println!("|---|---|---|---|---|---|");
+        for (round, xkey, p) in &phases {
+            let per = |c: f64| format!("{:.0} µs", 1e6 * c / p.ok.max(1) as f64);
+            println!(
+                "| {round} | {} | {:.0}{} | {} | {} | {} |",
+                if *xkey { "on" } else { "off" },
+                p.rate(),
+                p.failures(),
+                per(p.cpu.server),
+                per(p.cpu.service),
+                per(p.cpu.driver)
+            );
+        }
+        println!();
     }
 
     // 7. Sync: N accounts in one statement; then UPDATE → served.

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::copy::{CacheSettings, LoginCache, TokenLookup, UserLookup};
 use crate::db;
 use crate::db::logins::LoginRow;
+use crate::jwt;
 use crate::keys::SeedCipher;
 use credentials::PasswordVerifier;
 use login::{Login, Signing};
@@ -346,6 +347,8 @@ pub struct Callout {
     lockout: lockout::Lockout,
     pub(crate) cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
+    /// The servers' signing keys, parsed once.
+    servers: jwt::IssuerKeys,
     /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
     serving: std::sync::atomic::AtomicBool,
     /// Requests arriving already expired: a clock off from the servers'.
@@ -403,6 +406,7 @@ impl Callout {
             lockout: lockout::Lockout::new(&settings.lockout),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
+            servers: jwt::IssuerKeys::default(),
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
             clocks: deadline::ServerClocks::default(),
@@ -640,6 +644,7 @@ impl Callout {
             header.as_deref(),
             &self.auth.xkey,
             self.boxes.as_ref(),
+            &self.servers,
             &self.auth.account_public_key,
             now,
             self.settings.clock_skew,
