@@ -272,7 +272,10 @@ impl NatsServer {
             .expect("restart nats-server");
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "nats-server {name} did not listen");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server {name} did not listen"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -1722,23 +1725,29 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
     if k.wants("xkey") {
         let mut phases = Vec::new();
         for round in 1..=k.storm_rounds {
-            let order = if round % 2 == 1 { [true, false] } else { [false, true] };
+            let order = if round % 2 == 1 {
+                [true, false]
+            } else {
+                [false, true]
+            };
             for xkey in order {
-                let report = init::init_with(
-                    &pool,
-                    &cipher,
-                    None,
-                    init::InitOptions { xkey: Some(xkey) },
-                )
-                .await
-                .unwrap();
+                let report =
+                    init::init_with(&pool, &cipher, None, init::InitOptions { xkey: Some(xkey) })
+                        .await
+                        .unwrap();
                 init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf"))
                     .unwrap();
                 server.restart(dir, "callout").await;
                 let line = token_creds[0].connect_line();
                 let t = Instant::now();
-                while raw_login(server.port, &line, Duration::from_secs(5)).await.is_err() {
-                    assert!(t.elapsed() < Duration::from_secs(30), "logins after the restart");
+                while raw_login(server.port, &line, Duration::from_secs(5))
+                    .await
+                    .is_err()
+                {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "logins after the restart"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let meter = CpuMeter::start(server.pid());
@@ -1764,7 +1773,11 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
             }
         }
         println!();
-        println!("## xkey on / off (token logins, {} in flight, {} s per phase)", k.concurrency, k.seconds.as_secs());
+        println!(
+            "## xkey on / off (token logins, {} in flight, {} s per phase)",
+            k.concurrency,
+            k.seconds.as_secs()
+        );
         println!();
         println!("| round | AUTH xkey | connects/s | nats-server CPU per login | service CPU per login | clients CPU per login |");
         println!("|---|---|---|---|---|---|");
