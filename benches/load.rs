@@ -718,8 +718,10 @@ async fn storm(port: u16, creds: &[Cred], n: usize, pid: u32) -> Phase {
 /// A reconnect storm's client gives up on one attempt after this long (async-nats's default
 /// `connection_timeout`), as nats-server does after its 2 s auth timeout.
 const STORM_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A client still out after this long is counted as never in.
-const STORM_CAP: Duration = Duration::from_secs(120);
+/// A client still out after this long (`LOAD_STORM_CAP` seconds, 60) is counted as never in.
+fn storm_cap() -> Duration {
+    Duration::from_secs(env_num("LOAD_STORM_CAP", 60) as u64)
+}
 
 /// The wait before the next attempt after `failures` failed ones, as client libraries do:
 /// exponential from 250 ms, capped at 4 s (async-nats: 2^n ms up to 4 s), half of it random so
@@ -769,7 +771,7 @@ impl StormRun {
                 "{} of {} in after {}",
                 self.clients_in,
                 self.n,
-                ms(STORM_CAP)
+                ms(storm_cap())
             )
         }
     }
@@ -796,7 +798,7 @@ impl StormRun {
 }
 
 /// `n` clients connect at the same instant; each one refused or timed out tries again after
-/// [`backoff`] until it is in (or [`STORM_CAP`]). All stay connected until the storm is over.
+/// [`backoff`] until it is in (or [`storm_cap`]). All stay connected until the storm is over.
 async fn reconnect_storm(
     port: u16,
     creds: &[Cred],
@@ -809,13 +811,14 @@ async fn reconnect_storm(
     for i in 0..n {
         let line = creds[i % creds.len()].connect_line();
         let gate = gate.clone();
+        let cap = storm_cap();
         tasks.push(tokio::spawn(async move {
             gate.wait().await;
             let start = Instant::now();
             let mut p = Phase::default();
             let mut failures = 0;
             let mut conn = None;
-            while start.elapsed() < STORM_CAP {
+            while start.elapsed() < cap {
                 match raw_login(port, &line, STORM_CLIENT_TIMEOUT).await {
                     Ok(c) => {
                         p.latencies.push(start.elapsed());

@@ -10,6 +10,7 @@ pub mod certificate;
 pub mod credentials;
 pub mod deadline;
 mod doors;
+mod lag;
 pub mod lane;
 pub mod lockout;
 pub mod login;
@@ -512,17 +513,30 @@ impl Callout {
         let tracker = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
         let mut backlog = backlog::Backlog::new(self.settings.auth_timeout);
-        let next_replier = std::sync::atomic::AtomicUsize::new(0);
+        // Where answers go out, each with how far behind nats-server is with it.
+        let outs: Vec<(Client, lag::Lag)> = if repliers.is_empty() {
+            vec![(client.clone(), lag::Lag::default())]
+        } else {
+            repliers
+                .iter()
+                .map(|c| (c.clone(), lag::Lag::default()))
+                .collect()
+        };
+        let measuring = shutdown.child_token();
+        for (c, l) in &outs {
+            tokio::spawn(l.clone().keep_measuring(c.clone(), measuring.clone()));
+        }
+        let next_out = std::sync::atomic::AtomicUsize::new(0);
         let spawn = |q: backlog::Queued<Message>, permit: Option<OwnedSemaphorePermit>| {
             let this = self.clone();
-            let client = match repliers.len() {
-                0 => client.clone(),
-                _ if !self.shedding() => client.clone(),
-                n => repliers[next_replier.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n]
-                    .clone(),
+            let (client, lag) = if self.shedding() {
+                outs[next_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % outs.len()]
+                    .clone()
+            } else {
+                (client.clone(), lag::Lag::default())
             };
             tracker.spawn(async move {
-                this.handle(client, q.item, q.received).await;
+                this.handle(client, &lag, q.item, q.received).await;
                 drop(permit);
             });
         };
@@ -583,6 +597,7 @@ impl Callout {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         tracker.close();
         tracker.wait().await;
+        measuring.cancel();
         let _ = client.flush().await;
         for replier in &repliers {
             let _ = replier.flush().await;
@@ -594,12 +609,12 @@ impl Callout {
         Ok(())
     }
 
-    async fn handle(&self, client: Client, msg: Message, received: Instant) {
+    async fn handle(&self, client: Client, lag: &lag::Lag, msg: Message, received: Instant) {
         let Some(reply) = msg.reply.clone() else {
             tracing::warn!("authorization request without a reply subject; ignored");
             return;
         };
-        if let Some((bytes, deadline)) = self.answer_by(&msg, received).await {
+        if let Some((bytes, deadline)) = self.answer_by(&msg, received, lag).await {
             if let Err(e) = client.publish(reply, bytes.into()).await {
                 tracing::warn!(error = %e, "could not publish the authorization response; the server will time the client out");
             }
@@ -614,14 +629,18 @@ impl Callout {
     /// answered at all (it is not a verifiable request from a server) or nats-server has
     /// stopped waiting for it.
     pub async fn answer(&self, msg: &Message, received: Instant) -> Option<Vec<u8>> {
-        self.answer_by(msg, received).await.map(|(bytes, _)| bytes)
+        self.answer_by(msg, received, &lag::Lag::default())
+            .await
+            .map(|(bytes, _)| bytes)
     }
 
-    /// As `answer`, with the moment the server stops waiting for the answer.
+    /// As `answer`, with the moment the server stops waiting for the answer. `lag`: how long an
+    /// answer waits in nats-server before it is looked at (see [`lag`]).
     async fn answer_by(
         &self,
         msg: &Message,
         received: Instant,
+        lag: &lag::Lag,
     ) -> Option<(Vec<u8>, deadline::Deadline)> {
         let shed = self.shedding();
         // Not opened yet: only the receive time tells (the request's own window is inside).
@@ -673,7 +692,8 @@ impl Callout {
                 .observe(req.server_id(), req.claims.iat, now_ms, at);
             deadline = deadline.with_iat(req.claims.iat, window, offset, at, now_ms);
         }
-        if shed && deadline.passed(at) {
+        // Also when nats-server would reach the answer only after it stopped waiting.
+        if shed && deadline.passed(at + lag.now(at)) {
             self.metrics.count_skipped("verified", 1);
             return None;
         }
@@ -688,7 +708,8 @@ impl Callout {
             (received + req.budget(), None)
         };
         let decision = self.decide(&req, now, waits, gives_up).await;
-        if shed && deadline.passed(Instant::now()) {
+        let decided = Instant::now();
+        if shed && deadline.passed(decided + lag.now(decided)) {
             // Decided too late to be used (the wait for a hashing slot or Postgres ended with
             // the server's patience, or the decision itself was cut short before minting).
             self.metrics.count_skipped("decided", 1);
