@@ -13,7 +13,10 @@
 //! like a 2-core `serve`). Clients speak the NATS protocol over raw TCP (INFO, CONNECT+PING,
 //! PONG or -ERR) so the client costs the same for every scenario and stays small.
 //!
-//! Scenarios: 1 baseline; 2 callout token; 3 callout password, credential cache warm;
+//! Scenarios (also `bigstorm`: reconnect storms of LOAD_BIG_STORMS clients with jittered
+//! backoff, shedding off/on alternating, LOAD_STORM_ROUNDS rounds; `xkey`: token logins with
+//! AUTH with and without its xkey, alternating, nats-server restarted between phases):
+//! 1 baseline; 2 callout token; 3 callout password, credential cache warm;
 //! 4 callout password cold (bcrypt cost 10, users never seen); 4b token and warm logins during a
 //! cold flood (isolation of the hashing lane); 5 the service's decision time (request received →
 //! reply published) from its histogram, warm logins only; 6 storm: N clients at once (warm),
@@ -74,6 +77,9 @@ struct Knobs {
     cold_users: usize,
     cold_concurrency: usize,
     storm: usize,
+    /// Reconnect storms (`bigstorm`): sizes, and rounds of before/after.
+    big_storms: Vec<usize>,
+    storm_rounds: usize,
     sync_accounts: usize,
     sync_samples: usize,
     rss_users: usize,
@@ -108,6 +114,12 @@ impl Knobs {
             cold_users: q(1500, 400),
             cold_concurrency: 4,
             storm: env_num("LOAD_STORM", q(2000, 500)),
+            big_storms: std::env::var("LOAD_BIG_STORMS")
+                .unwrap_or_else(|_| (if quick { "1000,2000" } else { "5000,10000" }).into())
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect(),
+            storm_rounds: env_num("LOAD_STORM_ROUNDS", q(3, 1)),
             sync_accounts: env_num("LOAD_SYNC_ACCOUNTS", q(10_000, 1000)),
             sync_samples: env_num("LOAD_SYNC_SAMPLES", q(50, 10)),
             rss_users: env_num("LOAD_RSS_USERS", q(100_000, 10_000)),
@@ -241,6 +253,31 @@ impl NatsServer {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops it and starts it again, same port and configuration file (re-read).
+    async fn restart(&mut self, dir: &Path, name: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
+        self.child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(dir.join(format!("{name}.conf")))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("restart nats-server");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server {name} did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -678,6 +715,191 @@ async fn storm(port: u16, creds: &[Cred], n: usize, pid: u32) -> Phase {
     p
 }
 
+/// A reconnect storm's client gives up on one attempt after this long (async-nats's default
+/// `connection_timeout`), as nats-server does after its 2 s auth timeout.
+const STORM_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client still out after this long (`LOAD_STORM_CAP` seconds, 60) is counted as never in.
+fn storm_cap() -> Duration {
+    Duration::from_secs(env_num("LOAD_STORM_CAP", 60) as u64)
+}
+
+/// The wait before the next attempt after `failures` failed ones, as client libraries do:
+/// exponential from 250 ms, capped at 4 s (async-nats: 2^n ms up to 4 s), half of it random so
+/// a storm's clients spread out (nats.go adds jitter to its reconnect wait the same way).
+fn backoff(failures: u32) -> Duration {
+    let base = (Duration::from_millis(250) * (1u32 << failures.saturating_sub(1).min(4)))
+        .min(Duration::from_secs(4));
+    base / 2 + base.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+#[derive(Default)]
+struct StormRun {
+    n: usize,
+    /// Clients in, and when the last one got in.
+    clients_in: usize,
+    last_in: Duration,
+    attempts: usize,
+    refused: usize,
+    timeouts: usize,
+    errors: usize,
+    /// The service's counters over the storm.
+    minted: u64,
+    skipped: u64,
+    late: u64,
+    cpu: Cpu,
+    wall: Duration,
+}
+
+impl StormRun {
+    /// Answers with a JWT that no client used (the server or the client had given up).
+    fn wasted(&self) -> u64 {
+        self.minted.saturating_sub(self.clients_in as u64)
+    }
+    /// Service CPU spent on those, at the storm's average cost per minted answer.
+    fn wasted_cpu(&self) -> f64 {
+        if self.minted == 0 {
+            0.0
+        } else {
+            self.cpu.service * self.wasted() as f64 / self.minted as f64
+        }
+    }
+    fn all_in(&self) -> String {
+        if self.clients_in == self.n {
+            ms(self.last_in)
+        } else {
+            format!(
+                "{} of {} in after {}",
+                self.clients_in,
+                self.n,
+                ms(storm_cap())
+            )
+        }
+    }
+    fn line(&self, round: usize, shedding: bool) -> String {
+        format!(
+            "storm {} round {round} {}: all in after {}, {} attempts ({} refused, {} timed out, {} errors), {} minted, {} wasted ({:.2} s service CPU), {} late, {} skipped; CPU s: service {:.2}, nats-server {:.2}, clients {:.2}",
+            self.n,
+            if shedding { "after" } else { "before" },
+            self.all_in(),
+            self.attempts,
+            self.refused,
+            self.timeouts,
+            self.errors,
+            self.minted,
+            self.wasted(),
+            self.wasted_cpu(),
+            self.late,
+            self.skipped,
+            self.cpu.service,
+            self.cpu.server,
+            self.cpu.driver
+        )
+    }
+}
+
+/// `n` clients connect at the same instant; each one refused or timed out tries again after
+/// [`backoff`] until it is in (or [`storm_cap`]). All stay connected until the storm is over.
+async fn reconnect_storm(
+    port: u16,
+    creds: &[Cred],
+    n: usize,
+    pid: u32,
+    service: &Service,
+) -> StormRun {
+    let gate = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let line = creds[i % creds.len()].connect_line();
+        let gate = gate.clone();
+        let cap = storm_cap();
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let start = Instant::now();
+            let mut p = Phase::default();
+            let mut failures = 0;
+            let mut conn = None;
+            while start.elapsed() < cap {
+                match raw_login(port, &line, STORM_CLIENT_TIMEOUT).await {
+                    Ok(c) => {
+                        p.latencies.push(start.elapsed());
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(Failure::Refused) => p.refused += 1,
+                    Err(Failure::Timeout) => p.timeouts += 1,
+                    Err(Failure::Io) => p.errors += 1,
+                }
+                failures += 1;
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            (p, conn)
+        }));
+    }
+    let m = &service.metrics;
+    let (minted0, skipped0, late0) = (m.allowed(), m.skipped(), m.late_answers());
+    let meter = CpuMeter::start(pid);
+    let start = Instant::now();
+    gate.wait().await;
+    let mut r = StormRun {
+        n,
+        ..StormRun::default()
+    };
+    let mut held = Vec::with_capacity(n);
+    for t in tasks {
+        let (p, conn) = t.await.unwrap();
+        r.attempts += p.refused + p.timeouts + p.errors + p.latencies.len();
+        r.refused += p.refused;
+        r.timeouts += p.timeouts;
+        r.errors += p.errors;
+        if let Some(c) = conn {
+            r.clients_in += 1;
+            r.last_in = r.last_in.max(p.latencies[0]);
+            held.push(c);
+        }
+    }
+    r.wall = start.elapsed();
+    // Answers still on their way when the last client got in are the storm's too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.cpu = meter.stop();
+    r.minted = m.allowed() - minted0;
+    r.skipped = m.skipped() - skipped0;
+    r.late = m.late_answers() - late0;
+    drop(held);
+    // Let the server and the service settle (10,000 disconnects) before the next storm.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    r
+}
+
+/// The storm table: per size, before / after in each round.
+fn print_storms(runs: &[(usize, bool, StormRun)]) {
+    println!();
+    println!(
+        "## Reconnect storms (one replica, shedding off = before, on = after; 2 s auth timeout)"
+    );
+    println!();
+    println!("| clients | round | | all in after | attempts | refused | timed out | JWTs minted | wasted (minted, not used) | service CPU on wasted | late answers | skipped | service CPU | nats-server CPU |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (round, shedding, r) in runs {
+        println!(
+            "| {} | {round} | {} | {} | {} | {} | {} | {} | {} | {:.2} s | {} | {} | {:.2} s | {:.2} s |",
+            r.n,
+            if *shedding { "after" } else { "before" },
+            r.all_in(),
+            r.attempts,
+            r.refused,
+            r.timeouts + r.errors,
+            r.minted,
+            r.wasted(),
+            r.wasted_cpu(),
+            r.late,
+            r.skipped,
+            r.cpu.service,
+            r.cpu.server
+        );
+    }
+    println!();
+}
+
 // ------------------------------------------------------------------------------------------
 // Database fixtures
 // ------------------------------------------------------------------------------------------
@@ -1028,7 +1250,7 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         &format!("authorization {{\n  users: [\n{users_conf}\n  ]\n}}"),
     )
     .await;
-    let server = NatsServer::start(dir, "callout", "include \"fragment.conf\"").await;
+    let mut server = NatsServer::start(dir, "callout", "include \"fragment.conf\"").await;
     let mut service = Service::start(serve_config(db_url, &server.url(), &cipher));
     service.wait_live().await;
 
@@ -1045,7 +1267,17 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
     wait_synced(&pool, "bench").await;
     add_users(&pool, "w", k.warm_users, 10).await;
     add_users(&pool, "c", k.cold_users, 10).await;
-    add_users(&pool, "s", k.storm, 4).await;
+    let storm_users = if k.wants("bigstorm") {
+        k.big_storms
+            .iter()
+            .copied()
+            .chain([k.storm])
+            .max()
+            .unwrap_or(k.storm)
+    } else {
+        k.storm
+    };
+    add_users(&pool, "s", storm_users, 4).await;
     add_users(&pool, "t", k.token_users, 4).await;
     sql(
         &pool,
@@ -1097,18 +1329,29 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
             .collect(),
     );
     let warm_creds: Arc<Vec<Cred>> = Arc::new(users("w", 0..k.warm_users));
+    // The rows reach the login copy through its change feed, a moment after the INSERTs: a
+    // warm-up that meets a row not there yet is tried again.
     let warm_up_t = Instant::now();
-    let warmed = service
-        .answer_all(
-            fake.clone(),
-            token_creds
-                .iter()
-                .chain(warm_creds.iter())
-                .cloned()
-                .collect(),
-            8,
-        )
-        .await;
+    let mut warmed = 0;
+    while warm_up_t.elapsed() < Duration::from_secs(60) {
+        warmed = service
+            .answer_all(
+                fake.clone(),
+                token_creds
+                    .iter()
+                    .chain(warm_creds.iter())
+                    .cloned()
+                    .collect(),
+                // Two per hashing thread at most: a busy machine cannot push them past the
+                // timeout.
+                4,
+            )
+            .await;
+        if warmed == k.token_users + k.warm_users {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_eq!(
         warmed,
         k.token_users + k.warm_users,
@@ -1451,6 +1694,109 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
             "6b storm (rows cold): {}",
             cpu_note(&s2.cpu, s2.elapsed)
         ));
+    }
+
+    // 6c. Reconnect storms, shedding off (before) and on (after), alternating, on one replica.
+    if k.wants("bigstorm") {
+        let biggest = k.big_storms.iter().copied().max().unwrap_or(0);
+        let creds = users("s", 0..biggest);
+        let t = Instant::now();
+        let warmed = service.answer_all(fake.clone(), creds.clone(), 8).await;
+        eprintln!("load: warmed {warmed} storm users in {:?}", t.elapsed());
+        let mut runs = Vec::new();
+        for round in 1..=k.storm_rounds {
+            for &n in &k.big_storms {
+                let order = if round % 2 == 1 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
+                for shedding in order {
+                    service.callout.set_shedding(shedding);
+                    let r = reconnect_storm(server.port, &creds, n, server.pid(), &service).await;
+                    eprintln!("load: {}", r.line(round, shedding));
+                    runs.push((round, shedding, r));
+                }
+            }
+        }
+        service.callout.set_shedding(true);
+        print_storms(&runs);
+    }
+
+    // 11. xkey on / off: token logins (16 in flight), AUTH with and without its xkey, phases
+    // alternating, nats-server restarted with `init`'s fragment between them.
+    if k.wants("xkey") {
+        let mut phases = Vec::new();
+        for round in 1..=k.storm_rounds {
+            let order = if round % 2 == 1 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for xkey in order {
+                let report =
+                    init::init_with(&pool, &cipher, None, init::InitOptions { xkey: Some(xkey) })
+                        .await
+                        .unwrap();
+                init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf"))
+                    .unwrap();
+                server.restart(dir, "callout").await;
+                let line = token_creds[0].connect_line();
+                let t = Instant::now();
+                while raw_login(server.port, &line, Duration::from_secs(5))
+                    .await
+                    .is_err()
+                {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "logins after the restart"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let meter = CpuMeter::start(server.pid());
+                let mut p = hammer(
+                    server.port,
+                    token_creds.clone(),
+                    k.concurrency,
+                    k.seconds,
+                    usize::MAX,
+                    false,
+                )
+                .await;
+                p.cpu = meter.stop();
+                eprintln!(
+                    "load: xkey {} round {round}: {:.0} connects/s, per login: nats-server {:.0} µs, service {:.0} µs{}",
+                    if xkey { "on" } else { "off" },
+                    p.rate(),
+                    1e6 * p.cpu.server / p.ok.max(1) as f64,
+                    1e6 * p.cpu.service / p.ok.max(1) as f64,
+                    p.failures()
+                );
+                phases.push((round, xkey, p));
+            }
+        }
+        println!();
+        println!(
+            "## xkey on / off (token logins, {} in flight, {} s per phase)",
+            k.concurrency,
+            k.seconds.as_secs()
+        );
+        println!();
+        println!("| round | AUTH xkey | connects/s | nats-server CPU per login | service CPU per login | clients CPU per login |");
+        println!("|---|---|---|---|---|---|");
+        for (round, xkey, p) in &phases {
+            let per = |c: f64| format!("{:.0} µs", 1e6 * c / p.ok.max(1) as f64);
+            println!(
+                "| {round} | {} | {:.0}{} | {} | {} | {} |",
+                if *xkey { "on" } else { "off" },
+                p.rate(),
+                p.failures(),
+                per(p.cpu.server),
+                per(p.cpu.service),
+                per(p.cpu.driver)
+            );
+        }
+        println!();
     }
 
     // 7. Sync: N accounts in one statement; then UPDATE → served.

@@ -64,6 +64,8 @@ pub struct Application {
     pool: PgPool,
     callout: Arc<Callout>,
     callout_client: Client,
+    /// The connections answers go out on (`--reply-connections`).
+    reply_clients: Vec<Client>,
     sys_client: Client,
     sync: Option<Sync>,
     nats_connected: watch::Receiver<u64>,
@@ -295,6 +297,8 @@ impl Application {
             },
             clock_skew: args.clock_skew,
             replica: crate::replica::name(args.replica_name.as_deref()),
+            auth_timeout: args.auth_timeout,
+            shed_expired: !args.no_shedding,
         };
         let callout = Callout::with_cache(
             pool.clone(),
@@ -323,6 +327,23 @@ impl Application {
         .connect(addrs.clone())
         .await
         .map_err(|e| AppError::Nats(e.to_string()))?;
+
+        let mut reply_clients = Vec::with_capacity(args.reply_connections);
+        for i in 1..=args.reply_connections {
+            let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
+            let client = connect_options(
+                &args.nats_tls,
+                &format!("nats-pg-auth reply {i}"),
+                identities.jwt(IdentityKind::ServiceUser).to_owned(),
+                service_user,
+                None,
+                closing.clone(),
+            )
+            .connect(addrs.clone())
+            .await
+            .map_err(|e| AppError::Nats(e.to_string()))?;
+            reply_clients.push(client);
+        }
 
         let (tx, nats_connected) = watch::channel(0u64);
         let sys_user = identities.keypair(&cipher, IdentityKind::SysUser)?;
@@ -420,6 +441,7 @@ impl Application {
             pool,
             callout,
             callout_client,
+            reply_clients,
             sys_client,
             sync,
             nats_connected,
@@ -467,10 +489,11 @@ impl Application {
         let not_ready = Arc::new(std::sync::OnceLock::new());
         let mut tasks = tokio::task::JoinSet::new();
         let mut names = std::collections::HashMap::new();
-        let callout = self
-            .callout
-            .clone()
-            .run(self.callout_client.clone(), stop.clone());
+        let callout = self.callout.clone().run(
+            self.callout_client.clone(),
+            self.reply_clients.clone(),
+            stop.clone(),
+        );
         let callout = tasks.spawn(async move { callout.await.map_err(|e| e.to_string()) });
         names.insert(callout.id(), Task::Callout);
         // Not essential either: it only ever stops this replica from sealing.
@@ -610,6 +633,9 @@ impl Application {
             };
             let drain = async {
                 let _ = self.callout_client.drain().await;
+                for client in &self.reply_clients {
+                    let _ = client.drain().await;
+                }
                 let _ = self.sys_client.drain().await;
             };
             tokio::join!(deregister, drain);

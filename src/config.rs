@@ -434,8 +434,30 @@ pub struct InitArgs {
     /// imported (`import nsc`): it is then adopted, and another name is refused.
     #[arg(long, env = "NATS_PG_AUTH_OPERATOR_NAME")]
     pub operator_name: Option<String>,
+    /// Publish the AUTH account without an xkey: nats-server then sends authorization requests
+    /// (passwords and tokens included) and receives the answers unencrypted, saving it two
+    /// X25519 operations per login. Only where the callout's NATS connection never leaves the
+    /// pod (sidecar on 127.0.0.1) or runs over TLS. On an initialised database, re-issues AUTH's
+    /// JWT (restart nats-server with the new fragment). `--xkey` switches back.
+    #[arg(long, conflicts_with = "xkey")]
+    pub no_xkey: bool,
+    /// Publish the AUTH account with the service's xkey (the default for a new database);
+    /// re-issues AUTH's JWT on one initialised with `--no-xkey`.
+    #[arg(long)]
+    pub xkey: bool,
     #[command(flatten)]
     pub fragment: FragmentArgs,
+}
+
+impl InitArgs {
+    /// The xkey choice made on the command line, if any.
+    pub fn xkey_choice(&self) -> Option<bool> {
+        match (self.xkey, self.no_xkey) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -819,6 +841,26 @@ pub struct ServeArgs {
     /// host name and process id, `host:pid`.
     #[arg(long, env = "NATS_PG_AUTH_REPLICA_NAME")]
     pub replica_name: Option<String>,
+
+    /// nats-server's auth timeout (`authorization { timeout }`; 2s unless set there). A request
+    /// says its own (`exp - iat`); this one is used for requests still waiting to be opened.
+    /// Requests the server has stopped waiting for are skipped without any work, and when
+    /// requests pile up (a reconnect storm) the newest are answered first.
+    #[arg(long, env = "NATS_PG_AUTH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
+
+    /// NATS connections the answers go out on, in turn (besides the one requests come in on).
+    /// nats-server checks the answers of one connection one after the other on one core: in a
+    /// reconnect storm one connection caps logins at what that core verifies. 0: answers on the
+    /// requests' connection.
+    #[arg(long, env = "NATS_PG_AUTH_REPLY_CONNECTIONS", default_value_t = 4)]
+    pub reply_connections: usize,
+
+    /// Answer every request in arrival order on the requests' connection, also those
+    /// nats-server has stopped waiting for (the behaviour before `--auth-timeout` and
+    /// `--reply-connections`; only to measure the difference).
+    #[arg(long, env = "NATS_PG_AUTH_NO_SHEDDING", hide = true)]
+    pub no_shedding: bool,
 }
 
 impl ServeArgs {

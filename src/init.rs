@@ -169,15 +169,39 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-/// Creates the service identities unless they exist. After `import nsc` the operator, its
-/// signing key and the system account exist already (the ones the servers trust): they are
-/// adopted, and only AUTH, the xkey, the system and service users and the sentinel are
-/// created under them. `operator_name` may then be left out; another name is refused.
+/// Choices of `init` beyond the operator's name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InitOptions {
+    /// Whether AUTH's JWT names the service's xkey, so nats-server encrypts requests and
+    /// answers (`init --no-xkey`: plain, for a callout connection that never leaves the pod or
+    /// runs over TLS). `None`: with an xkey when creating, as it is on an existing database.
+    pub xkey: Option<bool>,
+}
+
+/// As [`init_with`], with the default options.
 pub async fn init(
     pool: &PgPool,
     cipher: &SeedCipher,
     operator_name: Option<&str>,
 ) -> Result<InitReport, InitError> {
+    init_with(pool, cipher, operator_name, InitOptions::default()).await
+}
+
+/// Creates the service identities unless they exist. After `import nsc` the operator, its
+/// signing key and the system account exist already (the ones the servers trust): they are
+/// adopted, and only AUTH, the xkey, the system and service users and the sentinel are
+/// created under them. `operator_name` may then be left out; another name is refused.
+///
+/// On an existing database, `options.xkey` that differs from AUTH's JWT re-issues that JWT
+/// (signed by the operator signing key, `iat` increased): the fragment written next preloads
+/// it, and nats-server takes it when restarted with it.
+pub async fn init_with(
+    pool: &PgPool,
+    cipher: &SeedCipher,
+    operator_name: Option<&str>,
+    options: InitOptions,
+) -> Result<InitReport, InitError> {
+    let with_xkey = options.xkey.unwrap_or(true);
     if operator_name.is_some_and(|n| !valid_name(n)) {
         return Err(InitError::BadName);
     }
@@ -217,7 +241,7 @@ pub async fn init(
                 .await?
                 .map_err(InitError::KeyNotCurrent)?;
             let mut rows = existing.clone();
-            for row in create_under(cipher, &signing, &sys, jwt::now_unix())? {
+            for row in create_under(cipher, &signing, &sys, jwt::now_unix(), with_xkey)? {
                 if !existing.iter().any(|r| r.kind == row.kind) {
                     identities::insert(&mut tx, &row).await?;
                     rows.push(row);
@@ -229,17 +253,30 @@ pub async fn init(
                 identities: ServiceIdentities::from_rows(rows)?,
             });
         }
-        tx.rollback().await?;
-        let identities = ServiceIdentities::from_rows(existing)?;
+        let mut identities = ServiceIdentities::from_rows(existing)?;
         // Fail now, not at login time, if the configured key cannot open the seeds.
         identities.keypair(cipher, IdentityKind::Operator)?;
+        if let Some(want) = options.xkey {
+            if let Some(auth_jwt) = reissued_auth(cipher, &identities, want)? {
+                identities::set_jwt(&mut tx, IdentityKind::AuthAccount, &auth_jwt).await?;
+                tx.commit().await?;
+                if let Some(row) = identities.rows.get_mut(IdentityKind::AuthAccount.as_str()) {
+                    row.jwt = Some(auth_jwt);
+                }
+                return Ok(InitReport {
+                    created: false,
+                    identities,
+                });
+            }
+        }
+        tx.rollback().await?;
         return Ok(InitReport {
             created: false,
             identities,
         });
     }
     let operator_name = operator_name.ok_or(InitError::NeedName)?;
-    let rows = create(cipher, operator_name)?;
+    let rows = create(cipher, operator_name, with_xkey)?;
     for row in &rows {
         identities::insert(&mut tx, row).await?;
     }
@@ -248,6 +285,31 @@ pub async fn init(
         created: true,
         identities: ServiceIdentities::from_rows(rows)?,
     })
+}
+
+/// AUTH's JWT with (`xkey`) or without the service's xkey, when the stored one differs; `None`
+/// when it already is that way.
+fn reissued_auth(
+    cipher: &SeedCipher,
+    identities: &ServiceIdentities,
+    xkey: bool,
+) -> Result<Option<String>, InitError> {
+    let stored = identities.jwt(IdentityKind::AuthAccount);
+    let mut claims: Claims<AccountClaims> = jwt::decode_unverified(stored)?;
+    let Some(authorization) = claims.nats.authorization.as_mut() else {
+        return Err(InitError::Incomplete("auth_account authorization"));
+    };
+    let want = xkey.then(|| identities.public_key(IdentityKind::AuthXkey).to_owned());
+    if authorization.xkey.as_deref().filter(|k| !k.is_empty()) == want.as_deref() {
+        return Ok(None);
+    }
+    authorization.xkey = want;
+    let signing = identities.keypair(cipher, IdentityKind::OperatorSigning)?;
+    // nats-server keeps the JWT with the later `iat`.
+    claims.iat = jwt::now_unix().max(claims.iat + 1);
+    claims.iss = String::new();
+    claims.jti = String::new();
+    Ok(Some(jwt::encode(&claims, &signing)?))
 }
 
 fn nk(e: nkeys::error::Error) -> InitError {
@@ -302,7 +364,11 @@ fn deny_all() -> Permission {
 }
 
 /// Generates keys and signs every service JWT.
-fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, InitError> {
+fn create(
+    cipher: &SeedCipher,
+    operator_name: &str,
+    with_xkey: bool,
+) -> Result<Vec<IdentityRow>, InitError> {
     let iat = jwt::now_unix();
     let operator = KeyPair::new_operator();
     let operator_signing = KeyPair::new_operator();
@@ -343,7 +409,13 @@ fn create(cipher: &SeedCipher, operator_name: &str) -> Result<Vec<IdentityRow>, 
         )?,
         row(cipher, IdentityKind::SysAccount, "SYS", &sys, Some(sys_jwt))?,
     ];
-    rows.extend(create_under(cipher, &operator_signing, &sys, iat)?);
+    rows.extend(create_under(
+        cipher,
+        &operator_signing,
+        &sys,
+        iat,
+        with_xkey,
+    )?);
     Ok(rows)
 }
 
@@ -366,12 +438,14 @@ fn row(
 
 /// The identities under an operator (its signing key signs AUTH) and its system account (it
 /// issues the system user): the system user, AUTH with its xkey, the service user and the
-/// sentinel.
+/// sentinel. The xkey is always created (kept for a later switch); AUTH's JWT names it only
+/// `with_xkey`.
 fn create_under(
     cipher: &SeedCipher,
     operator_signing: &KeyPair,
     sys: &KeyPair,
     iat: i64,
+    with_xkey: bool,
 ) -> Result<Vec<IdentityRow>, InitError> {
     let sys_user = KeyPair::new_user();
     let auth = KeyPair::new_account();
@@ -392,7 +466,7 @@ fn create_under(
     auth_account.authorization = Some(ExternalAuthorization {
         auth_users: vec![service_user.public_key()],
         allowed_accounts: vec!["*".into()],
-        xkey: Some(xkey.public_key()),
+        xkey: with_xkey.then(|| xkey.public_key()),
     });
     let auth_jwt = jwt::encode(
         &claims(&auth.public_key(), "AUTH", auth_account, iat),

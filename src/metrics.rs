@@ -22,6 +22,10 @@ struct Inner {
     allowed: AtomicU64,
     denied: Mutex<BTreeMap<&'static str, u64>>,
     bad_requests: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests skipped because nats-server had stopped waiting, by the stage they reached.
+    skipped: Mutex<BTreeMap<&'static str, u64>>,
+    /// Answers published after nats-server had certainly stopped waiting.
+    late_answers: AtomicU64,
     decision_us: Vec<AtomicU64>,
     decision_count: AtomicU64,
     decision_sum_us: AtomicU64,
@@ -40,6 +44,8 @@ impl Default for Inner {
             allowed: AtomicU64::new(0),
             denied: Mutex::default(),
             bad_requests: Mutex::default(),
+            skipped: Mutex::default(),
+            late_answers: AtomicU64::new(0),
             decision_us: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             decision_count: AtomicU64::new(0),
             decision_sum_us: AtomicU64::new(0),
@@ -94,6 +100,35 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry(kind)
             .or_default() += 1;
+    }
+    /// `n` requests skipped at `stage` (`queued`: before opening it; `verified`: opened, before
+    /// any lookup; `decided`: before minting or sealing) because nats-server stopped waiting.
+    pub fn count_skipped(&self, stage: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self
+            .inner
+            .skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(stage)
+            .or_default() += n;
+    }
+    pub fn count_late_answer(&self) {
+        self.inner.late_answers.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Requests skipped, every stage.
+    pub fn skipped(&self) -> u64 {
+        self.inner
+            .skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+    pub fn late_answers(&self) -> u64 {
+        self.inner.late_answers.load(Ordering::Relaxed)
     }
     pub fn count_push(&self, ok: bool) {
         let c = if ok {
@@ -215,6 +250,28 @@ impl Metrics {
                 "nats_pg_auth_bad_requests_total{{kind=\"{kind}\"}} {n}"
             );
         }
+        let _ = writeln!(out, "# TYPE nats_pg_auth_callout_skipped_total counter");
+        for (stage, n) in self
+            .inner
+            .skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "nats_pg_auth_callout_skipped_total{{stage=\"{stage}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE nats_pg_auth_callout_late_answers_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "nats_pg_auth_callout_late_answers_total {}",
+            self.late_answers()
+        );
         let _ = writeln!(out, "# TYPE nats_pg_auth_sync_pushes_total counter");
         let _ = writeln!(
             out,

@@ -13,7 +13,13 @@
 //! - a key may have at most `per_key_queue` checks waiting; more are refused at once (it could
 //!   not be served before the auth timeout anyway, and it must not fill the lane's memory);
 //! - a check whose deadline passed while it waited, or whose caller went away, is dropped
-//!   before hashing.
+//!   before hashing (the deadline is the request's: when nats-server stops waiting, see
+//!   `callout::deadline`, less the margin to send the answer);
+//!   A check whose deadline passed is also dropped when the next check of its key is queued, so
+//!   it does not hold a place a check that can still succeed could take. Checks of a key start
+//!   in arrival order (unlike the callout's backlog, which serves the newest first when deep):
+//!   a key's queue is bounded to what its threads get through within the auth timeout, so in
+//!   order every queued check is in time; newest first would only starve the oldest.
 //!
 //! Memory: at most `threads` checks run at once, so argon2's memory is bounded by
 //! `threads × --max-argon2-memory-kib` (checked at startup, see `config`).
@@ -141,23 +147,38 @@ impl Lane {
     }
 
     /// Queues `job` under `key`.
+    /// Checks of the key whose deadline passed are dropped first (told `Expired`): they must
+    /// not take the places of checks that can still be used.
     pub fn submit(&self, key: LaneKey, job: Job) -> Result<(), Refused> {
+        let now = Instant::now();
         let mut q = self.shared.lock();
         if q.closed {
             return Err(Refused::Closed);
         }
         let queue = q.waiting.entry(key).or_default();
-        if queue.len() >= self.shared.per_key_queue {
-            return Err(Refused::QueueFull);
+        let mut expired = Vec::new();
+        while queue.front().is_some_and(|j| now >= j.deadline) {
+            expired.extend(queue.pop_front());
         }
-        let first = queue.is_empty();
-        queue.push_back(job);
-        if first {
-            q.ring.push_back(key);
-        }
+        let result = if queue.len() >= self.shared.per_key_queue {
+            Err(Refused::QueueFull)
+        } else {
+            let first = queue.is_empty();
+            queue.push_back(job);
+            // A key emptied by the purge is still in the ring.
+            if first && !q.ring.contains(&key) {
+                q.ring.push_back(key);
+            }
+            Ok(())
+        };
         drop(q);
-        self.shared.ready.notify_one();
-        Ok(())
+        for job in expired {
+            (job.work)(Go::Expired);
+        }
+        if result.is_ok() {
+            self.shared.ready.notify_one();
+        }
+        result
     }
 }
 
@@ -328,6 +349,23 @@ mod tests {
             )
             .unwrap();
         }
+        // The expired check was dropped when the next one was queued: it is told so at once,
+        // and its place is free again.
+        assert_eq!(
+            go_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Go::Expired
+        );
+        let tx = go_tx.clone();
+        lane.submit(
+            LaneKey::Unknown,
+            Job {
+                deadline: far,
+                work: Box::new(move |go| {
+                    let _ = tx.send(go);
+                }),
+            },
+        )
+        .unwrap();
         let refused = lane.submit(
             LaneKey::Unknown,
             Job {
@@ -349,6 +387,6 @@ mod tests {
         let got: Vec<_> = (0..2)
             .map(|_| go_rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
-        assert_eq!(got, [Go::Expired, Go::Run]);
+        assert_eq!(got, [Go::Run, Go::Run]);
     }
 }

@@ -5,9 +5,12 @@
 //! size), and a request that cannot start before the server's auth timeout is denied rather
 //! than queued forever.
 
+mod backlog;
 pub mod certificate;
 pub mod credentials;
+pub mod deadline;
 mod doors;
+mod lag;
 pub mod lane;
 pub mod lockout;
 pub mod login;
@@ -277,6 +280,12 @@ pub struct CalloutSettings {
     pub clock_skew: Duration,
     /// This replica's name (`--replica-name`): recorded with the lockouts it starts.
     pub replica: String,
+    /// nats-server's auth timeout (`--auth-timeout`): how long it waits for an answer when a
+    /// request does not say (`exp - iat`), and for requests not opened yet.
+    pub auth_timeout: Duration,
+    /// Skip requests nats-server has stopped waiting for, and serve the newest first when the
+    /// backlog is deep (see [`backlog`]). Off only to measure the difference.
+    pub shed_expired: bool,
 }
 
 impl Default for CalloutSettings {
@@ -291,9 +300,18 @@ impl Default for CalloutSettings {
             lockout: lockout::LockoutSettings::default(),
             clock_skew: request::DEFAULT_CLOCK_SKEW,
             replica: crate::replica::name(None),
+            auth_timeout: request::DEFAULT_AUTH_TIMEOUT,
+            shed_expired: true,
         }
     }
 }
+
+/// Requests handled at once; more wait in the [`backlog::Backlog`], where the order is ours
+/// (tokio runs what is spawned in its own order). Large enough that requests waiting on
+/// Postgres or the hashing lane (each lane key queues a bounded number, each wait ends at the
+/// deadline) do not hold up the others; small enough that what is spawned is a few
+/// milliseconds of CPU, so the backlog, not the runtime's queue, decides who is served.
+const IN_FLIGHT: usize = 256;
 
 /// Why `Callout::run` stopped serving without being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -345,12 +363,18 @@ pub struct Callout {
     lockout: Arc<lockout::Lockout>,
     pub(crate) cache: Arc<LoginCache>,
     boxes: Option<xbox::ServerBoxes>,
+    /// The servers' signing keys, parsed once.
+    servers: jwt::IssuerKeys,
     /// Subscribed and answering (set after the copy is loaded and the subscription is in place).
     serving: std::sync::atomic::AtomicBool,
     /// Requests arriving already expired: a clock off from the servers'.
     clock: request::ClockWatch,
     /// Connections admitted from the copy during a Postgres outage (for `connections`).
     outage_logins: Arc<outage_logins::OutageLogins>,
+    /// Per-server clock offset bounds, to tell when a server stops waiting (see [`deadline`]).
+    clocks: deadline::ServerClocks,
+    /// `settings.shed_expired`, switchable at run time (benchmarks compare both on one replica).
+    shedding: std::sync::atomic::AtomicBool,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -400,9 +424,12 @@ impl Callout {
             lockout: Arc::new(lockout::Lockout::new(&settings.lockout)),
             cache: Arc::new(LoginCache::new(cache)),
             boxes: xbox::ServerBoxes::new(&auth.xkey),
+            servers: jwt::IssuerKeys::default(),
             serving: std::sync::atomic::AtomicBool::new(false),
             clock: request::ClockWatch::default(),
             outage_logins: Default::default(),
+            clocks: deadline::ServerClocks::default(),
+            shedding: std::sync::atomic::AtomicBool::new(settings.shed_expired),
             pool,
             auth,
             cipher,
@@ -414,6 +441,18 @@ impl Callout {
     /// True while the callout subscription is in place (the copy is loaded).
     pub fn is_serving(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Skip what nats-server stopped waiting for, newest first when requests pile up (the
+    /// default); off: every request answered in arrival order, as before `--auth-timeout`
+    /// (benchmarks measure the difference on one replica).
+    pub fn set_shedding(&self, on: bool) {
+        self.shedding
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn shedding(&self) -> bool {
+        self.shedding.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The login caches (stats, run-time switches).
@@ -436,9 +475,16 @@ impl Callout {
     /// of the queue group), answers what was already delivered, and returns once every answer
     /// is sent. An error when the subscription ends without `shutdown`. Keeps the login copy
     /// current for as long as it serves.
+    ///
+    /// Answers go out over `repliers` in turn (the subscription's connection when there are
+    /// none, or shedding is off): nats-server checks every answer (opens it, verifies both
+    /// JWTs, registers the user) on the reading goroutine of the connection it came on, one
+    /// after the other, so one connection caps a storm at what one of its cores verifies, and
+    /// answers queue there until the clients' auth timeout has passed.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
+        repliers: Vec<Client>,
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         // The copy first: a replica answers nothing until it holds every login (it may have to
@@ -488,17 +534,67 @@ impl Callout {
             "auth callout listening"
         );
         let tracker = TaskTracker::new();
-        let serve = |msg: Message| {
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+        let mut backlog = backlog::Backlog::new(self.settings.auth_timeout);
+        // Where answers go out, each with how far behind nats-server is with it.
+        let outs: Vec<(Client, lag::Lag)> = if repliers.is_empty() {
+            vec![(client.clone(), lag::Lag::default())]
+        } else {
+            repliers
+                .iter()
+                .map(|c| (c.clone(), lag::Lag::default()))
+                .collect()
+        };
+        let measuring = shutdown.child_token();
+        for (c, l) in &outs {
+            tokio::spawn(l.clone().keep_measuring(c.clone(), measuring.clone()));
+        }
+        let next_out = std::sync::atomic::AtomicUsize::new(0);
+        let spawn = |q: backlog::Queued<Message>, permit: Option<OwnedSemaphorePermit>| {
             let this = self.clone();
-            let client = client.clone();
-            tracker.spawn(async move { this.handle(client, msg).await });
+            let (client, lag) = if self.shedding() {
+                outs[next_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % outs.len()]
+                    .clone()
+            } else {
+                (client.clone(), lag::Lag::default())
+            };
+            tracker.spawn(async move {
+                this.handle(client, &lag, q.item, q.received).await;
+                drop(permit);
+            });
+        };
+        // Starts the next request of the backlog, once a slot is free.
+        let dispatch = |backlog: &mut backlog::Backlog<Message>, permit: OwnedSemaphorePermit| {
+            let (next, dropped) = backlog.pop(Instant::now());
+            self.metrics.count_skipped("queued", dropped as u64);
+            if let Some(q) = next {
+                spawn(q, Some(permit));
+            }
+        };
+        // Shedding off: every request at once, in arrival order (the behaviour before).
+        let receive = |backlog: &mut backlog::Backlog<Message>, msg: Message| {
+            let received = Instant::now();
+            if self.shedding() {
+                backlog.push(msg, received);
+            } else {
+                spawn(
+                    backlog::Queued {
+                        item: msg,
+                        received,
+                    },
+                    None,
+                );
+            }
         };
         let ended = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break false,
+                permit = in_flight.clone().acquire_owned(), if !backlog.is_empty() => {
+                    dispatch(&mut backlog, permit.expect("the semaphore is never closed"));
+                }
                 msg = sub.next() => match msg {
-                    Some(msg) => serve(msg),
+                    Some(msg) => receive(&mut backlog, msg),
                     None => break true,
                 },
             }
@@ -510,15 +606,25 @@ impl Callout {
             if sub.drain().await.is_ok() {
                 let _ = client.flush().await;
                 while let Some(msg) = sub.next().await {
-                    serve(msg);
+                    receive(&mut backlog, msg);
                 }
             }
+        }
+        while !backlog.is_empty() {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            dispatch(&mut backlog, permit);
         }
         self.serving
             .store(false, std::sync::atomic::Ordering::SeqCst);
         tracker.close();
         tracker.wait().await;
+        measuring.cancel();
         let _ = client.flush().await;
+        for replier in &repliers {
+            let _ = replier.flush().await;
+        }
         listener.stop().await;
         if ended && !shutdown.is_cancelled() {
             return Err(RunError::SubscriptionEnded);
@@ -526,24 +632,50 @@ impl Callout {
         Ok(())
     }
 
-    async fn handle(&self, client: Client, msg: Message) {
-        let received = Instant::now();
+    async fn handle(&self, client: Client, lag: &lag::Lag, msg: Message, received: Instant) {
         let Some(reply) = msg.reply.clone() else {
             tracing::warn!("authorization request without a reply subject; ignored");
             return;
         };
-        if let Some(bytes) = self.answer(&msg, received).await {
+        if let Some((bytes, deadline)) = self.answer_by(&msg, received, lag).await {
             if let Err(e) = client.publish(reply, bytes.into()).await {
                 tracing::warn!(error = %e, "could not publish the authorization response; the server will time the client out");
+            }
+            if deadline.passed(Instant::now()) {
+                self.metrics.count_late_answer();
             }
         }
         self.metrics.observe_decision(received.elapsed());
     }
 
     /// Decodes, decides and builds the sealed response. `None` when the request cannot be
-    /// answered at all (it is not a verifiable request from a server).
+    /// answered at all (it is not a verifiable request from a server) or nats-server has
+    /// stopped waiting for it.
     pub async fn answer(&self, msg: &Message, received: Instant) -> Option<Vec<u8>> {
-        let now = jwt::now_unix();
+        self.answer_by(msg, received, &lag::Lag::default())
+            .await
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// As `answer`, with the moment the server stops waiting for the answer. `lag`: how long an
+    /// answer waits in nats-server before it is looked at (see [`lag`]).
+    async fn answer_by(
+        &self,
+        msg: &Message,
+        received: Instant,
+        lag: &lag::Lag,
+    ) -> Option<(Vec<u8>, deadline::Deadline)> {
+        let shed = self.shedding();
+        // Not opened yet: only the receive time tells (the request's own window is inside).
+        if shed
+            && deadline::Deadline::received(received, self.settings.auth_timeout)
+                .passed(Instant::now())
+        {
+            self.metrics.count_skipped("queued", 1);
+            return None;
+        }
+        let now_ms = deadline::now_unix_ms();
+        let now = now_ms.div_euclid(1000);
         let header = msg
             .headers
             .as_ref()
@@ -554,6 +686,7 @@ impl Callout {
             header.as_deref(),
             &self.auth.xkey,
             self.boxes.as_ref(),
+            &self.servers,
             &self.auth.account_public_key,
             now,
             self.settings.clock_skew,
@@ -571,11 +704,40 @@ impl Callout {
                 return None;
             }
         };
+        // When the server stops waiting: from our receive time and from the request's `iat`
+        // (which also sees the time the request spent before it reached us).
+        let window = req.window(self.settings.auth_timeout);
+        let at = Instant::now();
+        let mut deadline = deadline::Deadline::received(received, window);
+        if req.claims.iat > 0 {
+            let offset = self
+                .clocks
+                .observe(req.server_id(), req.claims.iat, now_ms, at);
+            deadline = deadline.with_iat(req.claims.iat, window, offset, at, now_ms);
+        }
+        // Also when nats-server would reach the answer only after it stopped waiting.
+        if shed && deadline.passed(at + lag.now(at)) {
+            self.metrics.count_skipped("verified", 1);
+            return None;
+        }
         // Anything that waits (a Postgres slot, a hashing slot) waits at most until the server
-        // gives up on us (its auth timeout from when it sent the request), minus a margin to
-        // send the reply. Measured from our receive time, so a skewed clock does not shrink it.
-        let deadline = received + req.budget();
-        let decision = self.decide(&req, now, deadline).await;
+        // gives up on us, minus a margin to send the reply.
+        let (waits, gives_up) = if shed {
+            (
+                deadline.for_waits(request::REPLY_MARGIN, at),
+                Some(deadline.gives_up),
+            )
+        } else {
+            (received + req.budget(), None)
+        };
+        let decision = self.decide(&req, now, waits, gives_up).await;
+        let decided = Instant::now();
+        if shed && deadline.passed(decided + lag.now(decided)) {
+            // Decided too late to be used (the wait for a hashing slot or Postgres ended with
+            // the server's patience, or the decision itself was cut short before minting).
+            self.metrics.count_skipped("decided", 1);
+            return None;
+        }
         let client = &req.claims.nats.client_info;
         let host = client.host.as_deref().unwrap_or("");
         let door =
@@ -617,14 +779,16 @@ impl Callout {
         if sealed.is_none() {
             tracing::error!("cannot seal the authorization response");
         }
-        sealed
+        sealed.map(|bytes| (bytes, deadline))
     }
 
+    /// `deadline` bounds every wait; past `gives_up` (when shedding) nothing is minted.
     async fn decide(
         &self,
         req: &VerifiedRequest,
         now: i64,
         deadline: Instant,
+        gives_up: Option<Instant>,
     ) -> Result<Grant, Deny> {
         let opts = &req.claims.nats.connect_opts;
         let token = opts
@@ -666,6 +830,14 @@ impl Callout {
             // brings the client back through the callout soon after.
             let cap = now.saturating_add(self.cache.settings().outage_ttl.as_secs().max(1) as i64);
             not_after = Some(not_after.map_or(cap, |t: i64| t.min(cap)));
+        }
+        if gives_up.is_some_and(|g| Instant::now() >= g) {
+            // The server stopped waiting while we looked the user up: mint nothing.
+            return Err(Deny::new(
+                DenyReason::Overloaded,
+                "nats-server stopped waiting before the JWT was minted",
+            )
+            .of(&login.username));
         }
         self.authorize(req, &login, now, not_after, from_copy)
             .map_err(|d| d.of(&login.username))

@@ -268,7 +268,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), CliError> 
             let cipher = common.cipher()?;
             let pool = db::connect(common.database_url()?, 2).await?;
             db::ensure_migrated(&pool).await?;
-            let report = init::init(&pool, &cipher, args.operator_name.as_deref()).await?;
+            let options = init::InitOptions {
+                xkey: args.xkey_choice(),
+            };
+            let report =
+                init::init_with(&pool, &cipher, args.operator_name.as_deref(), options).await?;
             init::write_fragment(
                 &report.identities,
                 &args.fragment.resolver_dir,

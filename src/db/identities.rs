@@ -87,3 +87,17 @@ pub async fn insert(conn: &mut PgConnection, row: &IdentityRow) -> Result<(), sq
     .await?;
     Ok(())
 }
+
+/// Replaces the JWT of an identity (`init` re-issuing AUTH's JWT).
+pub async fn set_jwt(
+    conn: &mut PgConnection,
+    kind: IdentityKind,
+    jwt: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE nats.service_identities SET jwt = $2 WHERE kind = $1")
+        .bind(kind.as_str())
+        .bind(jwt)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -37,6 +37,8 @@ mod security;
 mod sessions;
 mod shutdown;
 mod snapshot;
+mod storm;
 mod sync;
 mod sync_errors;
 mod tenancy;
+mod xkey;

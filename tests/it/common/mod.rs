@@ -237,6 +237,9 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         shutdown_timeout: Duration::from_secs(10),
         clock_skew: Duration::from_secs(5),
         replica_name: None,
+        auth_timeout: Duration::from_secs(2),
+        reply_connections: 4,
+        no_shedding: false,
     }
 }
 

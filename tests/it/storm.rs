@@ -1,0 +1,81 @@
+//! Reconnect storms: requests nats-server stopped waiting for get no work and no answer
+//! (issue 19).
+
+use std::time::Duration;
+
+use crate::common::{http_get, is_auth_refusal, wait_until, ServiceProcess, TestEnv};
+
+/// The value of one line of the service's `/metrics` (0 when absent).
+async fn metric(serve: &ServiceProcess, line: &str) -> u64 {
+    let (_, body) = http_get(serve.http, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_request_the_server_stopped_waiting_for_is_not_answered_and_a_fresh_one_is() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    // The replica as a process, so it can be frozen while a request waits for it.
+    env.stop_service().await;
+    let serve = ServiceProcess::for_env(&env, "stormy");
+    serve.wait_ready(Duration::from_secs(20)).await;
+    env.wait_login("alice", "s3cret", Duration::from_secs(10), "alice logs in")
+        .await;
+    let allowed = "nats_pg_auth_logins_allowed_total ";
+    let skipped = "nats_pg_auth_callout_skipped_total{stage=\"verified\"} ";
+    let handled = "nats_pg_auth_decision_seconds_count ";
+    let allowed_before = metric(&serve, allowed).await;
+    let handled_before = metric(&serve, handled).await;
+    assert!(allowed_before >= 1);
+
+    // Frozen: nats-server's request waits in the replica's socket, the client is refused after
+    // the 2 s auth timeout.
+    serve.signal(rustix::process::Signal::STOP);
+    let sent_ms = nats_pg_auth::callout::deadline::now_unix_ms();
+    let err = env
+        .connect_user("alice", "s3cret")
+        .await
+        .expect_err("nobody answers while the replica is frozen");
+    assert!(is_auth_refusal(&err), "{err}");
+    // The request is then at least 3.5 s old: past `iat + 1 s + auth timeout` by any rounding
+    // of `iat`, and still within --clock-skew (5 s) of its `exp`, which the replica tolerated
+    // before (it would have minted a JWT for it).
+    let aged_ms = (sent_ms.div_euclid(1000) + 5) * 1000 + 500;
+    wait_until(
+        Duration::from_secs(10),
+        "the request to age past the server's deadline",
+        || async move { nats_pg_auth::callout::deadline::now_unix_ms() >= aged_ms },
+    )
+    .await;
+    serve.signal(rustix::process::Signal::CONT);
+
+    let http = serve.http;
+    wait_until(
+        Duration::from_secs(10),
+        "the stale request to be handled",
+        || async move {
+            let (_, body) = http_get(http, "/metrics").await;
+            body.lines().any(|l| {
+                l.strip_prefix(handled)
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > handled_before)
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&serve, allowed).await,
+        allowed_before,
+        "no JWT minted for the stale request"
+    );
+    assert_eq!(metric(&serve, skipped).await, 1, "counted as skipped");
+
+    // A fresh request is answered.
+    env.connect_user("alice", "s3cret")
+        .await
+        .expect("a fresh login succeeds");
+    assert_eq!(metric(&serve, allowed).await, allowed_before + 1);
+    assert_eq!(metric(&serve, skipped).await, 1);
+}
