@@ -340,9 +340,9 @@ impl Callout {
                 reload_in_flight = true;
                 pending.clear();
                 let me = self.clone();
-                work = Some(Box::pin(
-                    async move { Outcome::Reload(me.load_all_and_log().await) },
-                ));
+                work = Some(Box::pin(async move {
+                    Outcome::Reload(me.load_all_and_log().await)
+                }));
             } else if !pending.is_empty() {
                 in_flight = std::mem::take(&mut pending);
                 let (me, scopes) = (self.clone(), in_flight.clone());

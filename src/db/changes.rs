@@ -69,8 +69,7 @@ pub async fn retained(conn: impl PgExecutor<'_>) -> Result<(Vec<String>, Snapsho
         "WITH s AS (SELECT pg_current_snapshot() AS now, {EPOCH} AS epoch)
          SELECT c.scope, s.now::text, s.epoch FROM s LEFT JOIN nats.changes c ON true"
     );
-    let rows: Vec<(Option<String>, String, String)> =
-        sqlx::query_as(&sql).fetch_all(conn).await?;
+    let rows: Vec<(Option<String>, String, String)> = sqlx::query_as(&sql).fetch_all(conn).await?;
     let none = Snapshot {
         xids: String::new(),
         epoch: Epoch(String::new()),
@@ -80,7 +79,10 @@ pub async fn retained(conn: impl PgExecutor<'_>) -> Result<(Vec<String>, Snapsho
 
 /// The scopes of `rows` and the snapshot they share (`fallback` when there are none, which
 /// one statement that always returns a row never gives).
-fn collect(rows: Vec<(Option<String>, String, String)>, fallback: &Snapshot) -> (Vec<String>, Snapshot) {
+fn collect(
+    rows: Vec<(Option<String>, String, String)>,
+    fallback: &Snapshot,
+) -> (Vec<String>, Snapshot) {
     let now = rows
         .first()
         .map(|r| Snapshot {

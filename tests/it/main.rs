@@ -10,6 +10,7 @@ mod cli_admin;
 mod common;
 mod compose;
 mod doors;
+mod failover;
 mod fences;
 mod import_natsconf;
 mod import_nsc;
