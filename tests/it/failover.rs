@@ -40,7 +40,7 @@ async fn sql(pool: &PgPool, sql: &str) {
 /// Primary with the schema, the service identities and acme's users; its standby streaming;
 /// nats-server; `replicas` service processes connected (as a login role of the service, not
 /// a superuser) through the proxy.
-async fn cluster(replicas: usize) -> Cluster {
+async fn cluster(replicas: usize, extra: &[&str]) -> Cluster {
     let primary = PgProcess::start().await;
     {
         let admin = PgPool::connect(&primary.url("postgres")).await.unwrap();
@@ -72,11 +72,13 @@ async fn cluster(replicas: usize) -> Cluster {
     let nats = NatsServer::start(dir.path(), &resolver, "").await;
     sql(
         &primary_db,
-        "INSERT INTO nats.accounts (name) VALUES ('acme');
+        "INSERT INTO nats.accounts (name) VALUES ('acme'), ('globex');
          INSERT INTO nats.users (account_id, username, password_hash)
            SELECT a.id, u, crypt('pw', gen_salt('bf', 4)) FROM nats.accounts a,
-                  unnest('{alice,bob,victim}'::text[]) u;
-         INSERT INTO nats.users (account_id, username) SELECT id, 'carol' FROM nats.accounts;
+                  unnest('{alice,bob}'::text[]) u WHERE a.name = 'acme';
+         INSERT INTO nats.users (account_id, username, password_hash)
+           SELECT id, 'victim', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'globex';
+         INSERT INTO nats.users (account_id, username) SELECT id, 'carol' FROM nats.accounts WHERE name = 'acme';
          INSERT INTO nats.user_tokens (user_id, token_sha256)
            SELECT id, digest('carol-token', 'sha256') FROM nats.users WHERE username = 'carol';",
     )
@@ -100,7 +102,11 @@ async fn cluster(replicas: usize) -> Cluster {
                 dir.path(),
                 &service_url,
                 &nats.url(),
-                &["--db-pool-size", "5", "--callout-concurrency", "3"],
+                &[
+                    &["--db-pool-size", "5", "--callout-concurrency", "3"],
+                    extra,
+                ]
+                .concat(),
             )
         })
         .collect();
@@ -188,12 +194,14 @@ impl Cluster {
     /// the new primary (as the superuser).
     async fn fail_over(&self) -> PgPool {
         self.primary.stop_immediately();
-        self.promote().await
+        let new_primary = self.promote().await;
+        self.proxy.switch(self.standby.port);
+        new_primary
     }
 
+    /// Promotes the standby (the proxy still points at the old primary).
     async fn promote(&self) -> PgPool {
         self.standby.promote();
-        self.proxy.switch(self.standby.port);
         PgPool::connect(&self.standby.url("fo")).await.unwrap()
     }
 
@@ -222,11 +230,18 @@ impl Cluster {
     async fn leaders(&self) -> usize {
         let mut n = 0;
         for r in &self.replicas {
-            let (_, body) = http_get(r.http, "/metrics").await;
-            n += usize::from(body.lines().any(|l| l == "nats_pg_auth_sync_leader 1"));
+            n += usize::from(metric(r, "nats_pg_auth_sync_leader").await == "1");
         }
         n
     }
+}
+
+/// The value of a gauge or counter on a replica's `/metrics` (empty when absent).
+async fn metric(r: &ServiceProcess, name: &str) -> String {
+    let (_, body) = http_get(r.http, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// The claims of a JWT (its middle part).
@@ -258,7 +273,7 @@ fn login_loop(c: &Arc<Cluster>, stop: CancellationToken) -> (Arc<AtomicU64>, Arc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_standby_behind_the_same_address_is_followed_without_a_restart() {
-    let c = Arc::new(cluster(2).await);
+    let c = Arc::new(cluster(2, &[]).await);
     let key: String =
         sqlx::query_scalar("SELECT public_key FROM nats.accounts WHERE name = 'acme'")
             .fetch_one(&c.primary_db)
@@ -348,7 +363,7 @@ async fn a_promoted_standby_behind_the_same_address_is_followed_without_a_restar
 /// of the old primary would take the new commit for one it has seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_reuses_a_lost_xid_after_a_promotion_still_reaches_the_copy() {
-    let c = Arc::new(cluster(1).await);
+    let c = Arc::new(cluster(1, &[]).await);
     c.wait_login("victim", Duration::from_secs(10), "victim")
         .await;
     c.standby_caught_up().await;
@@ -370,18 +385,22 @@ async fn a_commit_that_reuses_a_lost_xid_after_a_promotion_still_reaches_the_cop
     .await;
     standby.close().await;
 
-    // Lost with the old primary: 300 xids, then a user the copy reads from the log.
-    for _ in 0..300 {
-        sqlx::query("SELECT pg_current_xact_id()")
-            .execute(&c.primary_db)
-            .await
-            .unwrap();
-    }
+    // Lost with the old primary: 3000 xids, then a user the copy reads from the log.
+    sql(
+        &c.primary_db,
+        "DO $$ BEGIN FOR i IN 1..3000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+    )
+    .await;
     sql(
         &c.primary_db,
         "INSERT INTO nats.users (account_id, username, password_hash)
            SELECT id, 'ghost', crypt('pw', gen_salt('bf', 4)) FROM nats.accounts WHERE name = 'acme'",
     )
+    .await;
+    // Read into the copy (4 users before), not only committed.
+    wait_until(Duration::from_secs(10), "ghost in the copy", || async {
+        metric(&c.replicas[0], "nats_pg_auth_copy_users").await == "5"
+    })
     .await;
     let last_old: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
         .fetch_one(&c.primary_db)
@@ -404,6 +423,9 @@ async fn a_commit_that_reuses_a_lost_xid_after_a_promotion_still_reaches_the_cop
         reused < last_old,
         "the new primary reuses the lost xids ({reused} < {last_old})"
     );
+    // The replica reaches the new primary only now: its position in the log is a snapshot of
+    // the old primary, in which the revocation's xid looks committed and seen.
+    c.proxy.switch(c.standby.port);
     c.wait_login("alice", Duration::from_secs(30), "alice after the failover")
         .await;
     c.wait_refused(
