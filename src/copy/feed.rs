@@ -111,6 +111,7 @@ impl Callout {
     ///   scopes (its log row is written in the same transaction), provided the standby was
     ///   less than [`PRUNE_AFTER`] behind when it was promoted (the bound this relies on; a
     ///   standby minutes behind loses minutes of writes anyway).
+    ///
     /// Every other user is as the copy holds it: committed before the promotion point and
     /// replicated, so the same on the new primary. Until that re-read is stamped the copy does
     /// not answer live logins (they read Postgres).
