@@ -4,13 +4,14 @@
 # served between its promotion and the moment every replica is quiet again.
 #
 #   benches/failover.sh [BINARY]       # default target/debug/nats-pg-auth
-#   FAILOVER_USERS=100000 FAILOVER_REPLICAS=3 benches/failover.sh
+#   FAILOVER_USERS=100000 FAILOVER_REPLICAS=3 FAILOVER_AGE=330 benches/failover.sh
 #
 # It starts, under a fresh /tmp directory (removed at the end): a primary (scripts/pg.sh) with
 # FAILOVER_USERS users in 100 accounts (made long ago: the change log is emptied as the prune
 # would have), a streaming standby (pg_basebackup -R), a TCP proxy
 # (python3) the replicas connect through, nats-server (NATS_SERVER_BIN) and FAILOVER_REPLICAS
-# `serve` processes. When every replica holds the whole copy, the primary is stopped
+# `serve` processes. When every replica holds the whole copy, and FAILOVER_AGE seconds later
+# (default 330: the setup is then older than what a replica re-reads), the primary is stopped
 # (immediate), the standby promoted, its pg_stat_database counters read, and the proxy pointed
 # at it (every connection through it is closed, as a Kubernetes Service or HAProxy does for a
 # dead backend). It then waits until every replica is ready and the counters stop moving for
@@ -103,9 +104,14 @@ all_loaded() {
   done
 }
 wait_for 300 "every replica to load $USERS users" all_loaded
+# Steady state: the setup (every user inserted, every account pushed) is older than the 5
+# minutes a replica remembers the scopes it read, and the log holds none of it (as the prune
+# leaves it). FAILOVER_AGE=0 measures a failover right after a change of every account.
+sleep "${FAILOVER_AGE:-330}"
+[ "${FAILOVER_AGE:-330}" = 0 ] || psql_on "$P1" -c "DELETE FROM nats.changes" >/dev/null
 reloads() { local n=0; for h in "${http[@]}"; do n=$((n + $(metric "$h" nats_pg_auth_copy_reloads_total))); done; echo "$n"; }
 # The standby has everything; then the failover.
-lsn=$(psql_on "$P1" -c "SELECT pg_current_wal_lsn()")
+lsn=$(psql_on "$P1" -c "SELECT pg_current_wal_insert_lsn()")
 wait_for 30 "the standby to replay" test "$(psql_on "$P2" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t
 r0=$(reloads)
 runuser -u postgres -- "$PGBIN/pg_ctl" -m immediate -w -D "$work/primary/data" stop >/dev/null
