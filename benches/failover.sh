@@ -111,7 +111,8 @@ sleep "${FAILOVER_AGE:-330}"
 [ "${FAILOVER_AGE:-330}" = 0 ] || psql_on "$P1" -c "DELETE FROM nats.changes" >/dev/null
 reloads() { local n=0; for h in "${http[@]}"; do n=$((n + $(metric "$h" nats_pg_auth_copy_reloads_total))); done; echo "$n"; }
 # The standby has everything; then the failover.
-lsn=$(psql_on "$P1" -c "SELECT pg_current_wal_insert_lsn()")
+# (a synchronous commit flushes the WAL before it: scripts/pg.sh turns synchronous_commit off)
+lsn=$(psql_on "$P1" -c "SET synchronous_commit = on" -c "SELECT pg_current_xact_id()" -c "SELECT pg_current_wal_flush_lsn()" | tail -n 1)
 wait_for 30 "the standby to replay" test "$(psql_on "$P2" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t
 r0=$(reloads)
 runuser -u postgres -- "$PGBIN/pg_ctl" -m immediate -w -D "$work/primary/data" stop >/dev/null
