@@ -2,9 +2,19 @@
 //! Postgres cannot be asked.
 //!
 //! One task per replica (`keep_copy`) owns the change listener ([`crate::db::notify`]):
-//! - on every (re)connect it loads the whole copy in one snapshot and installs it; only then
+//! - on its first connect it loads the whole copy in one snapshot and installs it; only then
 //!   (and after one read of the change log from that snapshot) does the copy answer live
-//!   logins again (changes made while disconnected were not followed);
+//!   logins;
+//! - on a reconnect it resumes reading the log where it stopped, when it read it less than
+//!   [`LOG_GAP_RELOAD`] ago on the same server history ([`changes::Epoch`]): the log holds
+//!   every change committed meanwhile, so re-reading those scopes is a complete catch-up and
+//!   the copy answers live logins again after that read. Otherwise it reloads in full;
+//! - when a read finds the server on another history (a standby promoted behind the same
+//!   address, a restore, a restart), it never compares its old snapshot there (the new primary
+//!   reuses the xids of the transactions it never received): it re-reads every scope the new
+//!   primary's log holds and every scope it read itself in the last [`PRUNE_AFTER`], and
+//!   continues from a snapshot of the new history (see [`Callout::keep_copy`] for why that is
+//!   complete);
 //! - on every wake-up (any notification on its channels, whoever sent it) and every second it
 //!   reads the change log ([`crate::db::changes`]) from where its previous read ended, stamps
 //!   the scopes found at once (those logins read Postgres meanwhile) and re-reads the users of
@@ -14,7 +24,7 @@
 //!   push is recorded without a notification);
 //! - on disconnect the copy stays as it was and the outage grace starts counting.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,9 +59,12 @@ pub(crate) enum Read<R, T> {
 
 /// What the maintainer's read in flight ended with.
 enum Outcome {
-    Reload(Result<((usize, usize, Duration), Snapshot), sqlx::Error>),
+    Reload(Result<Loaded, sqlx::Error>),
     Refresh(Result<(), sqlx::Error>),
 }
+
+/// A full load: (users, tokens, time taken), the snapshot it saw, the scopes the log held.
+type Loaded = ((usize, usize, Duration), Snapshot, Vec<String>);
 
 /// The maintainer's reload or re-read in flight: polled in the same `select!` as the listener
 /// and the log read, so a change is read and stamped whatever that read is waiting for.
@@ -83,6 +96,25 @@ impl Callout {
     /// log itself cannot be locked by tenants. Scopes found meanwhile accumulate and are
     /// re-read together when the read in flight is done; a failed read puts its scopes back
     /// and is retried every second.
+    ///
+    /// After a failover (the log read finds another [`changes::Epoch`]) the copy is brought to
+    /// the new primary's state by re-reading two sets of scopes, not every user:
+    /// - every scope the new primary's log holds. A change committed on the new history before
+    ///   the snapshot this re-read takes is in it: its row is there (rows younger than
+    ///   [`PRUNE_AFTER`] are never pruned, and prune marks of the old history are dropped and
+    ///   refused by the server) and this replica read the old history less than
+    ///   [`LOG_GAP_RELOAD`] ago (it reloads in full otherwise). These are the commits whose
+    ///   reused xids the old snapshot would have called seen;
+    /// - every scope this replica read from the log, or found in it at its last full load, in
+    ///   the last [`PRUNE_AFTER`]. A transaction the old primary committed but never replicated
+    ///   is undone by the promotion; if the copy applied it, it did so through one of these
+    ///   scopes (its log row is written in the same transaction), provided the standby was
+    ///   less than [`PRUNE_AFTER`] behind when it was promoted (the bound this relies on; a
+    ///   standby minutes behind loses minutes of writes anyway).
+    ///
+    /// Every other user is as the copy holds it: committed before the promotion point and
+    /// replicated, so the same on the new primary. Until that re-read is stamped the copy does
+    /// not answer live logins (they read Postgres).
     pub async fn keep_copy(self: Arc<Self>, stop: CancellationToken) {
         let settings = ListenSettings {
             name: LISTENER_APPLICATION_NAME,
@@ -92,6 +124,8 @@ impl Callout {
         let mut events = notify::spawn(&self.pool, settings, stop.clone());
         let mut connected = false;
         let mut need_reload = false;
+        // The work in flight is a full load (dropping it owes one).
+        let mut reload_in_flight = false;
         let mut reload_failures = 0u32;
         // Stamped, not re-read yet, not in flight.
         let mut pending: HashSet<Scope> = HashSet::new();
@@ -108,6 +142,13 @@ impl Callout {
         let mut live_after_log = false;
         // A snapshot taken at least PRUNE_AFTER before the next prune (see `PRUNE_AFTER`).
         let mut prune_mark: Option<(Instant, Snapshot)> = None;
+        // The server's history changed: the next log read is of the whole retained log.
+        let mut rebase = false;
+        // The log read in flight is that read.
+        let mut reading_retained = false;
+        // Scopes read from the log (or found in it at the last full load), kept PRUNE_AFTER:
+        // what a failover may have to undo (see above).
+        let mut history: VecDeque<(Instant, String)> = VecDeque::new();
         // The last read failed: the next one starts on the retry tick.
         let mut backing_off = false;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -121,15 +162,26 @@ impl Callout {
                     None => break,
                     Some(Event::Connected) => {
                         connected = true;
-                        need_reload = true;
                         backing_off = false;
-                        // Whatever was in flight may have missed notifications: a reload
-                        // covers it all.
+                        if std::mem::take(&mut reload_in_flight) {
+                            need_reload = true;
+                        }
                         work = None;
-                        in_flight.clear();
-                        pending.clear();
-                        log_from = None;
+                        pending.extend(in_flight.drain());
                         log_read = None;
+                        reading_retained = false;
+                        if log_from.is_some() && !need_reload && last_log_ok.elapsed() <= LOG_GAP_RELOAD {
+                            // Notifications missed while disconnected are rows of the log
+                            // after `log_from`: reading it catches up; the copy is live again
+                            // after that read.
+                            tracing::info!("listener reconnected; resuming the change log where it stopped");
+                            log_due = true;
+                            live_after_log = true;
+                        } else {
+                            need_reload = true;
+                            pending.clear();
+                            log_from = None;
+                        }
                     }
                     Some(Event::Notes(notes)) => {
                         // Wake-ups only: what changed is read from the log.
@@ -141,20 +193,27 @@ impl Callout {
                     Some(Event::Disconnected(_)) => {
                         connected = false;
                         self.cache.set_disconnected();
-                        // The reload on reconnect covers what was in flight.
+                        // Redone on reconnect (the log position `log_from` stays).
+                        if std::mem::take(&mut reload_in_flight) {
+                            need_reload = true;
+                        }
                         work = None;
                         pending.extend(in_flight.drain());
-                        log_from = None;
                         log_read = None;
+                        reading_retained = false;
                     }
                 },
                 done = async { work.as_mut().expect("polled only when set").await }, if work.is_some() => {
                     work = None;
+                    reload_in_flight = false;
                     match done {
-                        Outcome::Reload(Ok(((users, tokens, took), snapshot))) => {
+                        Outcome::Reload(Ok(((users, tokens, took), snapshot, recent))) => {
                             reload_failures = 0;
                             // Unlocks logged while the log was not followed (`user unlock`).
                             self.replay_unlocks();
+                            let now = Instant::now();
+                            history.clear();
+                            history.extend(recent.into_iter().map(|s| (now, s)));
                             tracing::info!(
                                 users,
                                 tokens,
@@ -169,6 +228,8 @@ impl Callout {
                                 log_due = true;
                                 last_log_ok = Instant::now();
                                 live_after_log = true;
+                                rebase = false;
+                                prune_mark = None;
                             }
                         }
                         Outcome::Reload(Err(e)) => {
@@ -189,16 +250,45 @@ impl Callout {
                 }
                 read = async { log_read.as_mut().expect("polled only when set").await }, if log_read.is_some() => {
                     log_read = None;
+                    let retained = std::mem::take(&mut reading_retained);
                     match read {
+                        Ok((_, next)) if !retained && log_from.as_ref().is_some_and(|f| f.epoch != next.epoch) => {
+                            // Another history: the scopes of that read mean nothing (see
+                            // above). Logins read Postgres until the re-read is stamped.
+                            tracing::warn!(
+                                was = %log_from.as_ref().map(|f| f.epoch.0.as_str()).unwrap_or(""),
+                                now = %next.epoch.0,
+                                "Postgres is on another history (failover, restore or restart); re-reading the users changed in the last minutes instead of trusting the change log position"
+                            );
+                            self.cache.set_disconnected();
+                            live_after_log = true;
+                            rebase = true;
+                            log_due = true;
+                            prune_mark = None;
+                        }
                         Ok((scopes, next)) => {
-                            for scope in &scopes {
-                                // `unlock:` lifts a lockout (`user unlock`); it names no copied row.
-                                if !self.lift_lockout(scope) {
+                            let now = Instant::now();
+                            if retained {
+                                rebase = false;
+                                tracing::info!(
+                                    from_new_log = scopes.len(),
+                                    read_before = history.len(),
+                                    "re-reading what the change logs of both histories name"
+                                );
+                                for (_, scope) in &history {
                                     pending.extend(self.cache.on_change(scope));
                                 }
                             }
+                            for scope in scopes {
+                                // `unlock:` lifts a lockout (`user unlock`); it names no copied
+                                // row, and is not replayed on another history.
+                                if !self.lift_lockout(&scope) {
+                                    pending.extend(self.cache.on_change(&scope));
+                                    history.push_back((now, scope));
+                                }
+                            }
                             log_from = Some(next);
-                            last_log_ok = Instant::now();
+                            last_log_ok = now;
                             if std::mem::take(&mut live_after_log) && connected && !need_reload {
                                 self.cache.set_live();
                             }
@@ -210,6 +300,9 @@ impl Callout {
                 }
                 _ = retry.tick() => {
                     backing_off = false;
+                    while history.front().is_some_and(|(at, _)| at.elapsed() > PRUNE_AFTER) {
+                        history.pop_front();
+                    }
                     // The safety net for a lost wake-up, and the retry of a failed log read.
                     log_due = true;
                     if let Some(from) = log_from.as_ref() {
@@ -234,6 +327,10 @@ impl Callout {
                         need_reload = true;
                         work = None;
                         pending.extend(in_flight.drain());
+                    } else if rebase {
+                        let pool = self.pool.clone();
+                        reading_retained = true;
+                        log_read = Some(Box::pin(async move { changes::retained(&pool).await }));
                     } else {
                         let pool = self.pool.clone();
                         log_read =
@@ -247,11 +344,12 @@ impl Callout {
             if need_reload {
                 // The reload's ticket is newer than every stamp so far: it covers them.
                 need_reload = false;
+                reload_in_flight = true;
                 pending.clear();
                 let me = self.clone();
-                work = Some(Box::pin(
-                    async move { Outcome::Reload(me.load_all().await) },
-                ));
+                work = Some(Box::pin(async move {
+                    Outcome::Reload(me.load_all_and_log().await)
+                }));
             } else if !pending.is_empty() {
                 in_flight = std::mem::take(&mut pending);
                 let (me, scopes) = (self.clone(), in_flight.clone());
@@ -268,10 +366,27 @@ impl Callout {
         Ok(self.load_all().await?.0)
     }
 
+    /// [`Self::load_all`], and the scopes the log holds after it: what the load may have read
+    /// of transactions a failover could undo (see [`Self::keep_copy`]).
+    async fn load_all_and_log(&self) -> Result<Loaded, sqlx::Error> {
+        let (counts, snapshot) = self.load_all().await?;
+        let (recent, now) = changes::retained(&self.pool).await?;
+        if now.epoch != snapshot.epoch {
+            return Err(sqlx::Error::Protocol(
+                "Postgres changed history during the load of the login copy".into(),
+            ));
+        }
+        Ok((counts, snapshot, recent))
+    }
+
     /// Deletes the log rows a snapshot at least [`PRUNE_AFTER`] old saw (in the background; a
-    /// failure is retried at the next mark), and marks `now` for the next prune.
+    /// failure is retried at the next mark), and marks `now` for the next prune. A mark of
+    /// another history than `now`'s is dropped unused ([`changes::prune`] refuses it too).
     fn prune_log(&self, mark: &mut Option<(Instant, Snapshot)>, now: &Snapshot) {
         match mark {
+            Some((_, old)) if old.epoch != now.epoch => {
+                *mark = Some((Instant::now(), now.clone()));
+            }
             Some((at, _)) if at.elapsed() < PRUNE_AFTER => {}
             _ => {
                 if let Some((_, old)) = mark.replace((Instant::now(), now.clone())) {

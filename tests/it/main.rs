@@ -14,6 +14,7 @@ mod compose;
 mod dev_sh;
 mod doors;
 mod explain_checks;
+mod failover;
 mod fences;
 mod health;
 mod import_natsconf;

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod failover;
 pub mod imports;
 
 use std::future::Future;
