@@ -851,9 +851,11 @@ pub struct ServeArgs {
 
     /// NATS connections the answers go out on, in turn (besides the one requests come in on).
     /// nats-server checks the answers of one connection one after the other on one core: in a
-    /// reconnect storm one connection caps logins at what that core verifies. 0: answers on the
-    /// requests' connection.
-    #[arg(long, env = "NATS_PG_AUTH_REPLY_CONNECTIONS", default_value_t = 4)]
+    /// reconnect storm one connection caps logins at what that core verifies. 0 (default):
+    /// answers on the requests' connection — an answer on another connection can go through
+    /// another server, and is lost when that one goes away; the gain in storms is not proven
+    /// yet (BENCHMARKS.md).
+    #[arg(long, env = "NATS_PG_AUTH_REPLY_CONNECTIONS", default_value_t = 0)]
     pub reply_connections: usize,
 
     /// Answer every request in arrival order on the requests' connection, also those
@@ -861,6 +863,12 @@ pub struct ServeArgs {
     /// `--reply-connections`; only to measure the difference).
     #[arg(long, env = "NATS_PG_AUTH_NO_SHEDDING", hide = true)]
     pub no_shedding: bool,
+
+    /// How long after its last read of the change log a replica whose listener reconnects
+    /// resumes the log instead of reloading the whole copy (see `copy::feed`). Only tests
+    /// change it (0: every reconnect reloads in full).
+    #[arg(long, env = "NATS_PG_AUTH_COPY_RESUME_WINDOW", default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub copy_resume_window: Duration,
 }
 
 impl ServeArgs {
@@ -883,6 +891,7 @@ impl ServeArgs {
             credentials: self.credential_cache,
             credential_ttl: self.credential_cache_ttl,
             unknown_reads_per_second: self.unknown_reads_per_second,
+            resume_window: self.copy_resume_window,
             ..Default::default()
         }
     }

@@ -77,7 +77,7 @@ type LogRead = Pin<Box<dyn Future<Output = Result<(Vec<String>, Snapshot), sqlx:
 
 /// A replica that could not read the log for this long reloads in full instead: the rows it
 /// missed may have been pruned by then (see [`PRUNE_AFTER`]).
-const LOG_GAP_RELOAD: Duration = Duration::from_secs(60);
+pub(crate) const LOG_GAP_RELOAD: Duration = Duration::from_secs(60);
 
 /// Rows of the change log that a snapshot at least this old saw are deleted (by every replica,
 /// in turn; a delete is idempotent). Every replica following the log read them long before: it
@@ -170,7 +170,7 @@ impl Callout {
                         pending.extend(in_flight.drain());
                         log_read = None;
                         reading_retained = false;
-                        if log_from.is_some() && !need_reload && last_log_ok.elapsed() <= LOG_GAP_RELOAD {
+                        if log_from.is_some() && !need_reload && last_log_ok.elapsed() <= self.cache.settings().resume_window {
                             // Notifications missed while disconnected are rows of the log
                             // after `log_from`: reading it catches up; the copy is live again
                             // after that read.

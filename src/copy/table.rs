@@ -99,6 +99,9 @@ pub struct CacheSettings {
     /// Postgres reads per second for usernames and tokens the live copy does not hold (see
     /// [`ReadBudget`]).
     pub unknown_reads_per_second: u32,
+    /// A listener reconnecting within this long of the last good read of the change log
+    /// resumes it instead of reloading (`copy::feed`'s `LOG_GAP_RELOAD` by default).
+    pub resume_window: Duration,
 }
 
 impl Default for CacheSettings {
@@ -110,6 +113,7 @@ impl Default for CacheSettings {
             max_credentials: 250_000,
             max_signers: 100_000,
             health_check_interval: Duration::from_secs(5),
+            resume_window: crate::copy::feed::LOG_GAP_RELOAD,
             outage_grace: Duration::from_secs(3600),
             outage_ttl: Duration::from_secs(300),
             unknown_reads_per_second: 50,

@@ -239,7 +239,18 @@ async fn tenants_see_and_lift_only_their_own_users_lockouts() {
 /// down) lifts the lockout after its next full load: it replays recent unlock requests.
 #[tokio::test]
 async fn an_unlock_missed_in_the_change_log_is_replayed_after_a_reload() {
-    let env = TestEnv::start_with(locking()).await;
+    // Every listener reconnect reloads in full (as after a gap past the resume window or on
+    // another server history); a reconnect within the window resumes the log instead.
+    let env = TestEnv::start_with(EnvOptions {
+        tweak: |a| {
+            a.replica_name = Some("replica-a".into());
+            a.lockout_failures = 3;
+            a.lockout_duration = Duration::from_secs(3600);
+            a.copy_resume_window = Duration::ZERO;
+        },
+        ..Default::default()
+    })
+    .await;
     env.acme().await;
     lock_out_alice(&env, 1).await;
     // The request without its change-log row: what a replica with its listener down misses.

@@ -239,8 +239,9 @@ pub fn serve_args(nats_url: String) -> ServeArgs {
         clock_skew: Duration::from_secs(5),
         replica_name: None,
         auth_timeout: Duration::from_secs(2),
-        reply_connections: 4,
+        reply_connections: 0,
         no_shedding: false,
+        copy_resume_window: Duration::from_secs(60),
     }
 }
 
