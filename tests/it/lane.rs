@@ -206,8 +206,11 @@ async fn a_tenant_flooding_wrong_passwords_does_not_starve_another_tenants_cold_
         attempts.load(Ordering::Relaxed),
         hashed_during,
     );
+    // The flood competed for the lane: some of its checks were hashed (and refused). Under a
+    // loaded machine most of them expire in the queue and are dropped unhashed (a check whose
+    // request nats-server stopped waiting for is not hashed), so only a few may be.
     assert!(
-        env.metrics.denied("bad_password") >= 4,
+        env.metrics.denied("bad_password") >= 1,
         "the flood was hashed (and refused) meanwhile"
     );
 }
