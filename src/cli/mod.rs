@@ -59,7 +59,7 @@ pub enum CliError {
     #[error("{0}")]
     PublishRefused(String),
     /// Postgres unreachable, with what that means for logins.
-    #[error("{0} Meanwhile every `serve` replica answers known users from its in-memory copy for --db-outage-grace (default 1h) after Postgres went away (see each replica's /readyz). Bring Postgres back before then, and do not restart replicas meanwhile: a restarted replica has no copy.")]
+    #[error("{0} Meanwhile every `serve` replica answers known users from its in-memory copy for --db-outage-grace (default 1h) after Postgres went away (see each replica's /readyz). Bring Postgres back before then; a replica restarted meanwhile answers only from a snapshot of its copy (--snapshot-dir or JetStream, with an encryption key; its /readyz says `from snapshot`).")]
     PostgresDown(DbError),
 }
 
