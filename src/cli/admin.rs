@@ -9,26 +9,17 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{out, CliError};
+use super::{admin_pool as pool, out, usage, CliError};
 use crate::callout::login::{Login, Signing};
 use crate::callout::permissions;
 use crate::callout::DenyReason;
 use crate::config::{
-    AccountCommand, CommonArgs, ConfigError, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
+    AccountCommand, CommonArgs, ExplainArgs, RoleCommand, TokenCommand, UserCommand,
 };
 use crate::db::{self, admin};
 
-/// A wrong name or value: one line, exit 64.
-fn usage(msg: String) -> CliError {
-    CliError::Config(ConfigError::Invalid(msg))
-}
-
 fn q(e: sqlx::Error) -> CliError {
     super::sql_error(e)
-}
-
-async fn pool(common: &CommonArgs) -> Result<sqlx::PgPool, CliError> {
-    Ok(db::connect(common.database_url()?, 2).await?)
 }
 
 /// Columns padded to their widest cell, two spaces apart.

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::{out, system, CliError};
 use crate::callout::{outage_logins, permissions};
-use crate::config::{parse_duration, CommonArgs, ConfigError, NatsTlsArgs};
+use crate::config::{parse_duration, CommonArgs, NatsTlsArgs};
 
 /// CONNZ's page size (nats-server's default limit).
 const PAGE: u64 = 1024;
@@ -73,9 +73,7 @@ pub async fn run(common: &CommonArgs, args: ConnectionsArgs) -> Result<(), CliEr
                 .iter()
                 .find(|(_, n)| *n == name)
                 .map(|(k, _)| k.clone())
-                .ok_or_else(|| {
-                    CliError::Config(ConfigError::Invalid(format!("no account {name:?}")))
-                })?,
+                .ok_or_else(|| super::usage(format!("no account {name:?}")))?,
         ),
     };
     let client = system::connect(common, &ids, &args.nats_url, &args.tls).await?;

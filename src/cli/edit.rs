@@ -3,23 +3,9 @@
 //! as the older `add-*` verbs.) A wrong name is one line and exit 64; a row the database
 //! refuses (a name taken, a value a constraint forbids), exit 65.
 
-use super::{bcrypt_hash, password, sql_error, CliError};
-use crate::config::{
-    CommonArgs, ConfigError, NameOnly, RoleCreateArgs, SetPasswordArgs, SetRoleArgs,
-};
-use crate::db::{self, admin};
-
-macro_rules! say {
-    ($($t:tt)*) => { crate::telemetry::say(format_args!($($t)*)) };
-}
-
-fn usage(msg: String) -> CliError {
-    CliError::Config(ConfigError::Invalid(msg))
-}
-
-async fn pool(common: &CommonArgs) -> Result<sqlx::PgPool, CliError> {
-    Ok(db::connect(common.database_url()?, 2).await?)
-}
+use super::{admin_pool as pool, bcrypt_hash, password, sql_error, usage, CliError};
+use crate::config::{CommonArgs, NameOnly, RoleCreateArgs, SetPasswordArgs, SetRoleArgs};
+use crate::db::admin;
 
 pub async fn delete_account(common: &CommonArgs, a: NameOnly) -> Result<(), CliError> {
     let pool = pool(common).await?;

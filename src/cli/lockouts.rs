@@ -65,9 +65,7 @@ pub async fn unlock(pool: &sqlx::PgPool, username: &str) -> Result<(), CliError>
         .await
         .map_err(super::sql_error)?
     {
-        None => Err(CliError::Config(crate::config::ConfigError::Invalid(
-            format!("no user {username:?}"),
-        ))),
+        None => Err(super::usage(format!("no user {username:?}"))),
         Some(recorded) => {
             crate::telemetry::say(format_args!(
                 "user {username:?} unlocked: every replica forgets its wrong passwords within a second ({recorded} recorded lockouts lifted)"

@@ -6,6 +6,11 @@
 //! `connections` and `context` the NATS-side views (CONNZ, a `nats` CLI context) through the
 //! system user; `import` (src/import) the adoption of existing deployments.
 
+/// A line on stderr that never panics (a closed stderr must not turn a done job into a crash).
+macro_rules! say {
+    ($($t:tt)*) => { crate::telemetry::say(format_args!($($t)*)) };
+}
+
 mod admin;
 pub mod connections;
 pub mod context;
@@ -15,9 +20,14 @@ mod password;
 mod status;
 mod system;
 
-/// A line on stderr that never panics (a closed stderr must not turn a done job into a crash).
-macro_rules! say {
-    ($($t:tt)*) => { crate::telemetry::say(format_args!($($t)*)) };
+/// A wrong name or value: one line, exit 64.
+fn usage(msg: String) -> CliError {
+    CliError::Config(ConfigError::Invalid(msg))
+}
+
+/// The small pool an admin verb needs (one statement at a time).
+async fn admin_pool(common: &crate::config::CommonArgs) -> Result<sqlx::PgPool, CliError> {
+    Ok(db::connect(common.database_url()?, 2).await?)
 }
 
 use tokio_util::sync::CancellationToken;
