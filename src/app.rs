@@ -107,6 +107,16 @@ fn nats_addrs(url: &str) -> Result<Vec<ServerAddr>, AppError> {
         })
 }
 
+/// Options that log in as the user of `jwt`, signing the server's nonce with its nkey (every
+/// connection the service or the CLI makes as one of its own users).
+pub(crate) fn jwt_login(jwt: String, key: KeyPair) -> ConnectOptions {
+    let key = Arc::new(key);
+    ConnectOptions::with_jwt(jwt, move |nonce| {
+        let key = key.clone();
+        async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+    })
+}
+
 /// Connection options for a user identified by a JWT and its nkey. The client keeps
 /// reconnecting forever: the service must outlive any nats-server restart.
 fn connect_options(
@@ -117,44 +127,40 @@ fn connect_options(
     events: Option<watch::Sender<u64>>,
     closing: CancellationToken,
 ) -> ConnectOptions {
-    let key = Arc::new(key);
     let label = name.to_owned();
-    tls.apply(ConnectOptions::with_jwt(jwt, move |nonce| {
-        let key = key.clone();
-        async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-    }))
-    .name(name)
-    .retry_on_initial_connect()
-    .max_reconnects(None)
-    .connection_timeout(Duration::from_secs(3))
-    .request_timeout(Some(Duration::from_secs(5)))
-    .event_callback(move |event| {
-        let events = events.clone();
-        let label = label.clone();
-        let closing = closing.clone();
-        async move {
-            match &event {
-                Event::Connected => {
-                    tracing::info!(connection = %label, "connected to NATS");
-                    if let Some(tx) = events {
-                        tx.send_modify(|n| *n += 1);
+    tls.apply(jwt_login(jwt, key))
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback(move |event| {
+            let events = events.clone();
+            let label = label.clone();
+            let closing = closing.clone();
+            async move {
+                match &event {
+                    Event::Connected => {
+                        tracing::info!(connection = %label, "connected to NATS");
+                        if let Some(tx) = events {
+                            tx.send_modify(|n| *n += 1);
+                        }
                     }
+                    Event::Disconnected if closing.is_cancelled() => {
+                        tracing::debug!(connection = %label, "closed the NATS connection")
+                    }
+                    Event::Disconnected => {
+                        tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
+                    }
+                    // Each failed (re)connect attempt: the callout says once, at WARN, that NATS
+                    // is unreachable; repeating it every attempt would flood the log.
+                    Event::ClientError(_) => {
+                        tracing::debug!(connection = %label, event = %event, "NATS event")
+                    }
+                    other => tracing::info!(connection = %label, event = %other, "NATS event"),
                 }
-                Event::Disconnected if closing.is_cancelled() => {
-                    tracing::debug!(connection = %label, "closed the NATS connection")
-                }
-                Event::Disconnected => {
-                    tracing::warn!(connection = %label, "disconnected from NATS; reconnecting")
-                }
-                // Each failed (re)connect attempt: the callout says once, at WARN, that NATS
-                // is unreachable; repeating it every attempt would flood the log.
-                Event::ClientError(_) => {
-                    tracing::debug!(connection = %label, event = %event, "NATS event")
-                }
-                other => tracing::info!(connection = %label, event = %other, "NATS event"),
             }
-        }
-    })
+        })
 }
 
 /// The JetStream snapshot's account, when `--snapshot-jetstream` is on and there is an

@@ -8,14 +8,14 @@ use nkeys::KeyPair;
 
 use super::CliError;
 use crate::config::{CommonArgs, NatsTlsArgs};
-use crate::db::{self, identities::IdentityKind};
+use crate::db::identities::IdentityKind;
 use crate::init::ServiceIdentities;
 
 /// The pool and the service identities of an initialised database.
 pub async fn identities(
     common: &CommonArgs,
 ) -> Result<(sqlx::PgPool, ServiceIdentities), CliError> {
-    let pool = db::connect(common.database_url()?, 2).await?;
+    let pool = super::admin_pool(common).await?;
     let ids = ServiceIdentities::load(&pool).await?;
     Ok((pool, ids))
 }
@@ -28,21 +28,14 @@ pub async fn connect(
     tls: &NatsTlsArgs,
 ) -> Result<async_nats::Client, CliError> {
     tls.validate()?;
-    let key = std::sync::Arc::new(
-        ids.keypair(&common.cipher()?, IdentityKind::SysUser)
-            .map_err(|e| {
-                CliError::Config(crate::config::ConfigError::Invalid(format!(
+    let key = ids
+        .keypair(&common.cipher()?, IdentityKind::SysUser)
+        .map_err(|e| {
+            super::usage(format!(
                 "cannot open the system user's seed: {e} (give the --encryption-key `serve` uses)"
-            )))
-            })?,
-    );
-    let opts = async_nats::ConnectOptions::with_jwt(
-        ids.jwt(IdentityKind::SysUser).to_owned(),
-        move |nonce| {
-            let key = key.clone();
-            async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-        },
-    );
+            ))
+        })?;
+    let opts = crate::app::jwt_login(ids.jwt(IdentityKind::SysUser).to_owned(), key);
     tls.apply(opts)
         .name("nats-pg-auth")
         .connection_timeout(Duration::from_secs(5))
@@ -68,9 +61,9 @@ pub fn mint_user(
     let sys = ids
         .keypair(&common.cipher()?, IdentityKind::SysAccount)
         .map_err(|e| {
-            CliError::Config(crate::config::ConfigError::Invalid(format!(
-            "cannot open the system account's seed: {e} (give the --encryption-key `serve` uses)"
-        )))
+            super::usage(format!(
+                "cannot open the system account's seed: {e} (give the --encryption-key `serve` uses)"
+            ))
         })?;
     let user = KeyPair::new_user();
     let now = jwt::now_unix();

@@ -38,7 +38,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
-use async_nats::{Client, ConnectOptions, ServerAddr};
+use async_nats::{Client, ServerAddr};
 use nkeys::{KeyPair, KeyPairType};
 use tokio::io::AsyncReadExt as _;
 
@@ -192,14 +192,9 @@ impl SnapshotAccount {
             .user
             .seed()
             .map_err(|e| StoreError::Jwt(e.to_string()))?;
-        let key = std::sync::Arc::new(
-            KeyPair::from_seed(&seed).map_err(|e| StoreError::Jwt(e.to_string()))?,
-        );
+        let key = KeyPair::from_seed(&seed).map_err(|e| StoreError::Jwt(e.to_string()))?;
         let mut opts = tls
-            .apply(ConnectOptions::with_jwt(jwt, move |nonce| {
-                let key = key.clone();
-                async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-            }))
+            .apply(crate::app::jwt_login(jwt, key))
             .name("nats-pg-auth snapshot")
             .connection_timeout(Duration::from_secs(3))
             .request_timeout(Some(Duration::from_secs(10)));
