@@ -290,6 +290,13 @@ impl Application {
             signer: identities.keypair(&cipher, IdentityKind::AuthAccount)?,
             xkey: identities.xkey(&cipher)?,
         };
+        // Issued again rather than read from the database: `init` of an older release gave the
+        // service user fewer rights than this one needs (the lag probe).
+        let service_jwt = crate::init::service_user_jwt(
+            identities.public_key(IdentityKind::ServiceUser),
+            &auth.signer,
+            0,
+        )?;
         let settings = CalloutSettings {
             default_ttl: args.login.default_ttl,
             max_ttl: args.login.max_ttl,
@@ -325,7 +332,7 @@ impl Application {
         let callout_client = connect_options(
             &args.nats_tls,
             "nats-pg-auth callout",
-            identities.jwt(IdentityKind::ServiceUser).to_owned(),
+            service_jwt.clone(),
             service_user,
             None,
             closing.clone(),
@@ -340,7 +347,7 @@ impl Application {
             let client = connect_options(
                 &args.nats_tls,
                 &format!("nats-pg-auth reply {i}"),
-                identities.jwt(IdentityKind::ServiceUser).to_owned(),
+                service_jwt.clone(),
                 service_user,
                 None,
                 closing.clone(),

@@ -316,6 +316,35 @@ fn nk(e: nkeys::error::Error) -> InitError {
     InitError::Nkeys(e.to_string())
 }
 
+/// Where the callout's answer-lag probe echoes to itself (see `callout::lag`): under the
+/// server's inbox prefix, which the service user may publish to anyway.
+pub const LAG_PROBE_PREFIX: &str = "$SYS._INBOX.nats-pg-auth-lag";
+
+/// The service user's JWT, issued by AUTH. Least privilege (protocol doc §3.3): answer on the
+/// server's inbox, listen for requests, for the server's auth-error events and for its own
+/// lag probe. The service issues it again at every start (it holds AUTH's key), so a database
+/// initialised by an older release gets the rights this release needs without a new `init`.
+pub fn service_user_jwt(service_user: &str, auth: &KeyPair, iat: i64) -> Result<String, InitError> {
+    let probe = format!("{LAG_PROBE_PREFIX}.>");
+    Ok(jwt::encode(
+        &claims(
+            service_user,
+            "nats-pg-auth-callout",
+            user(
+                allow(&["$SYS._INBOX.>"]),
+                allow(&[
+                    "$SYS.REQ.USER.AUTH",
+                    "$SYS.ACCOUNT.CLIENT.AUTH.ERR",
+                    probe.as_str(),
+                ]),
+                false,
+            ),
+            iat,
+        ),
+        auth,
+    )?)
+}
+
 fn claims<T>(sub: &str, name: &str, nats: T, iat: i64) -> Claims<T> {
     Claims {
         aud: None,
@@ -472,21 +501,7 @@ fn create_under(
         &claims(&auth.public_key(), "AUTH", auth_account, iat),
         operator_signing,
     )?;
-    // Least privilege (protocol doc §3.3): answer on the server's inbox, listen for requests
-    // and for the server's auth-error events.
-    let service_jwt = jwt::encode(
-        &claims(
-            &service_user.public_key(),
-            "nats-pg-auth-callout",
-            user(
-                allow(&["$SYS._INBOX.>"]),
-                allow(&["$SYS.REQ.USER.AUTH", "$SYS.ACCOUNT.CLIENT.AUTH.ERR"]),
-                false,
-            ),
-            iat,
-        ),
-        &auth,
-    )?;
+    let service_jwt = service_user_jwt(&service_user.public_key(), &auth, iat)?;
     let sentinel_jwt = jwt::encode(
         &claims(
             &sentinel.public_key(),

@@ -26,6 +26,8 @@ struct Inner {
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     /// Answers published after nats-server had certainly stopped waiting.
     late_answers: AtomicU64,
+    /// How long an answer published now waits in nats-server, per answering connection, µs.
+    answer_lag_us: Mutex<BTreeMap<usize, u64>>,
     decision_us: Vec<AtomicU64>,
     decision_count: AtomicU64,
     decision_sum_us: AtomicU64,
@@ -46,6 +48,7 @@ impl Default for Inner {
             bad_requests: Mutex::default(),
             skipped: Mutex::default(),
             late_answers: AtomicU64::new(0),
+            answer_lag_us: Mutex::default(),
             decision_us: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             decision_count: AtomicU64::new(0),
             decision_sum_us: AtomicU64::new(0),
@@ -119,6 +122,15 @@ impl Metrics {
         self.inner.late_answers.fetch_add(1, Ordering::Relaxed);
     }
     /// Requests skipped, every stage.
+    /// The answer lag of connection `connection` (0: the one requests come in on).
+    pub fn set_answer_lag(&self, connection: usize, lag: Duration) {
+        self.inner
+            .answer_lag_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(connection, lag.as_micros() as u64);
+    }
+
     pub fn skipped(&self) -> u64 {
         self.inner
             .skipped
@@ -278,6 +290,20 @@ impl Metrics {
             "nats_pg_auth_sync_pushes_total {}",
             self.inner.sync_pushes.load(Ordering::Relaxed)
         );
+        let _ = writeln!(out, "# TYPE nats_pg_auth_callout_answer_lag_seconds gauge");
+        for (connection, us) in self
+            .inner
+            .answer_lag_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "nats_pg_auth_callout_answer_lag_seconds{{connection=\"{connection}\"}} {}",
+                *us as f64 / 1e6
+            );
+        }
         let _ = writeln!(out, "# TYPE nats_pg_auth_sync_leader gauge");
         let _ = writeln!(
             out,

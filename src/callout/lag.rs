@@ -2,9 +2,9 @@
 //!
 //! nats-server checks every answer (opens it, verifies the response and user JWTs, registers
 //! the user) on the reading goroutine of the connection it arrives on, one after the other, and
-//! answers a PING on that goroutine too, after everything sent before it. So the time a PING
-//! takes to come back as PONG is how long an answer published now waits before the server looks
-//! at it. In a reconnect storm that wait, not our own, is what makes answers late: an answer the
+//! delivers a message the connection publishes to itself from that goroutine too, after
+//! everything sent before it. So the time such a probe takes to come back is how long an answer
+//! published now waits before the server looks at it. In a reconnect storm that wait, not our own, is what makes answers late: an answer the
 //! server reaches after the client's auth timeout costs it the whole check for nothing (it
 //! verifies answers nobody waits for). The callout skips requests whose answer would be
 //! reached too late.
@@ -14,18 +14,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// How often the PING goes out.
+/// How often the probe goes out.
 const EVERY: Duration = Duration::from_millis(50);
+/// A probe out this long is taken as lost (its wait then counts as unknown, not as this long):
+/// far beyond any auth timeout, so a server this far behind has had every request skipped
+/// meanwhile anyway, while a probe lost without a reconnect cannot stop answers for longer.
+const PROBE_LOST: Duration = Duration::from_secs(10);
 
 /// The current wait of one connection, shared with the handlers that publish on it.
 #[derive(Clone)]
 pub struct Lag {
     start: Instant,
-    /// The last PING's round trip, µs.
+    /// The last probe's round trip, µs.
     last_us: Arc<AtomicU64>,
-    /// When the PING in flight went out (µs since `start`, plus one); 0 when none is.
+    /// When the probe in flight went out (µs since `start`, plus one); 0 when none is.
     pending_since_us: Arc<AtomicU64>,
 }
 
@@ -45,7 +50,7 @@ impl Lag {
     }
 
     /// The wait an answer published at `now` can expect: the last round trip, or longer while
-    /// the PING in flight has been out longer.
+    /// the probe in flight has been out longer.
     pub fn now(&self, now: Instant) -> Duration {
         let last = self.last_us.load(Ordering::Relaxed);
         let pending = match self.pending_since_us.load(Ordering::Relaxed) {
@@ -55,28 +60,84 @@ impl Lag {
         Duration::from_micros(last.max(pending))
     }
 
-    /// Measures `client`'s round trip every [`EVERY`] until `stop`.
-    pub async fn keep_measuring(self, client: Client, stop: CancellationToken) {
+    /// Measures, every [`EVERY`] until `stop`, how long a message published on `client` takes
+    /// to come back to it through nats-server: the server reads it on the same goroutine as the
+    /// answers published before it, so that is the wait of an answer published now.
+    /// (`Client::flush` would not do: it returns once the bytes are in the socket.) Publishes
+    /// the wait as the `connection` label of the answer-lag gauge.
+    pub async fn keep_measuring(
+        self,
+        client: Client,
+        connection: usize,
+        metrics: crate::metrics::Metrics,
+        stop: CancellationToken,
+    ) {
+        let subject = format!(
+            "{}.{:016x}{:016x}",
+            crate::init::LAG_PROBE_PREFIX,
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let mut echoes = loop {
+            match client.subscribe(subject.clone()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe the answer-lag probe; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let mut seq = 0u64;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(EVERY) => {}
             }
+            seq += 1;
+            let connects = client.statistics().connects.load(Ordering::Relaxed);
             let sent = Instant::now();
             self.pending_since_us
                 .store(self.micros(sent), Ordering::Relaxed);
-            let flushed = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = tokio::time::timeout(Duration::from_secs(30), client.flush()) => r,
+            let rtt = if client
+                .publish(subject.clone(), seq.to_string().into())
+                .await
+                .is_err()
+            {
+                None
+            } else {
+                // Until our probe is back, or it cannot come back: the connection was made
+                // again (what was in flight is lost) or it has been out for PROBE_LOST.
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        echo = echoes.next() => match echo {
+                            Some(m) if m.payload.as_ref() == seq.to_string().as_bytes() => {
+                                break Some(sent.elapsed())
+                            }
+                            Some(_) => {} // an older probe, late
+                            None => return, // the client is closed
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            metrics.set_answer_lag(connection, self.now(Instant::now()));
+                            if client.statistics().connects.load(Ordering::Relaxed) != connects
+                                || sent.elapsed() > PROBE_LOST
+                            {
+                                break None;
+                            }
+                        }
+                    }
+                }
             };
             self.pending_since_us.store(0, Ordering::Relaxed);
-            // Not connected: nothing to say about the server's queue (answers fail anyway).
-            let rtt = match flushed {
-                Ok(Ok(())) => sent.elapsed(),
-                _ => Duration::ZERO,
-            };
+            // Unknown (not connected, or the probe was lost): nothing to say about the
+            // server's queue, so nothing is skipped for it.
+            let rtt = rtt.unwrap_or(Duration::ZERO);
             self.last_us
                 .store(rtt.as_micros() as u64, Ordering::Relaxed);
+            metrics.set_answer_lag(connection, rtt);
         }
     }
 }

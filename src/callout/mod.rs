@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use nkeys::{KeyPair, XKey};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::copy::{CacheSettings, LoginCache, TokenLookup, UserLookup};
 use crate::db;
@@ -313,6 +313,23 @@ impl Default for CalloutSettings {
 /// milliseconds of CPU, so the backlog, not the runtime's queue, decides who is served.
 const IN_FLIGHT: usize = 256;
 
+/// Starts requests of the backlog while fewer than [`IN_FLIGHT`] are being answered; what
+/// waited past the server's patience is dropped (and counted) on the way.
+fn start_from_backlog<F>(
+    backlog: &mut backlog::Backlog<Message>,
+    running: &mut FuturesUnordered<F>,
+    answer: &impl Fn(backlog::Queued<Message>) -> F,
+    metrics: &crate::metrics::Metrics,
+) {
+    while running.len() < IN_FLIGHT && !backlog.is_empty() {
+        let (next, dropped) = backlog.pop(Instant::now());
+        metrics.count_skipped("queued", dropped as u64);
+        if let Some(q) = next {
+            running.push(answer(q));
+        }
+    }
+}
+
 /// Why `Callout::run` stopped serving without being asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -533,8 +550,6 @@ impl Callout {
             queue = QUEUE_GROUP,
             "auth callout listening"
         );
-        let tracker = TaskTracker::new();
-        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
         let mut backlog = backlog::Backlog::new(self.settings.auth_timeout);
         // Where answers go out, each with how far behind nats-server is with it.
         let outs: Vec<(Client, lag::Lag)> = if repliers.is_empty() {
@@ -546,11 +561,21 @@ impl Callout {
                 .collect()
         };
         let measuring = shutdown.child_token();
-        for (c, l) in &outs {
-            tokio::spawn(l.clone().keep_measuring(c.clone(), measuring.clone()));
+        for (i, (c, l)) in outs.iter().enumerate() {
+            tokio::spawn(l.clone().keep_measuring(
+                c.clone(),
+                i,
+                self.metrics.clone(),
+                measuring.clone(),
+            ));
         }
         let next_out = std::sync::atomic::AtomicUsize::new(0);
-        let spawn = |q: backlog::Queued<Message>, permit: Option<OwnedSemaphorePermit>| {
+        // The requests being answered are polled here, in this task, not spawned: a spawn per
+        // request woke the runtime's other worker for each (a futex wake and a context switch,
+        // a fifth of the service's CPU per login in the profile), and a warm login is ~70 µs of
+        // CPU, so one task keeps up with what a nats-server can ask. Waits (Postgres, the
+        // hashing lane) still overlap: each answer is its own future.
+        let answer = |q: backlog::Queued<Message>| {
             let this = self.clone();
             let (client, lag) = if self.shedding() {
                 outs[next_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % outs.len()]
@@ -558,46 +583,46 @@ impl Callout {
             } else {
                 (client.clone(), lag::Lag::default())
             };
-            tracker.spawn(async move {
-                this.handle(client, &lag, q.item, q.received).await;
-                drop(permit);
-            });
+            async move { this.handle(client, &lag, q.item, q.received).await }
         };
-        // Starts the next request of the backlog, once a slot is free.
-        let dispatch = |backlog: &mut backlog::Backlog<Message>, permit: OwnedSemaphorePermit| {
-            let (next, dropped) = backlog.pop(Instant::now());
-            self.metrics.count_skipped("queued", dropped as u64);
-            if let Some(q) = next {
-                spawn(q, Some(permit));
-            }
-        };
+        let mut running = FuturesUnordered::new();
         // Shedding off: every request at once, in arrival order (the behaviour before).
         let receive = |backlog: &mut backlog::Backlog<Message>, msg: Message| {
             let received = Instant::now();
             if self.shedding() {
                 backlog.push(msg, received);
+                None
             } else {
-                spawn(
-                    backlog::Queued {
-                        item: msg,
-                        received,
-                    },
-                    None,
-                );
+                Some(backlog::Queued {
+                    item: msg,
+                    received,
+                })
             }
         };
+        enum Event {
+            Stop,
+            Answered,
+            Request(Message),
+            Ended,
+        }
         let ended = loop {
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break false,
-                permit = in_flight.clone().acquire_owned(), if !backlog.is_empty() => {
-                    dispatch(&mut backlog, permit.expect("the semaphore is never closed"));
+                _ = shutdown.cancelled() => Event::Stop,
+                Some(()) = running.next(), if !running.is_empty() => Event::Answered,
+                msg = sub.next() => msg.map_or(Event::Ended, Event::Request),
+            };
+            match event {
+                Event::Stop => break false,
+                Event::Ended => break true,
+                Event::Answered => {}
+                Event::Request(msg) => {
+                    if let Some(q) = receive(&mut backlog, msg) {
+                        running.push(answer(q));
+                    }
                 }
-                msg = sub.next() => match msg {
-                    Some(msg) => receive(&mut backlog, msg),
-                    None => break true,
-                },
             }
+            start_from_backlog(&mut backlog, &mut running, &answer, &self.metrics);
         };
         if !ended {
             // UNSUB and flush; the stream then yields what was delivered before and ends.
@@ -606,20 +631,20 @@ impl Callout {
             if sub.drain().await.is_ok() {
                 let _ = client.flush().await;
                 while let Some(msg) = sub.next().await {
-                    receive(&mut backlog, msg);
+                    if let Some(q) = receive(&mut backlog, msg) {
+                        running.push(answer(q));
+                    }
                 }
             }
         }
-        while !backlog.is_empty() {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        loop {
+            start_from_backlog(&mut backlog, &mut running, &answer, &self.metrics);
+            if running.next().await.is_none() {
                 break;
-            };
-            dispatch(&mut backlog, permit);
+            }
         }
         self.serving
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        tracker.close();
-        tracker.wait().await;
         measuring.cancel();
         let _ = client.flush().await;
         for replier in &repliers {

@@ -79,3 +79,68 @@ async fn a_request_the_server_stopped_waiting_for_is_not_answered_and_a_fresh_on
     assert_eq!(metric(&serve, allowed).await, allowed_before + 1);
     assert_eq!(metric(&serve, skipped).await, 1);
 }
+
+/// The answer lag the replica reports for the connection requests come in on.
+async fn answer_lag(http: std::net::SocketAddr) -> Option<f64> {
+    let (_, body) = http_get(http, "/metrics").await;
+    body.lines().find_map(|l| {
+        l.strip_prefix("nats_pg_auth_callout_answer_lag_seconds{connection=\"0\"} ")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The lag probe must see nats-server's own queue: a server that reads nothing (here: frozen)
+/// shows as a growing lag, which is what lets the callout skip requests whose answer the server
+/// would reach too late. (A flush of the client's socket, which the probe used to be, returns at
+/// once while the server is frozen.)
+#[tokio::test]
+async fn the_answer_lag_shows_a_server_that_does_not_read_its_answers() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    env.stop_service().await;
+    let serve = ServiceProcess::for_env(&env, "lagged");
+    serve.wait_ready(Duration::from_secs(20)).await;
+    env.wait_login("alice", "s3cret", Duration::from_secs(10), "alice logs in")
+        .await;
+    let http = serve.http;
+    wait_until(
+        Duration::from_secs(10),
+        "the answer lag to be measured, below a second",
+        || async move { answer_lag(http).await.is_some_and(|l| l < 1.0) },
+    )
+    .await;
+
+    let nats = rustix::process::Pid::from_raw(env.nats.pid().expect("nats-server runs") as i32)
+        .expect("a pid");
+    rustix::process::kill_process(nats, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let shown = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if answer_lag(http).await.is_some_and(|l| l >= 1.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    rustix::process::kill_process(nats, rustix::process::Signal::CONT).expect("SIGCONT");
+    assert!(
+        shown.is_ok(),
+        "a frozen nats-server never showed as an answer lag of a second or more"
+    );
+
+    wait_until(
+        Duration::from_secs(15),
+        "the answer lag back below a second once the server reads again",
+        || async move { answer_lag(http).await.is_some_and(|l| l < 1.0) },
+    )
+    .await;
+    env.wait_login(
+        "alice",
+        "s3cret",
+        Duration::from_secs(10),
+        "alice logs in after the freeze",
+    )
+    .await;
+}
