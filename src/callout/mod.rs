@@ -741,7 +741,7 @@ impl Callout {
             deadline = deadline.with_iat(req.claims.iat, window, offset, at, now_ms);
         }
         // Also when nats-server would reach the answer only after it stopped waiting.
-        if shed && deadline.passed(at + lag.now(at)) {
+        if shed && deadline.passed(at + lag.expected(at)) {
             self.metrics.count_skipped("verified", 1);
             return None;
         }
@@ -757,7 +757,7 @@ impl Callout {
         };
         let decision = self.decide(&req, now, waits, gives_up).await;
         let decided = Instant::now();
-        if shed && deadline.passed(decided + lag.now(decided)) {
+        if shed && deadline.passed(decided + lag.expected(decided)) {
             // Decided too late to be used (the wait for a hashing slot or Postgres ended with
             // the server's patience, or the decision itself was cut short before minting).
             self.metrics.count_skipped("decided", 1);
