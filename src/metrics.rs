@@ -236,45 +236,25 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE nats_pg_auth_logins_allowed_total counter");
         let _ = writeln!(out, "nats_pg_auth_logins_allowed_total {}", self.allowed());
-        let _ = writeln!(out, "# TYPE nats_pg_auth_logins_denied_total counter");
-        for (reason, n) in self
-            .inner
-            .denied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "nats_pg_auth_logins_denied_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# TYPE nats_pg_auth_bad_requests_total counter");
-        for (kind, n) in self
-            .inner
-            .bad_requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "nats_pg_auth_bad_requests_total{{kind=\"{kind}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# TYPE nats_pg_auth_callout_skipped_total counter");
-        for (stage, n) in self
-            .inner
-            .skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "nats_pg_auth_callout_skipped_total{{stage=\"{stage}\"}} {n}"
-            );
-        }
+        let count = |n: u64| n.to_string();
+        labelled(
+            &mut out,
+            ("nats_pg_auth_logins_denied_total", "counter", "reason"),
+            &self.inner.denied,
+            count,
+        );
+        labelled(
+            &mut out,
+            ("nats_pg_auth_bad_requests_total", "counter", "kind"),
+            &self.inner.bad_requests,
+            count,
+        );
+        labelled(
+            &mut out,
+            ("nats_pg_auth_callout_skipped_total", "counter", "stage"),
+            &self.inner.skipped,
+            count,
+        );
         let _ = writeln!(
             out,
             "# TYPE nats_pg_auth_callout_late_answers_total counter"
@@ -290,20 +270,16 @@ impl Metrics {
             "nats_pg_auth_sync_pushes_total {}",
             self.inner.sync_pushes.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# TYPE nats_pg_auth_callout_answer_lag_seconds gauge");
-        for (connection, us) in self
-            .inner
-            .answer_lag_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "nats_pg_auth_callout_answer_lag_seconds{{connection=\"{connection}\"}} {}",
-                *us as f64 / 1e6
-            );
-        }
+        labelled(
+            &mut out,
+            (
+                "nats_pg_auth_callout_answer_lag_seconds",
+                "gauge",
+                "connection",
+            ),
+            &self.inner.answer_lag_us,
+            |us| (us as f64 / 1e6).to_string(),
+        );
         let _ = writeln!(out, "# TYPE nats_pg_auth_sync_leader gauge");
         let _ = writeln!(
             out,
@@ -354,6 +330,19 @@ impl Metrics {
 
 /// Prometheus text for the login caches: hits and misses per cache, notifications applied,
 /// flushes, and whether the change listener is connected (0 means logins read Postgres).
+/// One metric with one label, a line per key of `values` (`value` formats the number).
+fn labelled<K: std::fmt::Display>(
+    out: &mut String,
+    (name, kind, label): (&str, &str, &str),
+    values: &Mutex<BTreeMap<K, u64>>,
+    value: impl Fn(u64) -> String,
+) {
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (key, n) in values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "{name}{{{label}=\"{key}\"}} {}", value(*n));
+    }
+}
+
 pub fn render_cache(cache: &crate::copy::LoginCache) -> String {
     use crate::copy::CacheStats;
     let s = cache.stats();
