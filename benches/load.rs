@@ -14,7 +14,8 @@
 //! PONG or -ERR) so the client costs the same for every scenario and stays small.
 //!
 //! Scenarios (also `bigstorm`: reconnect storms of LOAD_BIG_STORMS clients with jittered
-//! backoff, shedding off/on alternating, LOAD_STORM_ROUNDS rounds; `xkey`: token logins with
+//! backoff, shedding off/on alternating, LOAD_STORM_ROUNDS rounds, LOAD_STORM_XKEY=off for AUTH
+//! without its xkey; `xkey`: token logins with
 //! AUTH with and without its xkey, alternating, nats-server restarted between phases):
 //! 1 baseline; 2 callout token; 3 callout password, credential cache warm;
 //! 4 callout password cold (bcrypt cost 10, users never seen); 4b token and warm logins during a
@@ -1736,6 +1737,17 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         let t = Instant::now();
         let warmed = service.answer_all(fake.clone(), creds.clone(), 8).await;
         eprintln!("load: warmed {warmed} storm users in {:?}", t.elapsed());
+        // LOAD_STORM_XKEY=off: the storms with AUTH published without its xkey (`init
+        // --no-xkey`; nats-server is restarted before every storm and reads the fragment then).
+        let xkey = std::env::var("LOAD_STORM_XKEY").map_or(true, |v| v != "off");
+        if !xkey {
+            let report =
+                init::init_with(&pool, &cipher, None, init::InitOptions { xkey: Some(false) })
+                    .await
+                    .unwrap();
+            init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf"))
+                .unwrap();
+        }
         let mut runs = Vec::new();
         for round in 1..=k.storm_rounds {
             for &n in &k.big_storms {

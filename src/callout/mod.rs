@@ -306,11 +306,10 @@ impl Default for CalloutSettings {
     }
 }
 
-/// Requests handled at once; more wait in the [`backlog::Backlog`], where the order is ours
-/// (tokio runs what is spawned in its own order). Large enough that requests waiting on
-/// Postgres or the hashing lane (each lane key queues a bounded number, each wait ends at the
-/// deadline) do not hold up the others; small enough that what is spawned is a few
-/// milliseconds of CPU, so the backlog, not the runtime's queue, decides who is served.
+/// Requests handled at once; more wait in the [`backlog::Backlog`], where the order is ours.
+/// Large enough that requests waiting on Postgres or the hashing lane (each lane key queues a
+/// bounded number, each wait ends at the deadline) do not hold up the others; small enough that
+/// what is started is a few milliseconds of CPU, so the backlog decides who is served.
 const IN_FLIGHT: usize = 256;
 
 /// Starts requests of the backlog while fewer than [`IN_FLIGHT`] are being answered; what
@@ -572,7 +571,7 @@ impl Callout {
         let next_out = std::sync::atomic::AtomicUsize::new(0);
         // The requests being answered are polled here, in this task, not spawned: a spawn per
         // request woke the runtime's other worker for each (a futex wake and a context switch,
-        // a fifth of the service's CPU per login in the profile), and a warm login is ~70 µs of
+        // a fifth of the service's CPU per login in the profile), and a warm login is ~100 µs of
         // CPU, so one task keeps up with what a nats-server can ask. Waits (Postgres, the
         // hashing lane) still overlap: each answer is its own future.
         let answer = |q: backlog::Queued<Message>| {
