@@ -1741,10 +1741,14 @@ async fn scenarios(k: &Knobs, db_url: &str, dir: &Path) {
         // --no-xkey`; nats-server is restarted before every storm and reads the fragment then).
         let xkey = std::env::var("LOAD_STORM_XKEY").map_or(true, |v| v != "off");
         if !xkey {
-            let report =
-                init::init_with(&pool, &cipher, None, init::InitOptions { xkey: Some(false) })
-                    .await
-                    .unwrap();
+            let report = init::init_with(
+                &pool,
+                &cipher,
+                None,
+                init::InitOptions { xkey: Some(false) },
+            )
+            .await
+            .unwrap();
             init::write_fragment(&report.identities, &resolver, &dir.join("fragment.conf"))
                 .unwrap();
         }
