@@ -560,10 +560,13 @@ impl Callout {
                 .collect()
         };
         let measuring = shutdown.child_token();
+        // Labelled as the operator counts them: 0 is the connection requests come in on, the
+        // reply connections are 1…N.
+        let first_label = usize::from(!repliers.is_empty());
         for (i, (c, l)) in outs.iter().enumerate() {
             tokio::spawn(l.clone().keep_measuring(
                 c.clone(),
-                i,
+                first_label + i,
                 self.metrics.clone(),
                 measuring.clone(),
             ));

@@ -144,3 +144,46 @@ async fn the_answer_lag_shows_a_server_that_does_not_read_its_answers() {
     )
     .await;
 }
+
+/// With `--reply-connections`, answers go out over the extra connections in turn: logins are
+/// answered, and each answering connection measures its own lag (a probe of its own).
+#[tokio::test]
+async fn reply_connections_answer_logins_and_each_measures_its_own_lag() {
+    let mut env = TestEnv::start().await;
+    env.acme().await;
+    env.stop_service().await;
+    let serve =
+        ServiceProcess::for_env_with(&env, "repliers", &[("NATS_PG_AUTH_REPLY_CONNECTIONS", "2")]);
+    serve.wait_ready(Duration::from_secs(20)).await;
+    // Several logins: the answers take turns over both reply connections.
+    for i in 0..4 {
+        env.wait_login(
+            "alice",
+            "s3cret",
+            Duration::from_secs(10),
+            &format!("alice logs in ({i})"),
+        )
+        .await;
+    }
+    env.connect_user("alice", "wrong")
+        .await
+        .expect_err("a wrong password is refused over a reply connection too");
+    let http = serve.http;
+    wait_until(
+        Duration::from_secs(10),
+        "a measured lag for both reply connections",
+        || async move {
+            let (_, body) = http_get(http, "/metrics").await;
+            ["1", "2"].iter().all(|c| {
+                body.lines().any(|l| {
+                    l.strip_prefix(&format!(
+                        "nats_pg_auth_callout_answer_lag_seconds{{connection=\"{c}\"}} "
+                    ))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_some_and(|v| v < 1.0)
+                })
+            })
+        },
+    )
+    .await;
+}
