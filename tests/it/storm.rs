@@ -5,12 +5,25 @@ use std::time::Duration;
 
 use crate::common::{http_get, is_auth_refusal, wait_until, ServiceProcess, TestEnv};
 
-/// The value of one line of the service's `/metrics` (0 when absent).
-async fn metric(serve: &ServiceProcess, line: &str) -> u64 {
-    let (_, body) = http_get(serve.http, "/metrics").await;
+/// The value of the line of the service's `/metrics` that starts with `line`.
+async fn metric_at<T: std::str::FromStr>(http: std::net::SocketAddr, line: &str) -> Option<T> {
+    let (_, body) = http_get(http, "/metrics").await;
     body.lines()
         .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0)
+}
+
+/// A counter of the service's `/metrics` (0 when absent).
+async fn metric(serve: &ServiceProcess, line: &str) -> u64 {
+    metric_at(serve.http, line).await.unwrap_or(0)
+}
+
+/// The answer lag the replica reports for answering connection `connection`.
+async fn lag_of(http: std::net::SocketAddr, connection: usize) -> Option<f64> {
+    metric_at(
+        http,
+        &format!("nats_pg_auth_callout_answer_lag_seconds{{connection=\"{connection}\"}} "),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -80,17 +93,6 @@ async fn a_request_the_server_stopped_waiting_for_is_not_answered_and_a_fresh_on
     assert_eq!(metric(&serve, skipped).await, 1);
 }
 
-/// The answer lag the replica reports for the connection requests come in on.
-async fn answer_lag(http: std::net::SocketAddr) -> Option<f64> {
-    let (_, body) = http_get(http, "/metrics").await;
-    body.lines().find_map(|l| {
-        l.strip_prefix("nats_pg_auth_callout_answer_lag_seconds{connection=\"0\"} ")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// The lag probe must see nats-server's own queue: a server that reads nothing (here: frozen)
 /// shows as a growing lag, which is what lets the callout skip requests whose answer the server
 /// would reach too late. (A flush of the client's socket, which the probe used to be, returns at
@@ -108,7 +110,7 @@ async fn the_answer_lag_shows_a_server_that_does_not_read_its_answers() {
     wait_until(
         Duration::from_secs(10),
         "the answer lag to be measured, below a second",
-        || async move { answer_lag(http).await.is_some_and(|l| l < 1.0) },
+        || async move { lag_of(http, 0).await.is_some_and(|l| l < 1.0) },
     )
     .await;
 
@@ -117,7 +119,7 @@ async fn the_answer_lag_shows_a_server_that_does_not_read_its_answers() {
     rustix::process::kill_process(nats, rustix::process::Signal::STOP).expect("SIGSTOP");
     let shown = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if answer_lag(http).await.is_some_and(|l| l >= 1.0) {
+            if lag_of(http, 0).await.is_some_and(|l| l >= 1.0) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -133,7 +135,7 @@ async fn the_answer_lag_shows_a_server_that_does_not_read_its_answers() {
     wait_until(
         Duration::from_secs(15),
         "the answer lag back below a second once the server reads again",
-        || async move { answer_lag(http).await.is_some_and(|l| l < 1.0) },
+        || async move { lag_of(http, 0).await.is_some_and(|l| l < 1.0) },
     )
     .await;
     env.wait_login(
@@ -173,16 +175,12 @@ async fn reply_connections_answer_logins_and_each_measures_its_own_lag() {
         Duration::from_secs(10),
         "a measured lag for both reply connections",
         || async move {
-            let (_, body) = http_get(http, "/metrics").await;
-            ["1", "2"].iter().all(|c| {
-                body.lines().any(|l| {
-                    l.strip_prefix(&format!(
-                        "nats_pg_auth_callout_answer_lag_seconds{{connection=\"{c}\"}} "
-                    ))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .is_some_and(|v| v < 1.0)
-                })
-            })
+            for c in [1, 2] {
+                if !lag_of(http, c).await.is_some_and(|v| v < 1.0) {
+                    return false;
+                }
+            }
+            true
         },
     )
     .await;
