@@ -117,16 +117,15 @@ pub(crate) fn jwt_login(jwt: String, key: KeyPair) -> ConnectOptions {
     })
 }
 
-/// Connection options for a user identified by a JWT and its nkey. The client keeps
-/// reconnecting forever: the service must outlive any nats-server restart.
-fn connect_options(
-    tls: &crate::config::NatsTlsArgs,
+/// Connects as a user identified by a JWT and its nkey. The client keeps reconnecting forever:
+/// the service must outlive any nats-server restart.
+async fn connect(
+    (tls, addrs): (&crate::config::NatsTlsArgs, &[ServerAddr]),
     name: &str,
-    jwt: String,
-    key: KeyPair,
+    (jwt, key): (String, KeyPair),
     events: Option<watch::Sender<u64>>,
     closing: CancellationToken,
-) -> ConnectOptions {
+) -> Result<Client, AppError> {
     let label = name.to_owned();
     tls.apply(jwt_login(jwt, key))
         .name(name)
@@ -161,6 +160,9 @@ fn connect_options(
                 }
             }
         })
+        .connect(addrs)
+        .await
+        .map_err(|e| AppError::Nats(e.to_string()))
 }
 
 /// The JetStream snapshot's account, when `--snapshot-jetstream` is on and there is an
@@ -328,49 +330,40 @@ impl Application {
             }
         }
 
-        let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
-        let callout_client = connect_options(
-            &args.nats_tls,
+        let nats = (&args.nats_tls, addrs.as_slice());
+        let service_user = || -> Result<_, AppError> {
+            Ok((
+                service_jwt.clone(),
+                identities.keypair(&cipher, IdentityKind::ServiceUser)?,
+            ))
+        };
+        let callout_client = connect(
+            nats,
             "nats-pg-auth callout",
-            service_jwt.clone(),
-            service_user,
+            service_user()?,
             None,
             closing.clone(),
         )
-        .connect(addrs.clone())
-        .await
-        .map_err(|e| AppError::Nats(e.to_string()))?;
+        .await?;
 
         let mut reply_clients = Vec::with_capacity(args.reply_connections);
         for i in 1..=args.reply_connections {
-            let service_user = identities.keypair(&cipher, IdentityKind::ServiceUser)?;
-            let client = connect_options(
-                &args.nats_tls,
-                &format!("nats-pg-auth reply {i}"),
-                service_jwt.clone(),
-                service_user,
-                None,
-                closing.clone(),
-            )
-            .connect(addrs.clone())
-            .await
-            .map_err(|e| AppError::Nats(e.to_string()))?;
-            reply_clients.push(client);
+            let name = format!("nats-pg-auth reply {i}");
+            reply_clients.push(connect(nats, &name, service_user()?, None, closing.clone()).await?);
         }
 
         let (tx, nats_connected) = watch::channel(0u64);
-        let sys_user = identities.keypair(&cipher, IdentityKind::SysUser)?;
-        let sys_client = connect_options(
-            &args.nats_tls,
+        let sys_client = connect(
+            nats,
             "nats-pg-auth system",
-            identities.jwt(IdentityKind::SysUser).to_owned(),
-            sys_user,
+            (
+                identities.jwt(IdentityKind::SysUser).to_owned(),
+                identities.keypair(&cipher, IdentityKind::SysUser)?,
+            ),
             Some(tx),
             closing.clone(),
         )
-        .connect(addrs.clone())
-        .await
-        .map_err(|e| AppError::Nats(e.to_string()))?;
+        .await?;
 
         // The snapshot: in --snapshot-dir (every replica) and in JetStream (the sync leader).
         let jetstream = match snapshot_account(args, &cipher) {

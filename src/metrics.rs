@@ -121,8 +121,8 @@ impl Metrics {
     pub fn count_late_answer(&self) {
         self.inner.late_answers.fetch_add(1, Ordering::Relaxed);
     }
-    /// Requests skipped, every stage.
-    /// The answer lag of connection `connection` (0: the one requests come in on).
+    /// The answer lag of connection `connection` (0: the one requests come in on; reply
+    /// connections 1…N).
     pub fn set_answer_lag(&self, connection: usize, lag: Duration) {
         self.inner
             .answer_lag_us
@@ -131,6 +131,7 @@ impl Metrics {
             .insert(connection, lag.as_micros() as u64);
     }
 
+    /// Requests skipped, every stage.
     pub fn skipped(&self) -> u64 {
         self.inner
             .skipped

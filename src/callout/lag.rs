@@ -4,10 +4,10 @@
 //! the user) on the reading goroutine of the connection it arrives on, one after the other, and
 //! delivers a message the connection publishes to itself from that goroutine too, after
 //! everything sent before it. So the time such a probe takes to come back is how long an answer
-//! published now waits before the server looks at it. In a reconnect storm that wait, not our own, is what makes answers late: an answer the
-//! server reaches after the client's auth timeout costs it the whole check for nothing (it
-//! verifies answers nobody waits for). The callout skips requests whose answer would be
-//! reached too late.
+//! published now waits before the server looks at it. In a reconnect storm that wait, not our
+//! own, is what makes answers late: an answer the server reaches after the client's auth
+//! timeout costs it the whole check for nothing (it verifies answers nobody waits for). The
+//! callout skips requests whose answer would be reached too late.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,12 +122,13 @@ impl Lag {
                 _ = tokio::time::sleep(EVERY) => {}
             }
             seq += 1;
+            let token = seq.to_string();
             let connects = client.statistics().connects.load(Ordering::Relaxed);
             let sent = Instant::now();
             self.pending_since_us
                 .store(self.micros(sent), Ordering::Relaxed);
             let rtt = if client
-                .publish(subject.clone(), seq.to_string().into())
+                .publish(subject.clone(), token.clone().into())
                 .await
                 .is_err()
             {
@@ -139,7 +140,7 @@ impl Lag {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         echo = echoes.next() => match echo {
-                            Some(m) if m.payload.as_ref() == seq.to_string().as_bytes() => {
+                            Some(m) if m.payload.as_ref() == token.as_bytes() => {
                                 break Some(sent.elapsed())
                             }
                             Some(_) => {} // an older probe, late
