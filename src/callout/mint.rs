@@ -37,18 +37,10 @@ pub fn user_jwt(
     nats.limits.data = merged.max_data;
     nats.limits.payload = merged.max_payload;
     nats.issuer_account = Some(account_public_key.to_owned());
-    let claims = Claims {
-        aud: None,
-        exp: Some(now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)),
-        jti: String::new(),
-        iat: now,
-        iss: String::new(),
-        name: Some(name.to_owned()),
-        nbf: None,
-        sub: req.user_nkey().to_owned(),
-        nats,
-    };
-    jwt::encode(&claims, signer)
+    jwt::encode(
+        &Claims::user_for(req.user_nkey(), name, now, ttl, nats),
+        signer,
+    )
 }
 
 /// The response JWT: `aud` = this request's server, `sub` = its user nkey, signed by AUTH.

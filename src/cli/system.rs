@@ -67,17 +67,7 @@ pub fn mint_user(
         })?;
     let user = KeyPair::new_user();
     let now = jwt::now_unix();
-    let claims = Claims {
-        aud: None,
-        exp: Some(now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)),
-        jti: String::new(),
-        iat: now,
-        iss: String::new(),
-        name: Some(name.to_owned()),
-        nbf: None,
-        sub: user.public_key(),
-        nats: UserClaims::default(),
-    };
+    let claims = Claims::user_for(user.public_key(), name, now, ttl, UserClaims::default());
     let token = jwt::encode(&claims, &sys)
         .map_err(|e| CliError::Other(format!("cannot sign the system user JWT: {e}")))?;
     let seed = user

@@ -76,6 +76,23 @@ impl<T> Claims<T> {
             nats,
         }
     }
+
+    /// A user's claims named `name`, issued at `now` and expiring `ttl` later: what the callout
+    /// mints for a login and the CLI for its short-lived system user.
+    pub fn user_for(
+        sub: impl Into<String>,
+        name: &str,
+        now: i64,
+        ttl: std::time::Duration,
+        nats: T,
+    ) -> Self {
+        Self {
+            exp: Some(now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)),
+            iat: now,
+            name: Some(name.to_owned()),
+            ..Self::new(sub, nats)
+        }
+    }
 }
 
 /// Defines a zero-sized `type` marker that serializes to one string and decodes only from it.
